@@ -1,0 +1,152 @@
+"""Routing: router probabilities -> expert masks, combine weights and auxiliary losses.
+
+Pure functions with static shapes; they work under ``jit``, ``vmap`` and ``grad``. Leading
+dimensions are arbitrary (written ``...`` below); the last axis is always the expert axis E.
+
+Axis letters: S tokens, E experts, K choices (rank of an expert in a token's sorted order).
+
+Definitions follow Huang et al., "Harder Tasks Need More Experts: Dynamic Routing in MoE
+Models" (ACL 2024):
+
+* top-p: sort P descending, select the smallest prefix whose sum reaches the threshold; the
+  expert that makes the sum cross the threshold is included; at least one expert.
+* combine weights: top-p uses the raw probabilities, top-k renormalises over its choices.
+* load balance ``N * sum_i f_i Q_i`` with f_i the fraction of tokens whose selected set holds
+  expert i, and dynamic loss = router entropy.
+
+Ties between equal probabilities always go to the lower expert index.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Router(str, enum.Enum):
+    """Routing rules. The string values are what configs and constructors accept."""
+
+    TOP_P = "top_p"
+    TOP_K = "top_k"
+
+
+class Routing(NamedTuple):
+    """What dispatch needs from a router, for every token.
+
+    mask: bool[..., E], the selected experts.
+    rank: int32[..., E], the position of each expert in the token's descending order (0 = the
+      most probable). Dispatch fills expert slots by rank first, then by token.
+    weights: float32[..., E], combine weights, zero outside the mask.
+    """
+
+    mask: jax.Array
+    rank: jax.Array
+    weights: jax.Array
+
+
+def descending_order(probs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sorts experts by descending probability, ties to the lower index.
+
+    Returns (order, rank): ``order[..., r]`` is the expert at rank r and ``rank[..., e]`` the
+    rank of expert e (the inverse permutation).
+    """
+    # A stable ascending sort of -probs keeps equal probabilities in index order.
+    order = jnp.argsort(-probs, axis=-1, stable=True).astype(jnp.int32)
+    rank = jnp.argsort(order, axis=-1).astype(jnp.int32)
+    return order, rank
+
+
+def _top_p_by_rank(probs: jax.Array, threshold: float, max_k: int | None) -> tuple:
+    order, rank = descending_order(probs)
+    sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
+    # Rank r is selected while the mass of the ranks before it is still below the threshold:
+    # this includes the expert whose probability crosses it, and always rank 0.
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    positions = jnp.arange(probs.shape[-1])
+    selected_by_rank = (mass_before < threshold) | (positions == 0)
+    if max_k is not None:
+        selected_by_rank &= positions < max_k
+    mask = jnp.take_along_axis(selected_by_rank, rank, axis=-1)
+    return mask, rank
+
+
+def top_p_mask(probs: jax.Array, threshold: float, max_k: int | None = None) -> jax.Array:
+    """The paper's top-p rule: bool[..., E] marking the smallest prefix of the experts, sorted by
+    descending probability, whose probabilities sum to at least ``threshold``.
+
+    ``max_k`` caps the number selected (None: no cap, as in the paper).
+    """
+    return _top_p_by_rank(probs, threshold, max_k)[0]
+
+
+def top_k_mask(probs: jax.Array, k: int) -> jax.Array:
+    """bool[..., E] marking the k most probable experts (ties to the lower index)."""
+    _, rank = descending_order(probs)
+    return rank < k
+
+
+def combine_weights(probs: jax.Array, mask: jax.Array, renormalize: bool) -> jax.Array:
+    """Weights of each expert's output: the probabilities on the mask, optionally renormalised
+    to sum to one over the selected experts (the paper's top-k baseline)."""
+    weights = jnp.where(mask, probs, 0.0)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights
+
+
+def route(
+    probs: jax.Array,
+    router: Router | str,
+    *,
+    threshold: float = 0.4,
+    top_k: int = 2,
+    max_k: int | None = None,
+    renormalize: bool | None = None,
+) -> Routing:
+    """Applies a routing rule to float32 probabilities.
+
+    ``renormalize=None`` picks the paper's choice: raw probabilities for top-p, renormalised for
+    top-k.
+    """
+    router = Router(router)
+    if router is Router.TOP_P:
+        mask, rank = _top_p_by_rank(probs, threshold, max_k)
+    else:
+        rank = descending_order(probs)[1]
+        mask = rank < top_k
+    if renormalize is None:
+        renormalize = router is Router.TOP_K
+    return Routing(mask, rank, combine_weights(probs, mask, renormalize))
+
+
+def _token_mean(x: jax.Array) -> jax.Array:
+    """Mean over every axis but the last (all tokens of the batch)."""
+    return jnp.mean(x.reshape(-1, x.shape[-1]), axis=0)
+
+
+def load_balance_loss(probs: jax.Array, mask: jax.Array) -> jax.Array:
+    """``N * sum_i f_i * Q_i``: f_i the fraction of tokens whose selected set holds expert i,
+    Q_i the mean router probability of expert i, both over all tokens given.
+
+    f is a count and carries no gradient; the router learns through Q. Because
+    ``sum_i f_i`` is the mean number of selected experts, the loss also grows with it.
+    """
+    num_experts = probs.shape[-1]
+    f = jax.lax.stop_gradient(_token_mean(mask.astype(jnp.float32)))
+    q = _token_mean(probs.astype(jnp.float32))
+    return num_experts * jnp.sum(f * q)
+
+
+def dynamic_loss(logits: jax.Array) -> jax.Array:
+    """Router entropy ``-sum_i P_i log P_i``, averaged over tokens (the paper's L_d)."""
+    logits = logits.astype(jnp.float32)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1))
+
+
+def z_loss(logits: jax.Array) -> jax.Array:
+    """Router z-loss (ST-MoE): mean of ``logsumexp(logits)^2`` over tokens."""
+    return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
