@@ -46,8 +46,9 @@ def moe_loop(x_BTD, params, *, router, threshold, top_k, max_k, group_size, capa
 
     Returns (y_BTD, selections, dropped). ``capacity=None`` means unlimited.
     """
-    w_r, w_gate, w_up, w_down = (np.asarray(params[k], np.float64) for k in
-                                 ("router", "gate", "up", "down"))
+    w_r, w_gate, w_up, w_down = (
+        np.asarray(params[k], np.float64) for k in ("router", "gate", "up", "down")
+    )
     b, t, d = x_BTD.shape
     x = np.asarray(x_BTD, np.float64).reshape(-1, group_size, d)
     y = np.zeros_like(x)

@@ -1,0 +1,173 @@
+"""MoELayer against a per-token, per-expert float64 loop reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dynmoe_jax import MoEConfig, MoELayer
+from tests import reference as ref
+
+E, D, F = 8, 16, 32
+
+
+def _layer(**kw) -> MoELayer:
+    kw = {"num_experts": E, "d_model": D, "d_ff": F, **kw}
+    return MoELayer(rngs=nnx.Rngs(0), **kw)
+
+
+def _params(layer: MoELayer) -> dict:
+    return {
+        "router": np.asarray(layer.router_DE[...]),
+        "gate": np.asarray(layer.w_gate_EDF[...]),
+        "up": np.asarray(layer.w_up_EDF[...]),
+        "down": np.asarray(layer.w_down_EFD[...]),
+    }
+
+
+def _x(shape=(4, 16, D), seed=1):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+ROUTERS = [
+    {"router": "top_p", "threshold": 0.4},
+    {"router": "top_p", "threshold": 0.8, "max_k": 3},
+    {"router": "top_k", "top_k": 1},
+    {"router": "top_k", "top_k": 2},
+]
+
+
+def _reference(layer, x, group_size, capacity_factor):
+    cfg = layer.config
+    cap = ref.capacity(capacity_factor, group_size, cfg.capacity_k, cfg.num_experts)
+    return ref.moe_loop(
+        np.asarray(x),
+        _params(layer),
+        router=cfg.router.value,
+        threshold=cfg.threshold,
+        top_k=cfg.top_k,
+        max_k=cfg.max_k,
+        group_size=group_size,
+        capacity=cap,
+    )
+
+
+@pytest.mark.parametrize("dispatch", ["einsum", "index"])
+@pytest.mark.parametrize("router_kw", ROUTERS)
+def test_no_drops_equals_loop_reference(router_kw, dispatch):
+    layer = _layer(capacity_factor=None, group_size=32, dispatch=dispatch, **router_kw)
+    x = _x()
+    y, aux = nnx.jit(lambda m, v: m(v))(layer, x)
+    y_ref, selections, dropped = _reference(layer, x, 32, None)
+    assert dropped == 0 and float(aux["dropped_fraction"]) == 0.0
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    assert float(aux["experts_per_token"]) == pytest.approx(selections / 64, rel=1e-6)
+
+
+@pytest.mark.parametrize("router_kw", ROUTERS)
+def test_drops_follow_priority_and_modes_agree(router_kw):
+    outs = {}
+    for dispatch in ("einsum", "index"):
+        layer = _layer(capacity_factor=0.5, group_size=16, dispatch=dispatch, **router_kw)
+        outs[dispatch] = layer(_x(seed=2))
+    y_ref, selections, dropped = _reference(layer, _x(seed=2), 16, 0.5)
+    assert dropped > 0
+    for y, aux in outs.values():
+        np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+        assert float(aux["dropped_fraction"]) == pytest.approx(dropped / selections, abs=1e-6)
+    np.testing.assert_allclose(outs["einsum"][0], outs["index"][0], rtol=1e-6, atol=1e-6)
+
+
+def test_group_defaults_to_one_sequence():
+    layer = _layer(capacity_factor=1.0, expected_k=1.5)
+    y_ref, selections, dropped = _reference(layer, _x(), 16, 1.0)
+    y, aux = layer(_x())
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    assert float(aux["dropped_fraction"]) == pytest.approx(dropped / selections, abs=1e-6)
+    # ceil(1.0 * 16 * 1.5 / 8) = 3 slots per expert -> 8 * 3 / 16 slots per token
+    assert float(aux["slots_per_token"]) == pytest.approx(1.5)
+
+
+def test_metrics_are_consistent():
+    layer = _layer(capacity_factor=None, threshold=0.6)
+    _, aux = layer(_x())
+    load = np.asarray(aux["expert_load"])
+    assert load.shape == (E,) and load.sum() == pytest.approx(1.0, rel=1e-6)
+    assert 1.0 <= float(aux["experts_per_token_min"]) <= float(aux["experts_per_token"])
+    assert float(aux["experts_per_token"]) <= float(aux["experts_per_token_max"]) <= E
+    for name in ("load_balance_loss", "dynamic_loss", "z_loss"):
+        assert aux[name].shape == () and aux[name].dtype == jnp.float32
+
+
+def test_traced_once_for_new_inputs_of_same_shape():
+    layer = _layer()
+    traces = []
+
+    @nnx.jit
+    def forward(m, v):
+        traces.append(1)
+        return m(v)
+
+    for seed in range(3):
+        forward(layer, _x(seed=seed))
+    assert len(traces) == 1
+
+
+def _grads(layer, loss_fn):
+    def loss(m):
+        y, aux = m(_x((4, 32, D), seed=5))
+        return loss_fn(y, aux)
+
+    return nnx.grad(loss)(layer)
+
+
+def test_gradients_reach_router_and_every_expert():
+    layer = _layer(threshold=0.6, capacity_factor=None)
+    w = jax.random.normal(jax.random.key(9), (4, 32, D))
+    g = _grads(layer, lambda y, aux: jnp.sum(y * w))
+    assert float(jnp.abs(g.router_DE[...]).sum()) > 0  # through the combine weights
+    for name in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
+        per_expert = jnp.abs(getattr(g, name)[...]).reshape(E, -1).sum(-1)
+        assert bool(jnp.all(per_expert > 0)), name
+
+
+def test_aux_losses_train_the_router_only():
+    layer = _layer()
+    g = _grads(layer, lambda y, aux: aux["load_balance_loss"] + aux["dynamic_loss"])
+    assert float(jnp.abs(g.router_DE[...]).sum()) > 0
+    assert float(jnp.abs(g.w_up_EDF[...]).sum()) == 0.0
+
+
+def test_bf16_activations_keep_float32_router():
+    layer = _layer(dtype=jnp.bfloat16, capacity_factor=None)
+    y, aux = layer(_x().astype(jnp.bfloat16))
+    assert y.dtype == jnp.bfloat16
+    assert aux["dynamic_loss"].dtype == jnp.float32
+    assert layer.router_logits(_x().astype(jnp.bfloat16)).dtype == jnp.float32
+
+
+BAD = [
+    ("num_experts", 0, "integer >= 1"),
+    ("router", "top_q", "'top_p' | 'top_k'"),
+    ("threshold", 0.0, "0 < threshold <= 1"),
+    ("threshold", 1.5, "0 < threshold <= 1"),
+    ("top_k", 9, "1..8"),
+    ("max_k", 0, "None or 1..8"),
+    ("capacity_factor", -1.0, "None (no dropping) or > 0"),
+    ("expected_k", 0.0, "0 < expected_k <= 8"),
+    ("group_size", 0, "None or >= 1"),
+    ("dispatch", "scatter", "'einsum' | 'index'"),
+]
+
+
+@pytest.mark.parametrize("field, value, allowed", BAD)
+def test_bad_config_names_field_and_range(field, value, allowed):
+    with pytest.raises(ValueError) as err:
+        MoEConfig(**{"num_experts": E, "d_model": D, "d_ff": F, field: value})
+    assert f"moe.{field}=" in str(err.value) and allowed in str(err.value)
+
+
+def test_group_size_must_divide_tokens():
+    with pytest.raises(ValueError, match=r"moe.group_size=24 must divide .* 64"):
+        _layer(group_size=24)(_x())
