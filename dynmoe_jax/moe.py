@@ -111,7 +111,8 @@ class MoELayer(nnx.Module):
     """Top-p / top-k Mixture-of-Experts feed-forward layer with fixed expert capacity.
 
     Call on x [B, T, D]; returns (y [B, T, D], aux) where aux holds the named auxiliary losses
-    (``load_balance_loss``, ``dynamic_loss``, ``z_loss``) and routing metrics.
+    (``load_balance_loss``, ``dynamic_loss``, ``z_loss``) and routing metrics: scalars over all
+    tokens, ``expert_load`` [E] and ``token_experts`` [B, T] (experts selected per token).
     """
 
     def __init__(self, *, rngs: nnx.Rngs, **kwargs):
@@ -160,6 +161,7 @@ class MoELayer(nnx.Module):
         y_GSD = jax.vmap(fns.combine, in_axes=(0, 0, 0, None))(y_GECD, r.weights, slots, num_slots)
 
         aux = _routing_metrics(logits_GSE, probs_GSE, r, slots, num_slots)
+        aux["token_experts"] = jnp.sum(r.mask, axis=-1, dtype=jnp.int32).reshape(b, t)
         return y_GSD.reshape(b, t, d).astype(x_BTD.dtype), aux
 
 

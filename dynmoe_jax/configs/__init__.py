@@ -1,0 +1,1 @@
+"""ml_collections configs: default.py (2-core CPU run), tiny.py (tests), paper.py (TPU/GPU)."""

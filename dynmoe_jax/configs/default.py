@@ -1,0 +1,60 @@
+"""What `make train` runs: a 4-layer, 8-expert top-p model on the King James Bible, sized to
+train in about 9 minutes on 2 CPU cores."""
+
+from ml_collections import ConfigDict, config_dict
+
+
+def get_config() -> ConfigDict:
+    c = ConfigDict()
+    c.seed = 0
+    c.dataset = "kjv"  # kjv | pydoc | text_dir:PATH | a TFDS text dataset name
+    c.fallback_dataset = "pydoc"  # used when the default corpus is not installed ('' = none)
+    c.data_dir = ""  # '' = $DYNMOE_DATA_DIR or ~/.cache/dynmoe_jax
+    c.tokenizer = "sentencepiece"  # sentencepiece | bytes
+    c.vocab_size = 2048
+    c.seq_len = 128
+    c.batch_size = 16
+    c.num_train_steps = 700
+    c.warmup_steps = 70
+    c.learning_rate = 3e-3
+    c.min_learning_rate_ratio = 0.1  # cosine decays to 10% (paper)
+    c.weight_decay = 0.1
+    c.adam_b1 = 0.9
+    c.adam_b2 = 0.95
+    c.grad_clip_norm = 1.0
+    c.grad_accum_steps = 1
+    c.log_every_steps = 25
+    c.eval_every_steps = 175
+    c.eval_batches = 16
+    c.checkpoint_every_steps = 175
+    c.keep_checkpoints = 3
+    c.mesh_shape = ""  # '' = one device; e.g. "data=2,expert=4"
+
+    c.model = ConfigDict()
+    c.model.ffn = "moe"  # moe | dense (the dense baseline)
+    c.model.d_model = 256
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.d_ff = 1024  # width of dense feed-forward layers
+    c.model.moe_every = 1
+    c.model.dtype = "float32"  # float32 | bfloat16 (the router stays float32)
+    c.model.remat = False
+
+    c.moe = ConfigDict()
+    c.moe.router = "top_p"  # top_p | top_k
+    c.moe.threshold = 0.4
+    c.moe.top_k = 2
+    c.moe.max_k = config_dict.placeholder(int)  # None = no cap (the paper)
+    c.moe.num_experts = 8
+    c.moe.d_ff = 512  # width of each expert
+    c.moe.capacity_factor = config_dict.FieldReference(1.25, field_type=float)  # None: no drops
+    c.moe.expected_k = 2.0
+    c.moe.group_size = config_dict.placeholder(int)  # None = one group per sequence
+    c.moe.dispatch = "index"  # index | einsum
+    c.moe.renormalize = config_dict.placeholder(bool)  # None = paper (top-k only)
+
+    c.loss = ConfigDict()
+    c.loss.load_balance_weight = 1e-2
+    c.loss.dynamic_weight = 1e-4
+    c.loss.z_loss_weight = 0.0
+    return c

@@ -1,0 +1,32 @@
+"""The paper's setup (Huang et al. 2024): 24 layers, width 1024, 16 heads, 16 SwiGLU experts
+per layer, context 2048, 100B RedPajama tokens. For TPU/GPU slices, not for a laptop."""
+
+from ml_collections import ConfigDict
+
+from dynmoe_jax.configs import default
+
+
+def get_config() -> ConfigDict:
+    c = default.get_config()
+    c.dataset = "c4/en"  # RedPajama is not in TFDS; any large TFDS text corpus works here
+    c.vocab_size = 32000
+    c.seq_len = 2048
+    c.batch_size = 1024  # ~2M tokens per step
+    c.num_train_steps = 48_000  # ~100B tokens
+    c.warmup_steps = 2000
+    c.learning_rate = 3e-4
+    c.log_every_steps = 100
+    c.eval_every_steps = 2000
+    c.eval_batches = 50
+    c.checkpoint_every_steps = 1000
+    c.mesh_shape = "data=-1,expert=16"
+    c.model.d_model = 1024
+    c.model.num_layers = 24
+    c.model.num_heads = 16
+    c.model.d_ff = 2816
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+    c.moe.num_experts = 16
+    c.moe.d_ff = 2816
+    c.moe.group_size = 4096
+    return c

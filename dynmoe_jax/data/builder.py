@@ -1,0 +1,176 @@
+"""TFDS builder that turns a local corpus into ``train``/``validation`` ArrayRecord files.
+
+One builder class serves every local corpus through its config: ``kjv`` and ``pydoc`` are
+registered configs, ``text_dir:PATH`` (and non-default validation percentages) get a custom
+config whose name carries a short hash of the absolute path, so two folders never share files.
+Building needs no network and no TensorFlow; read the result with ``builder.as_data_source()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pathlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from dynmoe_jax.data import corpora
+
+DEFAULT_VALIDATION_PERCENT = 5
+BUILDER_NAME = "dynmoe_text"
+SPLITS = ("train", "validation")
+
+
+@dataclasses.dataclass
+class DynmoeTextConfig(tfds.core.BuilderConfig):
+    """Which corpus to build and how much of it to hold out."""
+
+    corpus: str = corpora.PYDOC
+    validation_percent: int = DEFAULT_VALIDATION_PERCENT
+
+
+def check_validation_percent(validation_percent: int) -> None:
+    """Rejects percentages that would leave a split empty."""
+    if not 1 <= validation_percent <= 99:
+        raise ValueError(
+            f"validation_percent must be in [1, 99] so both splits are non-empty, "
+            f"got {validation_percent}."
+        )
+
+
+def text_dir_fingerprint(folder: pathlib.Path) -> str:
+    """Short hash of a folder's absolute path and of the names, sizes and mtimes of its .txt files.
+
+    The listing is part of the hash so that editing the folder triggers a rebuild instead of
+    silently reusing stale ArrayRecord files and token caches.
+    """
+    digest = hashlib.sha256(str(folder).encode())
+    for path in sorted(folder.rglob("*.txt")):
+        stat = path.stat()
+        digest.update(f"\0{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:10]
+
+
+def config_name(corpus: str, validation_percent: int = DEFAULT_VALIDATION_PERCENT) -> str:
+    """A file-system-safe, collision-free config name for a corpus.
+
+    ``text_dir:PATH`` becomes ``text_dir_<hash>`` (see :func:`text_dir_fingerprint`) so that
+    relative spellings of the same folder share a cache and different folders never do.
+    """
+    if corpora.is_text_dir(corpus):
+        name = f"text_dir_{text_dir_fingerprint(corpora.text_dir_path(corpus))}"
+    elif corpus in corpora.LOCAL_CORPORA:
+        name = corpus
+    else:
+        raise ValueError(
+            f"dataset={corpus!r} is not a local corpus; the builder serves "
+            f"'{corpora.KJV}', '{corpora.PYDOC}' and '{corpora.TEXT_DIR_PREFIX}PATH'."
+        )
+    if validation_percent != DEFAULT_VALIDATION_PERCENT:
+        name += f"_val{validation_percent}"
+    return name
+
+
+def _stable_hash(index: int) -> int:
+    """A hash of a record index that, unlike ``hash()``, is the same in every process."""
+    digest = hashlib.blake2b(str(index).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def validation_mask(num_records: int, validation_percent: int) -> np.ndarray:
+    """Boolean mask of the records that go to the validation split.
+
+    A record goes to validation when the stable hash of its index, mod 100, is below
+    ``validation_percent``. For tiny corpora the split is then nudged so neither side is empty.
+    """
+    check_validation_percent(validation_percent)
+    if num_records < 2:
+        raise ValueError(
+            f"a corpus needs at least 2 records to have train and validation splits, "
+            f"got {num_records}."
+        )
+    hashes = np.array([_stable_hash(i) for i in range(num_records)], dtype=np.uint64)
+    mask = (hashes % np.uint64(100)) < np.uint64(validation_percent)
+    if not mask.any():
+        mask[int(np.argmin(hashes))] = True
+    if mask.all():
+        mask[int(np.argmax(hashes))] = False
+    return mask
+
+
+class DynmoeText(tfds.core.GeneratorBasedBuilder):
+    """Local text corpora (kjv, pydoc, text_dir:PATH) as a TFDS dataset with a ``text`` feature."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [
+        DynmoeTextConfig(name=corpora.KJV, corpus=corpora.KJV, description="King James Bible"),
+        DynmoeTextConfig(name=corpora.PYDOC, corpus=corpora.PYDOC, description="pydoc topics"),
+    ]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+            supervised_keys=None,
+            # Keep corpus order so packed windows hold consecutive verses/paragraphs; the
+            # pipeline shuffles whole windows instead.
+            disable_shuffling=True,
+            description="One verse or paragraph of plain text per example.",
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        del dl_manager  # everything is local
+        records = corpora.load_records(self.builder_config.corpus)
+        mask = validation_mask(len(records), self.builder_config.validation_percent)
+        return {
+            "train": self._generate_examples(records, ~mask),
+            "validation": self._generate_examples(records, mask),
+        }
+
+    def _generate_examples(self, records: Sequence[str], keep: np.ndarray) -> Iterator:
+        for index in np.flatnonzero(keep):
+            yield int(index), {"text": records[index]}
+
+
+def make_builder(
+    corpus: str,
+    data_dir: str,
+    validation_percent: int = DEFAULT_VALIDATION_PERCENT,
+) -> DynmoeText:
+    """A (not yet prepared) builder for a local corpus, writing ArrayRecord files to data_dir."""
+    check_validation_percent(validation_percent)
+    name = config_name(corpus, validation_percent)
+    registered = DynmoeText.builder_configs.get(name)
+    if registered is not None:
+        config = registered
+    else:
+        config = DynmoeTextConfig(
+            name=name,
+            corpus=corpus,
+            validation_percent=validation_percent,
+            description=f"{corpus} with {validation_percent}% validation",
+        )
+    return DynmoeText(config=config, data_dir=data_dir, file_format="array_record")
+
+
+def prepare(
+    corpus: str,
+    data_dir: str,
+    validation_percent: int = DEFAULT_VALIDATION_PERCENT,
+) -> DynmoeText:
+    """Builds the corpus into data_dir once (offline) and returns the ready builder."""
+    builder = make_builder(corpus, data_dir, validation_percent)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            compute_stats=tfds.download.ComputeStatsMode.SKIP,
+        )
+    )
+    return builder
+
+
+def read_split(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
+    """All ``text`` records of a prepared split, read through ``builder.as_data_source``."""
+    source = builder.as_data_source(split=split)
+    return list(corpora.records_from_source(source, builder.builder_config.corpus))

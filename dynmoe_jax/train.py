@@ -1,0 +1,336 @@
+"""Training: state, jitted train/eval steps and ``train_and_evaluate(config, workdir)``.
+
+The train state is a plain pytree ``{"step", "params", "opt_state"}`` (params as a pure dict
+of arrays); the model is rebuilt from its graph definition inside the jitted step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from ml_collections import ConfigDict
+
+from dynmoe_jax import checkpoint as ckpt_lib
+from dynmoe_jax import data as data_lib
+from dynmoe_jax import metrics as metrics_lib
+from dynmoe_jax.config_check import check_config, model_config
+from dynmoe_jax.model import Decoder, ModelConfig
+
+Batch = dict[str, np.ndarray]
+State = dict[str, Any]
+
+# Per-layer metrics averaged into one number for the log.
+LAYER_MEANS = ("experts_per_token", "slots_per_token", "dropped_fraction", "router_confidence")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """Everything a run needs besides its state: built once from the config."""
+
+    config: ConfigDict
+    model_cfg: ModelConfig
+    graphdef: Any
+    optimizer: optax.GradientTransformation
+    schedule: Callable[[int], float]
+
+
+def learning_rate_schedule(config: ConfigDict) -> optax.Schedule:
+    """Linear warm-up, then cosine decay to ``min_learning_rate_ratio`` of the peak."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=max(config.num_train_steps, config.warmup_steps + 1),
+        end_value=config.learning_rate * config.min_learning_rate_ratio,
+    )
+
+
+def make_optimizer(config: ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+    def decay_mask(params):
+        # Norm scales stay undecayed, as in LLaMA-style training.
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "scale" not in jax.tree_util.keystr(path), params
+        )
+
+    adamw = optax.adamw(
+        schedule,
+        b1=config.adam_b1,
+        b2=config.adam_b2,
+        weight_decay=config.weight_decay,
+        mask=decay_mask,
+    )
+    if config.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+    return adamw
+
+
+def build_task(config: ConfigDict, vocab_size: int) -> Task:
+    model_cfg = model_config(config, vocab_size)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0))))
+    schedule = learning_rate_schedule(config)
+    return Task(config, model_cfg, graphdef, make_optimizer(config, schedule), schedule)
+
+
+def init_state(task: Task) -> State:
+    def init():
+        model = Decoder(task.model_cfg, rngs=nnx.Rngs(task.config.seed))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "opt_state": task.optimizer.init(params),
+        }
+
+    return jax.jit(init)()
+
+
+def cross_entropy(logits_BTV, targets_BT, weights_BT) -> tuple[jax.Array, jax.Array]:
+    """Sum of weighted token negative log-likelihoods (float32) and the weight sum."""
+    logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    nll_BT = -jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll_BT * weights_BT), jnp.sum(weights_BT)
+
+
+def forward(task: Task, params, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Loss and metrics of one batch: lm loss plus the weighted aux losses, each averaged over
+    the MoE layers (the paper leaves the reduction open; a mean keeps weights depth-free)."""
+    model = nnx.merge(task.graphdef, params)
+    logits, layer = model(batch["inputs"])
+    nll, count = cross_entropy(logits, batch["targets"], batch["weights"])
+    lm_loss = nll / jnp.maximum(count, 1.0)
+    w = task.config.loss
+    metrics = {"lm_loss": lm_loss}
+    loss = lm_loss
+    for name, weight in (
+        ("load_balance_loss", w.load_balance_weight),
+        ("dynamic_loss", w.dynamic_weight),
+        ("z_loss", w.z_loss_weight),
+    ):
+        value = jnp.mean(layer[name]) if layer else jnp.zeros(())
+        metrics[name] = value
+        loss = loss + weight * value
+    metrics["loss"] = loss
+    if layer:
+        metrics.update({k: jnp.mean(layer[k]) for k in LAYER_MEANS})
+        metrics["experts_per_layer"] = layer["experts_per_token"]
+        metrics["experts_per_token_max"] = jnp.max(layer["experts_per_token_max"])
+    return loss, metrics
+
+
+def _accumulated_grads(task: Task, params, batch: Batch):
+    """Gradients of the mean loss over ``grad_accum_steps`` micro-batches (a scan)."""
+    grad_fn = jax.value_and_grad(lambda p, b: forward(task, p, b), has_aux=True)
+    n = task.config.grad_accum_steps
+    if n == 1:
+        (_, metrics), grads = grad_fn(params, batch)
+        return grads, metrics
+    micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+    def body(acc, mb):
+        (_, m), g = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, acc, (g, m)), None
+
+    zeros = jax.tree.map(
+        jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro)))
+    )
+    (grads, metrics), _ = jax.lax.scan(body, (zeros[1], zeros[0][1]), micro)
+    return jax.tree.map(lambda x: x / n, (grads, metrics))
+
+
+def make_train_step(task: Task) -> Callable[[State, Batch], tuple[State, dict]]:
+    def train_step(state: State, batch: Batch):
+        grads, metrics = _accumulated_grads(task, state["params"], batch)
+        updates, opt_state = task.optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["learning_rate"] = task.schedule(state["step"])
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(task: Task) -> Callable[[Any, Batch], dict]:
+    def eval_step(params, batch: Batch):
+        model = nnx.merge(task.graphdef, params)
+        logits, layer = model(batch["inputs"])
+        nll, count = cross_entropy(logits, batch["targets"], batch["weights"])
+        out = {"nll": nll, "tokens": count}
+        if layer:
+            out["experts_per_layer"] = layer["experts_per_token"] * count
+            out["dropped_fraction"] = jnp.mean(layer["dropped_fraction"]) * count
+        return out
+
+    return jax.jit(eval_step)
+
+
+def evaluate(eval_step, params, batches: Iterable[Batch]) -> dict:
+    """Token-weighted validation loss, perplexity and experts per token per layer."""
+    total: dict[str, Any] = {}
+    for batch in batches:
+        out = jax.device_get(eval_step(params, batch))
+        total = {k: total.get(k, 0) + np.asarray(v, np.float64) for k, v in out.items()}
+    if not total:
+        raise ValueError("the validation split produced no batch")
+    tokens = float(total.pop("tokens"))
+    result = {"loss": float(total.pop("nll")) / tokens}
+    result["perplexity"] = math.exp(min(result["loss"], 50.0))
+    result.update({k: v / tokens for k, v in total.items()})
+    if "experts_per_layer" in result:
+        result["experts_per_token"] = float(np.mean(result["experts_per_layer"]))
+    result["tokens"] = tokens
+    return result
+
+
+def data_dir(config: ConfigDict) -> str:
+    """Where corpora, tokenizers and packed tokens are cached (shared by runs)."""
+    if config.data_dir:
+        return config.data_dir
+    default = Path.home() / ".cache" / "dynmoe_jax"
+    return os.environ.get("DYNMOE_DATA_DIR", str(default))
+
+
+def load_run_data(config: ConfigDict) -> tuple[data_lib.Data, str]:
+    """The configured corpus, or the fallback corpus when it is not installed."""
+    kwargs = dict(
+        data_dir=data_dir(config),
+        seq_len=config.seq_len,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        tokenizer=config.tokenizer,
+        vocab_size=config.vocab_size,
+    )
+    try:
+        return data_lib.load_data(config.dataset, **kwargs), config.dataset
+    except data_lib.CorpusUnavailableError as e:
+        if not config.get("fallback_dataset"):
+            raise
+        print(f"note: {e}\nnote: falling back to dataset={config.fallback_dataset}")
+        return data_lib.load_data(config.fallback_dataset, **kwargs), config.fallback_dataset
+
+
+def _host_metrics(metrics: dict) -> dict:
+    out = {}
+    for k, v in jax.device_get(metrics).items():
+        v = np.asarray(v)
+        out[k] = v.tolist() if v.ndim else float(v)
+    return out
+
+
+def restore_or_init(task: Task, checkpointer: ckpt_lib.Checkpointer) -> State:
+    """The newest readable checkpoint, or a fresh state."""
+    abstract = jax.eval_shape(lambda: init_state(task))
+    restored = checkpointer.restore_latest(abstract)
+    if restored is None:
+        return init_state(task)
+    step, state = restored
+    print(f"resumed from {checkpointer.directory}/{step}")
+    return state
+
+
+def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict:
+    """Trains (resuming from the workdir's latest checkpoint) and returns the final validation
+    metrics. Writes metrics.jsonl, TensorBoard events, checkpoints and the experts plot."""
+    check_config(config)  # every data-free check, before reading or compiling anything
+    workdir = Path(workdir)
+    data, dataset = load_run_data(config)
+    print(data.summary())
+    task = build_task(config, data.vocab_size)
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+    state = restore_or_init(task, checkpointer)
+    start = int(state["step"])
+    writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+    loop = _Loop(task, data, checkpointer, writer)
+    try:
+        state, final = loop.run(state, start)
+    finally:
+        checkpointer.close()
+        writer.close()
+    plot = metrics_lib.plot_experts_per_layer(workdir)
+    _print_summary(workdir, dataset, data, final, plot, config.eval_batches)
+    return final
+
+
+class _Loop:
+    """The step loop with its periodic logging, validation and checkpointing."""
+
+    def __init__(self, task, data, checkpointer, writer):
+        self.task, self.data = task, data
+        self.checkpointer, self.writer = checkpointer, writer
+        self.train_step = make_train_step(task)
+        self.eval_step = make_eval_step(task)
+        self.tokens_per_step = task.config.batch_size * task.config.seq_len
+
+    def run(self, state: State, start: int) -> tuple[State, dict]:
+        cfg = self.task.config
+        total = cfg.num_train_steps
+        final = {}
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
+        window_start, window_steps = time.perf_counter(), 0
+        for step in range(start + 1, total + 1):
+            state, metrics = self.train_step(state, self.data.train_batch(step - 1))
+            window_steps += 1
+            bar.update(1)
+            if step % cfg.log_every_steps == 0 or step == total:
+                host = _host_metrics(metrics)  # waits for the step, so the timing is real
+                elapsed = time.perf_counter() - window_start
+                host["tokens_per_sec"] = window_steps * self.tokens_per_step / elapsed
+                self.writer.write({"step": step, "split": "train", **host})
+                bar.set_postfix(_bar_fields(host), refresh=False)
+                window_start, window_steps = time.perf_counter(), 0
+            if step % cfg.eval_every_steps == 0 or step == total:
+                final = self.validate(state, step)
+            if step % cfg.checkpoint_every_steps == 0 or step == total:
+                self.checkpointer.save(step, state)
+        bar.close()
+        if not final:  # resumed after the last step: report the restored model
+            final = evaluate(self.eval_step, state["params"], self._eval_batches())
+        return state, final
+
+    def _eval_batches(self):
+        return self.data.eval_batches(self.task.config.eval_batches)
+
+    def validate(self, state: State, step: int) -> dict:
+        result = evaluate(self.eval_step, state["params"], self._eval_batches())
+        self.writer.write({"step": step, "split": "validation", **result})
+        return result
+
+
+def _bar_fields(host: dict) -> dict:
+    fields = {"loss": f"{host['loss']:.3f}"}
+    if "experts_per_token" in host:
+        fields["experts/tok"] = f"{host['experts_per_token']:.2f}"
+    return fields
+
+
+def _print_summary(workdir: Path, dataset: str, data, final: dict, plot, eval_batches) -> None:
+    unigram = data.unigram_cross_entropy(eval_batches)
+    lines = [
+        f"dataset: {dataset}",
+        f"validation loss {final['loss']:.4f}, perplexity {final['perplexity']:.2f} "
+        f"(unigram baseline perplexity {math.exp(unigram):.2f})",
+    ]
+    if "experts_per_layer" in final:
+        per_layer = ", ".join(f"{v:.2f}" for v in np.atleast_1d(final["experts_per_layer"]))
+        lines.append(f"experts per token by layer: {per_layer}")
+    lines += [
+        f"metrics: {workdir / metrics_lib.METRICS_FILE}",
+        f"tensorboard: {workdir / 'tensorboard'}",
+        f"checkpoints: {workdir / 'checkpoints'}",
+    ]
+    if plot is not None:
+        lines.append(f"plot: {plot}")
+    print("\n".join(lines))

@@ -1,0 +1,335 @@
+"""Tests of the input pipeline (dynmoe_jax.data): corpora, TFDS builder, tokenizers, packing."""
+
+import collections
+import shutil
+
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from dynmoe_jax.data import builder as builder_lib
+from dynmoe_jax.data import corpora, pipeline
+from dynmoe_jax.data import tokenizer as tokenizer_lib
+from dynmoe_jax.data.pipeline import DataConfig, load_data, load_data_from_config
+
+SEQ_LEN = 16
+BATCH = 4
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def pydoc_dir(tmp_path_factory):
+    """A data_dir holding the pydoc build, tokenizer and caches, shared by this module."""
+    return tmp_path_factory.mktemp("pydoc_data")
+
+
+@pytest.fixture(scope="module")
+def pydoc_data(pydoc_dir):
+    return load_data("pydoc", pydoc_dir, SEQ_LEN, BATCH, seed=0, vocab_size=VOCAB)
+
+
+def _load(data_dir, **overrides):
+    kwargs = dict(
+        dataset="pydoc",
+        data_dir=data_dir,
+        seq_len=SEQ_LEN,
+        batch_size=BATCH,
+        seed=0,
+        vocab_size=VOCAB,
+    )
+    kwargs.update(overrides)
+    return load_data(**kwargs)
+
+
+# ----------------------------------------------------------------------------- builder
+
+
+def test_builder_builds_pydoc_offline_with_disjoint_splits(tmp_path):
+    records = corpora.load_records("pydoc")
+    built = builder_lib.prepare("pydoc", str(tmp_path))
+    train = builder_lib.read_split(built, "train")
+    validation = builder_lib.read_split(built, "validation")
+
+    assert train and validation
+    # Each record lands in exactly one split, chosen by the hash of its index, in corpus order.
+    mask = builder_lib.validation_mask(len(records), builder_lib.DEFAULT_VALIDATION_PERCENT)
+    assert train == [r for r, held_out in zip(records, mask, strict=True) if not held_out]
+    assert validation == [r for r, held_out in zip(records, mask, strict=True) if held_out]
+    assert collections.Counter(train) + collections.Counter(validation) == collections.Counter(
+        records
+    )
+    assert 0.02 < len(validation) / len(records) < 0.1
+    # The same data is reachable through the generic TFDS reader.
+    source = tfds.data_source("dynmoe_text/pydoc", split="validation", data_dir=str(tmp_path))
+    assert len(source) == len(validation)
+
+
+def test_validation_mask_never_leaves_a_split_empty():
+    for n in (2, 3, 10):
+        mask = builder_lib.validation_mask(n, 1)
+        assert mask.any() and not mask.all()
+    assert builder_lib.validation_mask(10, 99).sum() < 10
+    with pytest.raises(ValueError, match="at least 2 records"):
+        builder_lib.validation_mask(1, 5)
+
+
+def test_text_dir_config_names_differ_per_folder(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    name_a = builder_lib.config_name(f"text_dir:{tmp_path / 'a'}")
+    name_b = builder_lib.config_name(f"text_dir:{tmp_path / 'b'}")
+    assert name_a.startswith("text_dir_") and name_a != name_b
+
+
+# ----------------------------------------------------------------------------- corpora
+
+
+def test_pydoc_records_are_normalised_paragraphs():
+    records = corpora.load_records("pydoc")
+    assert len(records) > 1000
+    assert all(r and r == " ".join(r.split()) for r in records)
+
+
+def test_text_dir_reads_txt_files_recursively_and_replaces_bad_utf8(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.txt").write_text("Second file.\n\nIts second paragraph.\n")
+    (tmp_path / "sub" / "a.txt").write_bytes(b"Caf\xe9 in Latin-1.\n")
+    (tmp_path / "ignored.md").write_text("Not a txt file.")
+    records = corpora.load_records(f"text_dir:{tmp_path}")
+    assert records == ["Second file.", "Its second paragraph.", "Caf\ufffd in Latin-1."]
+
+
+def test_text_dir_pipeline_end_to_end(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"{i:02d}.txt").write_bytes(
+            f"Paragraph {i} is here.\n\n\xff{i}\n".encode("latin-1")
+        )
+    data = _load(tmp_path / "data", dataset=f"text_dir:{corpus}", tokenizer="bytes", seq_len=8)
+    batch = data.train_batch(0)
+    assert batch["inputs"].shape == (BATCH, 8)
+    streams = np.concatenate([data.train_stream, data.validation_stream])
+    assert "\ufffd" in data.tokenizer.decode(streams)
+
+
+def test_kjv_missing_command_gives_install_hint():
+    with pytest.raises(corpora.CorpusUnavailableError, match="apt-get install -y bible-kjv"):
+        corpora.kjv_verses(bible_command="no-such-bible-program-xyz")
+    assert issubclass(corpora.CorpusUnavailableError, RuntimeError)
+
+
+@pytest.mark.skipif(shutil.which("bible") is None, reason="bible-kjv is not installed")
+def test_kjv_yields_all_verses_without_references():
+    verses = corpora.load_records("kjv")
+    assert len(verses) == 31102
+    assert verses[0] == "In the beginning God created the heaven and the earth."
+    assert verses[-1] == "The grace of our Lord Jesus Christ be with you all. Amen."
+    assert not any(corpora._VERSE_REFERENCE.match(v) for v in verses)
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def test_byte_tokenizer_round_trip_is_exact():
+    tok = tokenizer_lib.ByteTokenizer()
+    text = "Grüße, 世界! \x00 tabs\tand\nnewlines"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert min(ids) >= 2 and max(ids) < tok.vocab_size == 258
+    assert tok.decode([*ids, tok.eos_id, tok.pad_id]) == text
+
+
+def test_sentencepiece_round_trip_and_special_ids(pydoc_data):
+    tok = pydoc_data.tokenizer
+    assert isinstance(tok, tokenizer_lib.SentencePieceTokenizer)
+    assert (tok.pad_id, tok.eos_id, tok.vocab_size) == (0, 1, VOCAB)
+    text = 'The "yield" statement, x = {1: [2]} ~ 3.14 and `backticks`!'
+    ids = tok.encode(text)
+    assert tok.pad_id not in ids and tok.eos_id not in ids
+    assert tok.decode(ids) == text
+
+
+def test_sentencepiece_training_is_deterministic():
+    sentences = corpora.load_records("pydoc")[:300]
+    first = tokenizer_lib.train_sentencepiece(sentences, 400)
+    assert first == tokenizer_lib.train_sentencepiece(sentences, 400)
+
+
+def test_caches_are_reused_not_rebuilt(pydoc_dir, pydoc_data):
+    cached = sorted((pydoc_dir / "tokenizers").glob("*.model"))
+    cached += sorted((pydoc_dir / "packed").glob("*.npy"))
+    assert len(cached) == 3  # one model, train and validation token streams
+    mtimes = [p.stat().st_mtime_ns for p in cached]
+    again = _load(pydoc_dir)
+    assert [p.stat().st_mtime_ns for p in cached] == mtimes
+    np.testing.assert_array_equal(again.train_stream, pydoc_data.train_stream)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def test_packing_matches_a_hand_built_example():
+    stream = pipeline.pack_records([[5, 6, 7], [8, 9]], eos_id=1)
+    np.testing.assert_array_equal(stream, [5, 6, 7, 1, 8, 9, 1])
+
+    np.testing.assert_array_equal(pipeline.window_tokens(stream, 3, pad_tail=False), [[5, 6, 7, 1]])
+    windows = pipeline.window_tokens(stream, 3, pad_tail=True)
+    np.testing.assert_array_equal(windows, [[5, 6, 7, 1], [8, 9, 1, 0]])
+
+    batch = pipeline.windows_to_batch(windows)
+    np.testing.assert_array_equal(batch["inputs"], [[5, 6, 7], [8, 9, 1]])
+    np.testing.assert_array_equal(batch["targets"], [[6, 7, 1], [9, 1, 0]])
+    np.testing.assert_array_equal(batch["weights"], [[1, 1, 1], [1, 1, 0]])
+    assert batch["inputs"].dtype == np.int32 and batch["weights"].dtype == np.float32
+
+
+def test_train_batches_are_windows_of_the_record_stream(pydoc_data):
+    tok = pydoc_data.tokenizer
+    records = builder_lib.read_split(
+        builder_lib.make_builder("pydoc", pydoc_data.config.data_dir), "train"
+    )
+    expected = pipeline.pack_records((tok.encode(r) for r in records), tok.eos_id)
+    np.testing.assert_array_equal(pydoc_data.train_stream, expected)
+
+    width = SEQ_LEN + 1
+    batch = pydoc_data.train_batch(3)
+    assert batch["inputs"].shape == batch["targets"].shape == (BATCH, SEQ_LEN)
+    np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+    assert np.all(batch["weights"] == 1)
+    starts = {i * width for i in range(pydoc_data.num_train_sequences)}
+    for inputs, targets in zip(batch["inputs"], batch["targets"], strict=True):
+        window = np.concatenate([inputs, targets[-1:]])
+        offsets = np.flatnonzero(np.all(_rolling(pydoc_data.train_stream, width) == window, 1))
+        assert set(offsets.tolist()) & starts
+
+
+def _rolling(stream, width):
+    return np.lib.stride_tricks.sliding_window_view(stream, width)
+
+
+def test_train_batch_is_a_pure_function_of_seed_and_step(pydoc_data, tmp_path):
+    fresh = _load(tmp_path)  # a new data_dir: rebuilds, retrains the tokenizer, repacks
+    for step in (0, 1, 1000):
+        for key in ("inputs", "targets", "weights"):
+            np.testing.assert_array_equal(
+                fresh.train_batch(step)[key], pydoc_data.train_batch(step)[key]
+            )
+    assert not np.array_equal(
+        pydoc_data.train_batch(0)["inputs"], pydoc_data.train_batch(1)["inputs"]
+    )
+    other_seed = _load(pydoc_data.config.data_dir, seed=1)
+    assert not np.array_equal(
+        other_seed.train_batch(0)["inputs"], pydoc_data.train_batch(0)["inputs"]
+    )
+
+
+def test_each_epoch_is_a_different_permutation():
+    windows = np.arange(12)[:, None] * np.ones((1, 3), np.int32)
+    dataset = pipeline.shuffled_batches(windows, batch_size=4, seed=7)
+    epochs = [
+        np.concatenate([dataset[s][:, 0] for s in range(e * 3, e * 3 + 3)]) for e in (0, 1, 2)
+    ]
+    for order in epochs:
+        assert sorted(order.tolist()) == list(range(12))
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+    again = pipeline.shuffled_batches(windows, batch_size=4, seed=7)
+    np.testing.assert_array_equal(again[5], dataset[5])
+
+
+def test_eval_batches_are_fixed_padded_and_cover_validation(pydoc_data):
+    first = list(pydoc_data.eval_batches())
+    second = list(pydoc_data.eval_batches())
+    assert len(first) == pydoc_data.num_eval_batches > 1
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+        assert a["inputs"].shape == (BATCH, SEQ_LEN)
+    # Every token of each validation window except its first is a weighted target exactly once.
+    full, tail = divmod(len(pydoc_data.validation_stream), SEQ_LEN + 1)
+    assert pydoc_data.num_validation_tokens == full * SEQ_LEN + max(tail - 1, 0)
+    num_windows = full + (tail > 1)
+    if num_windows % BATCH:  # the last batch is topped up with weight-0 rows
+        assert np.all(first[-1]["weights"][num_windows % BATCH :] == 0)
+    assert len(list(pydoc_data.eval_batches(max_batches=1))) == 1
+
+
+def test_unigram_baseline(pydoc_data):
+    log_probs = pydoc_data.unigram_log_probs
+    assert log_probs.shape == (pydoc_data.vocab_size,)
+    np.testing.assert_allclose(np.exp(log_probs.astype(np.float64)).sum(), 1.0, rtol=1e-4)
+    cross_entropy = pydoc_data.unigram_cross_entropy()
+    assert 2.0 < cross_entropy < np.log(pydoc_data.vocab_size)
+
+
+# ----------------------------------------------------------------------------- TFDS + configs
+
+
+def test_mock_tfds_dataset_drives_the_pipeline(tmp_path):
+    with tfds.testing.mock_data(num_examples=64):
+        data = load_data("lm1b", tmp_path, seq_len=8, batch_size=3, seed=0, tokenizer="bytes")
+    batch = data.train_batch(0)
+    assert batch["inputs"].shape == batch["targets"].shape == batch["weights"].shape == (3, 8)
+    assert batch["inputs"].dtype == np.int32
+    assert next(data.eval_batches())["inputs"].shape == (3, 8)
+
+
+def test_config_from_configdict_and_mapping(pydoc_dir, pydoc_data):
+    config = ml_collections.ConfigDict(
+        dict(
+            dataset="pydoc",
+            data_dir=str(pydoc_dir),
+            seq_len=SEQ_LEN,
+            batch_size=BATCH,
+            vocab_size=VOCAB,
+            seed=0,
+            learning_rate=1e-3,
+        )
+    )
+    data = load_data_from_config(config)
+    np.testing.assert_array_equal(
+        data.train_batch(2)["inputs"], pydoc_data.train_batch(2)["inputs"]
+    )
+    assert DataConfig.from_config(config.to_dict()) == data.config
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(batch_size=0), "batch_size"),
+        (dict(seq_len=0), "seq_len"),
+        (dict(tokenizer="words"), "tokenizer"),
+        (dict(vocab_size=-3), "vocab_size"),
+        (dict(validation_percent=0), "validation_percent"),
+    ],
+)
+def test_invalid_fields_are_named(tmp_path, overrides, field):
+    with pytest.raises(ValueError, match=field):
+        _load(tmp_path, **overrides)
+
+
+def test_corpus_shorter_than_one_sequence(tmp_path):
+    corpus = tmp_path / "tiny"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("One.\n\nTwo.\n\nThree.\n")
+    with pytest.raises(ValueError, match=r"has \d+ tokens.*seq_len=1000"):
+        _load(tmp_path / "data", dataset=f"text_dir:{corpus}", tokenizer="bytes", seq_len=1000)
+
+
+def test_unknown_dataset_lists_valid_choices(tmp_path):
+    with pytest.raises(ValueError, match="kjv.*pydoc.*text_dir:PATH.*TFDS"):
+        _load(tmp_path, dataset="no_such_corpus_xyz")
+
+
+def test_text_dir_errors_name_the_path(tmp_path):
+    missing = tmp_path / "missing"
+    with pytest.raises(ValueError, match=str(missing)):
+        _load(tmp_path, dataset=f"text_dir:{missing}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("  \n\n")
+    with pytest.raises(ValueError, match="no non-empty .txt"):
+        _load(tmp_path, dataset=f"text_dir:{empty}")
