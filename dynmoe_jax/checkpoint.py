@@ -44,6 +44,10 @@ class Checkpointer:
             return step, state
         return None
 
+    def read(self, step: int) -> Any:
+        """One step's state as saved (numpy arrays), with no target structure."""
+        return self._manager.restore(step)
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

@@ -153,7 +153,7 @@ def make_train_step(task: Task) -> Callable[[State, Batch], tuple[State, dict]]:
         grads, metrics = _accumulated_grads(task, state["params"], batch)
         updates, opt_state = task.optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = task.schedule(state["step"])
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
         return new_state, metrics

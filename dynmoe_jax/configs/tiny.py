@@ -13,6 +13,7 @@ def get_config() -> ConfigDict:
     c.batch_size = 8
     c.num_train_steps = 6
     c.warmup_steps = 2
+    c.learning_rate = 1e-2
     c.log_every_steps = 2
     c.eval_every_steps = 3
     c.eval_batches = 2
