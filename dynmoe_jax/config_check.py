@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
+from dynmoe_jax import sharding
 from dynmoe_jax.model import ModelConfig
 from dynmoe_jax.moe import MoEConfig
 
@@ -97,12 +98,33 @@ def model_config(config: ConfigDict, vocab_size: int) -> ModelConfig:
         raise ConfigError(f"model config has a value of the wrong type: {e}") from None
 
 
+def mesh_for(config: ConfigDict, model_cfg: ModelConfig, devices=None):
+    """The configured mesh, checked against the devices present and the model's sizes."""
+    moe = model_cfg.moe
+    try:
+        mesh = sharding.make_mesh(config.mesh_shape, devices)
+        sharding.check_fits(
+            mesh,
+            batch_size=config.batch_size,
+            grad_accum_steps=config.grad_accum_steps,
+            num_experts=moe.num_experts if moe else None,
+            num_heads=model_cfg.num_heads,
+            d_ff=model_cfg.d_ff,
+            expert_d_ff=moe.d_ff if moe else None,
+        )
+    except sharding.MeshError as e:
+        raise ConfigError(str(e)) from None
+    return mesh
+
+
 def check_config(config: ConfigDict) -> ModelConfig:
-    """Every check that needs no data; the vocabulary size is checked as configured."""
+    """Every check that needs no data (the vocabulary size is checked as configured)."""
     check_top_level(config)
     try:
-        return model_config(config, config.vocab_size)
+        model_cfg = model_config(config, config.vocab_size)
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
+    mesh_for(config, model_cfg)
+    return model_cfg

@@ -22,8 +22,7 @@ def _restore(config: ConfigDict, workdir: str | Path):
     data, dataset = train_lib.load_run_data(config)
     task = train_lib.build_task(config, data.vocab_size)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-    abstract = jax.eval_shape(lambda: train_lib.init_state(task))
-    restored = checkpointer.restore_latest(abstract)
+    restored = checkpointer.restore_latest(train_lib.abstract_state(task))
     checkpointer.close()
     if restored is None:
         raise FileNotFoundError(f"no checkpoint under {Path(workdir) / 'checkpoints'}: train first")

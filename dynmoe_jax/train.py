@@ -19,12 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import ConfigDict
 
 from dynmoe_jax import checkpoint as ckpt_lib
 from dynmoe_jax import data as data_lib
 from dynmoe_jax import metrics as metrics_lib
-from dynmoe_jax.config_check import check_config, model_config
+from dynmoe_jax import sharding as sharding_lib
+from dynmoe_jax.config_check import check_config, mesh_for, model_config
 from dynmoe_jax.model import Decoder, ModelConfig
 
 Batch = dict[str, np.ndarray]
@@ -43,6 +45,9 @@ class Task:
     graphdef: Any
     optimizer: optax.GradientTransformation
     schedule: Callable[[int], float]
+    mesh: Mesh
+    state_shardings: Any  # NamedShardings, same tree as the state
+    batch_sharding: NamedSharding
 
 
 def learning_rate_schedule(config: ConfigDict) -> optax.Schedule:
@@ -75,14 +80,37 @@ def make_optimizer(config: ConfigDict, schedule: optax.Schedule) -> optax.Gradie
     return adamw
 
 
-def build_task(config: ConfigDict, vocab_size: int) -> Task:
+def build_task(config: ConfigDict, vocab_size: int, devices=None) -> Task:
+    """Model, optimizer, mesh and shardings; every check here runs before any compilation."""
     model_cfg = model_config(config, vocab_size)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0))))
+    mesh = mesh_for(config, model_cfg, devices)
+    abstract_model = nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0)))
     schedule = learning_rate_schedule(config)
-    return Task(config, model_cfg, graphdef, make_optimizer(config, schedule), schedule)
+    optimizer = make_optimizer(config, schedule)
+    param_specs = sharding_lib.param_specs(abstract_model)
+    abstract_params = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
+    opt_specs = optax.tree_map_params(
+        optimizer,
+        lambda _, spec: spec,
+        jax.eval_shape(optimizer.init, abstract_params),
+        param_specs,
+        transform_non_params=lambda _: PartitionSpec(),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+    specs = {"step": PartitionSpec(), "params": param_specs, "opt_state": opt_specs}
+    return Task(
+        config=config,
+        model_cfg=model_cfg,
+        graphdef=nnx.graphdef(abstract_model),
+        optimizer=optimizer,
+        schedule=schedule,
+        mesh=mesh,
+        state_shardings=sharding_lib.named(mesh, specs),
+        batch_sharding=NamedSharding(mesh, sharding_lib.batch_spec()),
+    )
 
 
-def init_state(task: Task) -> State:
+def _init_fn(task: Task) -> Callable[[], State]:
     def init():
         model = Decoder(task.model_cfg, rngs=nnx.Rngs(task.config.seed))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -92,7 +120,30 @@ def init_state(task: Task) -> State:
             "opt_state": task.optimizer.init(params),
         }
 
-    return jax.jit(init)()
+    return init
+
+
+def init_state(task: Task) -> State:
+    """A fresh state, created directly in its sharded layout."""
+    with jax.set_mesh(task.mesh):
+        return jax.jit(_init_fn(task), out_shardings=task.state_shardings)()
+
+
+def abstract_state(task: Task) -> State:
+    """Shapes, dtypes and target shardings of the state (what checkpoints restore onto)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(_init_fn(task)),
+        task.state_shardings,
+    )
+
+
+def put_batch(task: Task, batch: Batch) -> dict[str, jax.Array]:
+    """Places a host batch (the same global batch on every process) onto the mesh."""
+    return {
+        k: jax.make_array_from_callback(v.shape, task.batch_sharding, lambda idx, v=v: v[idx])
+        for k, v in batch.items()
+    }
 
 
 def cross_entropy(logits_BTV, targets_BT, weights_BT) -> tuple[jax.Array, jax.Array]:
@@ -158,7 +209,13 @@ def make_train_step(task: Task) -> Callable[[State, Batch], tuple[State, dict]]:
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    shardings = task.state_shardings
+    return jax.jit(
+        train_step,
+        in_shardings=(shardings, task.batch_sharding),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
 
 
 def make_eval_step(task: Task) -> Callable[[Any, Batch], dict]:
@@ -172,7 +229,8 @@ def make_eval_step(task: Task) -> Callable[[Any, Batch], dict]:
             out["dropped_fraction"] = jnp.mean(layer["dropped_fraction"]) * count
         return out
 
-    return jax.jit(eval_step)
+    jitted = jax.jit(eval_step, in_shardings=(task.state_shardings["params"], task.batch_sharding))
+    return lambda params, batch: jitted(params, put_batch(task, batch))
 
 
 def evaluate(eval_step, params, batches: Iterable[Batch]) -> dict:
@@ -229,9 +287,8 @@ def _host_metrics(metrics: dict) -> dict:
 
 
 def restore_or_init(task: Task, checkpointer: ckpt_lib.Checkpointer) -> State:
-    """The newest readable checkpoint, or a fresh state."""
-    abstract = jax.eval_shape(lambda: init_state(task))
-    restored = checkpointer.restore_latest(abstract)
+    """The newest readable checkpoint (resharded onto this task's mesh), or a fresh state."""
+    restored = checkpointer.restore_latest(abstract_state(task))
     if restored is None:
         return init_state(task)
     step, state = restored
@@ -253,7 +310,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict:
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
     loop = _Loop(task, data, checkpointer, writer)
     try:
-        state, final = loop.run(state, start)
+        with jax.set_mesh(task.mesh):  # the layer's sharding constraints read this mesh
+            state, final = loop.run(state, start)
     finally:
         checkpointer.close()
         writer.close()
@@ -281,7 +339,8 @@ class _Loop:
         bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
         window_start, window_steps = time.perf_counter(), 0
         for step in range(start + 1, total + 1):
-            state, metrics = self.train_step(state, self.data.train_batch(step - 1))
+            batch = put_batch(self.task, self.data.train_batch(step - 1))
+            state, metrics = self.train_step(state, batch)
             window_steps += 1
             bar.update(1)
             if step % cfg.log_every_steps == 0 or step == total:

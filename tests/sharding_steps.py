@@ -1,0 +1,32 @@
+"""A few train steps of the tiny model on a given mesh (shared by the sharding tests and the
+multi-process worker)."""
+
+from __future__ import annotations
+
+import jax
+
+from dynmoe_jax import train
+from dynmoe_jax.configs import tiny
+
+
+def tiny_config(mesh_shape: str, data_dir: str):
+    c = tiny.get_config()
+    c.mesh_shape = mesh_shape
+    c.data_dir = data_dir
+    c.warmup_steps = 0  # so that the first update already moves the parameters
+    c.moe.num_experts = 8  # divisible by every expert axis the tests use
+    return c
+
+
+def run_steps(mesh_shape: str, data_dir: str, num_steps: int, devices=None) -> list[float]:
+    config = tiny_config(mesh_shape, data_dir)
+    data, _ = train.load_run_data(config)
+    task = train.build_task(config, data.vocab_size, devices)
+    state = train.init_state(task)
+    step = train.make_train_step(task)
+    losses = []
+    with jax.set_mesh(task.mesh):
+        for i in range(num_steps):
+            state, metrics = step(state, train.put_batch(task, data.train_batch(i)))
+            losses.append(float(metrics["loss"]))
+    return losses

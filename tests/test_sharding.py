@@ -1,0 +1,165 @@
+"""Expert parallelism on 8 simulated CPU devices (conftest sets them) and on 2 processes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from dynmoe_jax import checkpoint as ckpt_lib
+from dynmoe_jax import sharding, train
+from dynmoe_jax.config_check import ConfigError, check_config
+from tests.sharding_steps import run_steps, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+MESHES = ["data=2,expert=4", "data=1,expert=8", "data=8,expert=1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("data"))
+    train.load_run_data(tiny_config("", d))  # build the corpus cache once
+    return d
+
+
+def _task(mesh_shape, data_dir, devices=None, **overrides):
+    config = tiny_config(mesh_shape, data_dir)
+    for k, v in overrides.items():
+        config[k] = v
+    data, _ = train.load_run_data(config)
+    return train.build_task(config, data.vocab_size, devices), data
+
+
+def test_mesh_parsing():
+    assert sharding.parse_mesh_shape("data=2,expert=-1", 8) == {"data": 2, "expert": 4, "model": 1}
+    assert sharding.parse_mesh_shape("", 8) == {"data": 1, "expert": 1, "model": 1}
+    for bad, message in [
+        ("data=2,pipe=4", "axis 'pipe' must be one of data, expert, model"),
+        ("data=4,expert=4", "needs 16 devices but only 8 are present"),
+        ("data=-1,expert=-1", "at most one -1"),
+        ("data=x", "data needs an integer size"),
+    ]:
+        with pytest.raises(sharding.MeshError, match=message):
+            sharding.parse_mesh_shape(bad, 8)
+
+
+def test_each_device_holds_its_experts(data_dir):
+    task, _ = _task("data=2,expert=4", data_dir)
+    state = train.init_state(task)
+    w = state["params"]["blocks"][0]["ffn"]["w_gate_EDF"]
+    assert w.shape == (8, 32, 32)
+    assert w.sharding.spec == jax.sharding.PartitionSpec("expert", None, "model")
+    shard_shapes = {s.data.shape for s in w.addressable_shards}
+    assert shard_shapes == {(2, 32, 32)}  # 8 experts over expert=4
+    # Each expert slice lives on the 2 devices of one `expert` coordinate (the data replicas).
+    experts_on = {s.device.id: s.index[0] for s in w.addressable_shards}
+    assert len(set(map(str, experts_on.values()))) == 4
+    mu = state["opt_state"][1][0].mu["blocks"][0]["ffn"]["w_gate_EDF"]
+    assert {s.data.shape for s in mu.addressable_shards} == {(2, 32, 32)}
+
+
+def _one_device_reference(data_dir):
+    return run_steps("", data_dir, num_steps=3, devices=jax.devices()[:1])
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES)
+def test_train_steps_match_single_device(data_dir, mesh_shape):
+    expected = _one_device_reference(data_dir)
+    got = run_steps(mesh_shape, data_dir, num_steps=3)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_forward_matches_single_device(data_dir):
+    results = []
+    for mesh_shape, devices in [("", jax.devices()[:1]), ("data=2,expert=4", None)]:
+        task, data = _task(mesh_shape, data_dir, devices)
+        state = train.init_state(task)
+        eval_step = train.make_eval_step(task)
+        with jax.set_mesh(task.mesh):
+            results.append(jax.device_get(eval_step(state["params"], data.train_batch(0))))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), *results)
+
+
+def test_expert_parallel_step_uses_all_to_all(data_dir):
+    task, data = _task("data=2,expert=4", data_dir)
+    state = train.abstract_state(task)
+    batch = train.put_batch(task, data.train_batch(0))
+    with jax.set_mesh(task.mesh):
+        hlo = train.make_train_step(task).lower(state, batch).compile().as_text()
+    assert hlo.count("all-to-all") >= 4  # dispatch and combine, forward and backward
+
+
+def test_checkpoint_restores_onto_other_meshes(data_dir, tmp_path):
+    task, _ = _task("data=2,expert=4", data_dir)
+    state = train.init_state(task)
+    ckpt = ckpt_lib.Checkpointer(tmp_path)
+    ckpt.save(1, state)
+    ckpt.wait()
+    expected = jax.device_get(state)
+    for mesh_shape, devices in [("data=4,expert=2", None), ("", jax.devices()[:1])]:
+        other, _ = _task(mesh_shape, data_dir, devices)
+        step, restored = ckpt.restore_latest(train.abstract_state(other))
+        assert step == 1
+        w = restored["params"]["blocks"][1]["ffn"]["w_up_EDF"]
+        assert w.sharding.mesh.shape == other.mesh.shape
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), expected)
+    ckpt.close()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"mesh_shape": "data=2,expert=3", "batch_size": 12}, "moe.num_experts=8 does not fit"),
+        ({"mesh_shape": "data=4,expert=4"}, "needs 16 devices but only 8"),
+        ({"mesh_shape": "data=8", "batch_size": 12}, "batch_size=12 does not fit"),
+        ({"mesh_shape": "model=8"}, "model.num_heads=2 does not fit"),
+    ],
+)
+def test_mesh_errors_before_compiling(overrides, message):
+    config = tiny_config("", "unused")
+    for k, v in overrides.items():
+        config[k] = v
+    with pytest.raises(ConfigError, match=message):
+        check_config(config)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(data_dir, tmp_path):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.multiprocess_worker",
+                str(i),
+                str(port),
+                data_dir,
+                str(tmp_path / f"p{i}.json"),
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    outs = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
+    assert [(o["devices"], o["local_devices"]) for o in outs] == [(8, 4), (8, 4)]
+    expected = run_steps("data=2,expert=4", data_dir, num_steps=3)
+    for o in outs:
+        np.testing.assert_allclose(o["losses"], expected, rtol=1e-5)
