@@ -21,6 +21,11 @@ from dynmoe_jax import dispatch as dispatch_lib
 from dynmoe_jax import routing
 from dynmoe_jax.dispatch import Dispatch
 from dynmoe_jax.routing import Router
+from dynmoe_jax.sharding import constrain
+
+# Logical layouts of the activations (sharding.LOGICAL_AXIS_RULES maps them to the mesh).
+GROUPED = ("groups", None, "embed")
+DISPATCHED = ("expert_groups", "expert", "capacity", "embed")
 
 
 def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
@@ -141,7 +146,7 @@ class MoELayer(nnx.Module):
         b, t, d = x_BTD.shape
         s = _group_size(cfg.group_size, b, t)
         num_slots = cfg.capacity(s)
-        x_GSD = x_BTD.reshape(-1, s, d).astype(cfg.dtype)
+        x_GSD = constrain(x_BTD.reshape(-1, s, d).astype(cfg.dtype), GROUPED)
 
         logits_GSE = self.router_logits(x_GSD)
         probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
@@ -157,8 +162,11 @@ class MoELayer(nnx.Module):
         slots = jax.vmap(assign)(r.mask, r.rank)
         fns = dispatch_lib.DISPATCH_FNS[cfg.dispatch]
         x_GECD = jax.vmap(fns.dispatch, in_axes=(0, 0, None))(x_GSD, slots, num_slots)
-        y_GECD = self.experts(x_GECD)
+        # Groups spread over every device -> experts over `expert`: XLA emits an all-to-all.
+        x_GECD = constrain(x_GECD, DISPATCHED)
+        y_GECD = constrain(self.experts(x_GECD), DISPATCHED)
         y_GSD = jax.vmap(fns.combine, in_axes=(0, 0, 0, None))(y_GECD, r.weights, slots, num_slots)
+        y_GSD = constrain(y_GSD, GROUPED)
 
         aux = _routing_metrics(logits_GSE, probs_GSE, r, slots, num_slots)
         aux["token_experts"] = jnp.sum(r.mask, axis=-1, dtype=jnp.int32).reshape(b, t)
