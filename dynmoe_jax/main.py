@@ -20,12 +20,34 @@ flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do with
 flags.DEFINE_string("prompt", "And God said", "Prompt for --mode=sample.")
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate in --mode=sample.")
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).")
+flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (auto-detects TPU pods, SLURM)."
+)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs.")
+flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def init_distributed() -> None:
+    """JAX's own multi-controller runtime: every process runs this same command."""
+    import jax
+
+    if not (FLAGS.distributed or FLAGS.coordinator_address):
+        return
+    # CPU processes need a collectives backend of their own (no-op for GPU/TPU).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+    )
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+    init_distributed()
     from dynmoe_jax import inference, train
 
     modes = {

@@ -45,8 +45,13 @@ class MetricsWriter:
     a resumed run has no duplicated steps.
     """
 
-    def __init__(self, workdir: str | Path, resume_step: int, tensorboard: bool = True):
+    def __init__(
+        self, workdir: str | Path, resume_step: int, tensorboard: bool = True, enabled: bool = True
+    ):
+        self.enabled = enabled
         self.workdir = Path(workdir)
+        if not enabled:  # a non-lead process of a multi-host run: nothing to write
+            return
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.path = self.workdir / METRICS_FILE
         kept = [r for r in read_metrics(self.workdir) if r.get("step", 0) <= resume_step]
@@ -62,6 +67,8 @@ class MetricsWriter:
 
     def write(self, record: Mapping) -> dict:
         record = {k: _to_json(v) for k, v in record.items()}
+        if not self.enabled:
+            return record
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
@@ -81,6 +88,8 @@ class MetricsWriter:
         self._tb.flush()
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._file.close()
         if self._tb is not None:
             self._tb.close()

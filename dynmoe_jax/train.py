@@ -307,7 +307,8 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict:
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     state = restore_or_init(task, checkpointer)
     start = int(state["step"])
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=start)
+    lead = jax.process_index() == 0  # one process writes the logs of a multi-host run
+    writer = metrics_lib.MetricsWriter(workdir, resume_step=start, enabled=lead)
     loop = _Loop(task, data, checkpointer, writer)
     try:
         with jax.set_mesh(task.mesh):  # the layer's sharding constraints read this mesh
@@ -315,8 +316,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict:
     finally:
         checkpointer.close()
         writer.close()
-    plot = metrics_lib.plot_experts_per_layer(workdir)
-    _print_summary(workdir, dataset, data, final, plot, config.eval_batches)
+    if lead:
+        plot = metrics_lib.plot_experts_per_layer(workdir)
+        _print_summary(workdir, dataset, data, final, plot, config.eval_batches)
     return final
 
 
@@ -336,7 +338,14 @@ class _Loop:
         final = {}
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(
+            total=total,
+            initial=start,
+            desc="train",
+            dynamic_ncols=True,
+            mininterval=1.0,
+            disable=jax.process_index() != 0,
+        )
         window_start, window_steps = time.perf_counter(), 0
         for step in range(start + 1, total + 1):
             batch = put_batch(self.task, self.data.train_batch(step - 1))
