@@ -46,6 +46,9 @@ RULES = {
     "keep_checkpoints": (_positive_int, "an integer >= 1"),
     "vocab_size": (lambda v: isinstance(v, int) and 16 <= v <= 1_000_000, "16..1000000"),
     "tokenizer": (lambda v: v in ("sentencepiece", "bytes"), "'sentencepiece' | 'bytes'"),
+    "nonfinite": (lambda v: v in ("skip", "stop"), "'skip' | 'stop'"),
+    "inject_nan_at_step": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0 (0 = off)"),
+    "mesh_shape": (lambda v: isinstance(v, str), "a string such as 'data=2,expert=4'"),
 }
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

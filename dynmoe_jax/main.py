@@ -59,7 +59,7 @@ def main(argv):
     }
     try:
         modes[FLAGS.mode]()
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, train.NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

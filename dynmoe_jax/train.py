@@ -26,7 +26,7 @@ from dynmoe_jax import checkpoint as ckpt_lib
 from dynmoe_jax import data as data_lib
 from dynmoe_jax import metrics as metrics_lib
 from dynmoe_jax import sharding as sharding_lib
-from dynmoe_jax.config_check import check_config, mesh_for, model_config
+from dynmoe_jax.config_check import ConfigError, check_config, mesh_for, model_config
 from dynmoe_jax.model import Decoder, ModelConfig
 
 Batch = dict[str, np.ndarray]
@@ -34,6 +34,10 @@ State = dict[str, Any]
 
 # Per-layer metrics averaged into one number for the log.
 LAYER_MEANS = ("experts_per_token", "slots_per_token", "dropped_fraction", "router_confidence")
+
+
+class NonFiniteError(FloatingPointError):
+    """Training met a non-finite loss or gradient with ``nonfinite='stop'``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +101,14 @@ def build_task(config: ConfigDict, vocab_size: int, devices=None) -> Task:
         transform_non_params=lambda _: PartitionSpec(),
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
-    specs = {"step": PartitionSpec(), "params": param_specs, "opt_state": opt_specs}
+    scalar = PartitionSpec()
+    specs = {
+        "step": scalar,
+        "params": param_specs,
+        "opt_state": opt_specs,
+        "nonfinite_steps": scalar,
+        "first_nonfinite_step": scalar,
+    }
     return Task(
         config=config,
         model_cfg=model_cfg,
@@ -118,6 +129,8 @@ def _init_fn(task: Task) -> Callable[[], State]:
             "step": jnp.zeros((), jnp.int32),
             "params": params,
             "opt_state": task.optimizer.init(params),
+            "nonfinite_steps": jnp.zeros((), jnp.int32),
+            "first_nonfinite_step": jnp.full((), -1, jnp.int32),
         }
 
     return init
@@ -199,14 +212,40 @@ def _accumulated_grads(task: Task, params, batch: Batch):
     return jax.tree.map(lambda x: x / n, (grads, metrics))
 
 
+def _nan_injection(task: Task, step: jax.Array) -> jax.Array:
+    """NaN at the configured step (fault-injection tests), else 1."""
+    at = task.config.inject_nan_at_step
+    return jnp.where(step + 1 == at, jnp.nan, 1.0) if at > 0 else jnp.ones(())
+
+
 def make_train_step(task: Task) -> Callable[[State, Batch], tuple[State, dict]]:
+    """A jitted step. A non-finite loss or gradient leaves params and optimizer state as they
+    were and is counted in the state (``nonfinite_steps``, ``first_nonfinite_step``)."""
+
     def train_step(state: State, batch: Batch):
         grads, metrics = _accumulated_grads(task, state["params"], batch)
+        poison = _nan_injection(task, state["step"])
+        grads = jax.tree.map(lambda g: g * poison, grads)
+        metrics["loss"] = metrics["loss"] * poison
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, opt_state = task.optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        keep_if_bad = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_state = {
+            "step": state["step"] + 1,
+            "params": jax.tree.map(keep_if_bad, params, state["params"]),
+            "opt_state": jax.tree.map(keep_if_bad, opt_state, state["opt_state"]),
+            "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32),
+            "first_nonfinite_step": jnp.where(
+                (state["first_nonfinite_step"] < 0) & ~finite,
+                state["step"] + 1,
+                state["first_nonfinite_step"],
+            ),
+        }
+        metrics["grad_norm"] = grad_norm
         metrics["learning_rate"] = task.schedule(state["step"])
-        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        metrics["nonfinite_steps"] = new_state["nonfinite_steps"]
         return new_state, metrics
 
     shardings = task.state_shardings
@@ -270,12 +309,16 @@ def load_run_data(config: ConfigDict) -> tuple[data_lib.Data, str]:
         vocab_size=config.vocab_size,
     )
     try:
-        return data_lib.load_data(config.dataset, **kwargs), config.dataset
-    except data_lib.CorpusUnavailableError as e:
-        if not config.get("fallback_dataset"):
-            raise
-        print(f"note: {e}\nnote: falling back to dataset={config.fallback_dataset}")
-        return data_lib.load_data(config.fallback_dataset, **kwargs), config.fallback_dataset
+        try:
+            return data_lib.load_data(config.dataset, **kwargs), config.dataset
+        except data_lib.CorpusUnavailableError as e:
+            if not config.get("fallback_dataset"):
+                raise
+            print(f"note: {e}\nnote: falling back to dataset={config.fallback_dataset}")
+            fallback = config.fallback_dataset
+            return data_lib.load_data(fallback, **kwargs), fallback
+    except (ValueError, RuntimeError) as e:  # the data layer's errors name the field at fault
+        raise ConfigError(f"dataset={config.dataset!r}: {e}") from None
 
 
 def _host_metrics(metrics: dict) -> dict:
@@ -353,6 +396,7 @@ class _Loop:
             window_steps += 1
             bar.update(1)
             if step % cfg.log_every_steps == 0 or step == total:
+                self._check_finite(state)
                 host = _host_metrics(metrics)  # waits for the step, so the timing is real
                 elapsed = time.perf_counter() - window_start
                 host["tokens_per_sec"] = window_steps * self.tokens_per_step / elapsed
@@ -362,11 +406,21 @@ class _Loop:
             if step % cfg.eval_every_steps == 0 or step == total:
                 final = self.validate(state, step)
             if step % cfg.checkpoint_every_steps == 0 or step == total:
+                self._check_finite(state)  # never save past a non-finite step in stop mode
                 self.checkpointer.save(step, state)
         bar.close()
         if not final:  # resumed after the last step: report the restored model
             final = evaluate(self.eval_step, state["params"], self._eval_batches())
         return state, final
+
+    def _check_finite(self, state: State) -> None:
+        if self.task.config.nonfinite == "stop" and int(state["nonfinite_steps"]) > 0:
+            first = int(state["first_nonfinite_step"])
+            raise NonFiniteError(
+                f"non-finite loss or gradients at step {first} (nonfinite=stop); the last "
+                f"checkpoint before it is intact in {self.checkpointer.directory}. Set "
+                "--config.nonfinite=skip to skip such updates instead."
+            )
 
     def _eval_batches(self):
         return self.data.eval_batches(self.task.config.eval_batches)

@@ -29,6 +29,8 @@ def get_config() -> ConfigDict:
     c.checkpoint_every_steps = 175
     c.keep_checkpoints = 3
     c.mesh_shape = ""  # '' = one device; e.g. "data=2,expert=4"
+    c.nonfinite = "skip"  # skip: drop the update and count it | stop: raise, keep checkpoints
+    c.inject_nan_at_step = 0  # fault injection for tests: NaN loss at this step (0 = off)
 
     c.model = ConfigDict()
     c.model.ffn = "moe"  # moe | dense (the dense baseline)

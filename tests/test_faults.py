@@ -1,0 +1,190 @@
+"""Never lose a run: kill-and-resume, corrupt checkpoints, NaN guard, bad data, determinism."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from dynmoe_jax import checkpoint as ckpt_lib
+from dynmoe_jax import train
+from dynmoe_jax.config_check import ConfigError
+from dynmoe_jax.configs import tiny
+from dynmoe_jax.data import corpora
+
+ROOT = Path(__file__).resolve().parents[1]
+LONG = {"num_train_steps": 24, "checkpoint_every_steps": 4, "log_every_steps": 2,
+        "eval_every_steps": 8}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("data"))
+    train.load_run_data(_config(d))  # build the corpus cache once
+    return d
+
+
+def _config(data_dir, **overrides):
+    c = tiny.get_config()
+    c.data_dir = data_dir
+    for k, v in overrides.items():
+        c[k] = v
+    return c
+
+
+def _cli(workdir, data_dir, overrides):
+    flags = [f"--config.{k}={v}" for k, v in overrides.items()]
+    return [sys.executable, "-m", "dynmoe_jax.main", "--config=dynmoe_jax/configs/tiny.py",
+            f"--workdir={workdir}", f"--config.data_dir={data_dir}", *flags]  # fmt: skip
+
+
+def _records(workdir):
+    lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k != "tokens_per_sec"} for x in lines]
+
+
+def _final_params(workdir, step):
+    c = ckpt_lib.Checkpointer(workdir)
+    state = c.read(step)
+    c.close()
+    return state["params"]
+
+
+def _kill_when(proc, workdir: Path, mode: str, delay: float) -> bool:
+    """SIGKILLs the run after `delay` seconds, or (mode 'save') the moment Orbax has a
+    temporary checkpoint directory open. Returns whether it killed."""
+    deadline = time.monotonic() + 120
+    start = time.monotonic()
+    while proc.poll() is None and time.monotonic() < deadline:
+        ckpts = workdir / "checkpoints"
+        saving = ckpts.exists() and any("tmp" in p.name for p in ckpts.iterdir())
+        if (mode == "save" and saving) or (mode == "time" and time.monotonic() - start > delay):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.002 if mode == "save" else 0.05)
+    return False
+
+
+def test_sigkill_at_any_moment_resumes_exactly(data_dir, tmp_path):
+    reference = tmp_path / "reference"
+    subprocess.run(_cli(reference, data_dir, LONG), check=True, capture_output=True, cwd=ROOT)
+    workdir = tmp_path / "killed"
+    rng = random.Random(0)
+    kills = []
+    for mode in ("save", "time", "save", "time"):
+        proc = subprocess.Popen(_cli(workdir, data_dir, LONG), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        kills.append(_kill_when(proc, workdir, mode, delay=rng.uniform(6.0, 14.0)))
+    assert sum(kills) >= 2, kills  # the loop really interrupted the run
+    done = subprocess.run(_cli(workdir, data_dir, LONG), capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected, got = _final_params(reference, 24), _final_params(workdir, 24)
+    jax.tree.map(np.testing.assert_array_equal, got, expected)  # bit for bit on CPU
+    assert _records(workdir) == _records(reference)  # no duplicated, no missing steps
+
+
+def test_corrupt_latest_checkpoint_falls_back(data_dir, tmp_path, capsys):
+    train.train_and_evaluate(_config(data_dir), tmp_path)
+    blobs = sorted((tmp_path / "checkpoints" / "6").rglob("d/*"), key=lambda p: p.stat().st_size)
+    with open(blobs[-1], "r+b") as f:  # overwrite bytes in the largest data file
+        f.seek(blobs[-1].stat().st_size // 2)
+        f.write(b"\xff" * 64)
+    task = train.build_task(_config(data_dir), 512)
+    ckpt = ckpt_lib.Checkpointer(tmp_path)
+    step, _ = ckpt.restore_latest(train.abstract_state(task))
+    ckpt.close()
+    assert step == 3
+    assert "checkpoint at step 6 is unreadable" in capsys.readouterr().out
+    assert list((tmp_path / "checkpoints_unreadable").iterdir())  # kept, not deleted
+    train.train_and_evaluate(_config(data_dir), tmp_path)  # resumes from 3 and finishes
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "6"]
+
+
+def test_truncated_checkpoint_falls_back(data_dir, tmp_path):
+    train.train_and_evaluate(_config(data_dir), tmp_path)
+    for blob in (tmp_path / "checkpoints" / "6").rglob("d/*"):
+        os.truncate(blob, blob.stat().st_size // 3)
+    task = train.build_task(_config(data_dir), 512)
+    ckpt = ckpt_lib.Checkpointer(tmp_path)
+    assert ckpt.restore_latest(train.abstract_state(task))[0] == 3
+    ckpt.close()
+
+
+def test_nan_is_skipped_and_counted(data_dir, tmp_path):
+    final = train.train_and_evaluate(_config(data_dir, inject_nan_at_step=2), tmp_path)
+    records = [r for r in _records(tmp_path) if r["split"] == "train"]
+    assert [r["nonfinite_steps"] for r in records] == [1.0, 1.0, 1.0]
+    assert np.isfinite(final["loss"])
+    params = _final_params(tmp_path, 6)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_nan_stops_with_clear_error_and_keeps_checkpoint(data_dir, tmp_path):
+    clean = tmp_path / "clean"
+    train.train_and_evaluate(_config(data_dir), clean)
+    bad = tmp_path / "bad"
+    proc = subprocess.run(
+        _cli(bad, data_dir, {"inject_nan_at_step": 5, "nonfinite": "stop"}),
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "non-finite loss or gradients at step 5" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (bad / "checkpoints").iterdir()) == ["3"]
+    jax.tree.map(np.testing.assert_array_equal, _final_params(bad, 3), _final_params(clean, 3))
+
+
+def test_same_seed_same_metrics(data_dir, tmp_path):
+    for name in ("a", "b"):
+        train.train_and_evaluate(_config(data_dir), tmp_path / name)
+    assert _records(tmp_path / "a") == _records(tmp_path / "b")
+
+
+def test_missing_bible_falls_back_to_pydoc(data_dir, monkeypatch, capsys):
+    monkeypatch.setattr(corpora.shutil, "which", lambda name: None)
+    data, dataset = train.load_run_data(_config(data_dir, dataset="kjv"))
+    assert dataset == "pydoc" and data.num_train_tokens > 0
+    assert "apt-get install -y bible-kjv" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "files, overrides, message",
+    [
+        (None, {}, "does not exist"),
+        ({}, {}, "no non-empty .txt"),
+        ({"a.txt": b"one.\n\ntwo.\n\nthree."}, {"tokenizer": "bytes"}, "seq_len"),
+        ({"a.txt": b"caf\xe9 \xff\xfe text.\n\n" * 400}, {"tokenizer": "bytes"}, None),
+    ],
+)
+def test_bad_text_dir_corpora(tmp_path, files, overrides, message):
+    folder = tmp_path / "corpus"
+    if files is not None:
+        folder.mkdir()
+        for name, content in files.items():
+            (folder / name).write_bytes(content)
+    config = _config(str(tmp_path / "data"), dataset=f"text_dir:{folder}", **overrides)
+    if message is None:  # bytes that are not UTF-8 are replaced, not fatal
+        data, _ = train.load_run_data(config)
+        assert data.train_batch(0)["inputs"].shape == (8, 32)
+        return
+    with pytest.raises(ConfigError, match=message) as err:
+        train.load_run_data(config)
+    assert str(err.value).startswith(f"dataset='text_dir:{folder}'")
+
+
+def test_cli_reports_bad_corpus_in_one_line(tmp_path):
+    proc = subprocess.run(
+        _cli(tmp_path / "w", tmp_path / "d", {"dataset": "text_dir:/no/such/dir"}),
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: dataset='text_dir:/no/such")
+    assert "Traceback" not in proc.stderr
