@@ -205,10 +205,11 @@ def _accumulated_grads(task: Task, params, batch: Batch):
         (_, m), g = grad_fn(params, mb)
         return jax.tree.map(jnp.add, acc, (g, m)), None
 
-    zeros = jax.tree.map(
-        jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro)))
+    (_, metrics_shape), grads_shape = jax.eval_shape(
+        grad_fn, params, jax.tree.map(lambda x: x[0], micro)
     )
-    (grads, metrics), _ = jax.lax.scan(body, (zeros[1], zeros[0][1]), micro)
+    zeros = jax.tree.map(jnp.zeros_like, (grads_shape, metrics_shape))
+    (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
     return jax.tree.map(lambda x: x / n, (grads, metrics))
 
 
