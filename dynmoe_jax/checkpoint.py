@@ -3,10 +3,12 @@
 Crash safety:
 * Orbax writes each step to a temporary directory and renames it when complete, so a save cut
   by a crash is never listed as a step; leftover temporary directories are removed at start-up.
-* Each checkpoint carries a fingerprint (the sum of every array). A checkpoint that fails to
-  read, or whose values do not match its fingerprint (truncated or corrupted files), is
-  reported, moved aside to ``WORKDIR/checkpoints_unreadable/`` (nothing is deleted) and the
-  previous step is used.
+* Each checkpoint carries a small JSON record: the layout of the state (path -> shape) and a
+  fingerprint (the sum of every array). A checkpoint that fails to read, or whose values do
+  not match its fingerprint (truncated or corrupted files), is reported, moved aside to
+  ``WORKDIR/checkpoints_unreadable/`` (nothing is deleted) and the previous step is used.
+* A checkpoint whose layout differs from the model being restored was written by another
+  config: that is refused with a clear error and left in place.
 """
 
 from __future__ import annotations
@@ -24,6 +26,37 @@ import orbax.checkpoint as ocp
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint's values do not match the fingerprint written with it."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A readable checkpoint was written for another model or optimizer (another config)."""
+
+
+def _layout(tree: Any) -> dict[str, tuple[int, ...]]:
+    """Path -> shape of every array; paths normalised so dict keys 0 and '0' agree."""
+
+    def name(key) -> str:
+        for attr in ("key", "idx", "name"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    return {
+        ".".join(name(k) for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def _mismatch(saved: dict, wanted: dict) -> str | None:
+    """A short description of how two layouts differ, or None when they agree."""
+    if saved == wanted:
+        return None
+    missing = sorted(set(wanted) - set(saved))[:3]
+    extra = sorted(set(saved) - set(wanted))[:3]
+    shapes = [f"{k}: saved {saved[k]} vs {wanted[k]}" for k in sorted(set(saved) & set(wanted))
+              if saved[k] != wanted[k]][:3]  # fmt: skip
+    parts = [f"missing {missing}" if missing else "", f"unexpected {extra}" if extra else ""]
+    return "; ".join(p for p in [*parts, *shapes] if p)
 
 
 def fingerprint(state: Any) -> list[float]:
@@ -55,19 +88,22 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any) -> None:
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            fingerprint=ocp.args.JsonSave(fingerprint(state)),
-        )
+        meta = {"layout": _layout(state), "fingerprint": fingerprint(state)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._manager.save(step, args=args, force=True)
+
+    def _meta(self, step: int) -> dict:
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        meta = restored.meta
+        meta["layout"] = {k: tuple(v) for k, v in meta["layout"].items()}
+        return meta
 
     def _restore(self, step: int, abstract_state: Any | None) -> Any:
         args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            fingerprint=ocp.args.JsonRestore(),
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
         )
         restored = self._manager.restore(step, args=args)
-        if not _matches(restored.fingerprint, fingerprint(restored.state)):
+        if not _matches(restored.meta["fingerprint"], fingerprint(restored.state)):
             raise CorruptCheckpointError(f"values of step {step} do not match its fingerprint")
         return restored.state
 
@@ -77,10 +113,22 @@ class Checkpointer:
         self._manager.wait_until_finished()
         for step in reversed(self.steps()):
             try:
+                saved = self._meta(step)["layout"]
+            except Exception as e:  # noqa: BLE001 - unreadable metadata: a damaged step
+                self._set_aside(step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                continue
+            # Another config's checkpoint is not damage: refuse it and leave it in place.
+            diff = _mismatch(saved, _layout(abstract_state))
+            if diff:
+                raise CheckpointMismatchError(
+                    f"the checkpoint at step {step} in {self.directory} was written for another "
+                    f"model or optimizer ({diff}); use the config it was trained with or "
+                    "another --workdir"
+                )
+            try:
                 return step, self._restore(step, abstract_state)
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                reason = str(e).splitlines()[0][:200]
-                self._set_aside(step, f"{type(e).__name__}: {reason}")
+                self._set_aside(step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
         return None
 
     def _set_aside(self, step: int, reason: str) -> None:

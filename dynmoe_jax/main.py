@@ -48,7 +48,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     init_distributed()
-    from dynmoe_jax import inference, train
+    from dynmoe_jax import checkpoint, inference, train
 
     modes = {
         "train": lambda: train.train_and_evaluate(FLAGS.config, FLAGS.workdir),
@@ -59,7 +59,12 @@ def main(argv):
     }
     try:
         modes[FLAGS.mode]()
-    except (ConfigError, FileNotFoundError, train.NonFiniteError) as e:
+    except (
+        ConfigError,
+        FileNotFoundError,
+        checkpoint.CheckpointMismatchError,
+        train.NonFiniteError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

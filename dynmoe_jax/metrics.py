@@ -100,12 +100,12 @@ def plot_experts_per_layer(workdir: str | Path) -> Path | None:
     records = [r for r in read_metrics(workdir) if r.get("experts_per_layer")]
     if not records:
         return None
-    import matplotlib
+    # A bare Figure renders with Agg without switching the process-wide backend (notebooks
+    # keep showing their own plots).
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     for split, style in (("train", "-"), ("validation", "o--")):
         rows = [r for r in records if r.get("split") == split]
         if not rows:
@@ -122,5 +122,4 @@ def plot_experts_per_layer(workdir: str | Path) -> Path | None:
     path = Path(workdir) / PLOT_FILE
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

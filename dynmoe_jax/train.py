@@ -151,11 +151,17 @@ def abstract_state(task: Task) -> State:
     )
 
 
+BATCH_KEYS = ("inputs", "targets", "weights")
+
+
 def put_batch(task: Task, batch: Batch) -> dict[str, jax.Array]:
-    """Places a host batch (the same global batch on every process) onto the mesh."""
+    """Places a host batch (the same global batch on every process) onto the mesh. Keys other
+    than inputs/targets/weights (labels an experiment carries along) stay on the host."""
     return {
-        k: jax.make_array_from_callback(v.shape, task.batch_sharding, lambda idx, v=v: v[idx])
-        for k, v in batch.items()
+        k: jax.make_array_from_callback(
+            batch[k].shape, task.batch_sharding, lambda idx, v=batch[k]: v[idx]
+        )
+        for k in BATCH_KEYS
     }
 
 

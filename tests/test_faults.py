@@ -188,3 +188,13 @@ def test_cli_reports_bad_corpus_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: dataset='text_dir:/no/such")
     assert "Traceback" not in proc.stderr
+
+
+def test_checkpoint_of_another_config_is_refused_not_moved(data_dir, tmp_path):
+    train.train_and_evaluate(_config(data_dir), tmp_path)
+    other = _config(data_dir)
+    other.moe.d_ff = 48  # experts of another width
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"step 6 .* another model"):
+        train.train_and_evaluate(other, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "6"]
+    assert not (tmp_path / "checkpoints_unreadable").exists()
