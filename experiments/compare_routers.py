@@ -1,0 +1,250 @@
+"""Dense vs top-1 vs top-2 vs top-p (p = 0.4) on the same data, steps and seeds.
+
+Checks the paper's findings 1 (top-p beats top-2 with fewer experts), 3 (lower layers use more
+experts) and 4 (the mean number of experts falls during training) at small scale::
+
+    .venv/bin/python -m experiments.compare_routers            # 4 models x 2 seeds: ~12 min, 2 CPUs
+    .venv/bin/python -m experiments.compare_routers --scale 4  # wider and longer (GPU/TPU)
+
+Writes ``experiments/results/compare_routers.{md,json}`` and three plots (validation loss
+curves, experts per token over training, experts per layer). Finished runs are reused from
+``runs/experiments/lm/`` (``--fresh`` retrains).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from experiments import common
+
+MODULE = "experiments.compare_routers"
+Results = dict[str, list[common.RunResult]]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
+    p.add_argument("--scale", type=int, default=1, help="multiplies steps and widths")
+    p.add_argument("--steps", type=int, default=None, help="override the step count")
+    p.add_argument("--threshold", type=float, default=0.4, help="top-p threshold p")
+    p.add_argument("--variants", nargs="+", default=list(common.VARIANTS), choices=common.VARIANTS)
+    p.add_argument("--runs-dir", type=Path, default=common.RUNS_DIR / "lm")
+    p.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR)
+    p.add_argument("--fresh", action="store_true", help="retrain even finished runs")
+    return p.parse_args(argv)
+
+
+def run_all(args: argparse.Namespace) -> Results:
+    """Trains (or reuses) every variant for every seed, seed-major so that an interrupted
+    invocation leaves whole seeds behind."""
+    results: Results = {v: [] for v in args.variants}
+    for seed in args.seeds:
+        for variant in args.variants:
+            config = common.lm_config(variant, seed, args.scale, args.threshold, args.steps)
+            name = common.run_name(variant, seed, args.scale, args.threshold)
+            results[variant].append(common.run_or_load(config, args.runs_dir / name, args.fresh))
+    return results
+
+
+def _label(variant: str, threshold: float) -> str:
+    if variant == "top_p":
+        return f"top-p (p={threshold:g})"
+    if variant == "dense":
+        return "dense (d_ff = 2 x expert)"
+    return common.VARIANT_LABELS[variant]
+
+
+def _last_train(run: common.RunResult, key: str) -> float:
+    return float(run.train[-1][key])
+
+
+def summarize(results: Results, threshold: float) -> tuple[dict, dict]:
+    """The markdown tables and the raw numbers of the comparison."""
+    rows, raw = [], {}
+    for variant, runs in results.items():
+        loss = [r.final["loss"] for r in runs]
+        ppl = [r.final["perplexity"] for r in runs]
+        moe = runs[0].config.model.ffn == "moe"
+        experts = [r.final["experts_per_token"] for r in runs] if moe else None
+        slots = [_last_train(r, "slots_per_token") for r in runs] if moe else None
+        dropped = [r.final.get("dropped_fraction", 0.0) for r in runs] if moe else None
+        kept = np.mean(experts) * (1 - np.mean(dropped)) if moe else None
+        ffn = common.ffn_params_per_token(runs[0].config, kept if moe else 0.0)
+        rows.append(
+            [
+                _label(variant, threshold),
+                common.fmt_mean_sd(loss, 3),
+                common.fmt_mean_sd(ppl, 1),
+                common.fmt_mean_sd(experts, 2) if moe else "—",
+                common.fmt_mean_sd(slots, 2) if moe else "—",
+                f"{100 * np.mean(dropped):.1f}%" if moe else "—",
+                f"{ffn / 1e3:.0f}k",
+                f"{np.mean([r.wall_s for r in runs]):.0f}",
+                f"{np.mean([r.step_ms for r in runs]):.0f}",
+            ]
+        )
+        raw[variant] = {
+            "seeds": [r.config.seed for r in runs],
+            "validation_loss": loss,
+            "validation_perplexity": ppl,
+            "experts_per_token": experts,
+            "slots_per_token": slots,
+            "dropped_fraction": dropped,
+            "experts_per_layer": [r.experts_per_layer for r in runs] if moe else None,
+            "active_ffn_params_per_token": ffn,
+            "wall_s": [r.wall_s for r in runs],
+            "step_ms": [r.step_ms for r in runs],
+            "train_experts_first_last": [
+                (r.train[0].get("experts_per_token"), r.train[-1].get("experts_per_token"))
+                for r in runs
+            ],
+        }
+    header = [
+        "model",
+        "val loss",
+        "val perplexity",
+        "experts / token",
+        "expert slots / token",
+        "dropped",
+        "active FFN params / token",
+        "wall s / run",
+        "ms / step",
+    ]
+    tables = {"Validation after training (mean ± sd over seeds)": (header, rows)}
+    if "top_p" in results:
+        tables.update(_top_p_tables(results["top_p"]))
+    return tables, raw
+
+
+def _top_p_tables(runs: list[common.RunResult]) -> dict:
+    """Per-layer experts (finding 3) and experts over training (finding 4) of the top-p runs."""
+    per_layer = np.stack([r.experts_per_layer for r in runs])
+    layer_rows = [[i, common.fmt_mean_sd(per_layer[:, i], 2)] for i in range(per_layer.shape[1])]
+    rho = [common.spearman(np.arange(per_layer.shape[1]), row) for row in per_layer]
+    layer_rows.append(["Spearman(layer, experts) per seed", ", ".join(f"{x:+.2f}" for x in rho)])
+    steps, curves = common.aligned_series([r.train for r in runs], "experts_per_token")
+    peak = int(np.argmax(curves.mean(axis=0)))
+    time_rows = [
+        [f"first log (step {steps[0]})", common.fmt_mean_sd(curves[:, 0], 2)],
+        [f"peak of the seed mean (step {steps[peak]})", common.fmt_mean_sd(curves[:, peak], 2)],
+        [f"last log (step {steps[-1]})", common.fmt_mean_sd(curves[:, -1], 2)],
+    ]
+    return {
+        "Top-p: experts per token by layer (validation, 0 = lowest)": (
+            ["layer", "experts / token"],
+            layer_rows,
+        ),
+        "Top-p: experts per token over training (train batches)": (
+            ["when", "experts / token"],
+            time_rows,
+        ),
+    }
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_validation_loss(results: Results, threshold: float, path: Path) -> Path:
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for variant, runs in results.items():
+        steps, curves = common.aligned_series([r.validation for r in runs], "loss")
+        common.band(ax, steps, curves, _label(variant, threshold), common.VARIANT_COLORS[variant])
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats / token)")
+    ax.set_title(
+        f"Validation loss (mean over {len(next(iter(results.values())))} seeds, band = min-max)"
+    )
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return common.save_figure(fig, path)
+
+
+def plot_experts_over_training(results: Results, threshold: float, path: Path) -> Path:
+    """Left: mean experts per token of each MoE model; right: top-p by layer."""
+    plt = common.pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for variant, runs in results.items():
+        if runs[0].config.model.ffn != "moe":
+            continue
+        steps, curves = common.aligned_series([r.train for r in runs], "experts_per_token")
+        label, color = _label(variant, threshold), common.VARIANT_COLORS[variant]
+        common.band(left, steps, curves, label, color)
+    left.set_title("Experts per token over training (train batches)")
+    if "top_p" in results:
+        runs = results["top_p"]
+        steps, _ = common.aligned_series([r.train for r in runs], "experts_per_token")
+        per_layer = np.stack([_per_layer_series(r, steps) for r in runs])  # [seed, step, L]
+        for layer in range(per_layer.shape[2]):
+            common.band(right, steps, per_layer[:, :, layer], f"layer {layer}")
+        right.set_title(f"Top-p (p={threshold:g}) by layer (0 = lowest)")
+    for ax in (left, right):
+        ax.set_xlabel("step")
+        ax.set_ylabel("experts per token")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return common.save_figure(fig, path)
+
+
+def _per_layer_series(run: common.RunResult, steps: np.ndarray) -> np.ndarray:
+    by_step = {r["step"]: r["experts_per_layer"] for r in run.train}
+    return np.asarray([by_step[s] for s in steps], np.float64)
+
+
+def plot_experts_per_layer(results: Results, threshold: float, path: Path) -> Path:
+    """Final validation experts per token of each MoE layer, per model (seed dots)."""
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    moe = {v: runs for v, runs in results.items() if runs[0].config.model.ffn == "moe"}
+    width = 0.8 / max(1, len(moe))
+    for i, (variant, runs) in enumerate(moe.items()):
+        per_layer = np.stack([r.experts_per_layer for r in runs])
+        x = np.arange(per_layer.shape[1]) + (i - (len(moe) - 1) / 2) * width
+        ax.bar(
+            x,
+            per_layer.mean(axis=0),
+            width,
+            label=_label(variant, threshold),
+            alpha=0.7,
+            color=common.VARIANT_COLORS[variant],
+        )
+        for row in per_layer:
+            ax.plot(x, row, "k.", ms=4)
+    ax.set_xticks(range(per_layer.shape[1]))
+    ax.set_xlabel("MoE layer (0 = lowest)")
+    ax.set_ylabel("experts per token (validation)")
+    ax.set_title("Experts per token by layer (bars: seed mean; dots: seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return common.save_figure(fig, path)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    results = run_all(args)
+    tables, raw = summarize(results, args.threshold)
+    stem = common.results_stem("compare_routers", args.scale)
+    out = args.results_dir
+    plots = [
+        plot_validation_loss(results, args.threshold, out / f"{stem}_val_loss.png"),
+        plot_experts_over_training(results, args.threshold, out / f"{stem}_experts_training.png"),
+        plot_experts_per_layer(results, args.threshold, out / f"{stem}_experts_per_layer.png"),
+    ]
+    md, _ = common.write_results(
+        stem,
+        "Router comparison: dense vs top-1 vs top-2 vs top-p",
+        tables,
+        {"results": raw, "plots": [p.name for p in plots]},
+        common.command_line(MODULE),
+        out,
+    )
+    print(md.read_text())
+    return raw
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Fast tests of the experiment scripts' pieces (experiments/): statistics, synthetic tasks,
+configs, run reuse and the table writer, at tiny sizes."""
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from experiments import common, difficulty, sweep_threshold
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_rankdata_averages_ties():
+    np.testing.assert_array_equal(common.rankdata([10, 20, 20, 5]), [2.0, 3.5, 3.5, 1.0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_spearman_matches_scipy_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 5, size=200).astype(float)  # heavy ties, as experts counts have
+    y = x + rng.normal(size=200)
+    assert common.spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert common.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert np.isnan(common.spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_t_interval_and_mean_sd():
+    mean, lo, hi = common.t_interval([1.0, 2.0, 3.0])
+    half = 4.302652729911275 / np.sqrt(3)  # t(0.975, df=2) * sd 1 / sqrt(3)
+    assert (mean, lo, hi) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+    assert common.t_interval([5.0]) == (5.0, 5.0, 5.0)
+    assert common.mean_sd([1.0, 3.0]) == pytest.approx((2.0, np.sqrt(2.0)))
+    assert common.fmt_mean_sd([1.0, 3.0], 2) == "2.00 ± 1.41"
+    assert common.fmt_mean_sd([1.5], 2) == "1.50"
+
+
+def test_quantile_bins_split_evenly_and_keep_ties_together():
+    bins = common.quantile_bins(np.arange(100.0), 10)
+    np.testing.assert_array_equal(np.bincount(bins), [10] * 10)
+    assert np.all(np.diff(bins) >= 0)
+    tied = common.quantile_bins(np.array([1.0] * 50 + [2.0] * 50), 4)
+    assert len(set(tied[:50])) == 1 and len(set(tied[50:])) == 1 and tied[0] < tied[-1]
+
+
+def test_binned_means_of_a_known_relation():
+    x = np.arange(100.0)
+    y = np.where(x < 50, 1.0, 3.0)
+    rows = common.binned_means(x, y, 4)
+    assert [r["count"] for r in rows] == [25, 25, 25, 25]
+    assert [r["y_mean"] for r in rows] == [1.0, 1.0, 3.0, 3.0]
+    assert rows[0]["x_min"] == 0.0 and rows[-1]["x_max"] == 99.0
+    assert rows[1]["x_mean"] == pytest.approx(37.0)
+    assert all(r["y_sem"] == 0.0 for r in rows)
+
+
+def test_layer_contrast_leaves_out_the_middle_layer():
+    assert sweep_threshold.layer_contrast(np.array([3.0, 2.0, 1.0, 1.0])) == pytest.approx(1.5)
+    assert sweep_threshold.layer_contrast(np.array([[2.0, 9.0, 1.0]])) == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def test_markdown_table_and_results_files(tmp_path):
+    table = common.markdown_table(["a", "b"], [[1, "x"], [2.5, "y"]])
+    assert table == "| a | b |\n|---|---|\n| 1 | x |\n| 2.5 | y |\n"
+    with pytest.raises(ValueError, match="2 columns"):
+        common.markdown_table(["a", "b"], [[1]])
+    md, js = common.write_results(
+        "demo",
+        "Demo",
+        {"T": (["a"], [[1]])},
+        {"values": np.array([1.5, 2.0]), "bad": float("nan")},
+        "cmd --x",
+        tmp_path,
+    )
+    assert md.read_text() == "# Demo\n\nCommand: `cmd --x`\n\n## T\n\n| a |\n|---|\n| 1 |\n"
+    assert json.loads(js.read_text()) == {"command": "cmd --x", "values": [1.5, 2.0], "bad": None}
+
+
+def test_aligned_series_and_steady_step_ms():
+    a = [{"step": 1, "v": 1.0}, {"step": 2, "v": 2.0}, {"step": 3, "v": 3.0}]
+    b = [{"step": 2, "v": 5.0}, {"step": 3, "v": 6.0}]
+    steps, values = common.aligned_series([a, b], "v")
+    np.testing.assert_array_equal(steps, [2, 3])
+    np.testing.assert_array_equal(values, [[2.0, 3.0], [5.0, 6.0]])
+    records = [{"tokens_per_sec": 10.0}, {"tokens_per_sec": 1000.0}, {"tokens_per_sec": 2000.0}]
+    # The first window (compilation) is left out: median of 1000 and 2000 tokens/s.
+    assert common.steady_step_ms(records, tokens_per_step=150) == pytest.approx(100.0)
+
+
+# ----------------------------------------------------------------------------- configs, runs
+
+
+def test_lm_config_variants_match_activated_parameters():
+    dense, top1 = common.lm_config("dense", 0), common.lm_config("top1", 0)
+    top2, top_p = common.lm_config("top2", 0), common.lm_config("top_p", 3, threshold=0.2)
+    assert dense.model.ffn == "dense" and dense.model.d_ff == 2 * dense.moe.d_ff
+    assert (top1.moe.router, top1.moe.top_k) == ("top_k", 1)
+    assert (top2.moe.router, top2.moe.top_k) == ("top_k", 2)
+    assert (top_p.moe.router, top_p.moe.threshold, top_p.seed) == ("top_p", 0.2, 3)
+    assert common.ffn_params_per_token(dense, 0.0) == common.ffn_params_per_token(top2, 2.0)
+    assert common.ffn_params_per_token(top1, 1.0) == 3 * 64 * 128 * 4
+    big = common.lm_config("top_p", 0, scale=4)
+    assert big.num_train_steps == 4 * top_p.num_train_steps and big.model.d_model == 256
+    assert big.model.d_model // big.model.num_heads == 16
+    with pytest.raises(ValueError, match="variant"):
+        common.lm_config("top3", 0)
+    assert common.run_name("top_p", 1, 2, 0.3) == "top_p0.3-s1-x2"
+    assert common.run_name("dense", 0, 1) == "dense-s0-x1"
+    assert common.results_stem("sweep", 1) == "sweep" and common.results_stem("sweep", 4).endswith(
+        "_x4"
+    )
+
+
+def _fake_run(workdir, config):
+    """A finished run's files, as run_or_load leaves them, without training."""
+    workdir.mkdir(parents=True)
+    summary = {"config": config.to_json(sort_keys=True), "final": {"loss": 2.5},
+               "wall_s": 12.0, "step_ms": 80.0}  # fmt: skip
+    (workdir / common.SUMMARY_FILE).write_text(json.dumps(summary))
+    records = [{"step": 5, "split": "train", "loss": 3.0},
+               {"step": 5, "split": "validation", "loss": 2.5}]  # fmt: skip
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_finished_runs_are_reused_only_with_the_same_config(tmp_path):
+    config = common.lm_config("top_p", 0, steps=5)
+    _fake_run(tmp_path / "run", config)
+    run = common.run_or_load(config, tmp_path / "run")  # reused: nothing is trained
+    assert (run.final, run.wall_s, run.step_ms) == ({"loss": 2.5}, 12.0, 80.0)
+    assert [r["split"] for r in run.train + run.validation] == ["train", "validation"]
+    other = common.lm_config("top_p", 0, steps=5, threshold=0.3)
+    assert common.load_run(tmp_path / "run", other) is None
+
+
+# ----------------------------------------------------------------------------- synthetic tasks
+
+
+def _digits(ids):
+    return [t - difficulty.DIGIT0 for t in ids]
+
+
+def test_synthetic_examples_are_correct():
+    rng = np.random.default_rng(0)
+    for task_index, task in enumerate(difficulty.TASKS):
+        for _ in range(50):
+            tokens, is_answer = difficulty.make_example(task_index, rng)
+            assert tokens[0] == difficulty.FIRST_TAG + task_index
+            assert tokens[-1] == difficulty.END and len(tokens) == len(is_answer)
+            eq = tokens.index(difficulty.EQUALS)
+            prompt, answer = tokens[1:eq], _digits(tokens[eq + 1 : -1])
+            # The answer digits and the closing ';' are the answer, nothing before '='.
+            assert is_answer == [False] * (eq + 1) + [True] * (len(tokens) - eq - 1)
+            if task.kind == "copy":
+                assert answer == _digits(prompt) and len(answer) == task.digits
+            else:
+                plus = prompt.index(difficulty.PLUS)
+                a, b = _digits(prompt[:plus]), _digits(prompt[plus + 1 :])
+                assert len(a) == len(b) == task.digits and len(answer) == task.digits + 1
+                value = lambda ds: int("".join(map(str, ds)))  # noqa: E731
+                assert value(answer[::-1]) == value(a) + value(b)  # least significant first
+
+
+def test_decode_example():
+    tokens = [difficulty.FIRST_TAG + 2, *difficulty.digits_to_ids([4, 7]), difficulty.PLUS,
+              *difficulty.digits_to_ids([1, 9]), difficulty.EQUALS,
+              *difficulty.digits_to_ids([6, 6, 0]), difficulty.END]  # fmt: skip
+    assert difficulty.decode_example(tokens) == "add2: 47+19=660;"
+
+
+def test_synthetic_batch_layout():
+    rng = np.random.default_rng(1)
+    batch = difficulty.make_batch(rng, batch_size=10, seq_len=24)
+    assert batch["inputs"].shape == batch["targets"].shape == batch["weights"].shape == (10, 24)
+    assert batch["inputs"].dtype == np.int32 and batch["weights"].dtype == np.float32
+    np.testing.assert_array_equal(np.bincount(batch["task"]), [2] * 5)  # balanced
+    np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+    # Each row starts with its task's tag and holds no other task's tag.
+    tags = difficulty.FIRST_TAG + batch["task"]
+    np.testing.assert_array_equal(batch["inputs"][:, 0], tags)
+    is_tag = (batch["inputs"] >= difficulty.FIRST_TAG) & (
+        batch["inputs"] < difficulty.FIRST_TAG + len(difficulty.TASKS)
+    )
+    assert np.all(batch["inputs"][is_tag] == np.broadcast_to(tags[:, None], (10, 24))[is_tag])
+    # Weighted targets are answer digits or ';', never a tag, '+' or '='.
+    weighted = batch["targets"][batch["weights"] > 0]
+    assert np.all((weighted <= difficulty.DIGIT0 + 9) | (weighted == difficulty.END))
+    assert 0 < batch["weights"].mean() < 1
+    assert batch["inputs"].max() < difficulty.VOCAB_SIZE and batch["inputs"].min() > 0
+
+
+def test_task_and_token_statistics_on_a_tiny_model():
+    from dynmoe_jax import train as train_lib
+
+    config = difficulty.tasks_config(seed=0, steps=2)
+    config.model.d_model, config.model.num_heads, config.moe.d_ff = 32, 2, 32
+    config.model.num_layers = 2
+    task = train_lib.build_task(config, difficulty.VOCAB_SIZE)
+    params = train_lib.init_state(task)["params"]
+    batch = difficulty.eval_batch(config, rows_per_task=2)
+    per_task = difficulty.task_statistics(task, params, batch)
+    assert per_task["experts"].shape == per_task["acc"].shape == (5,)
+    assert per_task["by_layer"].shape == (5, 2)
+    assert np.all((per_task["experts"] >= 1) & (per_task["experts"] <= 8))
+    np.testing.assert_allclose(per_task["by_layer"].mean(axis=1), per_task["experts"], rtol=1e-6)
+
+    tokens = common.token_statistics(task, params, [batch])
+    n = int((batch["weights"] > 0).sum())
+    assert tokens["loss"].shape == tokens["entropy"].shape == (n,)
+    assert tokens["experts"].shape == (2, n)
+    # The per-token losses average to the library's own validation loss on the same batch.
+    model_batch = {k: batch[k] for k in ("inputs", "targets", "weights")}
+    result = train_lib.evaluate(train_lib.make_eval_step(task), params, [model_batch])
+    assert tokens["loss"].mean() == pytest.approx(result["loss"], rel=1e-5)
+    assert np.all(tokens["entropy"] > 0) and np.all(tokens["entropy"] <= np.log(32) + 1e-5)
+
+
+def test_same_config_ignores_fields_added_since_but_not_changed_ones():
+    saved = {"seed": 0, "moe": {"threshold": 0.4}}
+    assert common.same_config(saved, {"seed": 0, "new": 1, "moe": {"threshold": 0.4, "x": 2}})
+    assert not common.same_config(saved, {"seed": 0, "moe": {"threshold": 0.3}})
+    assert not common.same_config(saved, {"moe": {"threshold": 0.4}})  # a field was removed

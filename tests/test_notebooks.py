@@ -1,0 +1,95 @@
+"""The notebooks execute from top to bottom on CPU, in this venv's Python, with no stored outputs.
+
+Each notebook has a cell tagged ``parameters``; like papermill, the test adds a cell after it that
+sets the workdir to a temporary directory and shortens training, so both run in about 2 minutes.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+KERNEL = "dynmoe-test-venv"
+
+
+def _kernel_manager(tmp_path: Path) -> KernelManager:
+    """A kernel started with this interpreter (the venv's), whatever kernelspecs are installed."""
+    spec_dir = tmp_path / "kernels" / KERNEL
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "dynmoe test venv",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    specs = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")])
+    return KernelManager(kernel_name=KERNEL, kernel_spec_manager=specs)
+
+
+def _with_parameters(nb, parameters: dict) -> None:
+    """Inserts a cell assigning ``parameters`` right after the cell tagged 'parameters'."""
+    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    source = "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
+    nb.cells.insert(index + 1, nbformat.v4.new_code_cell(source))
+
+
+def _execute(name: str, parameters: dict, tmp_path: Path):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    _with_parameters(nb, parameters)
+    nb.cells.append(nbformat.v4.new_code_cell("import sys; print(sys.executable)"))
+    client = NotebookClient(
+        nb,
+        km=_kernel_manager(tmp_path),
+        timeout=300,
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
+    client.execute()
+    return nb
+
+
+def _text(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.output_type == "stream")
+
+
+def _images(nb) -> int:
+    return sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+
+
+@pytest.mark.parametrize("name", ["quickstart.ipynb", "routing_analysis.ipynb"])
+def test_notebook_is_stored_without_outputs(name):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None
+    first_code = next(c for c in nb.cells if c.cell_type == "code")
+    assert "'google.colab' in sys.modules" in first_code.source.replace('"', "'")
+
+
+@pytest.mark.slow
+def test_quickstart_runs(tmp_path):
+    nb = _execute("quickstart.ipynb", {"STEPS": 60, "WORKDIR": str(tmp_path / "run")}, tmp_path)
+    assert _text(nb.cells[-1]).strip() == sys.executable
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+    assert _images(nb) == 2  # training curves and the experts heatmap
+    assert any("mean experts per token" in _text(c) for c in nb.cells)
+
+
+@pytest.mark.slow
+def test_routing_analysis_trains_when_the_workdir_has_no_checkpoint(tmp_path):
+    parameters = {
+        "WORKDIR": str(tmp_path / "missing"),
+        "FALLBACK_WORKDIR": str(tmp_path / "small"),
+        "FALLBACK_STEPS": 40,
+        "EVAL_BATCHES": 4,
+    }
+    nb = _execute("routing_analysis.ipynb", parameters, tmp_path)
+    assert _text(nb.cells[-1]).strip() == sys.executable
+    assert (tmp_path / "small" / "checkpoints").is_dir()
+    assert _images(nb) >= 4
+    assert any("Spearman" in _text(c) for c in nb.cells)
