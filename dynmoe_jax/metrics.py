@@ -113,7 +113,14 @@ def plot_experts_per_layer(workdir: str | Path) -> Path | None:
         steps = [r["step"] for r in rows]
         per_layer = np.asarray([r["experts_per_layer"] for r in rows])
         for layer in range(per_layer.shape[1]):
-            ax.plot(steps, per_layer[:, layer], style, label=f"{split} layer {layer}", ms=3)
+            ax.plot(
+                steps,
+                per_layer[:, layer],
+                style,
+                color=f"C{layer}",
+                label=f"{split} layer {layer}",
+                ms=3,
+            )
     ax.set_xlabel("step")
     ax.set_ylabel("experts per token")
     ax.set_title("Experts activated per token, by MoE layer")
