@@ -53,10 +53,39 @@ def descending_order(probs: jax.Array) -> tuple[jax.Array, jax.Array]:
     Returns (order, rank): ``order[..., r]`` is the expert at rank r and ``rank[..., e]`` the
     rank of expert e (the inverse permutation).
     """
-    # A stable ascending sort of -probs keeps equal probabilities in index order.
-    order = jnp.argsort(-probs, axis=-1, stable=True).astype(jnp.int32)
-    rank = jnp.argsort(order, axis=-1).astype(jnp.int32)
-    return order, rank
+    rank = _rank_by_counting(probs)
+    return _inverse_permutation(rank), rank
+
+
+def _rank_by_counting(probs: jax.Array) -> jax.Array:
+    """rank[..., e] = how many experts come before e: a larger probability, or an equal one at
+    a lower index (exactly the position in a stable descending sort).
+
+    Why not argsort: XLA on CPU sorts each E-wide row through a comparator call per
+    comparison (two argsorts took 150-400 ms per layer call at E=64, T=8192). Counting is E
+    passes of elementwise compares over [..., E] (a loop, so the [..., E, E] comparison is
+    never stored) and took about 4 ms.
+    """
+    num_experts = probs.shape[-1]
+    expert = jnp.arange(num_experts)
+
+    def count_ahead(j, rank):
+        p_j = jax.lax.dynamic_index_in_dim(probs, j, axis=-1, keepdims=True)
+        ahead = (p_j > probs) | ((p_j == probs) & (j < expert))
+        return rank + ahead.astype(jnp.int32)
+
+    zeros = jnp.zeros(probs.shape, jnp.int32)
+    return jax.lax.fori_loop(0, num_experts, count_ahead, zeros, unroll=min(8, num_experts))
+
+
+def _inverse_permutation(rank: jax.Array) -> jax.Array:
+    """order[..., rank[..., e]] = e, as one scatter."""
+    num_experts = rank.shape[-1]
+    rank_NE = rank.reshape(-1, num_experts)
+    row_N1 = jnp.arange(rank_NE.shape[0])[:, None]
+    expert_E = jnp.arange(num_experts, dtype=jnp.int32)
+    order_NE = jnp.zeros_like(rank_NE).at[row_N1, rank_NE].set(expert_E, unique_indices=True)
+    return order_NE.reshape(rank.shape)
 
 
 def _top_p_by_rank(probs: jax.Array, threshold: float, max_k: int | None) -> tuple:

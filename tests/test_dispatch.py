@@ -38,7 +38,7 @@ def test_empty_slots_are_marked_invalid():
     np.testing.assert_array_equal(slots.kept_SE, mask)
 
 
-@pytest.mark.parametrize("mode", list(dispatch.Dispatch))
+@pytest.mark.parametrize("mode", list(dispatch.DISPATCH_FNS))
 def test_dispatch_then_combine_hand_worked(mode):
     # Three tokens, two experts, one slot each: token 2's choice of expert 0 is dropped.
     x = jnp.asarray([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
@@ -66,3 +66,48 @@ def test_modes_agree_on_random_groups_with_drops():
         x_ECD = fns.dispatch(x, slots, 3)
         outs.append(fns.combine(jnp.tanh(x_ECD), r.weights, slots, 3))
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
+
+
+def test_sort_by_expert_keeps_priority_order():
+    # Priority list of 3 tokens x 2 ranks, rank-major: entries (rank 0: t0 t1 t2, rank 1: ...).
+    mask = jnp.asarray([[1, 1, 0], [1, 0, 0], [0, 1, 1]], bool)
+    rank = jnp.asarray([[1, 0, 2], [0, 1, 2], [2, 0, 1]], jnp.int32)
+    key = dispatch.priority_list(mask, rank, num_ranks=2)
+    np.testing.assert_array_equal(key, [1, 0, 1, 0, 3, 2])  # 3 = no rank-1 choice for t1
+    by = dispatch.sort_by_expert(key, num_experts=3)
+    np.testing.assert_array_equal(by.counts_E, [2, 2, 1])
+    np.testing.assert_array_equal(by.starts_E, [0, 2, 4])
+    # Expert 0: t1 (rank 0) then t0 (rank 1); expert 1: t0, t2 (rank 0); expert 2: t2 (rank 1).
+    np.testing.assert_array_equal(by.selection_N % 3, [1, 0, 0, 2, 2, 1])
+    np.testing.assert_array_equal(by.expert_N, [0, 0, 1, 1, 2, 3])
+
+
+def test_rank_bound_gives_same_slots():
+    probs = jax.nn.softmax(3 * jax.random.normal(jax.random.key(4), (64, 8)))
+    r = routing.route(probs, "top_k", top_k=2)
+    full = dispatch.assign_slots(r.mask, r.rank, num_slots=12)
+    bounded = dispatch.assign_slots(r.mask, r.rank, num_slots=12, num_ranks=2)
+    jax.tree.map(np.testing.assert_array_equal, full, bounded)
+
+
+def test_slot_assignment_never_builds_S_E_E():
+    s, e = 128, 16
+    probs = jax.nn.softmax(jax.random.normal(jax.random.key(5), (s, e)))
+    r = routing.route(probs, "top_p", threshold=0.9)
+    jaxpr = jax.make_jaxpr(lambda m, k: dispatch.assign_slots(m, k, num_slots=20))(r.mask, r.rank)
+    sizes = [v.aval.size for eqn in jaxpr.eqns for v in eqn.outvars if hasattr(v.aval, "size")]
+    assert max(sizes) <= s * e  # S*E priority-list entries at most, never S*E*E
+
+
+def test_dropless_dispatch_then_combine_hand_worked():
+    x = jnp.asarray([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    mask = jnp.asarray([[1, 0], [1, 1], [1, 0]], bool)
+    rank = jnp.asarray([[0, 1], [1, 0], [0, 1]], jnp.int32)
+    weights = jnp.asarray([[0.5, 0.0], [0.25, 0.75], [1.0, 0.0]])
+    by = dispatch.sort_by_expert(dispatch.priority_list(mask, rank, 2), 2)
+    x_MD = dispatch.dropless_dispatch(x, by)
+    # Expert 0 rows: t0, t2 (rank 0), t1 (rank 1); expert 1: t1; then two empty rows.
+    np.testing.assert_array_equal(x_MD, [[1, 0], [3, 3], [0, 2], [0, 2], [0, 0], [0, 0]])
+    y_MD = x_MD * jnp.asarray([10.0, 10, 10, 100, 7, 7])[:, None]  # 7: padding is ignored
+    y = dispatch.dropless_combine(y_MD, weights, by)
+    np.testing.assert_allclose(y, [[5.0, 0.0], [0.0, 155.0], [30.0, 30.0]])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dynmoe_jax import MoEConfig, MoELayer
+from dynmoe_jax import MoEConfig, MoELayer, routing
 from tests import reference as ref
 
 E, D, F = 8, 16, 32
@@ -77,6 +77,43 @@ def test_drops_follow_priority_and_modes_agree(router_kw):
         np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
         assert float(aux["dropped_fraction"]) == pytest.approx(dropped / selections, abs=1e-6)
     np.testing.assert_allclose(outs["einsum"][0], outs["index"][0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("router_kw", ROUTERS)
+def test_dropless_equals_capacity_free_loop_reference(router_kw):
+    layer = _layer(dispatch="dropless", group_size=16, capacity_factor=0.5, **router_kw)
+    x = _x(seed=3)
+    y, aux = nnx.jit(lambda m, v: m(v))(layer, x)
+    y_ref, selections, _ = _reference(layer, x, 16, None)  # capacity_factor has no effect
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-6)
+    assert float(aux["dropped_fraction"]) == 0.0
+    assert float(aux["experts_per_token"]) == pytest.approx(selections / 64, rel=1e-6)
+    assert float(aux["slots_per_token"]) == pytest.approx(float(aux["experts_per_token"]))
+
+
+def test_dropless_gradients_reach_router_and_every_expert():
+    layer = _layer(dispatch="dropless", threshold=0.6)
+    w = jax.random.normal(jax.random.key(9), (4, 32, D))
+    g = _grads(layer, lambda y, aux: jnp.sum(y * w))
+    capacity_free = _layer(threshold=0.6, capacity_factor=None)
+    g_ref = _grads(capacity_free, lambda y, aux: jnp.sum(y * w))
+    for name in ("router_DE", "w_gate_EDF", "w_up_EDF", "w_down_EFD"):
+        got, want = getattr(g, name)[...], getattr(g_ref, name)[...]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=name)
+    assert float(jnp.abs(g.router_DE[...]).sum()) > 0
+    for name in ("w_gate_EDF", "w_up_EDF", "w_down_EFD"):
+        per_expert = jnp.abs(getattr(g, name)[...]).reshape(E, -1).sum(-1)
+        assert bool(jnp.all(per_expert > 0)), name
+
+
+@pytest.mark.parametrize("threshold, max_k", [(0.4, None), (0.375, None), (1.0, None), (0.9, 3)])
+def test_top_p_selection_bound_holds_in_the_worst_case(threshold, max_k):
+    cfg = MoEConfig(num_experts=16, d_model=D, d_ff=F, threshold=threshold, max_k=max_k)
+    # Equal probabilities select the most experts: ceil(threshold * E) (plus rounding).
+    logits = jnp.concatenate([jnp.zeros((1, 16)), jax.random.normal(jax.random.key(0), (99, 16))])
+    mask = routing.top_p_mask(jax.nn.softmax(logits), threshold, max_k)
+    assert int(jnp.max(jnp.sum(mask, -1))) <= cfg.max_selections
+    assert cfg.max_selections <= (max_k or 16)
 
 
 def test_group_defaults_to_one_sequence():
@@ -157,7 +194,7 @@ BAD = [
     ("capacity_factor", -1.0, "None (no dropping) or > 0"),
     ("expected_k", 0.0, "0 < expected_k <= 8"),
     ("group_size", 0, "None or >= 1"),
-    ("dispatch", "scatter", "'einsum' | 'index'"),
+    ("dispatch", "scatter", "'einsum' | 'index' | 'dropless'"),
 ]
 
 

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The MoE layer on an NVIDIA GPU: bench_moe.py in bfloat16 at larger sizes, then model FLOP
+# utilisation (useful expert FLOPs per second / this card's measured bf16 matmul rate).
+#
+# Needs an NVIDIA GPU and a venv with jax[cuda12] (pip install "jax[cuda12]==0.10.2" plus this
+# package). Run from the repository root:
+#     bash experiments/gpu_bench.sh [OUT_JSON]          (default experiments/results/gpu_bench.json)
+# Environment: PYTHON (default .venv/bin/python), TOKENS (65536), D_MODEL (2048), D_FF (4096),
+# EXPERTS ("16 64"), SEQ_LEN (2048: one routing group per sequence), MATMUL_SIZE (8192),
+# MAX_TEMP_GIB (60), REPS (10).
+# DRY_RUN=1 skips the GPU checks and runs the same pipeline on CPU at a tiny size (checks the
+# script's logic where no GPU is present; its numbers mean nothing).
+set -euo pipefail
+
+PY="${PYTHON:-.venv/bin/python}"
+OUT="${1:-experiments/results/gpu_bench.json}"
+
+fail() { echo "gpu_bench.sh: $*" >&2; exit 2; }
+
+if [[ "${DRY_RUN:-0}" == "1" ]]; then
+  echo "gpu_bench.sh: DRY_RUN=1: tiny sizes on CPU, no GPU checks" >&2
+  SIZES=(--tokens 512 --seq-len 128 --d-model 64 --d-ff 128 --experts 4 8 --matmul-size 256
+         --sweep-experts 8 --reps 2 --max-temp-gib 1)
+  export JAX_PLATFORMS=cpu
+else
+  command -v nvidia-smi >/dev/null 2>&1 || fail "no nvidia-smi: no NVIDIA driver on this machine"
+  nvidia-smi -L >/dev/null 2>&1 || fail "nvidia-smi sees no GPU"
+  "$PY" - <<'EOF' || fail "JAX sees no GPU: install jax[cuda12] in this venv (PYTHON=$PY)"
+import sys
+import jax
+backend = jax.default_backend()
+print(f"jax {jax.__version__}: backend {backend}, devices {jax.devices()}", file=sys.stderr)
+sys.exit(0 if backend == "gpu" else 1)
+EOF
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader >&2
+  read -r -a EXPERT_LIST <<< "${EXPERTS:-16 64}"
+  SIZES=(--tokens "${TOKENS:-65536}" --seq-len "${SEQ_LEN:-2048}" --d-model "${D_MODEL:-2048}"
+         --d-ff "${D_FF:-4096}" --experts "${EXPERT_LIST[@]}" --matmul-size "${MATMUL_SIZE:-8192}"
+         --sweep-experts 16 --reps "${REPS:-10}" --max-temp-gib "${MAX_TEMP_GIB:-60}")
+fi
+
+"$PY" -m experiments.bench_moe --dtype bfloat16 "${SIZES[@]}" --json "$OUT"
+
+# Model FLOP utilisation: bench_moe's `of_matmul_rate` is exactly the achieved useful rate over
+# the measured bf16 matmul rate; restate it per row with the card's rate.
+"$PY" - "$OUT" <<'EOF'
+import json
+import sys
+
+out = json.load(open(sys.argv[1]))
+rate = out["matmul_gflops"]
+print(f"\nMFU against this device's measured bf16 {out['args']['matmul_size']}^3 matmul: "
+      f"{rate:.0f} GFLOP/s ({out['device']})")
+print("| section | E | router | dispatch | cap k | k mean | ms | useful TFLOP/s | MFU |")
+print("|---|---|---|---|---|---|---|---|---|")
+for section in ("grid", "sweep", "matched"):
+    for r in out[section]:
+        if "skipped" in r:
+            print(f"| {section} | {r['experts']} | {r['router']} | {r['dispatch']} | "
+                  f"{r['expected_k']:.2f} | - | skipped: {r['skipped']} | | |")
+            continue
+        print(f"| {section} | {r['experts']} | {r['router']} | {r['dispatch']} | "
+              f"{r['expected_k']:.2f} | {r['experts_per_token']:.2f} | {r['ms']:.1f} | "
+              f"{r['gflops'] / 1e3:.1f} | {r['of_matmul_rate']:.1%} |")
+EOF
