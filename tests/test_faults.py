@@ -57,19 +57,30 @@ def _final_params(workdir, step):
     return state["params"]
 
 
-def _kill_when(proc, workdir: Path, mode: str, delay: float) -> bool:
-    """SIGKILLs the run after `delay` seconds, or (mode 'save') the moment Orbax has a
-    temporary checkpoint directory open. Returns whether it killed."""
+def _logged_step(workdir: Path) -> int:
+    path = workdir / "metrics.jsonl"
+    steps = [0]
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                steps.append(json.loads(line)["step"])
+            except (json.JSONDecodeError, KeyError):
+                break
+    return max(steps)
+
+
+def _kill_when(proc, workdir: Path, mode: str, at_step: int) -> bool:
+    """SIGKILLs the run once it has logged `at_step` (mode 'step'), or the moment Orbax has a
+    temporary checkpoint directory open (mode 'save'). Returns whether it killed."""
     deadline = time.monotonic() + 120
-    start = time.monotonic()
     while proc.poll() is None and time.monotonic() < deadline:
         ckpts = workdir / "checkpoints"
         saving = ckpts.exists() and any("tmp" in p.name for p in ckpts.iterdir())
-        if (mode == "save" and saving) or (mode == "time" and time.monotonic() - start > delay):
+        if (mode == "save" and saving) or (mode == "step" and _logged_step(workdir) >= at_step):
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             return True
-        time.sleep(0.002 if mode == "save" else 0.05)
+        time.sleep(0.002)
     return False
 
 
@@ -78,12 +89,13 @@ def test_sigkill_at_any_moment_resumes_exactly(data_dir, tmp_path):
     subprocess.run(_cli(reference, data_dir, LONG), check=True, capture_output=True, cwd=ROOT)
     workdir = tmp_path / "killed"
     rng = random.Random(0)
+    plan = [("save", 0), ("step", rng.randint(6, 10)), ("save", 0), ("step", rng.randint(15, 20))]
     kills = []
-    for mode in ("save", "time", "save", "time"):
+    for mode, at_step in plan:
         proc = subprocess.Popen(_cli(workdir, data_dir, LONG), cwd=ROOT,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        kills.append(_kill_when(proc, workdir, mode, delay=rng.uniform(6.0, 14.0)))
-    assert sum(kills) >= 2, kills  # the loop really interrupted the run
+        kills.append(_kill_when(proc, workdir, mode, at_step))
+    assert sum(kills) >= 3, kills  # the loop really interrupted the run
     done = subprocess.run(_cli(workdir, data_dir, LONG), capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     expected, got = _final_params(reference, 24), _final_params(workdir, 24)
