@@ -43,8 +43,7 @@ def _embedding_grad(model, tokens, position):
     """d(sum of logits at `position`) / d(input embeddings), per position."""
 
     def f(x_BTD):
-        # Re-run the decoder from given input embeddings by swapping the embedding table for
-        # a one-hot lookup of per-position rows.
+        # Differentiate with respect to the looked-up embeddings, one row per position.
         return jnp.sum(_forward_from_embeddings(model, x_BTD)[:, position])
 
     x = model.embed_VD[...][tokens]
