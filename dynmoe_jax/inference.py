@@ -65,7 +65,7 @@ def sample_workdir(
     if model_cfg.moe is not None:
         no_drops = dataclasses.replace(model_cfg.moe, capacity_factor=None, group_size=None)
         model_cfg = dataclasses.replace(model_cfg, moe=no_drops)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: train_lib.Decoder(model_cfg, rngs=nnx.Rngs(0))))
+    graphdef = nnx.graphdef(train_lib.abstract_decoder(model_cfg))
     window = config.seq_len
 
     @jax.jit

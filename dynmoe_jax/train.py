@@ -84,11 +84,16 @@ def make_optimizer(config: ConfigDict, schedule: optax.Schedule) -> optax.Gradie
     return adamw
 
 
+def abstract_decoder(model_cfg: ModelConfig) -> Decoder:
+    """The decoder's structure and shapes, with no parameters allocated."""
+    return nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0)))
+
+
 def build_task(config: ConfigDict, vocab_size: int, devices=None) -> Task:
     """Model, optimizer, mesh and shardings; every check here runs before any compilation."""
     model_cfg = model_config(config, vocab_size)
     mesh = mesh_for(config, model_cfg, devices)
-    abstract_model = nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0)))
+    abstract_model = abstract_decoder(model_cfg)
     schedule = learning_rate_schedule(config)
     optimizer = make_optimizer(config, schedule)
     param_specs = sharding_lib.param_specs(abstract_model)
