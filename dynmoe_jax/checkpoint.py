@@ -3,8 +3,9 @@
 Crash safety:
 * Orbax writes each step to a temporary directory and renames it when complete, so a save cut
   by a crash is never listed as a step; leftover temporary directories are removed at start-up.
-* Each checkpoint carries a small JSON record: the layout of the state (path -> shape) and a
-  fingerprint (the sum of every array). A checkpoint that fails to read, or whose values do
+* Each checkpoint carries a small JSON record: the layout of the state (path -> shape and
+  dtype) and a fingerprint (a 64-bit hash of each array's exact bits, independent of the
+  mesh, so a flipped byte anywhere is caught). A checkpoint that fails to read, or whose values do
   not match its fingerprint (truncated or corrupted files), is reported, moved aside to
   ``WORKDIR/checkpoints_unreadable/`` (nothing is deleted) and the previous step is used.
 * A checkpoint whose layout differs from the model being restored was written by another
@@ -32,8 +33,8 @@ class CheckpointMismatchError(ValueError):
     """A readable checkpoint was written for another model or optimizer (another config)."""
 
 
-def _layout(tree: Any) -> dict[str, tuple[int, ...]]:
-    """Path -> shape of every array; paths normalised so dict keys 0 and '0' agree."""
+def _layout(tree: Any) -> dict[str, list]:
+    """Path -> [shape, dtype] of every array; paths normalised so dict keys 0 and '0' agree."""
 
     def name(key) -> str:
         for attr in ("key", "idx", "name"):
@@ -42,7 +43,7 @@ def _layout(tree: Any) -> dict[str, tuple[int, ...]]:
         return str(key)
 
     return {
-        ".".join(name(k) for k in path): tuple(leaf.shape)
+        ".".join(name(k) for k in path): [list(leaf.shape), str(np.dtype(leaf.dtype))]
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
     }
 
@@ -59,16 +60,57 @@ def _mismatch(saved: dict, wanted: dict) -> str | None:
     return "; ".join(p for p in [*parts, *shapes] if p)
 
 
-def fingerprint(state: Any) -> list[float]:
-    """Sum of each array of the state (float32 on device, cheap), in tree order."""
-    sums = [jnp.sum(jnp.asarray(x, jnp.float32)) for x in jax.tree.leaves(state)]
-    return [float(s) for s in jax.device_get(sums)]
+def _fmix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's finaliser: every input bit flips about half of the output bits."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
 
 
-def _matches(expected: list[float], got: list[float]) -> bool:
-    # Another mesh sums in another order, so allow float32 rounding, nothing more.
-    e, g = np.asarray(expected, np.float64), np.asarray(got, np.float64)
-    return e.shape == g.shape and bool(np.all(np.abs(e - g) <= 1e-4 * (1.0 + np.abs(e))))
+def _bits_u32(x: jax.Array) -> jax.Array:
+    """The raw bits of every element as uint32 (64-bit elements give a trailing axis of 2)."""
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    size = x.dtype.itemsize
+    if size > 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[size]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _positions(shape: tuple[int, ...]) -> jax.Array:
+    """Row-major index of every element, built per axis so no array is reshaped (resharded)."""
+    pos, stride = jnp.zeros(shape, jnp.uint32), 1
+    for axis in reversed(range(len(shape))):
+        pos = pos + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    return pos
+
+
+@jax.jit
+def _checksums(leaves: list[jax.Array]) -> jax.Array:
+    """[L, 2] uint32: two independent position-keyed hashes of each array's bits.
+
+    Integer sums wrap exactly and commute, so the value does not depend on how the array is
+    sharded; keying each word by its position catches swapped or shifted values.
+    """
+
+    def one(x: jax.Array) -> jax.Array:
+        words = _bits_u32(jnp.asarray(x))
+        pos = _positions(words.shape)
+        seeds = (jnp.uint32(0x9E3779B9), jnp.uint32(0x7F4A7C15))
+        return jnp.stack([jnp.sum(_fmix32(words ^ _fmix32(pos ^ s)), dtype=jnp.uint32)
+                          for s in seeds])  # fmt: skip
+
+    return jnp.stack([one(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
+
+
+def fingerprint(state: Any) -> list[str]:
+    """One 64-bit hex checksum of each array's exact bits, in tree order."""
+    sums = np.asarray(jax.device_get(_checksums(jax.tree.leaves(state))), np.uint64)
+    return [f"{int(a) << 32 | int(b):016x}" for a, b in sums]
 
 
 class Checkpointer:
@@ -95,7 +137,6 @@ class Checkpointer:
     def _meta(self, step: int) -> dict:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         meta = restored.meta
-        meta["layout"] = {k: tuple(v) for k, v in meta["layout"].items()}
         return meta
 
     def _restore(self, step: int, abstract_state: Any | None) -> Any:
@@ -103,7 +144,7 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
         )
         restored = self._manager.restore(step, args=args)
-        if not _matches(restored.meta["fingerprint"], fingerprint(restored.state)):
+        if restored.meta["fingerprint"] != fingerprint(restored.state):
             raise CorruptCheckpointError(f"values of step {step} do not match its fingerprint")
         return restored.state
 

@@ -1,0 +1,78 @@
+"""Checkpoint fingerprints: exact, position-sensitive and independent of the mesh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dynmoe_jax import checkpoint as ckpt_lib
+
+DTYPES = [np.float32, jnp.bfloat16, np.int32, np.uint8, np.bool_]
+
+
+def _tree(rng):
+    return {
+        "w": rng.standard_normal((16, 8)).astype(np.float32),
+        "b": rng.standard_normal((8,)).astype(jnp.bfloat16),
+        "count": np.int32(7),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_any_single_bit_flip_changes_the_fingerprint(dtype):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((6, 5)) * 4).astype(dtype)
+    base = ckpt_lib.fingerprint([x])
+    raw = x.view(np.uint8).copy().reshape(-1)
+    bits = 1 if dtype == np.bool_ else 8  # a bool's other bits are not valid values
+    for i in range(raw.size):
+        for b in range(bits):
+            flipped = raw.copy()
+            flipped[i] ^= np.uint8(1 << b)
+            assert ckpt_lib.fingerprint([flipped.view(x.dtype).reshape(x.shape)]) != base, (i, b)
+
+
+def test_swapped_values_change_the_fingerprint():
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    swapped = x.copy()
+    swapped[0, 1], swapped[2, 3] = x[2, 3], x[0, 1]
+    assert ckpt_lib.fingerprint([swapped]) != ckpt_lib.fingerprint([x])
+    assert ckpt_lib.fingerprint([x.T.copy()]) != ckpt_lib.fingerprint([x])
+
+
+def test_fingerprint_is_the_same_on_every_mesh():
+    tree = _tree(np.random.default_rng(1))
+    expected = ckpt_lib.fingerprint(tree)
+    mesh = jax.make_mesh((4, 2), ("a", "b"))
+    for spec in [PartitionSpec("a", "b"), PartitionSpec("b", "a"), PartitionSpec(None, "a")]:
+        placed = dict(tree, w=jax.device_put(tree["w"], NamedSharding(mesh, spec)))
+        assert ckpt_lib.fingerprint(placed) == expected, spec
+
+
+def _saved(workdir, tree, step):
+    """A Checkpointer holding ``tree`` at ``step``, and the tree's abstract shapes."""
+    ckpt = ckpt_lib.Checkpointer(workdir)
+    ckpt.save(step, tree)
+    ckpt.wait()
+    return ckpt, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def test_save_restore_round_trip_keeps_every_bit(tmp_path):
+    tree = _tree(np.random.default_rng(2))
+    ckpt, abstract = _saved(tmp_path, tree, 5)
+    step, got = ckpt.restore_latest(abstract)
+    ckpt.close()
+    assert step == 5
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, tree
+    )
+
+
+def test_another_dtype_is_a_mismatch_not_damage(tmp_path):
+    ckpt, abstract = _saved(tmp_path, _tree(np.random.default_rng(3)), 1)
+    abstract["w"] = jax.ShapeDtypeStruct((16, 8), jnp.bfloat16)
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="w: saved .*float32.*bfloat16"):
+        ckpt.restore_latest(abstract)
+    ckpt.close()
+    assert (tmp_path / "checkpoints" / "1").is_dir()  # left in place
