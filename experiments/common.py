@@ -32,14 +32,25 @@ SUMMARY_FILE = "experiment_run.json"  # written into a workdir once its run has 
 CONFIG_FILE = "config.json"  # the run's config, so notebooks can rebuild the model
 
 # The four models of the router comparison. Each maps to config overrides in `lm_config`.
-VARIANTS = ("dense", "top1", "top2", "top_p")
-VARIANT_LABELS = {"dense": "dense", "top1": "top-1", "top2": "top-2", "top_p": "top-p"}
+VARIANTS = ("dense", "top1", "top2", "top_p", "top_p_sized")
+VARIANT_LABELS = {
+    "dense": "dense",
+    "top1": "top-1",
+    "top2": "top-2",
+    "top_p": "top-p",
+    "top_p_sized": "top-p, sized",
+}
+# Capacity of the "top_p_sized" variant: top-p (p = 0.4)'s mean experts per token at the end
+# of training with capacity sized for 2 (1.40 over seeds 0 and 1, compare_routers), so that its
+# compute follows the experts it selects instead of costing what top-2 costs.
+SIZED_EXPECTED_K = 1.4
 # One colour per model in every plot.
 VARIANT_COLORS = {
     "dense": "tab:gray",
     "top1": "tab:blue",
     "top2": "tab:orange",
     "top_p": "tab:green",
+    "top_p_sized": "tab:olive",
 }
 
 
@@ -93,15 +104,20 @@ def lm_config(
     c.moe.d_ff = 128 * scale
     c.model.d_ff = 2 * c.moe.d_ff  # dense baseline: top-2's activated feed-forward width
     c.model.ffn = "dense" if variant == "dense" else "moe"
-    c.moe.router = "top_p" if variant == "top_p" else "top_k"
+    c.moe.router = "top_p" if variant.startswith("top_p") else "top_k"
     c.moe.top_k = 1 if variant == "top1" else 2
     c.moe.threshold = threshold
+    if variant == "top_p_sized":
+        c.moe.expected_k = SIZED_EXPECTED_K
     return c
 
 
 def run_name(variant: str, seed: int, scale: int, threshold: float = 0.4) -> str:
     """Workdir name of one LM run; shared by the scripts so that they reuse each other's runs."""
-    tag = f"top_p{threshold:g}" if variant == "top_p" else variant
+    tag = {
+        "top_p": f"top_p{threshold:g}",
+        "top_p_sized": f"top_p{threshold:g}_k{SIZED_EXPECTED_K:g}",
+    }.get(variant, variant)
     return f"{tag}-s{seed}-x{scale}"
 
 

@@ -1,9 +1,10 @@
-"""Dense vs top-1 vs top-2 vs top-p (p = 0.4) on the same data, steps and seeds.
+"""Dense vs top-1 vs top-2 vs top-p (p = 0.4) on the same data, steps and seeds, and top-p
+with its capacity sized to the experts it selects (``common.SIZED_EXPECTED_K``).
 
 Checks the paper's findings 1 (top-p beats top-2 with fewer experts), 3 (lower layers use more
 experts) and 4 (the mean number of experts falls during training) at small scale::
 
-    .venv/bin/python -m experiments.compare_routers            # 4 models x 2 seeds: ~12 min, 2 CPUs
+    .venv/bin/python -m experiments.compare_routers            # 5 models x 3 seeds: ~22 min, 2 CPUs
     .venv/bin/python -m experiments.compare_routers --scale 4  # wider and longer (GPU/TPU)
 
 Writes ``experiments/results/compare_routers.{md,json}`` and three plots (validation loss
@@ -27,7 +28,7 @@ Results = dict[str, list[common.RunResult]]
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
     p.add_argument("--scale", type=int, default=1, help="multiplies steps and widths")
     p.add_argument("--steps", type=int, default=None, help="override the step count")
     p.add_argument("--threshold", type=float, default=0.4, help="top-p threshold p")
@@ -51,11 +52,12 @@ def run_all(args: argparse.Namespace) -> Results:
 
 
 def _label(variant: str, threshold: float) -> str:
-    if variant == "top_p":
-        return f"top-p (p={threshold:g})"
-    if variant == "dense":
-        return "dense (d_ff = 2 x expert)"
-    return common.VARIANT_LABELS[variant]
+    labels = {
+        "top_p": f"top-p (p={threshold:g})",
+        "top_p_sized": f"top-p (p={threshold:g}), capacity for k={common.SIZED_EXPECTED_K:g}",
+        "dense": "dense (d_ff = 2 x expert)",
+    }
+    return labels.get(variant, common.VARIANT_LABELS[variant])
 
 
 def _last_train(run: common.RunResult, key: str) -> float:
@@ -83,8 +85,9 @@ def summarize(results: Results, threshold: float) -> tuple[dict, dict]:
                 common.fmt_mean_sd(slots, 2) if moe else "—",
                 f"{100 * np.mean(dropped):.1f}%" if moe else "—",
                 f"{ffn / 1e3:.0f}k",
-                f"{np.mean([r.wall_s for r in runs]):.0f}",
-                f"{np.mean([r.step_ms for r in runs]):.0f}",
+                # Per seed: runs trained at different times saw different machine loads.
+                ", ".join(f"{r.wall_s:.0f}" for r in runs),
+                ", ".join(f"{r.step_ms:.0f}" for r in runs),
             ]
         )
         raw[variant] = {
@@ -111,8 +114,8 @@ def summarize(results: Results, threshold: float) -> tuple[dict, dict]:
         "expert slots / token",
         "dropped",
         "active FFN params / token",
-        "wall s / run",
-        "ms / step",
+        "wall s, per seed",
+        "ms / step, per seed",
     ]
     tables = {"Validation after training (mean ± sd over seeds)": (header, rows)}
     if "top_p" in results:

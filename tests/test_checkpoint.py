@@ -76,3 +76,27 @@ def test_another_dtype_is_a_mismatch_not_damage(tmp_path):
         ckpt.restore_latest(abstract)
     ckpt.close()
     assert (tmp_path / "checkpoints" / "1").is_dir()  # left in place
+
+
+def _save_format_1(workdir, step, tree, shapes):
+    """A checkpoint as the first release wrote it: bare shapes and float sums, no "format"."""
+    import orbax.checkpoint as ocp
+
+    meta = {"layout": shapes, "fingerprint": [float(np.sum(x)) for x in jax.tree.leaves(tree)]}
+    args = ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
+    with ocp.CheckpointManager(workdir / "checkpoints") as manager:
+        manager.save(step, args=args)
+
+
+def test_first_format_checkpoints_restore_unverified(tmp_path, capsys):
+    tree = _tree(np.random.default_rng(4))
+    _save_format_1(tmp_path, 2, tree, {"b": [8], "count": [], "w": [16, 8]})
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    ckpt = ckpt_lib.Checkpointer(tmp_path)
+    step, got = ckpt.restore_latest(abstract)
+    np.testing.assert_array_equal(np.asarray(got["w"]), tree["w"])
+    assert step == 2 and "restored unverified" in capsys.readouterr().out
+    abstract["w"] = jax.ShapeDtypeStruct((16, 4), np.float32)
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"w: saved \[\[16, 8\]"):
+        ckpt.restore_latest(abstract)
+    ckpt.close()

@@ -101,6 +101,9 @@ def test_lm_config_variants_match_activated_parameters():
     assert (top1.moe.router, top1.moe.top_k) == ("top_k", 1)
     assert (top2.moe.router, top2.moe.top_k) == ("top_k", 2)
     assert (top_p.moe.router, top_p.moe.threshold, top_p.seed) == ("top_p", 0.2, 3)
+    sized = common.lm_config("top_p_sized", 0)
+    assert (sized.moe.router, sized.moe.expected_k) == ("top_p", common.SIZED_EXPECTED_K)
+    assert top_p.moe.expected_k == 2.0 and sized.moe.threshold == 0.4
     assert common.ffn_params_per_token(dense, 0.0) == common.ffn_params_per_token(top2, 2.0)
     assert common.ffn_params_per_token(top1, 1.0) == 3 * 64 * 128 * 4
     big = common.lm_config("top_p", 0, scale=4)
@@ -110,6 +113,7 @@ def test_lm_config_variants_match_activated_parameters():
         common.lm_config("top3", 0)
     assert common.run_name("top_p", 1, 2, 0.3) == "top_p0.3-s1-x2"
     assert common.run_name("dense", 0, 1) == "dense-s0-x1"
+    assert common.run_name("top_p_sized", 2, 1) == "top_p0.4_k1.4-s2-x1"
     assert common.results_stem("sweep", 1) == "sweep" and common.results_stem("sweep", 4).endswith(
         "_x4"
     )
@@ -223,3 +227,23 @@ def test_same_config_ignores_fields_added_since_but_not_changed_ones():
     assert common.same_config(saved, {"seed": 0, "new": 1, "moe": {"threshold": 0.4, "x": 2}})
     assert not common.same_config(saved, {"seed": 0, "moe": {"threshold": 0.3}})
     assert not common.same_config(saved, {"moe": {"threshold": 0.4}})  # a field was removed
+
+
+def test_router_table_reports_capacity_drops_and_per_seed_times():
+    from experiments import compare_routers
+
+    def run(variant, seed, loss, slots, dropped, step_ms):
+        config = common.lm_config(variant, seed)
+        final = {"loss": loss, "perplexity": float(np.exp(loss)), "experts_per_token": 1.4,
+                 "dropped_fraction": dropped, "experts_per_layer": [1.3, 1.5]}  # fmt: skip
+        train = [{"step": 10, "experts_per_token": 1.4, "slots_per_token": slots}]
+        return common.RunResult("r", config, final, train, [], 30.0, step_ms)
+
+    results = {"top_p_sized": [run("top_p_sized", s, 3.6 + s / 100, 1.75, 0.06, 60.0 + s)
+                               for s in (0, 1)]}  # fmt: skip
+    tables, raw = compare_routers.summarize(results, 0.4)
+    _, rows = tables["Validation after training (mean ± sd over seeds)"]
+    # active FFN params: 1.4 experts x (1 - 0.06) kept x 3 x 64 x 128 x 4 layers = 129,368
+    assert rows == [["top-p (p=0.4), capacity for k=1.4", "3.605 ± 0.007", "36.8 ± 0.3",
+                     "1.40 ± 0.00", "1.75 ± 0.00", "6.0%", "129k", "30, 30", "60, 61"]]  # fmt: skip
+    assert raw["top_p_sized"]["dropped_fraction"] == [0.06, 0.06]
