@@ -4,8 +4,8 @@ Crash safety:
 * Orbax writes each step to a temporary directory and renames it when complete, so a save cut
   by a crash is never listed as a step; leftover temporary directories are removed at start-up.
 * Each checkpoint carries a small JSON record: the layout of the state (path -> shape and
-  dtype) and a fingerprint (a 64-bit hash of each array's exact bits, independent of the
-  mesh, so a flipped byte anywhere is caught). A checkpoint that fails to read, or whose values do
+  dtype) and a fingerprint (a 64-bit hash of each array's exact bits, independent of the mesh,
+  so a flipped byte anywhere is caught). A checkpoint that fails to read, or whose values do
   not match its fingerprint (truncated or corrupted files), is reported, moved aside to
   ``WORKDIR/checkpoints_unreadable/`` (nothing is deleted) and the previous step is used.
 * A checkpoint whose layout differs from the model being restored was written by another

@@ -31,7 +31,7 @@ RUNS_DIR = REPO_ROOT / "runs" / "experiments"
 SUMMARY_FILE = "experiment_run.json"  # written into a workdir once its run has finished
 CONFIG_FILE = "config.json"  # the run's config, so notebooks can rebuild the model
 
-# The four models of the router comparison. Each maps to config overrides in `lm_config`.
+# The five models of the router comparison. Each maps to config overrides in `lm_config`.
 VARIANTS = ("dense", "top1", "top2", "top_p", "top_p_sized")
 VARIANT_LABELS = {
     "dense": "dense",

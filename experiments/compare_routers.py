@@ -4,7 +4,7 @@ with its capacity sized to the experts it selects (``common.SIZED_EXPECTED_K``).
 Checks the paper's findings 1 (top-p beats top-2 with fewer experts), 3 (lower layers use more
 experts) and 4 (the mean number of experts falls during training) at small scale::
 
-    .venv/bin/python -m experiments.compare_routers            # 5 models x 3 seeds: ~22 min, 2 CPUs
+    .venv/bin/python -m experiments.compare_routers            # 5 models x 3 seeds: ~9 min, idle
     .venv/bin/python -m experiments.compare_routers --scale 4  # wider and longer (GPU/TPU)
 
 Writes ``experiments/results/compare_routers.{md,json}`` and three plots (validation loss
