@@ -1,4 +1,30 @@
-"""dynmoe_jax: Mixture-of-Experts with dynamic top-p routing in JAX/Flax NNX."""
+"""dynmoe_jax: Mixture-of-Experts with dynamic top-p routing in JAX/Flax NNX.
+
+Axis letters. Every module names arrays by their shape with these letters (``x_BTD``,
+``w_EDF``) and uses them in einsum strings; each letter means one thing everywhere.
+
+==  ==========================================================================
+B   batch (sequences)
+T   sequence positions (the queries, in attention)
+U   key/value positions in attention
+D   model width
+F   feed-forward hidden width (a dense layer's or one expert's)
+V   vocabulary
+L   layers
+N   attention heads
+H   width of one head
+E   experts
+G   routing groups
+S   tokens per routing group
+M   all tokens of one call (B * T = G * S)
+K   ranks: a token's choices in descending router probability
+P   entries of the priority list (a group's (rank, token) pairs, S * K)
+C   capacity: slots per expert per group (the capacity modes)
+R   rows of the grouped buffer: the group's token budget plus block padding
+==  ==========================================================================
+
+A literal ``2`` in a name is the stacked gate and up projections of SwiGLU (``w_ED2F``).
+"""
 
 from dynmoe_jax.dispatch import Dispatch
 from dynmoe_jax.moe import MoEConfig, MoELayer

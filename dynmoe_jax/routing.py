@@ -92,14 +92,24 @@ def _top_p_by_rank(probs: jax.Array, threshold: float, max_k: int | None) -> tup
     order, rank = descending_order(probs)
     sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
     # Rank r is selected while the mass of the ranks before it is still below the threshold:
-    # this includes the expert whose probability crosses it, and always rank 0.
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    # this includes the expert whose probability crosses it, and always rank 0. The mass before
+    # rank r is the stored prefix sum up to r - 1 (shifted in, exclusive), never
+    # `cumsum - p_r`: that subtraction rounds in float32 and can land back on the threshold
+    # when the sum before r is 1 ulp below it, which left the crossing expert out.
+    mass_before = _exclusive_cumsum(sorted_probs)
     positions = jnp.arange(probs.shape[-1])
     selected_by_rank = (mass_before < threshold) | (positions == 0)
     if max_k is not None:
         selected_by_rank &= positions < max_k
     mask = jnp.take_along_axis(selected_by_rank, rank, axis=-1)
     return mask, rank
+
+
+def _exclusive_cumsum(x: jax.Array) -> jax.Array:
+    """Prefix sums along the last axis that exclude the element itself: [0, x0, x0+x1, ...]."""
+    inclusive = jnp.cumsum(x, axis=-1)
+    zeros = jnp.zeros_like(inclusive[..., :1])
+    return jnp.concatenate([zeros, inclusive[..., :-1]], axis=-1)
 
 
 def top_p_mask(probs: jax.Array, threshold: float, max_k: int | None = None) -> jax.Array:

@@ -77,6 +77,52 @@ def test_top_p_hand_worked(probs, threshold, max_k, expected, why):
     assert set(ref.top_p_set(np.asarray(probs), threshold, max_k)) == expected, why
 
 
+def _one_ulp_below_rows(threshold: float, num_experts: int, num_rows: int) -> np.ndarray:
+    """float32 rows whose top expert holds 1 ulp less than the threshold, with the rest of the
+    mass spread at random over the other experts, each below the top one."""
+    p32 = np.float32(threshold)
+    top = np.nextafter(p32, np.float32(0))
+    rng = np.random.default_rng(num_experts * 1000 + int(threshold * 100))
+    rows = []
+    while len(rows) < num_rows:
+        rest = rng.dirichlet(np.ones(num_experts - 1)) * (1.0 - float(top))
+        if rest.max() < float(top) and rest.max() > 1e-3:
+            rows.append(np.concatenate([[top], rest.astype(np.float32)]))
+    return np.asarray(rows, np.float32)
+
+
+@pytest.mark.parametrize("num_experts", [4, 8, 16, 64])
+@pytest.mark.parametrize("threshold", [0.3, 0.4, 0.5, 0.6, 0.7])
+def test_top_p_includes_crossing_expert_one_ulp_below(num_experts, threshold):
+    # Exactly: the top expert alone is below p, so the next one is the crossing expert and
+    # must be selected; the two together pass p (the second holds at least 1e-3), so no
+    # third. A float32 `cumsum - p_r` rounded back up to p and left the second one out.
+    rows = _one_ulp_below_rows(threshold, num_experts, num_rows=100)
+    mask = np.asarray(routing.top_p_mask(jnp.asarray(rows), threshold))
+    expected = [{0, int(np.argmax(r[1:])) + 1} for r in rows]
+    got = _as_sets(mask)
+    bad = [i for i in range(len(rows)) if got[i] != expected[i]]
+    assert bad == [], f"{len(bad)} of {len(rows)} rows miss the crossing expert"
+
+
+EXACT_PREFIX_ROWS = [
+    # Dyadic probabilities: every prefix sum is exact in float32, so "reaches p" is exact.
+    ([0.25, 0.25, 0.25, 0.25], 0.5, {0, 1}),
+    ([0.125, 0.5, 0.25, 0.125], 0.75, {1, 2}),
+    ([0.125, 0.5, 0.25, 0.125], 0.5, {1}),
+    ([0.0625, 0.25, 0.125, 0.0625, 0.25, 0.0625, 0.125, 0.0625], 0.5, {1, 4}),
+    ([0.0625, 0.25, 0.125, 0.0625, 0.25, 0.0625, 0.125, 0.0625], 0.625, {1, 2, 4}),
+    ([0.0625, 0.25, 0.125, 0.0625, 0.25, 0.0625, 0.125, 0.0625], 0.875, {0, 1, 2, 3, 4, 6}),
+]
+
+
+@pytest.mark.parametrize("probs, threshold, expected", EXACT_PREFIX_ROWS)
+def test_top_p_stops_where_a_prefix_equals_p_exactly(probs, threshold, expected):
+    got = _as_sets(routing.top_p_mask(jnp.asarray([probs], jnp.float32), threshold))[0]
+    assert got == expected
+    assert set(ref.top_p_set(np.asarray(probs), threshold)) == expected
+
+
 def test_top_k_ties_go_to_lower_index():
     probs = jnp.asarray([[0.2, 0.3, 0.3, 0.2]])
     assert _as_sets(routing.top_k_mask(probs, 1)) == [{1}]
