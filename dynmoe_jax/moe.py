@@ -26,23 +26,11 @@ from dynmoe_jax import routing
 from dynmoe_jax.dispatch import Dispatch
 from dynmoe_jax.routing import Router
 from dynmoe_jax.sharding import constrain
+from dynmoe_jax.validation import check, enum_value, is_int
 
 # Logical layouts of the activations (sharding.LOGICAL_AXIS_RULES maps them to the mesh).
 GROUPED = ("groups", None, "embed")
 DISPATCHED = ("expert", "expert_groups", "capacity", "embed")
-
-
-def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"moe.{field}={value!r} is invalid: allowed {allowed}")
-
-
-def _enum_value(enum_cls, field: str, value):
-    try:
-        return enum_cls(value)
-    except ValueError:
-        allowed = " | ".join(repr(m.value) for m in enum_cls)
-        raise ValueError(f"moe.{field}={value!r} is invalid: allowed {allowed}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,23 +62,23 @@ class MoEConfig:
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
-        set_("router", _enum_value(Router, "router", self.router))
-        set_("dispatch", _enum_value(Dispatch, "dispatch", self.dispatch))
+        set_("router", enum_value(Router, "moe.router", self.router))
+        set_("dispatch", enum_value(Dispatch, "moe.dispatch", self.dispatch))
         n = self.num_experts
-        _check(_is_int(n) and n >= 1, "num_experts", n, "an integer >= 1")
+        check(is_int(n) and n >= 1, "moe.num_experts", n, "an integer >= 1")
         for field in ("d_model", "d_ff"):
             v = getattr(self, field)
-            _check(_is_int(v) and v >= 1, field, v, "an integer >= 1")
-        _check(0.0 < self.threshold <= 1.0, "threshold", self.threshold, "0 < threshold <= 1")
-        _check(_is_int(self.top_k) and 1 <= self.top_k <= n, "top_k", self.top_k, f"1..{n}")
+            check(is_int(v) and v >= 1, f"moe.{field}", v, "an integer >= 1")
+        check(0.0 < self.threshold <= 1.0, "moe.threshold", self.threshold, "0 < threshold <= 1")
+        check(is_int(self.top_k) and 1 <= self.top_k <= n, "moe.top_k", self.top_k, f"1..{n}")
         mk = self.max_k
-        _check(mk is None or (_is_int(mk) and 1 <= mk <= n), "max_k", mk, f"None or 1..{n}")
+        check(mk is None or (is_int(mk) and 1 <= mk <= n), "moe.max_k", mk, f"None or 1..{n}")
         cf = self.capacity_factor
-        _check(cf is None or cf > 0, "capacity_factor", cf, "None (no dropping) or > 0")
+        check(cf is None or cf > 0, "moe.capacity_factor", cf, "None (no dropping) or > 0")
         ek = self.expected_k
-        _check(0 < ek <= n, "expected_k", ek, f"0 < expected_k <= {n}")
+        check(0 < ek <= n, "moe.expected_k", ek, f"0 < expected_k <= {n}")
         gs = self.group_size
-        _check(gs is None or (_is_int(gs) and gs >= 1), "group_size", gs, "None or >= 1")
+        check(gs is None or (is_int(gs) and gs >= 1), "moe.group_size", gs, "None or >= 1")
 
     @property
     def capacity_k(self) -> float:
@@ -114,10 +102,6 @@ class MoEConfig:
             return self.top_k
         bound = math.ceil(self.num_experts * (self.threshold + 1e-3))
         return min(self.max_k or self.num_experts, bound)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _param(rngs: nnx.Rngs, init, shape, logical_axes: tuple[str | None, ...]) -> nnx.Param:
