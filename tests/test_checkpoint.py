@@ -1,5 +1,7 @@
 """Checkpoint fingerprints: exact, position-sensitive and independent of the mesh."""
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,3 +107,20 @@ def test_reading_a_workdir_without_checkpoints_creates_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint under"):
         ckpt_lib.Checkpointer(tmp_path / "empty", create=False)
     assert not (tmp_path / "empty").exists()
+
+
+class _Pair(NamedTuple):
+    w: Any
+    b: Any
+
+
+def test_a_namedtuple_target_restores_a_saved_dict_in_its_own_order(tmp_path):
+    # The dict flattens as (b, w), the NamedTuple as (w, b): fingerprints match by path.
+    tree = {"w": np.arange(6, dtype=np.float32), "b": np.ones(3, np.int32)}
+    ckpt, _ = _saved(tmp_path, tree, 4)
+    target = _Pair(w=jax.ShapeDtypeStruct((6,), np.float32), b=jax.ShapeDtypeStruct((3,), np.int32))
+    step, got = ckpt.restore_latest(target)
+    ckpt.close()
+    assert step == 4 and isinstance(got, _Pair)
+    np.testing.assert_array_equal(np.asarray(got.w), tree["w"])
+    np.testing.assert_array_equal(np.asarray(got.b), tree["b"])

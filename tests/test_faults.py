@@ -114,7 +114,7 @@ def test_corrupt_latest_checkpoint_falls_back(data_dir, tmp_path, capsys):
         f.write(b"\xff" * 64)
     task = train.build_task(_config(data_dir), 512)
     ckpt = ckpt_lib.Checkpointer(tmp_path)
-    step, _ = ckpt.restore_latest(train.abstract_state(task))
+    step, _ = train.restore_state(task, ckpt)
     ckpt.close()
     assert step == 3
     assert "checkpoint at step 6 is unreadable" in capsys.readouterr().out
@@ -129,7 +129,7 @@ def test_truncated_checkpoint_falls_back(data_dir, tmp_path):
         os.truncate(blob, blob.stat().st_size // 3)
     task = train.build_task(_config(data_dir), 512)
     ckpt = ckpt_lib.Checkpointer(tmp_path)
-    assert ckpt.restore_latest(train.abstract_state(task))[0] == 3
+    assert train.restore_state(task, ckpt)[0] == 3
     ckpt.close()
 
 
