@@ -3,8 +3,12 @@
 ``train_and_evaluate(config, workdir)`` trains on the configured corpus; ``train_with_data``
 is the same loop on any object with the ``RunData`` methods (the experiments' synthetic tasks).
 The state is a ``TrainState`` (params as a pure dict of arrays); the model is rebuilt from its
-graph definition inside the jitted step. This module is a little over 300 lines: the loop and
-its steps read best together.
+graph definition inside the jitted step.
+
+Why this module is long (about 490 lines without the corpus lookup, which belongs to the data
+package): it is the one definition of a training run - task, state, train and eval steps,
+loop, progress and summary - and each part reads the others' fields; split, every change to
+the state would touch several modules.
 """
 
 from __future__ import annotations

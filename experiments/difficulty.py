@@ -13,7 +13,8 @@ task difficulty and experts, with 95% confidence intervals over seeds::
     .venv/bin/python -m experiments.difficulty       # both: ~9 min (after compare_routers)
     .venv/bin/python -m experiments.difficulty tasks --seeds 0 1 2 3 4
 
-Writes ``experiments/results/difficulty_{tokens,tasks}.{md,json,png}``.
+Writes ``experiments/results/difficulty_{tokens,tasks}.{md,json,png}``. (Slightly over 300
+lines: the two analyses share this command line and their results files.)
 """
 
 from __future__ import annotations
