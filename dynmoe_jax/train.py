@@ -421,7 +421,10 @@ def train_with_data(
     validation_extras: ValidationExtras | None = None,
 ) -> dict:
     """``train_and_evaluate`` on ``data`` (named ``dataset`` in the logs). Each validation
-    record also holds ``validation_extras(task, params)``, if given (JSON-able values)."""
+    record also holds ``validation_extras(task, params)``, if given (JSON-able values).
+
+    The config's corpus fields are not read, and only the checks of ``build_task`` run here:
+    a caller with its own data checks the rest of its config itself."""
     workdir = Path(workdir)
     task = build_task(config, data.vocab_size)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)

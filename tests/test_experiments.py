@@ -309,3 +309,18 @@ def test_router_table_reports_capacity_drops_and_per_seed_times():
     assert rows == [["top-p (p=0.4), capacity for k=1.4", "3.605 ± 0.007", "36.8 ± 0.3",
                      "1.40 ± 0.00", "1.75 ± 0.00", "6.0%", "129k", "30, 30", "60, 61"]]  # fmt: skip
     assert raw["top_p_sized"]["dropped_fraction"] == [0.06, 0.06]
+
+
+@pytest.mark.parametrize("stem, module, plot", [
+    ("difficulty_tasks", "difficulty", "plot_tasks"),
+    ("difficulty_tokens", "difficulty", "plot_tokens"),
+    ("sweep_threshold", "sweep_threshold", "plot_sweep"),
+    ("sweep_threshold", "sweep_threshold", "plot_layers"),
+])  # fmt: skip
+def test_committed_results_replot(stem, module, plot, tmp_path):
+    import importlib
+
+    raw = json.loads((report.RESULTS_DIR / f"{stem}.json").read_text())
+    plotter = getattr(importlib.import_module(f"experiments.{module}"), plot)
+    path = plotter(raw, tmp_path / f"{plot}.png")
+    assert path.stat().st_size > 10_000

@@ -51,7 +51,9 @@ def _execute(name: str, parameters: dict, tmp_path: Path):
         timeout=300,
         resources={"metadata": {"path": str(tmp_path)}},
     )
-    client.execute()
+    # A client given its own kernel manager leaves the kernel running by default; its sockets
+    # were then collected after the event loop had closed ("Event loop is closed").
+    client.execute(cleanup_kc=True)
     return nb
 
 
