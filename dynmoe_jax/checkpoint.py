@@ -9,7 +9,8 @@ Crash safety:
   not match its fingerprint (truncated or corrupted files), is reported, moved aside to
   ``WORKDIR/checkpoints_unreadable/`` (nothing is deleted) and the previous step is used.
 * A checkpoint whose layout differs from the model being restored was written by another
-  config: that is refused with a clear error and left in place.
+  config, and one whose record has another format was written by another release: both are
+  refused with a one-line error and left in place.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class CorruptCheckpointError(RuntimeError):
 
 
 class CheckpointMismatchError(ValueError):
-    """A readable checkpoint was written for another model or optimizer (another config)."""
+    """A readable checkpoint was written for another model or optimizer (another config), or by
+    a release whose checkpoint record this one does not read."""
 
 
 def _layout(tree: Any) -> dict[str, list]:
@@ -49,10 +51,7 @@ def _layout(tree: Any) -> dict[str, list]:
 
 
 def _mismatch(saved: dict, wanted: dict) -> str | None:
-    """A short description of how two layouts differ, or None when they agree. A saved dtype of
-    None (a checkpoint from before dtypes were recorded) matches any dtype."""
-    saved = {k: [v[0], wanted[k][1]] if v[1] is None and k in wanted else v
-             for k, v in saved.items()}  # fmt: skip
+    """A short description of how two layouts differ, or None when they agree."""
     if saved == wanted:
         return None
     missing = sorted(set(wanted) - set(saved))[:3]
@@ -116,29 +115,26 @@ def fingerprint(state: Any) -> list[str]:
     return [f"{int(a) << 32 | int(b):016x}" for a, b in sums]
 
 
-# 2: layout entries are [shape, dtype] and fingerprints are exact hashes. Format 1 (no "format"
-# key) stored bare shapes and float sums; such checkpoints are still restored, unverified.
+# The record's format: layout entries are [shape, dtype], fingerprints are exact hashes.
 META_FORMAT = 2
 
 
-def _upgrade(meta: dict) -> dict:
-    """A format-1 record in format 2's terms: unknown dtypes (None), no fingerprint."""
-    if meta.get("format", 1) >= 2:
-        return meta
-    layout = {k: [list(v), None] for k, v in meta["layout"].items()}
-    return {"format": 1, "layout": layout, "fingerprint": None}
-
-
 class Checkpointer:
-    def __init__(self, workdir: str | Path, keep: int = 3):
+    """Saves and restores one workdir's checkpoints. With ``create=False`` (reading a finished
+    run) a workdir without checkpoints is a FileNotFoundError and nothing is created."""
+
+    def __init__(self, workdir: str | Path, keep: int = 3, create: bool = True):
         self.workdir = Path(workdir).absolute()
         self.directory = self.workdir / "checkpoints"
+        if not create and not self.directory.is_dir():
+            raise FileNotFoundError(f"no checkpoint under {self.directory}: train first")
         self._keep = keep
+        self._create = create
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=self._keep, create=True, cleanup_tmp_directories=True
+            max_to_keep=self._keep, create=self._create, cleanup_tmp_directories=self._create
         )
         return ocp.CheckpointManager(self.directory, options=options)
 
@@ -152,18 +148,18 @@ class Checkpointer:
 
     def _meta(self, step: int) -> dict:
         restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return _upgrade(restored.meta)
+        return restored.meta
 
-    def _restore(self, step: int, abstract_state: Any | None) -> Any:
+    def _restore(self, step: int, abstract_state: Any) -> Any:
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
         )
         restored = self._manager.restore(step, args=args)
-        expected = _upgrade(restored.meta)["fingerprint"]
-        if expected is None:
-            print(f"warning: checkpoint at step {step} predates exact fingerprints; its values "
-                  "are restored unverified")  # fmt: skip
-        elif expected != fingerprint(restored.state):
+        # Compared path by path: a target of other containers (a NamedTuple for a saved dict)
+        # may order the same arrays differently.
+        saved = dict(zip(restored.meta["layout"], restored.meta["fingerprint"], strict=True))
+        got = dict(zip(_layout(restored.state), fingerprint(restored.state), strict=True))
+        if saved != got:
             raise CorruptCheckpointError(f"values of step {step} do not match its fingerprint")
         return restored.state
 
@@ -173,12 +169,19 @@ class Checkpointer:
         self._manager.wait_until_finished()
         for step in reversed(self.steps()):
             try:
-                saved = self._meta(step)["layout"]
+                meta = self._meta(step)
             except Exception as e:  # noqa: BLE001 - unreadable metadata: a damaged step
                 self._set_aside(step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 continue
-            # Another config's checkpoint is not damage: refuse it and leave it in place.
-            diff = _mismatch(saved, _layout(abstract_state))
+            # Another release's or another config's checkpoint is not damage: refuse it and
+            # leave it in place.
+            if meta.get("format") != META_FORMAT:
+                raise CheckpointMismatchError(
+                    f"the checkpoint at step {step} in {self.directory} has record format "
+                    f"{meta.get('format', 1)}, and this release reads format {META_FORMAT} only; "
+                    "retrain in another --workdir"
+                )
+            diff = _mismatch(meta["layout"], _layout(abstract_state))
             if diff:
                 raise CheckpointMismatchError(
                     f"the checkpoint at step {step} in {self.directory} was written for another "
@@ -201,10 +204,6 @@ class Checkpointer:
               "trying an older one")  # fmt: skip
         self._manager.close()
         self._manager = self._open()
-
-    def read(self, step: int) -> Any:
-        """One step's state as saved (numpy arrays), with no target structure."""
-        return self._restore(step, None)
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -1,10 +1,18 @@
-"""Evaluate a trained workdir and sample text from it, reporting how tokens are routed."""
+"""Use a trained workdir: restore it, evaluate it, sample text from it and measure how each
+token is routed.
+
+``restore(config, workdir)`` gives the data, the task and the newest checkpoint's parameters;
+``token_statistics`` gives per-token loss, entropy and experts of any batches. The notebooks
+and the experiments use these two.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,35 +21,126 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from dynmoe_jax import checkpoint as ckpt_lib
+from dynmoe_jax import model as model_lib
 from dynmoe_jax import train as train_lib
 from dynmoe_jax.config_check import check_config
 
 
-def _restore(config: ConfigDict, workdir: str | Path):
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A trained workdir's newest checkpoint with what is needed to run it."""
+
+    data: Any  # the corpus it was trained on (tokenizer, validation batches)
+    dataset: str  # the corpus's name
+    task: train_lib.Task
+    step: int
+    params: Any
+
+    def inference_graphdef(self):
+        """The model's graph with no capacity limit: every selected expert computes."""
+        return inference_graphdef(self.task.model_cfg)
+
+
+def restore(config: ConfigDict, workdir: str | Path) -> Restored:
+    """The newest checkpoint of ``workdir``, trained with ``config``. A workdir without
+    checkpoints is a FileNotFoundError, and nothing is created in it."""
     check_config(config)
     data, dataset = train_lib.load_run_data(config)
     task = train_lib.build_task(config, data.vocab_size)
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
-    restored = checkpointer.restore_latest(train_lib.abstract_state(task))
-    checkpointer.close()
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints, create=False)
+    try:
+        restored = train_lib.restore_state(task, checkpointer)
+    finally:
+        checkpointer.close()
     if restored is None:
-        raise FileNotFoundError(f"no checkpoint under {Path(workdir) / 'checkpoints'}: train first")
+        raise FileNotFoundError(f"no checkpoint under {checkpointer.directory}: train first")
     step, state = restored
-    return data, dataset, task, step, state["params"]
+    return Restored(data, dataset, task, step, state.params)
+
+
+def inference_graphdef(model_cfg: model_lib.ModelConfig):
+    """``model_cfg``'s graph without capacity limits, so the experts counted are the router's
+    own choice, as at inference in the paper."""
+    if model_cfg.moe is not None:
+        no_drops = dataclasses.replace(model_cfg.moe, capacity_factor=None, group_size=None)
+        model_cfg = dataclasses.replace(model_cfg, moe=no_drops)
+    return nnx.graphdef(model_lib.abstract_decoder(model_cfg))
 
 
 def evaluate_workdir(config: ConfigDict, workdir: str | Path) -> dict:
     """Validation loss, perplexity and experts per token per layer of the latest checkpoint."""
-    data, dataset, task, step, params = _restore(config, workdir)
-    eval_step = train_lib.make_eval_step(task)
-    result = train_lib.evaluate(eval_step, params, data.eval_batches(config.eval_batches))
-    unigram = data.unigram_cross_entropy(config.eval_batches)
-    print(f"checkpoint step {step} on {dataset}: validation loss {result['loss']:.4f}, "
-          f"perplexity {result['perplexity']:.2f} (unigram {math.exp(unigram):.2f})")  # fmt: skip
+    run = restore(config, workdir)
+    eval_step = train_lib.make_eval_step(run.task)
+    with jax.set_mesh(run.task.mesh):
+        result = train_lib.evaluate(
+            eval_step, run.params, run.data.eval_batches(config.eval_batches)
+        )
+    unigram = run.data.unigram_cross_entropy(config.eval_batches)
+    print(f"checkpoint step {run.step} on {run.dataset}: "
+          f"{train_lib.describe_validation(result, unigram)}")  # fmt: skip
     if "experts_per_layer" in result:
         layers = ", ".join(f"{v:.2f}" for v in result["experts_per_layer"])
-        print(f"experts per token by layer: {layers} (mean {result['experts_per_token']:.2f})")
-    return {"step": step, **result}
+        print(f"experts per token by layer: {layers}")
+    return {"step": run.step, **result}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _token_arrays(graphdef, params, inputs_BT, targets_BT):
+    logits_BTV, layer = nnx.merge(graphdef, params)(inputs_BT)
+    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+    loss_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    entropy_BT = -jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1)
+    correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
+    experts_LBT = layer["token_experts"] if layer else jnp.zeros((0, *inputs_BT.shape), jnp.int32)
+    return loss_BT, entropy_BT, correct_BT, experts_LBT
+
+
+def token_statistics(graphdef, params, batches: Iterable[dict]) -> dict[str, np.ndarray]:
+    """Per-token statistics of the model ``graphdef`` with ``params`` on ``batches`` (dicts of
+    inputs, targets and weights [B, T]), as flat arrays over the positions with weight > 0, in
+    batch, row and position order:
+
+    * ``loss``: nats of the target; ``entropy``: nats of the predictive distribution;
+      ``correct``: whether the most likely token is the target;
+    * ``surprisal``: the loss of the input token itself, as predicted one position earlier
+      (NaN at position 0);
+    * ``inputs``: the input token ids; ``row``: the row across all batches (0, 1, ...);
+    * ``experts`` [L_moe, M]: experts the router selected at that position in each MoE layer,
+      before any capacity drop.
+    """
+    parts: dict[str, list] = {k: [] for k in STATISTICS}
+    rows_seen = 0
+    for batch in batches:
+        arrays = jax.device_get(_token_arrays(graphdef, params, batch["inputs"], batch["targets"]))
+        loss_BT, entropy_BT, correct_BT, experts_LBT = arrays
+        keep_BT = np.asarray(batch["weights"]) > 0
+        # The input at position t was the target at position t - 1.
+        surprisal_BT = np.concatenate([np.full((len(loss_BT), 1), np.nan), loss_BT[:, :-1]], 1)
+        rows_BT = np.broadcast_to(rows_seen + np.arange(len(loss_BT))[:, None], keep_BT.shape)
+        rows_seen += len(loss_BT)
+        values = {"loss": loss_BT, "entropy": entropy_BT, "correct": correct_BT,
+                  "surprisal": surprisal_BT, "inputs": np.asarray(batch["inputs"]),
+                  "row": rows_BT}  # fmt: skip
+        for name, value in values.items():
+            parts[name].append(value[keep_BT])
+        parts["experts"].append(experts_LBT[:, keep_BT])
+    if not rows_seen:
+        raise ValueError("token_statistics needs at least one batch")
+    return {k: np.concatenate(v, axis=-1) for k, v in parts.items()}
+
+
+STATISTICS = ("loss", "entropy", "correct", "surprisal", "inputs", "row", "experts")
+
+
+def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text ``new_ids`` add after the prompt. Decoding them alone would drop the space a
+    SentencePiece piece carries in front ('▁unto' -> 'unto'), so the prompt and the
+    continuation are decoded together and the decoded prompt is cut off."""
+    prompt = tokenizer.decode(prompt_ids)
+    full = tokenizer.decode(prompt_ids + new_ids)
+    if full.startswith(prompt):
+        return full[len(prompt) :]
+    return tokenizer.decode(new_ids)  # a tokenizer whose decoding does not extend: no join
 
 
 def sample_workdir(
@@ -52,20 +151,13 @@ def sample_workdir(
     temperature: float = 0.0,
     seed: int = 0,
 ) -> dict:
-    """Generates text after ``prompt`` (greedy when temperature is 0) and reports the mean
-    number of experts each generated token used, over the MoE layers.
-
-    Decoding runs without capacity limits (every selected expert computes), so the count is
-    the router's own choice, as at inference in the paper.
-    """
+    """Generates text after ``prompt`` (greedy when temperature is 0, else sampled with the
+    random ``seed``) and reports the mean number of experts each generated token used, over the
+    MoE layers. Decoding runs without capacity limits (``inference_graphdef``)."""
     if temperature < 0:
         raise ValueError(f"temperature={temperature} is invalid: allowed >= 0 (0 = greedy)")
-    data, _, task, _, params = _restore(config, workdir)
-    model_cfg = task.model_cfg
-    if model_cfg.moe is not None:
-        no_drops = dataclasses.replace(model_cfg.moe, capacity_factor=None, group_size=None)
-        model_cfg = dataclasses.replace(model_cfg, moe=no_drops)
-    graphdef = nnx.graphdef(train_lib.abstract_decoder(model_cfg))
+    run = restore(config, workdir)
+    graphdef = run.inference_graphdef()
     window = config.seq_len
 
     @jax.jit
@@ -79,24 +171,25 @@ def sample_workdir(
         experts = layer["token_experts"][:, 0, length - 1] if layer else jnp.zeros((1,))
         return jnp.where(temperature > 0, sampled, greedy), jnp.mean(experts.astype(jnp.float32))
 
-    tokens = data.tokenizer.encode(prompt) or [data.tokenizer.eos_id]
-    generated, experts = [], []
+    tokenizer = run.data.tokenizer
+    prompt_ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
+    tokens, generated, experts = list(prompt_ids), [], []
     key = jax.random.key(seed)
     for _ in range(max_new_tokens):
         context = tokens[-window:]
         padded = np.zeros((1, window), np.int32)
         padded[0, : len(context)] = context
         key, sub = jax.random.split(key)
-        tok, used = next_token(params, padded, len(context), sub)
+        tok, used = next_token(run.params, padded, len(context), sub)
         tok = int(tok)
-        if tok == data.tokenizer.eos_id:
+        if tok == tokenizer.eos_id:
             break
         tokens.append(tok)
         generated.append(tok)
         experts.append(float(used))
-    text = data.tokenizer.decode(generated)
+    text = continuation_text(tokenizer, prompt_ids, generated)
     mean = float(np.mean(experts)) if experts else 0.0
     print(f"{prompt}{text}")
-    if model_cfg.moe is not None:
+    if run.task.model_cfg.moe is not None:
         print(f"[{len(generated)} tokens, {mean:.2f} experts per token on average]")
     return {"text": text, "tokens": generated, "experts_per_token": experts, "mean_experts": mean}

@@ -1,7 +1,7 @@
 """A small LLaMA-style decoder whose feed-forward is the MoE layer (or dense), in Flax NNX.
 
-Axis letters: B batch, T sequence, D model width, F hidden width, N heads, H head width,
-V vocabulary, L layers.
+Axis letters (the package docstring's glossary): B batch, T sequence (queries), U key
+positions, D model width, F hidden width, N heads, H head width, V vocabulary, L layers.
 
 Block: x + Attention(RMSNorm(x)), then h + FFN(RMSNorm(h)) with FFN = MoELayer in every
 ``moe_every``-th layer (the last of each run of ``moe_every``) and a dense SwiGLU elsewhere.
@@ -126,12 +126,12 @@ class Attention(nnx.Module):
         k = rope(jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wk_DNH[...].astype(dt)), pos_T,
                  self.cfg.rope_theta)  # fmt: skip
         v = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wv_DNH[...].astype(dt))
-        scores_BNTT = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32)
-        scores_BNTT /= jnp.sqrt(q.shape[-1]).astype(jnp.float32)
-        causal_TT = jnp.tril(jnp.ones((t, t), bool))
-        scores_BNTT = jnp.where(causal_TT, scores_BNTT, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores_BNTT, axis=-1).astype(dt)
-        out_BTNH = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+        scores_BNTU = jnp.einsum("BTNH,BUNH->BNTU", q, k).astype(jnp.float32)
+        scores_BNTU /= jnp.sqrt(q.shape[-1]).astype(jnp.float32)
+        causal_TU = jnp.tril(jnp.ones((t, t), bool))
+        scores_BNTU = jnp.where(causal_TU, scores_BNTU, jnp.finfo(jnp.float32).min)
+        probs_BNTU = jax.nn.softmax(scores_BNTU, axis=-1).astype(dt)
+        out_BTNH = jnp.einsum("BNTU,BUNH->BTNH", probs_BNTU, v)
         return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.wo_NHD[...].astype(dt))
 
 
@@ -191,6 +191,11 @@ class Decoder(nnx.Module):
         x_BTD = self.final_norm(x_BTD)
         logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, self.head_DV[...].astype(self.cfg.dtype))
         return logits_BTV.astype(jnp.float32), _stack_layer_metrics(layer_aux)
+
+
+def abstract_decoder(cfg: ModelConfig) -> Decoder:
+    """The decoder's structure and shapes, with no parameters allocated."""
+    return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
 
 
 def _stack_layer_metrics(layer_aux: list[dict]) -> dict[str, jax.Array]:

@@ -1,7 +1,14 @@
-"""Training: state, jitted train/eval steps and ``train_and_evaluate(config, workdir)``.
+"""Training: the task, the train state, jitted train/eval steps and the step loop.
 
-The train state is a plain pytree ``{"step", "params", "opt_state"}`` (params as a pure dict
-of arrays); the model is rebuilt from its graph definition inside the jitted step.
+``train_and_evaluate(config, workdir)`` trains on the configured corpus; ``train_with_data``
+is the same loop on any object with the ``RunData`` methods (the experiments' synthetic tasks).
+The state is a ``TrainState`` (params as a pure dict of arrays); the model is rebuilt from its
+graph definition inside the jitted step.
+
+Why this module is long (about 490 lines without the corpus lookup, which belongs to the data
+package): it is the one definition of a training run - task, state, train and eval steps,
+loop, progress and summary - and each part reads the others' fields; split, every change to
+the state would touch several modules.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -25,12 +32,12 @@ from ml_collections import ConfigDict
 from dynmoe_jax import checkpoint as ckpt_lib
 from dynmoe_jax import data as data_lib
 from dynmoe_jax import metrics as metrics_lib
+from dynmoe_jax import model as model_lib
 from dynmoe_jax import sharding as sharding_lib
 from dynmoe_jax.config_check import ConfigError, check_config, mesh_for, model_config
 from dynmoe_jax.model import Decoder, ModelConfig
 
 Batch = dict[str, np.ndarray]
-State = dict[str, Any]
 
 # Per-layer metrics averaged into one number for the log.
 LAYER_MEANS = ("experts_per_token", "slots_per_token", "dropped_fraction", "router_confidence")
@@ -38,6 +45,30 @@ LAYER_MEANS = ("experts_per_token", "slots_per_token", "dropped_fraction", "rout
 
 class NonFiniteError(FloatingPointError):
     """Training met a non-finite loss or gradient with ``nonfinite='stop'``."""
+
+
+class TrainState(NamedTuple):
+    """Everything a step changes. Checkpoints store it as a dict of these fields."""
+
+    step: jax.Array  # int32 scalar: optimizer updates taken (skipped ones included)
+    params: Any  # pure dict of arrays, as nnx.to_pure_dict gives it
+    opt_state: Any
+    nonfinite_steps: jax.Array  # int32 scalar: steps whose update was skipped
+    first_nonfinite_step: jax.Array  # int32 scalar, -1 while every step was finite
+
+
+class RunData(Protocol):
+    """What the loop reads from its data (``data.Data`` or an experiment's own tasks)."""
+
+    vocab_size: int
+
+    def train_batch(self, step: int) -> Batch: ...
+
+    def eval_batches(self, max_batches: int | None = None) -> Iterable[Batch]: ...
+
+    def unigram_cross_entropy(self, max_batches: int | None = None) -> float: ...
+
+    def summary(self) -> str: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,16 +115,11 @@ def make_optimizer(config: ConfigDict, schedule: optax.Schedule) -> optax.Gradie
     return adamw
 
 
-def abstract_decoder(model_cfg: ModelConfig) -> Decoder:
-    """The decoder's structure and shapes, with no parameters allocated."""
-    return nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0)))
-
-
 def build_task(config: ConfigDict, vocab_size: int, devices=None) -> Task:
     """Model, optimizer, mesh and shardings; every check here runs before any compilation."""
     model_cfg = model_config(config, vocab_size)
     mesh = mesh_for(config, model_cfg, devices)
-    abstract_model = abstract_decoder(model_cfg)
+    abstract_model = model_lib.abstract_decoder(model_cfg)
     schedule = learning_rate_schedule(config)
     optimizer = make_optimizer(config, schedule)
     param_specs = sharding_lib.param_specs(abstract_model)
@@ -107,13 +133,13 @@ def build_task(config: ConfigDict, vocab_size: int, devices=None) -> Task:
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
     scalar = PartitionSpec()
-    specs = {
-        "step": scalar,
-        "params": param_specs,
-        "opt_state": opt_specs,
-        "nonfinite_steps": scalar,
-        "first_nonfinite_step": scalar,
-    }
+    specs = TrainState(
+        step=scalar,
+        params=param_specs,
+        opt_state=opt_specs,
+        nonfinite_steps=scalar,
+        first_nonfinite_step=scalar,
+    )
     return Task(
         config=config,
         model_cfg=model_cfg,
@@ -126,28 +152,28 @@ def build_task(config: ConfigDict, vocab_size: int, devices=None) -> Task:
     )
 
 
-def _init_fn(task: Task) -> Callable[[], State]:
+def _init_fn(task: Task) -> Callable[[], TrainState]:
     def init():
         model = Decoder(task.model_cfg, rngs=nnx.Rngs(task.config.seed))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        return {
-            "step": jnp.zeros((), jnp.int32),
-            "params": params,
-            "opt_state": task.optimizer.init(params),
-            "nonfinite_steps": jnp.zeros((), jnp.int32),
-            "first_nonfinite_step": jnp.full((), -1, jnp.int32),
-        }
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=task.optimizer.init(params),
+            nonfinite_steps=jnp.zeros((), jnp.int32),
+            first_nonfinite_step=jnp.full((), -1, jnp.int32),
+        )
 
     return init
 
 
-def init_state(task: Task) -> State:
+def init_state(task: Task) -> TrainState:
     """A fresh state, created directly in its sharded layout."""
     with jax.set_mesh(task.mesh):
         return jax.jit(_init_fn(task), out_shardings=task.state_shardings)()
 
 
-def abstract_state(task: Task) -> State:
+def abstract_state(task: Task) -> TrainState:
     """Shapes, dtypes and target shardings of the state (what checkpoints restore onto)."""
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -224,40 +250,31 @@ def _accumulated_grads(task: Task, params, batch: Batch):
     return jax.tree.map(lambda x: x / n, (grads, metrics))
 
 
-def _nan_injection(task: Task, step: jax.Array) -> jax.Array:
-    """NaN at the configured step (fault-injection tests), else 1."""
-    at = task.config.inject_nan_at_step
-    return jnp.where(step + 1 == at, jnp.nan, 1.0) if at > 0 else jnp.ones(())
+TrainStep = Callable[[TrainState, Batch], tuple[TrainState, dict]]
 
 
-def make_train_step(task: Task) -> Callable[[State, Batch], tuple[State, dict]]:
+def make_train_step(task: Task) -> TrainStep:
     """A jitted step. A non-finite loss or gradient leaves params and optimizer state as they
     were and is counted in the state (``nonfinite_steps``, ``first_nonfinite_step``)."""
 
-    def train_step(state: State, batch: Batch):
-        grads, metrics = _accumulated_grads(task, state["params"], batch)
-        poison = _nan_injection(task, state["step"])
-        grads = jax.tree.map(lambda g: g * poison, grads)
-        metrics["loss"] = metrics["loss"] * poison
+    def train_step(state: TrainState, batch: Batch):
+        grads, metrics = _accumulated_grads(task, state.params, batch)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        updates, opt_state = task.optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
+        updates, opt_state = task.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
         keep_if_bad = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
-        new_state = {
-            "step": state["step"] + 1,
-            "params": jax.tree.map(keep_if_bad, params, state["params"]),
-            "opt_state": jax.tree.map(keep_if_bad, opt_state, state["opt_state"]),
-            "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32),
-            "first_nonfinite_step": jnp.where(
-                (state["first_nonfinite_step"] < 0) & ~finite,
-                state["step"] + 1,
-                state["first_nonfinite_step"],
-            ),
-        }
+        first_bad = (state.first_nonfinite_step < 0) & ~finite
+        new_state = TrainState(
+            step=state.step + 1,
+            params=jax.tree.map(keep_if_bad, params, state.params),
+            opt_state=jax.tree.map(keep_if_bad, opt_state, state.opt_state),
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+            first_nonfinite_step=jnp.where(first_bad, state.step + 1, state.first_nonfinite_step),
+        )
         metrics["grad_norm"] = grad_norm
-        metrics["learning_rate"] = task.schedule(state["step"])
-        metrics["nonfinite_steps"] = new_state["nonfinite_steps"]
+        metrics["learning_rate"] = task.schedule(state.step)
+        metrics["nonfinite_steps"] = new_state.nonfinite_steps
         return new_state, metrics
 
     shardings = task.state_shardings
@@ -273,23 +290,29 @@ def make_eval_step(task: Task) -> Callable[[Any, Batch], dict]:
     def eval_step(params, batch: Batch):
         model = nnx.merge(task.graphdef, params)
         logits, layer = model(batch["inputs"])
-        nll, count = cross_entropy(logits, batch["targets"], batch["weights"])
+        weights_BT = batch["weights"]
+        nll, count = cross_entropy(logits, batch["targets"], weights_BT)
         out = {"nll": nll, "tokens": count}
         if layer:
-            out["experts_per_layer"] = layer["experts_per_token"] * count
+            # Sums over weighted positions only: the layer's own means count padding too.
+            experts_LBT = layer["token_experts"].astype(jnp.float32)
+            out["experts_per_layer"] = jnp.sum(experts_LBT * weights_BT, axis=(1, 2))
             out["dropped_fraction"] = jnp.mean(layer["dropped_fraction"]) * count
         return out
 
-    jitted = jax.jit(eval_step, in_shardings=(task.state_shardings["params"], task.batch_sharding))
+    jitted = jax.jit(eval_step, in_shardings=(task.state_shardings.params, task.batch_sharding))
     return lambda params, batch: jitted(params, put_batch(task, batch))
 
 
 def evaluate(eval_step, params, batches: Iterable[Batch]) -> dict:
-    """Token-weighted validation loss, perplexity and experts per token per layer."""
+    """Token-weighted validation loss, perplexity and experts per token per layer, with the
+    number of batches and weighted tokens they cover."""
     total: dict[str, Any] = {}
+    num_batches = 0
     for batch in batches:
         out = jax.device_get(eval_step(params, batch))
         total = {k: total.get(k, 0) + np.asarray(v, np.float64) for k, v in out.items()}
+        num_batches += 1
     if not total:
         raise ValueError("the validation split produced no batch")
     tokens = float(total.pop("tokens"))
@@ -299,7 +322,19 @@ def evaluate(eval_step, params, batches: Iterable[Batch]) -> dict:
     if "experts_per_layer" in result:
         result["experts_per_token"] = float(np.mean(result["experts_per_layer"]))
     result["tokens"] = tokens
+    result["batches"] = num_batches
     return result
+
+
+def describe_validation(result: dict, unigram_cross_entropy: float | None = None) -> str:
+    """One labelled line: the split, how much of it was read, and the numbers."""
+    line = (f"validation split, {result['batches']} batches ({result['tokens']:,.0f} tokens): "
+            f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")  # fmt: skip
+    if unigram_cross_entropy is not None:
+        line += f" (unigram baseline on these tokens: {math.exp(unigram_cross_entropy):.2f})"
+    if "experts_per_token" in result:
+        line += f", experts per token {result['experts_per_token']:.2f}"
+    return line
 
 
 def data_dir(config: ConfigDict) -> str:
@@ -341,14 +376,28 @@ def _host_metrics(metrics: dict) -> dict:
     return out
 
 
-def restore_or_init(task: Task, checkpointer: ckpt_lib.Checkpointer) -> State:
+def restore_or_init(task: Task, checkpointer: ckpt_lib.Checkpointer) -> TrainState:
     """The newest readable checkpoint (resharded onto this task's mesh), or a fresh state."""
-    restored = checkpointer.restore_latest(abstract_state(task))
+    restored = restore_state(task, checkpointer)
     if restored is None:
         return init_state(task)
     step, state = restored
     print(f"resumed from {checkpointer.directory}/{step}")
     return state
+
+
+def restore_state(task: Task, checkpointer: ckpt_lib.Checkpointer) -> tuple[int, TrainState] | None:
+    """(step, state) of the newest readable checkpoint, or None when there is none."""
+    restored = checkpointer.restore_latest(abstract_state(task)._asdict())
+    if restored is None:
+        return None
+    step, saved = restored
+    return step, TrainState(**saved)
+
+
+def save_state(checkpointer: ckpt_lib.Checkpointer, step: int, state: TrainState) -> None:
+    # Stored as a plain dict, so a checkpoint does not depend on this class's definition.
+    checkpointer.save(step, state._asdict())
 
 
 def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict:
@@ -358,13 +407,32 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     data, dataset = load_run_data(config)
     print(data.summary())
+    return train_with_data(config, workdir, data, dataset)
+
+
+ValidationExtras = Callable[[Task, Any], dict]
+
+
+def train_with_data(
+    config: ConfigDict,
+    workdir: str | Path,
+    data: RunData,
+    dataset: str,
+    validation_extras: ValidationExtras | None = None,
+) -> dict:
+    """``train_and_evaluate`` on ``data`` (named ``dataset`` in the logs). Each validation
+    record also holds ``validation_extras(task, params)``, if given (JSON-able values).
+
+    The config's corpus fields are not read, and only the checks of ``build_task`` run here:
+    a caller with its own data checks the rest of its config itself."""
+    workdir = Path(workdir)
     task = build_task(config, data.vocab_size)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     state = restore_or_init(task, checkpointer)
-    start = int(state["step"])
+    start = int(state.step)
     lead = jax.process_index() == 0  # one process writes the logs of a multi-host run
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start, enabled=lead)
-    loop = _Loop(task, data, checkpointer, writer)
+    loop = _Loop(task, data, checkpointer, writer, validation_extras)
     try:
         with jax.set_mesh(task.mesh):  # the layer's sharding constraints read this mesh
             state, final = loop.run(state, start)
@@ -373,61 +441,75 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict:
         writer.close()
     if lead:
         plot = metrics_lib.plot_experts_per_layer(workdir)
-        _print_summary(workdir, dataset, data, final, plot, config.eval_batches)
+        unigram = data.unigram_cross_entropy(config.eval_batches)
+        _print_summary(workdir, dataset, final, unigram, plot)
     return final
 
 
 class _Loop:
-    """The step loop with its periodic logging, validation and checkpointing."""
+    """The step loop with its progress bar, periodic logging, validation and checkpointing."""
 
-    def __init__(self, task, data, checkpointer, writer):
+    def __init__(self, task, data, checkpointer, writer, validation_extras=None):
         self.task, self.data = task, data
         self.checkpointer, self.writer = checkpointer, writer
+        self.validation_extras = validation_extras
         self.train_step = make_train_step(task)
         self.eval_step = make_eval_step(task)
         self.tokens_per_step = task.config.batch_size * task.config.seq_len
+        self.bar = None
 
-    def run(self, state: State, start: int) -> tuple[State, dict]:
+    def run(self, state: TrainState, start: int) -> tuple[TrainState, dict]:
+        from tqdm.auto import tqdm
+
         cfg = self.task.config
         total = cfg.num_train_steps
         final = {}
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=total,
-            initial=start,
-            desc="train",
-            dynamic_ncols=True,
-            mininterval=1.0,
-            disable=jax.process_index() != 0,
-        )
+        lead = jax.process_index() == 0
+        self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True,
+                        mininterval=1.0, disable=not lead)  # fmt: skip
         window_start, window_steps = time.perf_counter(), 0
+        previous = None  # metrics of the step dispatched before this one
         for step in range(start + 1, total + 1):
             batch = put_batch(self.task, self.data.train_batch(step - 1))
             state, metrics = self.train_step(state, batch)
             window_steps += 1
-            bar.update(1)
+            if previous is not None:
+                self._advance(previous)
+            previous = metrics
             if step % cfg.log_every_steps == 0 or step == total:
                 self._check_finite(state)
                 host = _host_metrics(metrics)  # waits for the step, so the timing is real
                 elapsed = time.perf_counter() - window_start
                 host["tokens_per_sec"] = window_steps * self.tokens_per_step / elapsed
                 self.writer.write({"step": step, "split": "train", **host})
-                bar.set_postfix(_bar_fields(host), refresh=False)
                 window_start, window_steps = time.perf_counter(), 0
             if step % cfg.eval_every_steps == 0 or step == total:
+                self._advance(previous)
+                previous = None
                 final = self.validate(state, step)
             if step % cfg.checkpoint_every_steps == 0 or step == total:
                 self._check_finite(state)  # never save past a non-finite step in stop mode
-                self.checkpointer.save(step, state)
-        bar.close()
+                save_state(self.checkpointer, step, state)
+        if previous is not None:
+            self._advance(previous)
+        self.bar.close()
         if not final:  # resumed after the last step: report the restored model
-            final = evaluate(self.eval_step, state["params"], self._eval_batches())
+            final = evaluate(self.eval_step, state.params, self._eval_batches())
         return state, final
 
-    def _check_finite(self, state: State) -> None:
-        if self.task.config.nonfinite == "stop" and int(state["nonfinite_steps"]) > 0:
-            first = int(state["first_nonfinite_step"])
+    def _advance(self, metrics: dict) -> None:
+        """Moves the bar one step once the step of ``metrics`` has finished. Waiting on the
+        step before the one just dispatched keeps the bar true while the device always has
+        work queued; the postfix costs two scalar transfers."""
+        fields = {"loss": f"{float(metrics['loss']):.3f}"}
+        if "experts_per_token" in metrics:
+            fields["experts/tok"] = f"{float(metrics['experts_per_token']):.2f}"
+        self.bar.set_postfix(fields, refresh=False)
+        self.bar.update(1)
+
+    def _check_finite(self, state: TrainState) -> None:
+        if self.task.config.nonfinite == "stop" and int(state.nonfinite_steps) > 0:
+            first = int(state.first_nonfinite_step)
             raise NonFiniteError(
                 f"non-finite loss or gradients at step {first} (nonfinite=stop); the last "
                 f"checkpoint before it is intact in {self.checkpointer.directory}. Set "
@@ -437,29 +519,21 @@ class _Loop:
     def _eval_batches(self):
         return self.data.eval_batches(self.task.config.eval_batches)
 
-    def validate(self, state: State, step: int) -> dict:
-        result = evaluate(self.eval_step, state["params"], self._eval_batches())
+    def validate(self, state: TrainState, step: int) -> dict:
+        result = evaluate(self.eval_step, state.params, self._eval_batches())
+        if self.validation_extras is not None:
+            result.update(self.validation_extras(self.task, state.params))
         self.writer.write({"step": step, "split": "validation", **result})
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(f"step {step}: {describe_validation(result)}")
         return result
 
 
-def _bar_fields(host: dict) -> dict:
-    fields = {"loss": f"{host['loss']:.3f}"}
-    if "experts_per_token" in host:
-        fields["experts/tok"] = f"{host['experts_per_token']:.2f}"
-    return fields
-
-
-def _print_summary(workdir: Path, dataset: str, data, final: dict, plot, eval_batches) -> None:
-    unigram = data.unigram_cross_entropy(eval_batches)
-    lines = [
-        f"dataset: {dataset}",
-        f"validation loss {final['loss']:.4f}, perplexity {final['perplexity']:.2f} "
-        f"(unigram baseline perplexity {math.exp(unigram):.2f})",
-    ]
+def _print_summary(workdir: Path, dataset: str, final: dict, unigram: float, plot) -> None:
+    lines = [f"dataset: {dataset}", f"final {describe_validation(final, unigram)}"]
     if "experts_per_layer" in final:
         per_layer = ", ".join(f"{v:.2f}" for v in np.atleast_1d(final["experts_per_layer"]))
-        lines.append(f"experts per token by layer: {per_layer}")
+        lines.append(f"experts per token by layer (validation): {per_layer}")
     lines += [
         f"metrics: {workdir / metrics_lib.METRICS_FILE}",
         f"tensorboard: {workdir / 'tensorboard'}",

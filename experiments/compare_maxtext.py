@@ -6,7 +6,10 @@ Every row is the median of the compiled forward+backward (gradients of sum(y) w.
 parameters and x), AOT compile and one warm-up call excluded; the rows' calls alternate (one
 call of each per round) so that load drifts on a shared machine hit them alike.
 
-Run with the MaxText venv (``bash /work/shared/peers/maxtext/setup.sh .venv-maxtext``):
+Run with the MaxText venv, which the MaxText harness's setup script builds (the harness is
+found at ``../shared/peers/maxtext`` from the repository root, or wherever ``--harness`` says):
+
+    bash ../shared/peers/maxtext/setup.sh .venv-maxtext
 
     .venv-maxtext/bin/python -m experiments.compare_maxtext --json \
         experiments/results/compare_maxtext.json
@@ -49,8 +52,12 @@ def log(*parts) -> None:
     print(*parts, file=sys.stderr, flush=True)
 
 
-def import_maxtext() -> SimpleNamespace | None:
-    """MaxText's modules, or None (with the reason logged) when it is not importable."""
+DEFAULT_HARNESS = Path(__file__).resolve().parents[1] / ".." / "shared" / "peers" / "maxtext"
+
+
+def import_maxtext(harness: Path = DEFAULT_HARNESS) -> SimpleNamespace | None:
+    """MaxText's modules, or None (with the reason and the set-up command logged) when it is
+    not importable."""
     try:
         with contextlib.redirect_stdout(sys.stderr):  # it prints banners on import
             import jax.experimental.xla_metadata as xla_metadata
@@ -63,7 +70,9 @@ def import_maxtext() -> SimpleNamespace | None:
             from maxtext.layers import initializers, moe
             from maxtext.utils import maxtext_utils
     except Exception as e:  # noqa: BLE001 - any import failure means: skip MaxText
-        log(f"MaxText not importable ({type(e).__name__}: {e}); skipping its rows.")
+        setup = Path(harness) / "setup.sh"
+        how = f"bash {setup} .venv-maxtext" if setup.exists() else f"no {setup}: see --harness"
+        log(f"MaxText not importable ({type(e).__name__}: {e}); skipping its rows. Its venv: {how}")
         return None
     return SimpleNamespace(
         root=Path(maxtext.__file__).parent,
@@ -167,9 +176,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ours", nargs="*", default=["index", "einsum", "dropless"])
     p.add_argument("--maxtext", nargs="*", default=list(MAXTEXT_MODES), choices=MAXTEXT_MODES)
     p.add_argument("--json", type=Path, default=None)
+    harness_help = "folder of the MaxText harness (its setup.sh builds the MaxText venv)"
+    p.add_argument("--harness", type=Path, default=DEFAULT_HARNESS, help=harness_help)
     args = p.parse_args(argv)
     x_BSD = jax.random.normal(jax.random.key(1), (B, S, D), jnp.float32)
-    mt = import_maxtext() if args.maxtext else None
+    mt = import_maxtext(args.harness) if args.maxtext else None
     dense = lambda: timing.dense_swiglu_case(B * S, D, K * F, jnp.float32)  # noqa: E731
     rows = [build(f"dense SwiGLU hidden {K * F}", dense)]
     rows += [build(f"ours {d}", lambda d=d: our_case(d, x_BSD)) for d in args.ours]

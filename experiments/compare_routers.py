@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import common
+from experiments import common, report, stats
 
 MODULE = "experiments.compare_routers"
 Results = dict[str, list[common.RunResult]]
@@ -34,7 +34,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threshold", type=float, default=0.4, help="top-p threshold p")
     p.add_argument("--variants", nargs="+", default=list(common.VARIANTS), choices=common.VARIANTS)
     p.add_argument("--runs-dir", type=Path, default=common.RUNS_DIR / "lm")
-    p.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR)
+    p.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
     p.add_argument("--fresh", action="store_true", help="retrain even finished runs")
     return p.parse_args(argv)
 
@@ -79,10 +79,10 @@ def summarize(results: Results, threshold: float) -> tuple[dict, dict]:
         rows.append(
             [
                 _label(variant, threshold),
-                common.fmt_mean_sd(loss, 3),
-                common.fmt_mean_sd(ppl, 1),
-                common.fmt_mean_sd(experts, 2) if moe else "—",
-                common.fmt_mean_sd(slots, 2) if moe else "—",
+                stats.fmt_mean_sd(loss, 3),
+                stats.fmt_mean_sd(ppl, 1),
+                stats.fmt_mean_sd(experts, 2) if moe else "—",
+                stats.fmt_mean_sd(slots, 2) if moe else "—",
                 f"{100 * np.mean(dropped):.1f}%" if moe else "—",
                 f"{ffn / 1e3:.0f}k",
                 # Per seed: runs trained at different times saw different machine loads.
@@ -126,15 +126,15 @@ def summarize(results: Results, threshold: float) -> tuple[dict, dict]:
 def _top_p_tables(runs: list[common.RunResult]) -> dict:
     """Per-layer experts (finding 3) and experts over training (finding 4) of the top-p runs."""
     per_layer = np.stack([r.experts_per_layer for r in runs])
-    layer_rows = [[i, common.fmt_mean_sd(per_layer[:, i], 2)] for i in range(per_layer.shape[1])]
-    rho = [common.spearman(np.arange(per_layer.shape[1]), row) for row in per_layer]
+    layer_rows = [[i, stats.fmt_mean_sd(per_layer[:, i], 2)] for i in range(per_layer.shape[1])]
+    rho = [stats.spearman(np.arange(per_layer.shape[1]), row) for row in per_layer]
     layer_rows.append(["Spearman(layer, experts) per seed", ", ".join(f"{x:+.2f}" for x in rho)])
-    steps, curves = common.aligned_series([r.train for r in runs], "experts_per_token")
+    steps, curves = report.aligned_series([r.train for r in runs], "experts_per_token")
     peak = int(np.argmax(curves.mean(axis=0)))
     time_rows = [
-        [f"first log (step {steps[0]})", common.fmt_mean_sd(curves[:, 0], 2)],
-        [f"peak of the seed mean (step {steps[peak]})", common.fmt_mean_sd(curves[:, peak], 2)],
-        [f"last log (step {steps[-1]})", common.fmt_mean_sd(curves[:, -1], 2)],
+        [f"first log (step {steps[0]})", stats.fmt_mean_sd(curves[:, 0], 2)],
+        [f"peak of the seed mean (step {steps[peak]})", stats.fmt_mean_sd(curves[:, peak], 2)],
+        [f"last log (step {steps[-1]})", stats.fmt_mean_sd(curves[:, -1], 2)],
     ]
     return {
         "Top-p: experts per token by layer (validation, 0 = lowest)": (
@@ -152,11 +152,11 @@ def _top_p_tables(runs: list[common.RunResult]) -> dict:
 
 
 def plot_validation_loss(results: Results, threshold: float, path: Path) -> Path:
-    plt = common.pyplot()
+    plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for variant, runs in results.items():
-        steps, curves = common.aligned_series([r.validation for r in runs], "loss")
-        common.band(ax, steps, curves, _label(variant, threshold), common.VARIANT_COLORS[variant])
+        steps, curves = report.aligned_series([r.validation for r in runs], "loss")
+        report.band(ax, steps, curves, _label(variant, threshold), common.VARIANT_COLORS[variant])
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats / token)")
     ax.set_title(
@@ -164,33 +164,33 @@ def plot_validation_loss(results: Results, threshold: float, path: Path) -> Path
     )
     ax.legend()
     ax.grid(alpha=0.3)
-    return common.save_figure(fig, path)
+    return report.save_figure(fig, path)
 
 
 def plot_experts_over_training(results: Results, threshold: float, path: Path) -> Path:
     """Left: mean experts per token of each MoE model; right: top-p by layer."""
-    plt = common.pyplot()
+    plt = report.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for variant, runs in results.items():
         if runs[0].config.model.ffn != "moe":
             continue
-        steps, curves = common.aligned_series([r.train for r in runs], "experts_per_token")
+        steps, curves = report.aligned_series([r.train for r in runs], "experts_per_token")
         label, color = _label(variant, threshold), common.VARIANT_COLORS[variant]
-        common.band(left, steps, curves, label, color)
+        report.band(left, steps, curves, label, color)
     left.set_title("Experts per token over training (train batches)")
     if "top_p" in results:
         runs = results["top_p"]
-        steps, _ = common.aligned_series([r.train for r in runs], "experts_per_token")
+        steps, _ = report.aligned_series([r.train for r in runs], "experts_per_token")
         per_layer = np.stack([_per_layer_series(r, steps) for r in runs])  # [seed, step, L]
         for layer in range(per_layer.shape[2]):
-            common.band(right, steps, per_layer[:, :, layer], f"layer {layer}")
+            report.band(right, steps, per_layer[:, :, layer], f"layer {layer}")
         right.set_title(f"Top-p (p={threshold:g}) by layer (0 = lowest)")
     for ax in (left, right):
         ax.set_xlabel("step")
         ax.set_ylabel("experts per token")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    return common.save_figure(fig, path)
+    return report.save_figure(fig, path)
 
 
 def _per_layer_series(run: common.RunResult, steps: np.ndarray) -> np.ndarray:
@@ -200,7 +200,7 @@ def _per_layer_series(run: common.RunResult, steps: np.ndarray) -> np.ndarray:
 
 def plot_experts_per_layer(results: Results, threshold: float, path: Path) -> Path:
     """Final validation experts per token of each MoE layer, per model (seed dots)."""
-    plt = common.pyplot()
+    plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     moe = {v: runs for v, runs in results.items() if runs[0].config.model.ffn == "moe"}
     width = 0.8 / max(1, len(moe))
@@ -223,7 +223,7 @@ def plot_experts_per_layer(results: Results, threshold: float, path: Path) -> Pa
     ax.set_title("Experts per token by layer (bars: seed mean; dots: seeds)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    return common.save_figure(fig, path)
+    return report.save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -237,12 +237,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
         plot_experts_over_training(results, args.threshold, out / f"{stem}_experts_training.png"),
         plot_experts_per_layer(results, args.threshold, out / f"{stem}_experts_per_layer.png"),
     ]
-    md, _ = common.write_results(
+    md, _ = report.write_results(
         stem,
         "Router comparison: dense vs top-1 vs top-2 vs top-p",
         tables,
         {"results": raw, "plots": [p.name for p in plots]},
-        common.command_line(MODULE),
+        report.command_line(MODULE),
         out,
     )
     print(md.read_text())

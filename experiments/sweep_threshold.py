@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import common
+from experiments import common, report, stats
 
 MODULE = "experiments.sweep_threshold"
 DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -33,7 +33,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale", type=int, default=1, help="multiplies steps and widths")
     p.add_argument("--steps", type=int, default=None, help="override the step count")
     p.add_argument("--runs-dir", type=Path, default=common.RUNS_DIR / "lm")
-    p.add_argument("--results-dir", type=Path, default=common.RESULTS_DIR)
+    p.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
     p.add_argument("--fresh", action="store_true", help="retrain even finished runs")
     return p.parse_args(argv)
 
@@ -69,13 +69,13 @@ def summarize(sweep: dict, reference: dict) -> tuple[dict, dict]:
         rows.append(
             [
                 f"top-p {p:g}",
-                common.fmt_mean_sd(loss, 3),
-                common.fmt_mean_sd([r.final["perplexity"] for r in runs], 1),
-                common.fmt_mean_sd([r.final["experts_per_token"] for r in runs], 2),
+                stats.fmt_mean_sd(loss, 3),
+                stats.fmt_mean_sd([r.final["perplexity"] for r in runs], 1),
+                stats.fmt_mean_sd([r.final["experts_per_token"] for r in runs], 2),
                 f"{100 * np.mean([r.final['dropped_fraction'] for r in runs]):.1f}%",
             ]
         )
-        rho = [common.spearman(np.arange(len(row)), row) for row in per_layer]
+        rho = [stats.spearman(np.arange(len(row)), row) for row in per_layer]
         layer_rows.append(
             [
                 f"{p:g}",
@@ -99,9 +99,9 @@ def summarize(sweep: dict, reference: dict) -> tuple[dict, dict]:
         rows.append(
             [
                 common.VARIANT_LABELS[variant] + " (reference)",
-                common.fmt_mean_sd(loss, 3),
-                common.fmt_mean_sd([r.final["perplexity"] for r in runs], 1),
-                common.fmt_mean_sd([r.final["experts_per_token"] for r in runs], 2),
+                stats.fmt_mean_sd(loss, 3),
+                stats.fmt_mean_sd([r.final["perplexity"] for r in runs], 1),
+                stats.fmt_mean_sd([r.final["experts_per_token"] for r in runs], 2),
                 f"{100 * np.mean([r.final['dropped_fraction'] for r in runs]):.1f}%",
             ]
         )
@@ -126,7 +126,7 @@ def summarize(sweep: dict, reference: dict) -> tuple[dict, dict]:
 
 
 def plot_sweep(raw: dict, path: Path) -> Path:
-    plt = common.pyplot()
+    plt = report.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     ps = [float(p) for p in raw["thresholds"]]
     for key, ax, label in (
@@ -157,11 +157,11 @@ def plot_sweep(raw: dict, path: Path) -> Path:
     right.set_title("Experts per token vs p")
     left.legend(fontsize=8)
     right.legend(fontsize=8, loc="upper left")
-    return common.save_figure(fig, path)
+    return report.save_figure(fig, path)
 
 
 def plot_layers(raw: dict, path: Path) -> Path:
-    plt = common.pyplot()
+    plt = report.pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4))
     cmap = plt.get_cmap("viridis")
     items = list(raw["thresholds"].items())
@@ -183,7 +183,7 @@ def plot_layers(raw: dict, path: Path) -> Path:
     ax.set_title("Experts per token by layer and threshold (bars: sd over seeds)")
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     ax.grid(alpha=0.3)
-    return common.save_figure(fig, path)
+    return report.save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -197,12 +197,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     ]
     raw["plots"] = [p.name for p in plots]
     raw["seeds"] = list(args.seeds)
-    md, _ = common.write_results(
+    md, _ = report.write_results(
         stem,
         "Top-p threshold sweep and experts per layer",
         tables,
         raw,
-        common.command_line(MODULE),
+        report.command_line(MODULE),
         args.results_dir,
     )
     print(md.read_text())

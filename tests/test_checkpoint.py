@@ -1,5 +1,7 @@
 """Checkpoint fingerprints: exact, position-sensitive and independent of the mesh."""
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,15 +90,37 @@ def _save_format_1(workdir, step, tree, shapes):
         manager.save(step, args=args)
 
 
-def test_first_format_checkpoints_restore_unverified(tmp_path, capsys):
+def test_first_format_checkpoints_are_refused_in_one_line_and_kept(tmp_path):
     tree = _tree(np.random.default_rng(4))
     _save_format_1(tmp_path, 2, tree, {"b": [8], "count": [], "w": [16, 8]})
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
     ckpt = ckpt_lib.Checkpointer(tmp_path)
-    step, got = ckpt.restore_latest(abstract)
-    np.testing.assert_array_equal(np.asarray(got["w"]), tree["w"])
-    assert step == 2 and "restored unverified" in capsys.readouterr().out
-    abstract["w"] = jax.ShapeDtypeStruct((16, 4), np.float32)
-    with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"w: saved \[\[16, 8\]"):
+    with pytest.raises(ckpt_lib.CheckpointMismatchError, match="step 2 .* record format 1") as e:
         ckpt.restore_latest(abstract)
     ckpt.close()
+    assert "\n" not in str(e.value)
+    assert (tmp_path / "checkpoints" / "2").is_dir()
+    assert not (tmp_path / "checkpoints_unreadable").exists()
+
+
+def test_reading_a_workdir_without_checkpoints_creates_nothing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+        ckpt_lib.Checkpointer(tmp_path / "empty", create=False)
+    assert not (tmp_path / "empty").exists()
+
+
+class _Pair(NamedTuple):
+    w: Any
+    b: Any
+
+
+def test_a_namedtuple_target_restores_a_saved_dict_in_its_own_order(tmp_path):
+    # The dict flattens as (b, w), the NamedTuple as (w, b): fingerprints match by path.
+    tree = {"w": np.arange(6, dtype=np.float32), "b": np.ones(3, np.int32)}
+    ckpt, _ = _saved(tmp_path, tree, 4)
+    target = _Pair(w=jax.ShapeDtypeStruct((6,), np.float32), b=jax.ShapeDtypeStruct((3,), np.int32))
+    step, got = ckpt.restore_latest(target)
+    ckpt.close()
+    assert step == 4 and isinstance(got, _Pair)
+    np.testing.assert_array_equal(np.asarray(got.w), tree["w"])
+    np.testing.assert_array_equal(np.asarray(got.b), tree["b"])

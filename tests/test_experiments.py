@@ -5,49 +5,45 @@ import json
 
 import numpy as np
 import pytest
-from scipy import stats
+from flax import nnx
 
-from experiments import common, difficulty, sweep_threshold
+from experiments import common, report, stats, sweep_threshold, tasks
 
 # ----------------------------------------------------------------------------- statistics
 
 
-def test_rankdata_averages_ties():
-    np.testing.assert_array_equal(common.rankdata([10, 20, 20, 5]), [2.0, 3.5, 3.5, 1.0])
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_spearman_matches_scipy_with_ties(seed):
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 5, size=200).astype(float)  # heavy ties, as experts counts have
-    y = x + rng.normal(size=200)
-    assert common.spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
-    assert common.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
-    assert np.isnan(common.spearman([1, 1, 1], [1, 2, 3]))
+def test_spearman_of_hand_ranked_values():
+    # ranks x: 2, 3.5, 3.5, 1; y: 1, 3, 4, 2 -> Pearson of the ranks = 0.7379...
+    rx, ry = np.array([2, 3.5, 3.5, 1]), np.array([1, 3, 4, 2.0])
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    expected = (rx @ ry) / np.sqrt((rx @ rx) * (ry @ ry))
+    assert stats.spearman([10, 20, 20, 5], [1, 3, 4, 2]) == pytest.approx(expected, abs=1e-12)
+    assert stats.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert np.isnan(stats.spearman([1, 1, 1], [1, 2, 3]))
 
 
 def test_t_interval_and_mean_sd():
-    mean, lo, hi = common.t_interval([1.0, 2.0, 3.0])
+    mean, lo, hi = stats.t_interval([1.0, 2.0, 3.0])
     half = 4.302652729911275 / np.sqrt(3)  # t(0.975, df=2) * sd 1 / sqrt(3)
     assert (mean, lo, hi) == pytest.approx((2.0, 2.0 - half, 2.0 + half))
-    assert common.t_interval([5.0]) == (5.0, 5.0, 5.0)
-    assert common.mean_sd([1.0, 3.0]) == pytest.approx((2.0, np.sqrt(2.0)))
-    assert common.fmt_mean_sd([1.0, 3.0], 2) == "2.00 ± 1.41"
-    assert common.fmt_mean_sd([1.5], 2) == "1.50"
+    assert stats.t_interval([5.0]) == (5.0, 5.0, 5.0)
+    assert stats.mean_sd([1.0, 3.0]) == pytest.approx((2.0, np.sqrt(2.0)))
+    assert stats.fmt_mean_sd([1.0, 3.0], 2) == "2.00 ± 1.41"
+    assert stats.fmt_mean_sd([1.5], 2) == "1.50"
 
 
 def test_quantile_bins_split_evenly_and_keep_ties_together():
-    bins = common.quantile_bins(np.arange(100.0), 10)
+    bins = stats.quantile_bins(np.arange(100.0), 10)
     np.testing.assert_array_equal(np.bincount(bins), [10] * 10)
     assert np.all(np.diff(bins) >= 0)
-    tied = common.quantile_bins(np.array([1.0] * 50 + [2.0] * 50), 4)
+    tied = stats.quantile_bins(np.array([1.0] * 50 + [2.0] * 50), 4)
     assert len(set(tied[:50])) == 1 and len(set(tied[50:])) == 1 and tied[0] < tied[-1]
 
 
 def test_binned_means_of_a_known_relation():
     x = np.arange(100.0)
     y = np.where(x < 50, 1.0, 3.0)
-    rows = common.binned_means(x, y, 4)
+    rows = stats.binned_means(x, y, 4)
     assert [r["count"] for r in rows] == [25, 25, 25, 25]
     assert [r["y_mean"] for r in rows] == [1.0, 1.0, 3.0, 3.0]
     assert rows[0]["x_min"] == 0.0 and rows[-1]["x_max"] == 99.0
@@ -64,11 +60,11 @@ def test_layer_contrast_leaves_out_the_middle_layer():
 
 
 def test_markdown_table_and_results_files(tmp_path):
-    table = common.markdown_table(["a", "b"], [[1, "x"], [2.5, "y"]])
+    table = report.markdown_table(["a", "b"], [[1, "x"], [2.5, "y"]])
     assert table == "| a | b |\n|---|---|\n| 1 | x |\n| 2.5 | y |\n"
     with pytest.raises(ValueError, match="2 columns"):
-        common.markdown_table(["a", "b"], [[1]])
-    md, js = common.write_results(
+        report.markdown_table(["a", "b"], [[1]])
+    md, js = report.write_results(
         "demo",
         "Demo",
         {"T": (["a"], [[1]])},
@@ -83,7 +79,7 @@ def test_markdown_table_and_results_files(tmp_path):
 def test_aligned_series_and_steady_step_ms():
     a = [{"step": 1, "v": 1.0}, {"step": 2, "v": 2.0}, {"step": 3, "v": 3.0}]
     b = [{"step": 2, "v": 5.0}, {"step": 3, "v": 6.0}]
-    steps, values = common.aligned_series([a, b], "v")
+    steps, values = report.aligned_series([a, b], "v")
     np.testing.assert_array_equal(steps, [2, 3])
     np.testing.assert_array_equal(values, [[2.0, 3.0], [5.0, 6.0]])
     records = [{"tokens_per_sec": 10.0}, {"tokens_per_sec": 1000.0}, {"tokens_per_sec": 2000.0}]
@@ -119,8 +115,8 @@ def test_lm_config_variants_match_activated_parameters():
     )
 
 
-def _fake_run(workdir, config):
-    """A finished run's files, as run_or_load leaves them, without training."""
+def _fake_run(workdir, config, corpus="kjv"):
+    """A finished run's files, as run_or_load and the library leave them, without training."""
     workdir.mkdir(parents=True)
     summary = {"config": config.to_json(sort_keys=True), "final": {"loss": 2.5},
                "wall_s": 12.0, "step_ms": 80.0}  # fmt: skip
@@ -128,40 +124,78 @@ def _fake_run(workdir, config):
     records = [{"step": 5, "split": "train", "loss": 3.0},
                {"step": 5, "split": "validation", "loss": 2.5}]  # fmt: skip
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if corpus is not None:  # the library's record of the corpus it trained on
+        saved = json.loads(config.to_json())
+        (workdir / common.CONFIG_FILE).write_text(json.dumps({**saved, "dataset": corpus}))
+
+
+def _no_training(config, workdir):
+    raise AssertionError("the cache trained instead of reusing or refusing")
 
 
 def test_finished_runs_are_reused_only_with_the_same_config(tmp_path):
     config = common.lm_config("top_p", 0, steps=5)
     _fake_run(tmp_path / "run", config)
-    run = common.run_or_load(config, tmp_path / "run")  # reused: nothing is trained
+    run = common.run_or_load(config, tmp_path / "run", train=_no_training)
     assert (run.final, run.wall_s, run.step_ms) == ({"loss": 2.5}, 12.0, 80.0)
     assert [r["split"] for r in run.train + run.validation] == ["train", "validation"]
     other = common.lm_config("top_p", 0, steps=5, threshold=0.3)
-    assert common.load_run(tmp_path / "run", other) is None
+    with pytest.raises(common.RunCacheError, match="another config; pass --fresh"):
+        common.run_or_load(other, tmp_path / "run", train=_no_training)
+    assert (tmp_path / "run" / common.SUMMARY_FILE).exists()  # nothing deleted
+    assert common.load_run(tmp_path / "empty", config) is None
+
+
+@pytest.mark.parametrize("corpus, message", [("pydoc", "dataset='pydoc', not dataset='kjv'"),
+                                             (None, "no record of its corpus")])  # fmt: skip
+def test_a_run_on_another_corpus_is_refused_not_deleted(tmp_path, corpus, message):
+    config = common.lm_config("top_p", 0, steps=5)
+    _fake_run(tmp_path / "run", config, corpus=corpus)
+    assert common.trained_corpus(tmp_path / "run") == corpus
+    with pytest.raises(common.RunCacheError, match=message):
+        common.run_or_load(config, tmp_path / "run", train=_no_training)
+    kept = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"metrics.jsonl", common.SUMMARY_FILE} <= kept  # nothing deleted
+
+
+def test_unfinished_run_is_refused_and_fresh_retrains_saying_so(tmp_path, capsys):
+    config = common.lm_config("top_p", 0, steps=5)
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(common.RunCacheError, match="unfinished run"):
+        common.run_or_load(config, tmp_path / "run", train=_no_training)
+
+    def fake_train(config, workdir):
+        _fake_run(workdir / "inner", config)  # any files; the cache writes the summary
+        (workdir / "metrics.jsonl").write_text('{"step": 5, "split": "train", "loss": 3.0}\n')
+        return {"loss": 2.0}
+
+    run = common.run_or_load(config, tmp_path / "run", fresh=True, train=fake_train)
+    assert f"[fresh] removing {tmp_path / 'run'}" in capsys.readouterr().out
+    assert run.final == {"loss": 2.0} and not (tmp_path / "run" / "checkpoints").exists()
 
 
 # ----------------------------------------------------------------------------- synthetic tasks
 
 
 def _digits(ids):
-    return [t - difficulty.DIGIT0 for t in ids]
+    return [t - tasks.DIGIT0 for t in ids]
 
 
 def test_synthetic_examples_are_correct():
     rng = np.random.default_rng(0)
-    for task_index, task in enumerate(difficulty.TASKS):
+    for task_index, task in enumerate(tasks.TASKS):
         for _ in range(50):
-            tokens, is_answer = difficulty.make_example(task_index, rng)
-            assert tokens[0] == difficulty.FIRST_TAG + task_index
-            assert tokens[-1] == difficulty.END and len(tokens) == len(is_answer)
-            eq = tokens.index(difficulty.EQUALS)
+            tokens, is_answer = tasks.make_example(task_index, rng)
+            assert tokens[0] == tasks.FIRST_TAG + task_index
+            assert tokens[-1] == tasks.END and len(tokens) == len(is_answer)
+            eq = tokens.index(tasks.EQUALS)
             prompt, answer = tokens[1:eq], _digits(tokens[eq + 1 : -1])
             # The answer digits and the closing ';' are the answer, nothing before '='.
             assert is_answer == [False] * (eq + 1) + [True] * (len(tokens) - eq - 1)
             if task.kind == "copy":
                 assert answer == _digits(prompt) and len(answer) == task.digits
             else:
-                plus = prompt.index(difficulty.PLUS)
+                plus = prompt.index(tasks.PLUS)
                 a, b = _digits(prompt[:plus]), _digits(prompt[plus + 1 :])
                 assert len(a) == len(b) == task.digits and len(answer) == task.digits + 1
                 value = lambda ds: int("".join(map(str, ds)))  # noqa: E731
@@ -169,57 +203,85 @@ def test_synthetic_examples_are_correct():
 
 
 def test_decode_example():
-    tokens = [difficulty.FIRST_TAG + 2, *difficulty.digits_to_ids([4, 7]), difficulty.PLUS,
-              *difficulty.digits_to_ids([1, 9]), difficulty.EQUALS,
-              *difficulty.digits_to_ids([6, 6, 0]), difficulty.END]  # fmt: skip
-    assert difficulty.decode_example(tokens) == "add2: 47+19=660;"
+    tokens = [tasks.FIRST_TAG + 2, *tasks.digits_to_ids([4, 7]), tasks.PLUS,
+              *tasks.digits_to_ids([1, 9]), tasks.EQUALS,
+              *tasks.digits_to_ids([6, 6, 0]), tasks.END]  # fmt: skip
+    assert tasks.decode_example(tokens) == "add2: 47+19=660;"
 
 
 def test_synthetic_batch_layout():
     rng = np.random.default_rng(1)
-    batch = difficulty.make_batch(rng, batch_size=10, seq_len=24)
+    batch = tasks.make_batch(rng, batch_size=10, seq_len=24)
     assert batch["inputs"].shape == batch["targets"].shape == batch["weights"].shape == (10, 24)
     assert batch["inputs"].dtype == np.int32 and batch["weights"].dtype == np.float32
     np.testing.assert_array_equal(np.bincount(batch["task"]), [2] * 5)  # balanced
     np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
     # Each row starts with its task's tag and holds no other task's tag.
-    tags = difficulty.FIRST_TAG + batch["task"]
+    tags = tasks.FIRST_TAG + batch["task"]
     np.testing.assert_array_equal(batch["inputs"][:, 0], tags)
-    is_tag = (batch["inputs"] >= difficulty.FIRST_TAG) & (
-        batch["inputs"] < difficulty.FIRST_TAG + len(difficulty.TASKS)
+    is_tag = (batch["inputs"] >= tasks.FIRST_TAG) & (
+        batch["inputs"] < tasks.FIRST_TAG + len(tasks.TASKS)
     )
     assert np.all(batch["inputs"][is_tag] == np.broadcast_to(tags[:, None], (10, 24))[is_tag])
     # Weighted targets are answer digits or ';', never a tag, '+' or '='.
     weighted = batch["targets"][batch["weights"] > 0]
-    assert np.all((weighted <= difficulty.DIGIT0 + 9) | (weighted == difficulty.END))
+    assert np.all((weighted <= tasks.DIGIT0 + 9) | (weighted == tasks.END))
     assert 0 < batch["weights"].mean() < 1
-    assert batch["inputs"].max() < difficulty.VOCAB_SIZE and batch["inputs"].min() > 0
+    assert batch["inputs"].max() < tasks.VOCAB_SIZE and batch["inputs"].min() > 0
+
+
+def _tiny_tasks_config(steps=2):
+    config = tasks.tasks_config(seed=0, steps=steps)
+    config.model.d_model, config.model.num_heads, config.moe.d_ff = 32, 2, 32
+    config.model.num_layers = 2
+    config.eval_batches = 1
+    return config
 
 
 def test_task_and_token_statistics_on_a_tiny_model():
+    from dynmoe_jax import inference
     from dynmoe_jax import train as train_lib
 
-    config = difficulty.tasks_config(seed=0, steps=2)
-    config.model.d_model, config.model.num_heads, config.moe.d_ff = 32, 2, 32
-    config.model.num_layers = 2
-    task = train_lib.build_task(config, difficulty.VOCAB_SIZE)
-    params = train_lib.init_state(task)["params"]
-    batch = difficulty.eval_batch(config, rows_per_task=2)
-    per_task = difficulty.task_statistics(task, params, batch)
+    config = _tiny_tasks_config()
+    task = train_lib.build_task(config, tasks.VOCAB_SIZE)
+    params = train_lib.init_state(task).params
+    batches = list(tasks.TaskSuiteData(config).eval_batches(1))
+    per_task = tasks.task_statistics(task.graphdef, params, batches)
     assert per_task["experts"].shape == per_task["acc"].shape == (5,)
     assert per_task["by_layer"].shape == (5, 2)
     assert np.all((per_task["experts"] >= 1) & (per_task["experts"] <= 8))
     np.testing.assert_allclose(per_task["by_layer"].mean(axis=1), per_task["experts"], rtol=1e-6)
 
-    tokens = common.token_statistics(task, params, [batch])
+    tokens = inference.token_statistics(task.graphdef, params, batches)
+    batch = batches[0]
     n = int((batch["weights"] > 0).sum())
-    assert tokens["loss"].shape == tokens["entropy"].shape == (n,)
+    assert tokens["loss"].shape == tokens["entropy"].shape == tokens["row"].shape == (n,)
     assert tokens["experts"].shape == (2, n)
+    np.testing.assert_array_equal(tokens["inputs"], batch["inputs"][batch["weights"] > 0])
     # The per-token losses average to the library's own validation loss on the same batch.
-    model_batch = {k: batch[k] for k in ("inputs", "targets", "weights")}
-    result = train_lib.evaluate(train_lib.make_eval_step(task), params, [model_batch])
+    result = train_lib.evaluate(train_lib.make_eval_step(task), params, batches)
     assert tokens["loss"].mean() == pytest.approx(result["loss"], rel=1e-5)
     assert np.all(tokens["entropy"] > 0) and np.all(tokens["entropy"] <= np.log(32) + 1e-5)
+    # Rows of task 0 by hand: the mean of their answer positions' experts.
+    _, layer = nnx.merge(task.graphdef, params)(batch["inputs"])
+    experts_LBT = np.asarray(layer["token_experts"], np.float64)
+    sel = (batch["weights"] > 0) & (batch["task"] == 0)[:, None]
+    assert per_task["experts"][0] == pytest.approx(experts_LBT[:, sel].mean(), rel=1e-12)
+
+
+def test_task_suite_trains_through_the_library_and_is_reused(tmp_path):
+    config = _tiny_tasks_config(steps=4)
+    config.eval_every_steps = 2
+    data = tasks.TaskSuiteData(config)
+    for key in ("inputs", "weights"):  # batches are a pure function of (seed, step)
+        np.testing.assert_array_equal(data.train_batch(3)[key], data.train_batch(3)[key])
+    run = common.run_or_load(config, tmp_path / "tasks", train=tasks.train_tasks)
+    history = tasks.task_history(run)
+    assert [h["step"] for h in history] == [2, 4]
+    assert history[-1]["experts"].shape == (5,) and history[-1]["by_layer"].shape == (5, 2)
+    assert np.all(np.isfinite(history[-1]["loss"]))
+    again = common.run_or_load(config, tmp_path / "tasks", train=_no_training)
+    assert again.final["loss"] == pytest.approx(run.final["loss"])
 
 
 def test_same_config_ignores_fields_added_since_but_not_changed_ones():
@@ -247,3 +309,18 @@ def test_router_table_reports_capacity_drops_and_per_seed_times():
     assert rows == [["top-p (p=0.4), capacity for k=1.4", "3.605 ± 0.007", "36.8 ± 0.3",
                      "1.40 ± 0.00", "1.75 ± 0.00", "6.0%", "129k", "30, 30", "60, 61"]]  # fmt: skip
     assert raw["top_p_sized"]["dropped_fraction"] == [0.06, 0.06]
+
+
+@pytest.mark.parametrize("stem, module, plot", [
+    ("difficulty_tasks", "difficulty", "plot_tasks"),
+    ("difficulty_tokens", "difficulty", "plot_tokens"),
+    ("sweep_threshold", "sweep_threshold", "plot_sweep"),
+    ("sweep_threshold", "sweep_threshold", "plot_layers"),
+])  # fmt: skip
+def test_committed_results_replot(stem, module, plot, tmp_path):
+    import importlib
+
+    raw = json.loads((report.RESULTS_DIR / f"{stem}.json").read_text())
+    plotter = getattr(importlib.import_module(f"experiments.{module}"), plot)
+    path = plotter(raw, tmp_path / f"{plot}.png")
+    assert path.stat().st_size > 10_000

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,10 +15,11 @@ import numpy as np
 import pytest
 
 from dynmoe_jax import checkpoint as ckpt_lib
-from dynmoe_jax import train
+from dynmoe_jax import inference, train
 from dynmoe_jax.config_check import ConfigError
 from dynmoe_jax.configs import tiny
 from dynmoe_jax.data import corpora
+from tests.nan_injection import nan_at
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG = {"num_train_steps": 24, "checkpoint_every_steps": 4, "log_every_steps": 2,
@@ -50,11 +52,11 @@ def _records(workdir):
     return [{k: v for k, v in json.loads(x).items() if k != "tokens_per_sec"} for x in lines]
 
 
-def _final_params(workdir, step):
-    c = ckpt_lib.Checkpointer(workdir)
-    state = c.read(step)
-    c.close()
-    return state["params"]
+def _final_params(data_dir, workdir, step):
+    """The parameters of the newest checkpoint, which must be ``step``."""
+    run = inference.restore(_config(data_dir), workdir)
+    assert run.step == step
+    return run.params
 
 
 def _logged_step(workdir: Path) -> int:
@@ -98,7 +100,8 @@ def test_sigkill_at_any_moment_resumes_exactly(data_dir, tmp_path):
     assert sum(kills) >= 3, kills  # the loop really interrupted the run
     done = subprocess.run(_cli(workdir, data_dir, LONG), capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    expected, got = _final_params(reference, 24), _final_params(workdir, 24)
+    expected = _final_params(data_dir, reference, 24)
+    got = _final_params(data_dir, workdir, 24)
     jax.tree.map(np.testing.assert_array_equal, got, expected)  # bit for bit on CPU
     assert _records(workdir) == _records(reference)  # no duplicated, no missing steps
 
@@ -111,7 +114,7 @@ def test_corrupt_latest_checkpoint_falls_back(data_dir, tmp_path, capsys):
         f.write(b"\xff" * 64)
     task = train.build_task(_config(data_dir), 512)
     ckpt = ckpt_lib.Checkpointer(tmp_path)
-    step, _ = ckpt.restore_latest(train.abstract_state(task))
+    step, _ = train.restore_state(task, ckpt)
     ckpt.close()
     assert step == 3
     assert "checkpoint at step 6 is unreadable" in capsys.readouterr().out
@@ -126,32 +129,65 @@ def test_truncated_checkpoint_falls_back(data_dir, tmp_path):
         os.truncate(blob, blob.stat().st_size // 3)
     task = train.build_task(_config(data_dir), 512)
     ckpt = ckpt_lib.Checkpointer(tmp_path)
-    assert ckpt.restore_latest(train.abstract_state(task))[0] == 3
+    assert train.restore_state(task, ckpt)[0] == 3
     ckpt.close()
 
 
-def test_nan_is_skipped_and_counted(data_dir, tmp_path):
-    final = train.train_and_evaluate(_config(data_dir, inject_nan_at_step=2), tmp_path)
-    records = [r for r in _records(tmp_path) if r["split"] == "train"]
+def test_nan_is_skipped_and_counted(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "make_train_step", nan_at(2))
+    final = train.train_and_evaluate(_config(data_dir), tmp_path / "bad")
+    records = [r for r in _records(tmp_path / "bad") if r["split"] == "train"]
     assert [r["nonfinite_steps"] for r in records] == [1.0, 1.0, 1.0]
     assert np.isfinite(final["loss"])
-    params = _final_params(tmp_path, 6)
+    params = _final_params(data_dir, tmp_path / "bad", 6)
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_skipped_step_leaves_the_state_unchanged(data_dir, monkeypatch):
+    task = train.build_task(_config(data_dir), 512)
+    data, _ = train.load_run_data(_config(data_dir))
+    batch = train.put_batch(task, data.train_batch(0))
+    with jax.set_mesh(task.mesh):
+        state = train.init_state(task)
+        before = jax.device_get(state)
+        after, metrics = nan_at(1)(task)(state, batch)
+    after = jax.device_get(after)
+    assert np.isnan(metrics["loss"]) and int(after.step) == 1
+    assert (int(after.nonfinite_steps), int(after.first_nonfinite_step)) == (1, 1)
+    jax.tree.map(np.testing.assert_array_equal, after.params, before.params)
+    jax.tree.map(np.testing.assert_array_equal, after.opt_state, before.opt_state)
 
 
 def test_nan_stops_with_clear_error_and_keeps_checkpoint(data_dir, tmp_path):
     clean = tmp_path / "clean"
     train.train_and_evaluate(_config(data_dir), clean)
+    shutil.rmtree(clean / "checkpoints" / "6")
     bad = tmp_path / "bad"
-    proc = subprocess.run(
-        _cli(bad, data_dir, {"inject_nan_at_step": 5, "nonfinite": "stop"}),
-        capture_output=True, text=True, cwd=ROOT,
-    )  # fmt: skip
-    assert proc.returncode == 2
+    cli = _cli(bad, data_dir, {"nonfinite": "stop"})
+    cli[1:3] = ["-m", "tests.nan_injection", "5"]  # the CLI with step 5 poisoned
+    proc = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
     assert "non-finite loss or gradients at step 5" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in (bad / "checkpoints").iterdir()) == ["3"]
-    jax.tree.map(np.testing.assert_array_equal, _final_params(bad, 3), _final_params(clean, 3))
+    expected = _final_params(data_dir, clean, 3)
+    jax.tree.map(np.testing.assert_array_equal, _final_params(data_dir, bad, 3), expected)
+
+
+def test_checkpoint_of_a_dict_state_restores_as_a_train_state(data_dir, tmp_path):
+    # Before TrainState, the loop saved the state as a dict of the same fields.
+    task = train.build_task(_config(data_dir), 512)
+    state = train.init_state(task)
+    old = {"step": state.step + 7, "params": state.params, "opt_state": state.opt_state,
+           "nonfinite_steps": state.nonfinite_steps,
+           "first_nonfinite_step": state.first_nonfinite_step}  # fmt: skip
+    ckpt = ckpt_lib.Checkpointer(tmp_path)
+    ckpt.save(7, old)
+    ckpt.wait()
+    step, restored = train.restore_state(task, ckpt)
+    ckpt.close()
+    assert step == 7 and isinstance(restored, train.TrainState) and int(restored.step) == 7
+    jax.tree.map(np.testing.assert_array_equal, restored.params, jax.device_get(state.params))
 
 
 def test_same_seed_same_metrics(data_dir, tmp_path):

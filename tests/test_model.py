@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dynmoe_jax.model import Decoder, DenseFFN, ModelConfig
+from dynmoe_jax.model import Decoder, DenseFFN, ModelConfig, abstract_decoder
 from dynmoe_jax.moe import MoEConfig, MoELayer
 
 V, D, T = 64, 32, 12
@@ -79,6 +79,42 @@ def test_causal_under_perturbation_without_drops():
     lb, _ = model(b)
     np.testing.assert_array_equal(la[:, :7], lb[:, :7])
     assert not np.allclose(la[:, 7:], lb[:, 7:])
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+def test_remat_gives_the_same_loss_and_gradients(capacity_factor):
+    def loss_and_grads(remat):
+        cfg = _cfg(remat=remat)
+        cfg = dataclasses.replace(
+            cfg, moe=dataclasses.replace(cfg.moe, capacity_factor=capacity_factor)
+        )
+        model = Decoder(cfg, rngs=nnx.Rngs(4))
+        tokens = _tokens(5)
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(p):
+            logits, layer = nnx.merge(graphdef, p)(tokens)
+            logp = jax.nn.log_softmax(logits[:, :-1])
+            nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
+            return nll + jnp.mean(layer["load_balance_loss"]) + jnp.mean(layer["z_loss"])
+
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (plain, plain_grads), (remat, remat_grads) = loss_and_grads(False), loss_and_grads(True)
+    assert remat == pytest.approx(float(plain), rel=1e-6)
+    flat_plain, flat_remat = jax.tree.leaves(plain_grads), jax.tree.leaves(remat_grads)
+    assert len(flat_plain) == len(flat_remat) > 0
+    for a, b in zip(flat_plain, flat_remat, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+    assert any(np.abs(np.asarray(g)).max() > 0 for g in flat_plain)
+
+
+def test_abstract_decoder_allocates_nothing():
+    model = abstract_decoder(_cfg())
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+    real = jax.tree.leaves(nnx.state(Decoder(_cfg(), rngs=nnx.Rngs(0)), nnx.Param))
+    assert [x.shape for x in leaves] == [x.shape for x in real]
 
 
 def test_every_parameter_has_logical_axes():

@@ -51,7 +51,7 @@ def test_mesh_parsing():
 def test_each_device_holds_its_experts(data_dir):
     task, _ = _task("data=2,expert=4", data_dir)
     state = train.init_state(task)
-    w = state["params"]["blocks"][0]["ffn"]["w_gate_EDF"]
+    w = state.params["blocks"][0]["ffn"]["w_gate_EDF"]
     assert w.shape == (8, 32, 32)
     assert w.sharding.spec == jax.sharding.PartitionSpec("expert", None, "model")
     shard_shapes = {s.data.shape for s in w.addressable_shards}
@@ -59,7 +59,7 @@ def test_each_device_holds_its_experts(data_dir):
     # Each expert slice lives on the 2 devices of one `expert` coordinate (the data replicas).
     experts_on = {s.device.id: s.index[0] for s in w.addressable_shards}
     assert len(set(map(str, experts_on.values()))) == 4
-    mu = state["opt_state"][1][0].mu["blocks"][0]["ffn"]["w_gate_EDF"]
+    mu = state.opt_state[1][0].mu["blocks"][0]["ffn"]["w_gate_EDF"]
     assert {s.data.shape for s in mu.addressable_shards} == {(2, 32, 32)}
 
 
@@ -81,7 +81,7 @@ def test_forward_matches_single_device(data_dir):
         state = train.init_state(task)
         eval_step = train.make_eval_step(task)
         with jax.set_mesh(task.mesh):
-            results.append(jax.device_get(eval_step(state["params"], data.train_batch(0))))
+            results.append(jax.device_get(eval_step(state.params, data.train_batch(0))))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), *results)
 
 
@@ -105,7 +105,7 @@ def test_checkpoint_restores_onto_other_meshes(data_dir, tmp_path):
         other, _ = _task(mesh_shape, data_dir, devices)
         step, restored = ckpt.restore_latest(train.abstract_state(other))
         assert step == 1
-        w = restored["params"]["blocks"][1]["ffn"]["w_up_EDF"]
+        w = restored.params["blocks"][1]["ffn"]["w_up_EDF"]
         assert w.sharding.mesh.shape == other.mesh.shape
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), expected)
     ckpt.close()

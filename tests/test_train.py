@@ -1,5 +1,7 @@
 """End to end on the tiny config: train, checkpoint, resume, evaluate, sample, CLI errors."""
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -8,8 +10,8 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from dynmoe_jax import checkpoint as ckpt_lib
 from dynmoe_jax import inference, train
 from dynmoe_jax.configs import tiny
 
@@ -41,22 +43,23 @@ def _records(workdir):
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _params(workdir, step):
-    c = ckpt_lib.Checkpointer(workdir)
-    params = c.read(step)["params"]
-    c.close()
-    return params
+def _params(data_dir, workdir, step):
+    run = inference.restore(_config(data_dir), workdir)
+    assert run.step == step
+    return run.params
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir):
     workdir = tmp_path_factory.mktemp("run")
-    final = train.train_and_evaluate(_config(data_dir), workdir)
-    return workdir, final
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        final = train.train_and_evaluate(_config(data_dir), workdir)
+    return workdir, final, printed.getvalue()
 
 
 def test_outputs_of_a_run(trained):
-    workdir, final = trained
+    workdir, final, _ = trained
     records = _records(workdir)
     train_records = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train_records] == [2, 4, 6]
@@ -74,16 +77,28 @@ def test_outputs_of_a_run(trained):
     assert (workdir / "experts_per_layer.png").stat().st_size > 1000
 
 
+def test_end_of_run_summary_names_the_split_and_its_size(trained):
+    _, final, printed = trained
+    # tiny: eval_batches=2 of 8 x 32 tokens, no padding in the first two batches
+    assert (final["batches"], final["tokens"]) == (2, 512.0)
+    line = next(x for x in printed.splitlines() if x.startswith("final validation split"))
+    assert line.startswith("final validation split, 2 batches (512 tokens): loss ")
+    assert f"perplexity {final['perplexity']:.2f}" in line and "unigram baseline" in line
+    # Each validation is printed when it happens: steps 3 and 6.
+    steps = [x.split(":")[0] for x in printed.splitlines() if " validation split, " in x]
+    assert steps == ["step 3", "step 6", "final validation split, 2 batches (512 tokens)"]
+
+
 def test_resume_matches_uninterrupted_run(trained, data_dir, tmp_path):
-    workdir, final = trained
-    expected = _params(workdir, 6)
+    workdir, final, _ = trained
+    expected = _params(data_dir, workdir, 6)
     # Simulate a run killed after its step-3 checkpoint: drop the later checkpoint and the
     # log records after step 3 would be rewritten by the resumed run.
     resumed = tmp_path / "resumed"
     shutil.copytree(workdir, resumed)
     shutil.rmtree(resumed / "checkpoints" / "6")
     again = train.train_and_evaluate(_config(data_dir), resumed)
-    got = _params(resumed, 6)
+    got = _params(data_dir, resumed, 6)
     jax.tree.map(np.testing.assert_array_equal, got, expected)
     assert again["loss"] == pytest.approx(final["loss"], rel=1e-6)
     steps = [(r["split"], r["step"]) for r in _records(resumed)]
@@ -91,7 +106,7 @@ def test_resume_matches_uninterrupted_run(trained, data_dir, tmp_path):
 
 
 def test_eval_and_sample_modes(trained, data_dir, capsys):
-    workdir, final = trained
+    workdir, final, _ = trained
     result = inference.evaluate_workdir(_config(data_dir), workdir)
     assert result["step"] == 6
     assert result["loss"] == pytest.approx(final["loss"], rel=1e-5)
@@ -99,6 +114,70 @@ def test_eval_and_sample_modes(trained, data_dir, capsys):
     assert len(out["tokens"]) == len(out["experts_per_token"]) <= 5
     assert all(1 <= e <= 4 for e in out["experts_per_token"])
     assert "experts per token" in capsys.readouterr().out
+
+
+def test_sampling_with_temperature_is_seeded(trained, data_dir):
+    workdir, _, _ = trained
+    config = _config(data_dir)
+
+    def sample(seed):
+        return inference.sample_workdir(config, workdir, "The", 12, temperature=1.5, seed=seed)
+
+    first, again, other = sample(0), sample(0), sample(1)
+    assert first["tokens"] == again["tokens"] and first["text"] == again["text"]
+    assert first["tokens"] != other["tokens"]
+    greedy = inference.sample_workdir(config, workdir, "The", 12)
+    assert greedy["tokens"] != first["tokens"]
+
+
+def test_eval_of_an_empty_workdir_creates_nothing(data_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="train first"):
+        inference.evaluate_workdir(_config(data_dir), tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()
+
+
+def test_sampled_text_keeps_the_space_after_the_prompt(data_dir):
+    data, _ = train.load_run_data(_config(data_dir))  # the tiny config's SentencePiece model
+    tokenizer = data.tokenizer
+    prompt, full = "And God said", "And God said unto him"
+    prompt_ids, full_ids = tokenizer.encode(prompt), tokenizer.encode(full)
+    assert full_ids[: len(prompt_ids)] == prompt_ids
+    new_ids = full_ids[len(prompt_ids) :]
+    assert tokenizer.decode(new_ids) == "unto him"  # alone, the piece loses its space
+    assert prompt + inference.continuation_text(tokenizer, prompt_ids, new_ids) == full
+
+
+def test_padded_positions_are_not_counted_in_validation_experts(data_dir):
+    config = _config(data_dir)
+    data, _ = train.load_run_data(config)
+    task = train.build_task(config, data.vocab_size)
+    params = train.init_state(task).params
+    batch = dict(data.train_batch(0))
+    weights = np.ones_like(batch["weights"])
+    weights[5:] = 0.0  # three padded rows, as the last validation batch has
+    weights[0, 20:] = 0.0  # and a padded tail
+    batch["inputs"] = np.where(weights > 0, batch["inputs"], data.pad_id).astype(np.int32)
+    batch["weights"] = weights
+    result = train.evaluate(train.make_eval_step(task), params, [batch])
+    _, layer = nnx.merge(task.graphdef, params)(batch["inputs"])
+    experts_LBT = np.asarray(layer["token_experts"], np.float64)
+    kept = weights > 0
+    by_hand = [experts_BT[kept].sum() / kept.sum() for experts_BT in experts_LBT]
+    np.testing.assert_allclose(result["experts_per_layer"], by_hand, rtol=1e-6)
+    assert result["tokens"] == kept.sum() == 5 * 32 - 12
+    every_position = experts_LBT.mean(axis=(1, 2))
+    assert np.abs(every_position - by_hand).max() > 1e-3  # padding would have shifted it
+
+
+def test_bfloat16_training_learns_and_stays_finite(data_dir, tmp_path):
+    config = _config(data_dir, **{"model.dtype": "bfloat16"})
+    final = train.train_and_evaluate(config, tmp_path)
+    records = _records(tmp_path)
+    assert all(np.isfinite(r["loss"]) for r in records)
+    validation = [r["loss"] for r in records if r["split"] == "validation"]
+    assert validation[1] < validation[0] and np.isfinite(final["loss"])
+    train_loss = [r["lm_loss"] for r in records if r["split"] == "train"]
+    assert train_loss[-1] < train_loss[0]
 
 
 def test_dense_baseline_and_top_k_train(data_dir, tmp_path):
@@ -147,7 +226,7 @@ def test_gradient_accumulation_equals_full_batch(data_dir):
         task = train.build_task(config, data.vocab_size)
         state = train.init_state(task)
         g, metrics = jax.jit(lambda p, b, t=task: train._accumulated_grads(t, p, b))(
-            state["params"], data.train_batch(0)
+            state.params, data.train_batch(0)
         )
         grads.append((g, float(metrics["lm_loss"])))
     jax.tree.map(
