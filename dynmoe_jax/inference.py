@@ -13,13 +13,15 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from dynmoe_jax import checkpoint as ckpt_lib
+from dynmoe_jax import data as data_lib
 from dynmoe_jax import train as train_lib
-from dynmoe_jax.config_check import check_config
+from dynmoe_jax.config import check_config
 
 
 def _restore(config: ConfigDict, workdir: str | Path):
     check_config(config)
-    data, dataset = train_lib.load_run_data(config)
+    data = data_lib.from_config(config)
+    dataset = data.config.dataset
     task = train_lib.build_task(config, data.vocab_size)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     restored = checkpointer.restore_latest(train_lib.abstract_state(task))
