@@ -137,7 +137,10 @@ def test_fallback_corpus_is_recorded_in_config_json(tmp_path, monkeypatch, capsy
     data = data_lib.from_config(config)
     assert (data.config.dataset, data.requested_dataset) == ("pydoc", "kjv")
     out = capsys.readouterr().out
-    assert "warning: training on fallback_dataset=pydoc instead" in out
+    assert (
+        "warning: dataset=kjv is not available (the `bible` command is not installed); training "
+        "on fallback_dataset=pydoc instead (recorded in the workdir's config.json)\n"
+    ) in out
     assert "corpus=pydoc (fallback_dataset: dataset=kjv is not installed)" in data.summary()
     config_lib.save_run_config(config, tmp_path / "run", data.config.dataset)
     run = config_lib.load_run_config(tmp_path / "run")

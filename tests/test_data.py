@@ -144,7 +144,11 @@ def test_fallback_is_used_only_when_configured(pydoc_dir, pydoc_data, monkeypatc
     monkeypatch.setattr(corpora.shutil, "which", lambda name: None)
     data = _load(pydoc_dir, dataset="kjv", fallback_dataset="pydoc")
     assert (data.config.dataset, data.requested_dataset) == ("pydoc", "kjv")
-    assert "warning: training on fallback_dataset=pydoc instead" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert (
+        "warning: dataset=kjv is not available (the `bible` command is not installed); training "
+        "on fallback_dataset=pydoc instead (recorded in the workdir's config.json)\n"
+    ) in out
     np.testing.assert_array_equal(data.train_stream, pydoc_data.train_stream)
 
 

@@ -24,7 +24,7 @@ import subprocess
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from dynmoe_jax.validation import ConfigError, invalid
+from dynmoe_jax.validation import ConfigError, invalid, message
 
 if TYPE_CHECKING:
     import tensorflow_datasets as tfds
@@ -55,8 +55,14 @@ _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 class CorpusUnavailableError(ConfigError):
     """A corpus needs a program or files that are not present on this machine.
 
-    The only error that lets a config's ``fallback_dataset`` take over.
+    The only error that lets a config's ``fallback_dataset`` take over. ``dataset`` and
+    ``reason`` (what is missing) are kept for the fallback's warning.
     """
+
+    def __init__(self, dataset: str, reason: str, install_hint: str):
+        allowed = f"a corpus present on this machine ({reason}); {install_hint}"
+        super().__init__(message("dataset", dataset, allowed))
+        self.dataset, self.reason = dataset, reason
 
 
 def normalize_whitespace(text: str) -> str:
@@ -120,8 +126,7 @@ def kjv_verses(bible_command: str = "bible") -> list[str]:
 
 
 def _kjv_unavailable(reason: str) -> NoReturn:
-    allowed = f"a corpus present on this machine ({reason}); {KJV_INSTALL_HINT}"
-    invalid("dataset", KJV, allowed, CorpusUnavailableError)
+    raise CorpusUnavailableError(KJV, reason, KJV_INSTALL_HINT)
 
 
 def pydoc_paragraphs() -> list[str]:

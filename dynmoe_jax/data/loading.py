@@ -61,8 +61,10 @@ def from_config(config: Any) -> Data:
         if not config.fallback_dataset:
             raise
         fallback = config.fallback_dataset
-        print(f"warning: {e}\nwarning: training on fallback_dataset={fallback} instead; "
-              "the workdir's config.json records the corpus used")  # fmt: skip
+        print(
+            f"warning: dataset={e.dataset} is not available ({e.reason}); training on "
+            f"fallback_dataset={fallback} instead (recorded in the workdir's config.json)"
+        )
         used = dataclasses.replace(config, dataset=fallback, fallback_dataset="")
         return _load(used, requested_dataset=config.dataset)
 

@@ -158,7 +158,7 @@ def atomic_write_bytes(path: pathlib.Path, payload: bytes) -> None:
 
 def load_or_train_sentencepiece(
     model_path: pathlib.Path,
-    train_sentences: Callable[[], Iterable[str]],
+    train_sentences: Callable[[], Sequence[str]],
     vocab_size: int,
     model_type: str = "bpe",
 ) -> SentencePieceTokenizer:
@@ -167,11 +167,10 @@ def load_or_train_sentencepiece(
     ``train_sentences`` is a callable so that the corpus is not even read on a cache hit.
     """
     if not model_path.exists():
-        print(f"data: training a {vocab_size}-piece SentencePiece tokenizer on the train split",
-              flush=True)  # fmt: skip
-        atomic_write_bytes(
-            model_path, train_sentencepiece(train_sentences(), vocab_size, model_type)
-        )
+        sentences = train_sentences()
+        print(f"data: training a {vocab_size}-piece SentencePiece tokenizer on the train split "
+              f"({len(sentences)} records)", flush=True)  # fmt: skip
+        atomic_write_bytes(model_path, train_sentencepiece(sentences, vocab_size, model_type))
     return SentencePieceTokenizer.from_file(model_path)
 
 
@@ -181,7 +180,7 @@ def make_tokenizer(
     data_dir: str | os.PathLike,
     dataset_key: str,
     vocab_size: int,
-    train_sentences: Callable[[], Iterable[str]],
+    train_sentences: Callable[[], Sequence[str]],
     model_type: str = "bpe",
 ) -> Tokenizer:
     """The tokenizer named by ``kind`` ('sentencepiece' or 'bytes').
