@@ -7,7 +7,8 @@
 * ``check_overrides(config, overrides)`` backs the command line's one-line error for a misspelt
   ``--config.FIELD``.
 * ``save_run_config`` / ``load_run_config`` keep ``workdir/config.json``: the config of a run
-  and the corpus it actually trained on.
+  and the corpus it actually trained on; ``with_recorded_corpus`` makes evaluation and
+  sampling read that corpus (and its tokenizer), never a fallback.
 
 Every message goes through :mod:`dynmoe_jax.validation` (``field=value is invalid: allowed``).
 """
@@ -44,6 +45,7 @@ __all__ = [
     "model_config",
     "moe_config",
     "save_run_config",
+    "with_recorded_corpus",
 ]
 
 RUN_CONFIG_FILE = "config.json"
@@ -234,3 +236,17 @@ def load_run_config(workdir: str | os.PathLike) -> RunConfig | None:
         return None
     record = json.loads(path.read_text())
     return RunConfig(config=ConfigDict(record["config"]), corpus=record["corpus"])
+
+
+def with_recorded_corpus(config: ConfigDict, workdir: str | os.PathLike) -> ConfigDict:
+    """``config`` with ``dataset`` set to the corpus the run in ``workdir`` trained on and no
+    fallback, so that evaluating or sampling it reads that corpus and its tokenizer (or fails
+    saying how to install it). Unchanged when the workdir records no run."""
+    run = load_run_config(workdir)
+    if run is None:
+        return config
+    out = config.copy_and_resolve_references()
+    if run.corpus != config.dataset:
+        print(f"note: using corpus={run.corpus}, the one this run trained on ({RUN_CONFIG_FILE})")
+    out.dataset, out.fallback_dataset = run.corpus, ""
+    return out

@@ -15,12 +15,12 @@ from ml_collections import ConfigDict
 from dynmoe_jax import checkpoint as ckpt_lib
 from dynmoe_jax import data as data_lib
 from dynmoe_jax import train as train_lib
-from dynmoe_jax.config import check_config
+from dynmoe_jax.config import check_config, with_recorded_corpus
 
 
 def _restore(config: ConfigDict, workdir: str | Path):
     check_config(config)
-    data = data_lib.from_config(config)
+    data = data_lib.from_config(with_recorded_corpus(config, workdir))
     dataset = data.config.dataset
     task = train_lib.build_task(config, data.vocab_size)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)

@@ -149,3 +149,18 @@ def test_fallback_corpus_is_recorded_in_config_json(tmp_path, monkeypatch, capsy
         "kjv",
         "pydoc",
     )
+
+
+def test_evaluation_reads_the_recorded_corpus_without_fallback(tmp_path, capsys):
+    config = default.get_config()  # dataset=kjv, fallback_dataset=pydoc
+    assert config_lib.with_recorded_corpus(config, tmp_path) is config  # no record yet
+    config_lib.save_run_config(config, tmp_path, "pydoc")
+    used = config_lib.with_recorded_corpus(config, tmp_path)
+    assert (used.dataset, used.fallback_dataset) == ("pydoc", "")
+    assert (config.dataset, config.fallback_dataset) == ("kjv", "pydoc")  # not modified
+    assert capsys.readouterr().out == (
+        "note: using corpus=pydoc, the one this run trained on (config.json)\n"
+    )
+    config_lib.save_run_config(config, tmp_path / "kjv_run", "kjv")
+    used = config_lib.with_recorded_corpus(config, tmp_path / "kjv_run")
+    assert (used.dataset, used.fallback_dataset) == ("kjv", "")  # never a silent pydoc
