@@ -139,7 +139,8 @@ def test_fallback_corpus_is_recorded_in_config_json(tmp_path, monkeypatch, capsy
     out = capsys.readouterr().out
     assert (
         "warning: dataset=kjv is not available (the `bible` command is not installed); training "
-        "on fallback_dataset=pydoc instead (recorded in the workdir's config.json)\n"
+        "on fallback_dataset=pydoc instead, as the workdir's config.json records. To train on "
+        "kjv: install it with `make bible` or `apt-get install -y bible-kjv` (Debian/Ubuntu).\n"
     ) in out
     assert "corpus=pydoc (fallback_dataset: dataset=kjv is not installed)" in data.summary()
     config_lib.save_run_config(config, tmp_path / "run", data.config.dataset)

@@ -147,7 +147,8 @@ def test_fallback_is_used_only_when_configured(pydoc_dir, pydoc_data, monkeypatc
     out = capsys.readouterr().out
     assert (
         "warning: dataset=kjv is not available (the `bible` command is not installed); training "
-        "on fallback_dataset=pydoc instead (recorded in the workdir's config.json)\n"
+        "on fallback_dataset=pydoc instead, as the workdir's config.json records. To train on "
+        "kjv: install it with `make bible` or `apt-get install -y bible-kjv` (Debian/Ubuntu).\n"
     ) in out
     np.testing.assert_array_equal(data.train_stream, pydoc_data.train_stream)
 

@@ -41,10 +41,7 @@ VALID_CHOICES = (
 )
 LOCAL_CHOICES = f"'{KJV}' | '{PYDOC}' | '{TEXT_DIR_PREFIX}PATH' (the local corpora)"
 
-KJV_INSTALL_HINT = (
-    "install it with `make bible` or `apt-get install -y bible-kjv` (Debian/Ubuntu), "
-    "or set --config.fallback_dataset=pydoc to train on Python's own documentation instead"
-)
+KJV_INSTALL_HINT = "install it with `make bible` or `apt-get install -y bible-kjv` (Debian/Ubuntu)"
 
 # `bible` prints "Ge1:1 In the beginning ..."; the book abbreviation can itself contain digits
 # ("1Co13:4"), so the reference is any non-space run ending in chapter:verse.
@@ -55,14 +52,17 @@ _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 class CorpusUnavailableError(ConfigError):
     """A corpus needs a program or files that are not present on this machine.
 
-    The only error that lets a config's ``fallback_dataset`` take over. ``dataset`` and
-    ``reason`` (what is missing) are kept for the fallback's warning.
+    The only error that lets a config's ``fallback_dataset`` take over. ``dataset``, ``reason``
+    (what is missing) and ``install_hint`` are kept for the fallback's warning.
     """
 
     def __init__(self, dataset: str, reason: str, install_hint: str):
-        allowed = f"a corpus present on this machine ({reason}); {install_hint}"
+        allowed = (
+            f"a corpus present on this machine ({reason}); {install_hint}, or set "
+            f"--config.fallback_dataset={PYDOC} to train on Python's own documentation instead"
+        )
         super().__init__(message("dataset", dataset, allowed))
-        self.dataset, self.reason = dataset, reason
+        self.dataset, self.reason, self.install_hint = dataset, reason, install_hint
 
 
 def normalize_whitespace(text: str) -> str:

@@ -63,7 +63,8 @@ def from_config(config: Any) -> Data:
         fallback = config.fallback_dataset
         print(
             f"warning: dataset={e.dataset} is not available ({e.reason}); training on "
-            f"fallback_dataset={fallback} instead (recorded in the workdir's config.json)"
+            f"fallback_dataset={fallback} instead, as the workdir's config.json records. "
+            f"To train on {e.dataset}: {e.install_hint}."
         )
         used = dataclasses.replace(config, dataset=fallback, fallback_dataset="")
         return _load(used, requested_dataset=config.dataset)

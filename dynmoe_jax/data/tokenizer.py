@@ -78,8 +78,7 @@ class SentencePieceTokenizer:
         self.pad_id = int(self._processor.pad_id())
         digest = hashlib.sha256(model_proto).hexdigest()[:12]
         self.fingerprint = f"spm{self.vocab_size}-{digest}"
-        if self.pad_id != PAD_ID:
-            raise ValueError(f"SentencePiece model has pad_id={self.pad_id}, expected {PAD_ID}.")
+        check(self.pad_id == PAD_ID, "SentencePiece pad_id", self.pad_id, f"{PAD_ID} (padding)")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
