@@ -48,6 +48,10 @@ class ModelConfig:
     remat: bool = False
 
     def __post_init__(self):
+        # Types first, so that the range rules below never compare a str with an int.
+        for field in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "moe_every"):
+            value = getattr(self, field)
+            check(is_int(value), f"model.{field}", value, "an integer")
         d, n, layers = self.d_model, self.num_heads, self.num_layers
         rules = [  # (ok, field, allowed), checked in order
             (self.vocab_size >= 2, "vocab_size", "an integer >= 2"),
@@ -64,8 +68,7 @@ class ModelConfig:
             (1 <= self.moe_every <= layers, "moe_every", f"1..model.num_layers={layers}"),
         ]
         for ok, field, allowed in rules:
-            value = getattr(self, field)
-            check(is_int(value) and ok, f"model.{field}", value, allowed)
+            check(ok, f"model.{field}", getattr(self, field), allowed)
         if self.moe is not None:
             check(self.moe.d_model == d, "moe.d_model", self.moe.d_model, f"model.d_model={d}")
 
