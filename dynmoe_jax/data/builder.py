@@ -21,8 +21,6 @@ from dynmoe_jax.data import corpora
 from dynmoe_jax.validation import check, invalid
 
 DEFAULT_VALIDATION_PERCENT = 5
-BUILDER_NAME = "dynmoe_text"
-SPLITS = ("train", "validation")
 
 
 @dataclasses.dataclass
