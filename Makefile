@@ -7,24 +7,33 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= runs/default
 ARGS ?=
 
-.PHONY: install train test lint format clean
+.PHONY: install bible train test lint format clean
 
 $(STAMP): requirements.txt pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -e .
-	touch $(STAMP)
+	@echo "install: creating $(VENV) and installing the pinned packages (a few minutes the first time)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -r requirements.txt
+	@$(PY) -m pip install -q --no-deps -e .
+	@touch $(STAMP)
+	@echo "install: done"
 
 install: $(STAMP)
 
-# The default corpus is the King James Bible from Debian's bible-kjv package; where apt is not
-# available (or we are not root) training falls back to Python's own pydoc text.
+# The default corpus is the King James Bible from Debian's bible-kjv package. Where apt is not
+# available (or we are not root) the default config's fallback_dataset trains on Python's own
+# pydoc text instead, says so at start-up and records it in the workdir's config.json.
 bible:
-	@command -v bible >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
-	  [ "$$(id -u)" = 0 ] && apt-get install -y -qq bible-kjv >/dev/null 2>&1 || \
-	  (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bible-kjv >/dev/null 2>&1); } || \
-	  echo "bible-kjv not installed: training will use dataset=pydoc"
+	@if command -v bible >/dev/null 2>&1; then \
+	  echo "bible: bible-kjv is installed"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "bible: installing bible-kjv with apt-get (about a minute)"; \
+	  { apt-get install -y -qq bible-kjv >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq bible-kjv >/dev/null 2>&1; }; } || \
+	  echo "bible: apt-get could not install bible-kjv; training will use fallback_dataset=pydoc"; \
+	else \
+	  echo "bible: bible-kjv is not installed (that needs apt-get as root); training will use fallback_dataset=pydoc"; \
+	fi
 
 train: $(STAMP) bible
 	$(PY) -m dynmoe_jax.main --config=dynmoe_jax/configs/default.py --workdir=$(WORKDIR) $(ARGS)

@@ -21,9 +21,10 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from dynmoe_jax import checkpoint as ckpt_lib
+from dynmoe_jax import data as data_lib
 from dynmoe_jax import model as model_lib
 from dynmoe_jax import train as train_lib
-from dynmoe_jax.config_check import check_config
+from dynmoe_jax.config import check_config, with_recorded_corpus
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,8 @@ def restore(config: ConfigDict, workdir: str | Path) -> Restored:
     """The newest checkpoint of ``workdir``, trained with ``config``. A workdir without
     checkpoints is a FileNotFoundError, and nothing is created in it."""
     check_config(config)
-    data, dataset = train_lib.load_run_data(config)
+    data = data_lib.from_config(with_recorded_corpus(config, workdir))
+    dataset = data.config.dataset
     task = train_lib.build_task(config, data.vocab_size)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints, create=False)
     try:

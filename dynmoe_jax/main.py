@@ -2,16 +2,26 @@
 
     python -m dynmoe_jax.main --config=dynmoe_jax/configs/default.py --workdir=DIR \\
         [--mode=train|eval|sample] [--config.FIELD=VALUE ...]
+
+Every mistake on the command line (a missing config file, a misspelt field, a bad value,
+a bad sampling flag) ends in one ``error: ...`` line and exit code 2, before any data is read
+or anything is compiled.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
-from dynmoe_jax.config_check import ConfigError
+from dynmoe_jax.validation import ConfigError, check, invalid
+
+USAGE_ERROR = 2  # exit code of every command-line mistake
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
@@ -27,6 +37,74 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for mu
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _flag_values(argv: Sequence[str], name: str) -> list[str]:
+    """Values given to ``--name=V`` or ``--name V`` in argv (absl's two spellings)."""
+    values = []
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            values.append(arg.split("=", 1)[1])
+        elif arg == f"--{name}" and i + 1 < len(argv):
+            values.append(argv[i + 1])
+    return values
+
+
+def _overrides(argv: Sequence[str]) -> dict[str, str]:
+    """``--config.a.b=V`` arguments as {'a.b': 'V'} (booleans may be given bare)."""
+    out = {}
+    for arg in argv:
+        if arg.startswith("--config."):
+            path, _, value = arg[len("--config.") :].partition("=")
+            out[path] = value
+    return out
+
+
+def load_config_file(path: str) -> ConfigDict:
+    """The ConfigDict that a config file's ``get_config()`` returns."""
+    if not Path(path).is_file():
+        invalid("--config", path, "a config file that exists, e.g. dynmoe_jax/configs/default.py")
+    spec = importlib.util.spec_from_file_location("dynmoe_cli_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def check_argv(argv: Sequence[str]) -> None:
+    """The mistakes that absl and ml_collections report as tracebacks: a config file that does
+    not exist, and ``--config.FIELD`` naming no field (the nearest field name is suggested)."""
+    from dynmoe_jax.config import check_overrides
+
+    paths = _flag_values(argv, "config")
+    if paths:
+        check_overrides(load_config_file(paths[-1]), _overrides(argv))
+
+
+def check_sample_flags(prompt: str, max_new_tokens: int, temperature: float) -> None:
+    """The sampling flags, checked in every mode so that a typo never waits for a model."""
+    # An empty prompt is almost always an unset shell variable.
+    check(bool(prompt), "--prompt", prompt, "non-empty text")
+    check(max_new_tokens >= 1, "--max_new_tokens", max_new_tokens, "an integer >= 1")
+    ok = math.isfinite(temperature) and temperature >= 0
+    check(ok, "--temperature", temperature, "a number >= 0 (0 = greedy)")
+
+
+def _exit(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(USAGE_ERROR)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every mistake reported in one line and exit code 2."""
+    try:
+        check_argv(argv[1:])
+        rest = FLAGS(argv)
+        check_sample_flags(FLAGS.prompt, FLAGS.max_new_tokens, FLAGS.temperature)
+    except ConfigError as e:
+        _exit(str(e))
+    except flags.Error as e:  # a value of the wrong type, a missing required flag, ...
+        _exit(" ".join(str(e).split()))
+    return rest
 
 
 def init_distributed() -> None:
@@ -65,9 +143,8 @@ def main(argv):
         checkpoint.CheckpointMismatchError,
         train.NonFiniteError,
     ) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit(str(e))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dynmoe_jax.moe import MoEConfig, MoELayer
+from dynmoe_jax.validation import check, is_int
 
 # Metrics of every MoE layer that the model stacks along a leading L axis.
 LAYER_METRICS = (
@@ -47,28 +48,29 @@ class ModelConfig:
     remat: bool = False
 
     def __post_init__(self):
-        checks = {
-            "vocab_size": self.vocab_size >= 2,
-            "d_model": self.d_model >= 1,
-            "num_layers": self.num_layers >= 1,
-            "num_heads": self.num_heads >= 1 and self.d_model % self.num_heads == 0,
-            "d_ff": self.d_ff >= 1,
-            "moe_every": 1 <= self.moe_every <= self.num_layers,
-        }
-        allowed = {
-            "num_heads": f">= 1 and dividing model.d_model={self.d_model}",
-            "moe_every": f"1..num_layers={self.num_layers}",
-        }
-        for field, ok in checks.items():
-            if not ok:
-                value = getattr(self, field)
-                raise ValueError(
-                    f"model.{field}={value!r} is invalid: allowed {allowed.get(field, '>= 1')}"
-                )
-        if self.moe is not None and self.moe.d_model != self.d_model:
-            raise ValueError(f"moe.d_model={self.moe.d_model} must equal {self.d_model}")
-        if self.d_model // self.num_heads % 2:
-            raise ValueError("model.d_model / model.num_heads must be even for RoPE")
+        # Types first, so that the range rules below never compare a str with an int.
+        for field in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "moe_every"):
+            value = getattr(self, field)
+            check(is_int(value), f"model.{field}", value, "an integer")
+        d, n, layers = self.d_model, self.num_heads, self.num_layers
+        rules = [  # (ok, field, allowed), checked in order
+            (self.vocab_size >= 2, "vocab_size", "an integer >= 2"),
+            (d >= 1, "d_model", "an integer >= 1"),
+            (layers >= 1, "num_layers", "an integer >= 1"),
+            (self.d_ff >= 1, "d_ff", "an integer >= 1"),
+            (n >= 1 and d % n == 0, "num_heads", f"an integer >= 1 dividing model.d_model={d}"),
+            # RoPE rotates pairs of a head's features.
+            (
+                n >= 1 and d // n % 2 == 0,
+                "num_heads",
+                f"a divisor of model.d_model={d} giving an even head width",
+            ),
+            (1 <= self.moe_every <= layers, "moe_every", f"1..model.num_layers={layers}"),
+        ]
+        for ok, field, allowed in rules:
+            check(ok, f"model.{field}", getattr(self, field), allowed)
+        if self.moe is not None:
+            check(self.moe.d_model == d, "moe.d_model", self.moe.d_model, f"model.d_model={d}")
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer % self.moe_every == self.moe_every - 1

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -34,7 +33,7 @@ from dynmoe_jax import data as data_lib
 from dynmoe_jax import metrics as metrics_lib
 from dynmoe_jax import model as model_lib
 from dynmoe_jax import sharding as sharding_lib
-from dynmoe_jax.config_check import ConfigError, check_config, mesh_for, model_config
+from dynmoe_jax.config import check_config, mesh_for, model_config, save_run_config
 from dynmoe_jax.model import Decoder, ModelConfig
 
 Batch = dict[str, np.ndarray]
@@ -337,37 +336,6 @@ def describe_validation(result: dict, unigram_cross_entropy: float | None = None
     return line
 
 
-def data_dir(config: ConfigDict) -> str:
-    """Where corpora, tokenizers and packed tokens are cached (shared by runs)."""
-    if config.data_dir:
-        return config.data_dir
-    default = Path.home() / ".cache" / "dynmoe_jax"
-    return os.environ.get("DYNMOE_DATA_DIR", str(default))
-
-
-def load_run_data(config: ConfigDict) -> tuple[data_lib.Data, str]:
-    """The configured corpus, or the fallback corpus when it is not installed."""
-    kwargs = dict(
-        data_dir=data_dir(config),
-        seq_len=config.seq_len,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        tokenizer=config.tokenizer,
-        vocab_size=config.vocab_size,
-    )
-    try:
-        try:
-            return data_lib.load_data(config.dataset, **kwargs), config.dataset
-        except data_lib.CorpusUnavailableError as e:
-            if not config.get("fallback_dataset"):
-                raise
-            print(f"note: {e}\nnote: falling back to dataset={config.fallback_dataset}")
-            fallback = config.fallback_dataset
-            return data_lib.load_data(fallback, **kwargs), fallback
-    except (ValueError, RuntimeError) as e:  # the data layer's errors name the field at fault
-        raise ConfigError(f"dataset={config.dataset!r}: {e}") from None
-
-
 def _host_metrics(metrics: dict) -> dict:
     out = {}
     for k, v in jax.device_get(metrics).items():
@@ -405,7 +373,9 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict:
     metrics. Writes metrics.jsonl, TensorBoard events, checkpoints and the experts plot."""
     check_config(config)  # every data-free check, before reading or compiling anything
     workdir = Path(workdir)
-    data, dataset = load_run_data(config)
+    data = data_lib.from_config(config)
+    dataset = data.config.dataset  # the fallback corpus, if the config named one and used it
+    save_run_config(config, workdir, dataset)
     print(data.summary())
     return train_with_data(config, workdir, data, dataset)
 

@@ -15,9 +15,16 @@ class ConfigError(ValueError):
     """A config field, flag or input holds a value outside its allowed range."""
 
 
-def invalid(field: str, value: Any, allowed: str) -> NoReturn:
-    """Raises the one-line error for ``field=value``."""
-    raise ConfigError(f"{field}={value!r} is invalid: allowed {allowed}")
+def message(field: str, value: Any, allowed: str) -> str:
+    """The one-line text of the error for ``field=value``."""
+    return f"{field}={value!r} is invalid: allowed {allowed}"
+
+
+def invalid(
+    field: str, value: Any, allowed: str, error: type[ConfigError] = ConfigError
+) -> NoReturn:
+    """Raises the one-line error for ``field=value`` (as ``error``, a ConfigError subclass)."""
+    raise error(message(field, value, allowed))
 
 
 def check(ok: bool, field: str, value: Any, allowed: str) -> None:

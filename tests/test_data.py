@@ -1,6 +1,7 @@
 """Tests of the input pipeline (dynmoe_jax.data): corpora, TFDS builder, tokenizers, packing."""
 
 import collections
+import pathlib
 import shutil
 
 import ml_collections
@@ -8,10 +9,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from dynmoe_jax import data as data_lib
 from dynmoe_jax.data import builder as builder_lib
 from dynmoe_jax.data import corpora, pipeline
 from dynmoe_jax.data import tokenizer as tokenizer_lib
-from dynmoe_jax.data.pipeline import DataConfig, load_data, load_data_from_config
+from dynmoe_jax.data.pipeline import DataConfig
+from dynmoe_jax.validation import ConfigError
 
 SEQ_LEN = 16
 BATCH = 4
@@ -26,20 +29,20 @@ def pydoc_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pydoc_data(pydoc_dir):
-    return load_data("pydoc", pydoc_dir, SEQ_LEN, BATCH, seed=0, vocab_size=VOCAB)
+    return _load(pydoc_dir)
 
 
 def _load(data_dir, **overrides):
-    kwargs = dict(
+    fields = dict(
         dataset="pydoc",
-        data_dir=data_dir,
+        data_dir=str(data_dir),
         seq_len=SEQ_LEN,
         batch_size=BATCH,
         seed=0,
         vocab_size=VOCAB,
     )
-    kwargs.update(overrides)
-    return load_data(**kwargs)
+    fields.update(overrides)
+    return data_lib.from_config(fields)
 
 
 # ----------------------------------------------------------------------------- builder
@@ -115,9 +118,47 @@ def test_text_dir_pipeline_end_to_end(tmp_path):
 
 
 def test_kjv_missing_command_gives_install_hint():
-    with pytest.raises(corpora.CorpusUnavailableError, match="apt-get install -y bible-kjv"):
+    with pytest.raises(corpora.CorpusUnavailableError) as err:
         corpora.kjv_verses(bible_command="no-such-bible-program-xyz")
-    assert issubclass(corpora.CorpusUnavailableError, RuntimeError)
+    assert str(err.value) == (
+        "dataset='kjv' is invalid: allowed a corpus present on this machine (the "
+        "`no-such-bible-program-xyz` command is not installed); install it with `make bible` or "
+        "`apt-get install -y bible-kjv` (Debian/Ubuntu), or set --config.fallback_dataset=pydoc "
+        "to train on Python's own documentation instead"
+    )
+    assert issubclass(corpora.CorpusUnavailableError, ConfigError)
+
+
+def test_missing_corpus_without_fallback_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpora.shutil, "which", lambda name: None)
+    with pytest.raises(corpora.CorpusUnavailableError) as err:
+        _load(tmp_path, dataset="kjv")
+    assert str(err.value).startswith(
+        "dataset='kjv' is invalid: allowed a corpus present on this machine (the `bible` command "
+        "is not installed); install it with `make bible`"
+    )
+    assert "\n" not in str(err.value)
+
+
+def test_fallback_is_used_only_when_configured(pydoc_dir, pydoc_data, monkeypatch, capsys):
+    monkeypatch.setattr(corpora.shutil, "which", lambda name: None)
+    data = _load(pydoc_dir, dataset="kjv", fallback_dataset="pydoc")
+    assert (data.config.dataset, data.requested_dataset) == ("pydoc", "kjv")
+    out = capsys.readouterr().out
+    assert (
+        "warning: dataset=kjv is not available (the `bible` command is not installed); training "
+        "on fallback_dataset=pydoc instead, as the workdir's config.json records. To train on "
+        "kjv: install it with `make bible` or `apt-get install -y bible-kjv` (Debian/Ubuntu).\n"
+    ) in out
+    np.testing.assert_array_equal(data.train_stream, pydoc_data.train_stream)
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv(data_lib.CACHE_ENV, raising=False)
+    assert data_lib.cache_dir("") == pathlib.Path.home() / ".cache" / "dynmoe_jax"
+    monkeypatch.setenv(data_lib.CACHE_ENV, str(tmp_path / "env"))
+    assert data_lib.cache_dir("") == tmp_path / "env"
+    assert data_lib.cache_dir(tmp_path / "flag") == tmp_path / "flag"
 
 
 @pytest.mark.skipif(shutil.which("bible") is None, reason="bible-kjv is not installed")
@@ -254,6 +295,25 @@ def test_eval_batches_are_fixed_padded_and_cover_validation(pydoc_data):
     assert len(list(pydoc_data.eval_batches(max_batches=1))) == 1
 
 
+def test_summary_labels_numbers_of_the_batches_evaluation_uses(pydoc_dir, pydoc_data):
+    data = _load(pydoc_dir, eval_batches=2)
+    assert data.num_eval_batches == 2 < data.num_validation_batches
+    assert len(list(data.eval_batches())) == 2
+    # Independent reference: float64 unigram NLL over the targets of the first 2 x BATCH
+    # validation windows, straight from the token stream.
+    width = SEQ_LEN + 1
+    windows = data.validation_stream[: 2 * BATCH * width].reshape(2 * BATCH, width)
+    expected = -np.mean(data.unigram_log_probs[windows[:, 1:]].astype(np.float64))
+    assert data.unigram_cross_entropy() == pytest.approx(expected, rel=1e-6)
+    assert data.num_validation_tokens == 2 * BATCH * SEQ_LEN
+    lines = data.summary().splitlines()
+    assert lines[0] == f"data: corpus=pydoc tokenizer=sentencepiece vocab={VOCAB}"
+    assert lines[2] == (
+        f"data: validation split: 2 of {data.num_validation_batches} batches used "
+        f"({2 * BATCH * SEQ_LEN} tokens), unigram perplexity on them {np.exp(expected):.1f}"
+    )
+
+
 def test_unigram_baseline(pydoc_data):
     log_probs = pydoc_data.unigram_log_probs
     assert log_probs.shape == (pydoc_data.vocab_size,)
@@ -267,7 +327,9 @@ def test_unigram_baseline(pydoc_data):
 
 def test_mock_tfds_dataset_drives_the_pipeline(tmp_path):
     with tfds.testing.mock_data(num_examples=64):
-        data = load_data("lm1b", tmp_path, seq_len=8, batch_size=3, seed=0, tokenizer="bytes")
+        data = data_lib.from_config(
+            dict(dataset="lm1b", data_dir=str(tmp_path), seq_len=8, batch_size=3, tokenizer="bytes")
+        )
     batch = data.train_batch(0)
     assert batch["inputs"].shape == batch["targets"].shape == batch["weights"].shape == (3, 8)
     assert batch["inputs"].dtype == np.int32
@@ -286,7 +348,7 @@ def test_config_from_configdict_and_mapping(pydoc_dir, pydoc_data):
             learning_rate=1e-3,
         )
     )
-    data = load_data_from_config(config)
+    data = data_lib.from_config(config)
     np.testing.assert_array_equal(
         data.train_batch(2)["inputs"], pydoc_data.train_batch(2)["inputs"]
     )
@@ -307,7 +369,7 @@ def test_config_from_configdict_and_mapping(pydoc_dir, pydoc_data):
     ],
 )
 def test_invalid_fields_are_named(tmp_path, overrides, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ConfigError, match=f"^{field}=.* is invalid: allowed "):
         _load(tmp_path, **overrides)
 
 
@@ -315,8 +377,14 @@ def test_corpus_shorter_than_one_sequence(tmp_path):
     corpus = tmp_path / "tiny"
     corpus.mkdir()
     (corpus / "a.txt").write_text("One.\n\nTwo.\n\nThree.\n")
-    with pytest.raises(ValueError, match=r"has \d+ tokens.*seq_len=1000"):
+    with pytest.raises(ConfigError) as err:
         _load(tmp_path / "data", dataset=f"text_dir:{corpus}", tokenizer="bytes", seq_len=1000)
+    # 3 records of 4-6 bytes, each followed by EOS; 5% validation leaves 2 or 3 in train.
+    assert str(err.value).startswith(
+        f"dataset='text_dir:{corpus}' is invalid: allowed a corpus whose train split holds at "
+        "least seq_len + 1 = 1001 tokens (it holds "
+    )
+    assert str(err.value).endswith("); or a smaller seq_len")
 
 
 def test_unknown_dataset_lists_valid_choices(tmp_path):
@@ -324,12 +392,20 @@ def test_unknown_dataset_lists_valid_choices(tmp_path):
         _load(tmp_path, dataset="no_such_corpus_xyz")
 
 
-def test_text_dir_errors_name_the_path(tmp_path):
+def test_text_dir_errors_name_the_path_once(tmp_path):
     missing = tmp_path / "missing"
-    with pytest.raises(ValueError, match=str(missing)):
+    with pytest.raises(ConfigError) as err:
         _load(tmp_path, dataset=f"text_dir:{missing}")
+    assert str(err.value) == (
+        f"dataset='text_dir:{missing}' is invalid: allowed text_dir:PATH naming a folder "
+        f"({missing} does not exist)"
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "blank.txt").write_text("  \n\n")
-    with pytest.raises(ValueError, match="no non-empty .txt"):
+    with pytest.raises(ConfigError) as err:
         _load(tmp_path, dataset=f"text_dir:{empty}")
+    assert str(err.value) == (
+        f"dataset='text_dir:{empty}' is invalid: allowed a folder of text (there is no "
+        "non-empty .txt file under it)"
+    )

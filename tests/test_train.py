@@ -4,8 +4,6 @@ import contextlib
 import io
 import json
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -191,28 +189,6 @@ def test_dense_baseline_and_top_k_train(data_dir, tmp_path):
         assert np.isfinite(final["loss"])
         if name == "top2":
             assert final["experts_per_token"] == pytest.approx(2.0)
-
-
-@pytest.mark.parametrize(
-    "flag, message",
-    [
-        ("--config.moe.threshold=1.5", "moe.threshold=1.5 is invalid"),
-        ("--config.seq_len=0", "seq_len=0 is invalid"),
-        ("--config.model.num_heads=3", "model.num_heads=3 is invalid"),
-        ("--config.grad_accum_steps=3", "grad_accum_steps=3 is invalid"),
-        ("--config.moe.router=top_q", "moe.router='top_q' is invalid"),
-    ],
-)
-def test_cli_rejects_bad_config_before_compiling(tmp_path, flag, message):
-    proc = subprocess.run(
-        [sys.executable, "-m", "dynmoe_jax.main", "--config=dynmoe_jax/configs/tiny.py",
-         f"--workdir={tmp_path}", flag],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_gradient_accumulation_equals_full_batch(data_dir):

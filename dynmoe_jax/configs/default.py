@@ -8,8 +8,11 @@ def get_config() -> ConfigDict:
     c = ConfigDict()
     c.seed = 0
     c.dataset = "kjv"  # kjv | pydoc | text_dir:PATH | a TFDS text dataset name
-    c.fallback_dataset = "pydoc"  # used when the default corpus is not installed ('' = none)
-    c.data_dir = ""  # '' = $DYNMOE_DATA_DIR or ~/.cache/dynmoe_jax
+    # Trains on pydoc when kjv is not installed (`make bible` installs it); the run says so at
+    # start-up and records the corpus used in workdir/config.json. '' = a missing corpus is an
+    # error.
+    c.fallback_dataset = "pydoc"
+    c.data_dir = ""  # dataset and tokenizer cache; '' = $DYNMOE_DATA_DIR or ~/.cache/dynmoe_jax
     c.tokenizer = "sentencepiece"  # sentencepiece | bytes
     c.vocab_size = 2048
     c.seq_len = 128
@@ -30,7 +33,6 @@ def get_config() -> ConfigDict:
     c.keep_checkpoints = 3
     c.mesh_shape = ""  # '' = one device; e.g. "data=2,expert=4"
     c.nonfinite = "skip"  # skip: drop the update and count it | stop: raise, keep checkpoints
-    c.inject_nan_at_step = 0  # fault injection for tests: NaN loss at this step (0 = off)
 
     c.model = ConfigDict()
     c.model.ffn = "moe"  # moe | dense (the dense baseline)

@@ -9,6 +9,7 @@ from dynmoe_jax.configs import default
 def get_config() -> ConfigDict:
     c = default.get_config()
     c.dataset = "c4/en"  # RedPajama is not in TFDS; any large TFDS text corpus works here
+    c.fallback_dataset = ""  # never swap a 100B-token corpus for a small one
     c.vocab_size = 32000
     c.seq_len = 2048
     c.batch_size = 1024  # ~2M tokens per step

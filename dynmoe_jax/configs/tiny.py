@@ -8,6 +8,7 @@ from dynmoe_jax.configs import default
 def get_config() -> ConfigDict:
     c = default.get_config()
     c.dataset = "pydoc"
+    c.fallback_dataset = ""
     c.vocab_size = 512
     c.seq_len = 32
     c.batch_size = 8

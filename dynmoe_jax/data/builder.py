@@ -8,6 +8,7 @@ Building needs no network and no TensorFlow; read the result with ``builder.as_d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import pathlib
@@ -17,10 +18,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dynmoe_jax.data import corpora
+from dynmoe_jax.validation import check, invalid
 
 DEFAULT_VALIDATION_PERCENT = 5
-BUILDER_NAME = "dynmoe_text"
-SPLITS = ("train", "validation")
 
 
 @dataclasses.dataclass
@@ -33,11 +33,8 @@ class DynmoeTextConfig(tfds.core.BuilderConfig):
 
 def check_validation_percent(validation_percent: int) -> None:
     """Rejects percentages that would leave a split empty."""
-    if not 1 <= validation_percent <= 99:
-        raise ValueError(
-            f"validation_percent must be in [1, 99] so both splits are non-empty, "
-            f"got {validation_percent}."
-        )
+    ok = isinstance(validation_percent, int) and 1 <= validation_percent <= 99
+    check(ok, "validation_percent", validation_percent, "1..99 (both splits non-empty)")
 
 
 def text_dir_fingerprint(folder: pathlib.Path) -> str:
@@ -64,10 +61,7 @@ def config_name(corpus: str, validation_percent: int = DEFAULT_VALIDATION_PERCEN
     elif corpus in corpora.LOCAL_CORPORA:
         name = corpus
     else:
-        raise ValueError(
-            f"dataset={corpus!r} is not a local corpus; the builder serves "
-            f"'{corpora.KJV}', '{corpora.PYDOC}' and '{corpora.TEXT_DIR_PREFIX}PATH'."
-        )
+        invalid("dataset", corpus, corpora.LOCAL_CHOICES)
     if validation_percent != DEFAULT_VALIDATION_PERCENT:
         name += f"_val{validation_percent}"
     return name
@@ -86,11 +80,12 @@ def validation_mask(num_records: int, validation_percent: int) -> np.ndarray:
     ``validation_percent``. For tiny corpora the split is then nudged so neither side is empty.
     """
     check_validation_percent(validation_percent)
-    if num_records < 2:
-        raise ValueError(
-            f"a corpus needs at least 2 records to have train and validation splits, "
-            f"got {num_records}."
-        )
+    check(
+        num_records >= 2,
+        "records",
+        num_records,
+        "at least 2 records (a train and a validation one)",
+    )
     hashes = np.array([_stable_hash(i) for i in range(num_records)], dtype=np.uint64)
     mask = (hashes % np.uint64(100)) < np.uint64(validation_percent)
     if not mask.any():
@@ -124,10 +119,21 @@ class DynmoeText(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # everything is local
         records = corpora.load_records(self.builder_config.corpus)
         mask = validation_mask(len(records), self.builder_config.validation_percent)
+        print(f"data: writing {len(records) - mask.sum()} train and {mask.sum()} validation "
+              "records", flush=True)  # fmt: skip
         return {
             "train": self._generate_examples(records, ~mask),
             "validation": self._generate_examples(records, mask),
         }
+
+    # TFDS prints its own banner here ("Downloading and preparing dataset Unknown size"),
+    # which misleads for a corpus built offline; these two say what happens instead.
+    def _log_download_bytes(self) -> None:
+        print(f"data: building {self.builder_config.corpus} into {self.data_dir} "
+              "(once; later runs reuse it)", flush=True)  # fmt: skip
+
+    def _log_download_done(self) -> None:
+        print(f"data: built {self.builder_config.corpus}", flush=True)
 
     def _generate_examples(self, records: Sequence[str], keep: np.ndarray) -> Iterator:
         for index in np.flatnonzero(keep):
@@ -162,12 +168,25 @@ def prepare(
 ) -> DynmoeText:
     """Builds the corpus into data_dir once (offline) and returns the ready builder."""
     builder = make_builder(corpus, data_dir, validation_percent)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            compute_stats=tfds.download.ComputeStatsMode.SKIP,
+    with _no_tfds_progress_bars():
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(
+                compute_stats=tfds.download.ComputeStatsMode.SKIP,
+            )
         )
-    )
     return builder
+
+
+@contextlib.contextmanager
+def _no_tfds_progress_bars():
+    """TFDS's per-split bars name temporary files; our own lines report the build instead."""
+    tqdm_utils = tfds.core.utils.tqdm_utils
+    was_active = tqdm_utils._active  # TFDS has a setter but no getter for this flag
+    tfds.display_progress_bar(False)
+    try:
+        yield
+    finally:
+        tfds.display_progress_bar(was_active)
 
 
 def read_split(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:

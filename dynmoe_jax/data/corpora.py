@@ -22,7 +22,9 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
+
+from dynmoe_jax.validation import ConfigError, invalid, message
 
 if TYPE_CHECKING:
     import tensorflow_datasets as tfds
@@ -34,14 +36,12 @@ LOCAL_CORPORA = (KJV, PYDOC)
 TFDS_TEXT_FEATURE = "text"
 
 VALID_CHOICES = (
-    f"'{KJV}', '{PYDOC}', '{TEXT_DIR_PREFIX}PATH', "
-    "or a TFDS text dataset name with a 'text' feature (e.g. 'lm1b')"
+    f"'{KJV}' | '{PYDOC}' | '{TEXT_DIR_PREFIX}PATH' "
+    "| a TFDS text dataset with a 'text' feature (e.g. 'lm1b')"
 )
+LOCAL_CHOICES = f"'{KJV}' | '{PYDOC}' | '{TEXT_DIR_PREFIX}PATH' (the local corpora)"
 
-KJV_INSTALL_HINT = (
-    "Install it with `apt-get install -y bible-kjv` (Debian/Ubuntu), "
-    "or use dataset='pydoc', which needs no install."
-)
+KJV_INSTALL_HINT = "install it with `make bible` or `apt-get install -y bible-kjv` (Debian/Ubuntu)"
 
 # `bible` prints "Ge1:1 In the beginning ..."; the book abbreviation can itself contain digits
 # ("1Co13:4"), so the reference is any non-space run ending in chapter:verse.
@@ -49,8 +49,20 @@ _VERSE_REFERENCE = re.compile(r"^\S+\d+:\d+\s+")
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 
 
-class CorpusUnavailableError(RuntimeError):
-    """A corpus needs a program or files that are not present on this machine."""
+class CorpusUnavailableError(ConfigError):
+    """A corpus needs a program or files that are not present on this machine.
+
+    The only error that lets a config's ``fallback_dataset`` take over. ``dataset``, ``reason``
+    (what is missing) and ``install_hint`` are kept for the fallback's warning.
+    """
+
+    def __init__(self, dataset: str, reason: str, install_hint: str):
+        allowed = (
+            f"a corpus present on this machine ({reason}); {install_hint}, or set "
+            f"--config.fallback_dataset={PYDOC} to train on Python's own documentation instead"
+        )
+        super().__init__(message("dataset", dataset, allowed))
+        self.dataset, self.reason, self.install_hint = dataset, reason, install_hint
 
 
 def normalize_whitespace(text: str) -> str:
@@ -78,10 +90,10 @@ def text_dir_path(name: str) -> pathlib.Path:
     """The absolute folder named by a ``text_dir:PATH`` corpus name; it must exist."""
     raw = name[len(TEXT_DIR_PREFIX) :]
     if not raw:
-        raise ValueError(f"dataset={name!r}: text_dir needs a folder, e.g. 'text_dir:/data/books'.")
+        invalid("dataset", name, "text_dir:PATH naming a folder, e.g. 'text_dir:/data/books'")
     folder = pathlib.Path(raw).expanduser().resolve()
     if not folder.is_dir():
-        raise ValueError(f"dataset={name!r}: folder {folder} does not exist.")
+        invalid("dataset", name, f"text_dir:PATH naming a folder ({folder} does not exist)")
     return folder
 
 
@@ -93,10 +105,7 @@ def kjv_verses(bible_command: str = "bible") -> list[str]:
     """
     executable = shutil.which(bible_command)
     if executable is None:
-        raise CorpusUnavailableError(
-            f"dataset='kjv' needs the `{bible_command}` command, which is not installed. "
-            + KJV_INSTALL_HINT
-        )
+        _kjv_unavailable(f"the `{bible_command}` command is not installed")
     # stdin is closed because `bible` drops into an interactive prompt when it can read a tty.
     result = subprocess.run(
         [executable, "-f", "gen1:1-rev22:21"],
@@ -108,12 +117,16 @@ def kjv_verses(bible_command: str = "bible") -> list[str]:
     verses = [normalize_whitespace(_VERSE_REFERENCE.sub("", line)) for line in text.splitlines()]
     verses = [v for v in verses if v]
     if result.returncode != 0 or not verses:
-        stderr = result.stderr.decode("utf-8", errors="replace").strip()
-        raise CorpusUnavailableError(
-            f"dataset='kjv': `{executable} -f gen1:1-rev22:21` printed no verses "
-            f"(exit code {result.returncode}{': ' + stderr if stderr else ''}). " + KJV_INSTALL_HINT
+        stderr = " ".join(result.stderr.decode("utf-8", errors="replace").split())
+        _kjv_unavailable(
+            f"`{executable} -f gen1:1-rev22:21` printed no verses "
+            f"(exit code {result.returncode}{': ' + stderr if stderr else ''})"
         )
     return verses
+
+
+def _kjv_unavailable(reason: str) -> NoReturn:
+    raise CorpusUnavailableError(KJV, reason, KJV_INSTALL_HINT)
 
 
 def pydoc_paragraphs() -> list[str]:
@@ -127,16 +140,17 @@ def text_dir_paragraphs(folder: pathlib.Path) -> list[str]:
     """Paragraphs of every ``*.txt`` file under ``folder``, files in sorted path order.
 
     Raises:
-      ValueError: if the folder does not exist or holds no non-empty .txt file.
+      ConfigError: if the folder does not exist or holds no non-empty .txt file.
     """
+    name = f"{TEXT_DIR_PREFIX}{folder}"
     if not folder.is_dir():
-        raise ValueError(f"dataset='text_dir:{folder}': folder {folder} does not exist.")
+        invalid("dataset", name, f"text_dir:PATH naming a folder ({folder} does not exist)")
     paragraphs = []
     for path in sorted(p for p in folder.rglob("*.txt") if p.is_file()):
         # Real-world folders hold the odd Latin-1 file; a replacement character beats a crash.
         paragraphs.extend(split_paragraphs(path.read_bytes().decode("utf-8", errors="replace")))
     if not paragraphs:
-        raise ValueError(f"dataset='text_dir:{folder}': no non-empty .txt file under {folder}.")
+        invalid("dataset", name, "a folder of text (there is no non-empty .txt file under it)")
     return paragraphs
 
 
@@ -144,7 +158,7 @@ def load_records(name: str) -> list[str]:
     """All records of a local corpus (``kjv``, ``pydoc`` or ``text_dir:PATH``), in a fixed order.
 
     Raises:
-      ValueError: for a name that is not a local corpus, or an empty corpus.
+      ConfigError: for a name that is not a local corpus, or an empty corpus.
       CorpusUnavailableError: if the corpus needs something that is not installed.
     """
     if name == KJV:
@@ -154,12 +168,9 @@ def load_records(name: str) -> list[str]:
     elif is_text_dir(name):
         records = text_dir_paragraphs(text_dir_path(name))
     else:
-        raise ValueError(
-            f"dataset={name!r} is not a local corpus; valid local corpora: "
-            f"'{KJV}', '{PYDOC}', '{TEXT_DIR_PREFIX}PATH'."
-        )
+        invalid("dataset", name, LOCAL_CHOICES)
     if not records:
-        raise ValueError(f"dataset={name!r}: the corpus is empty.")
+        invalid("dataset", name, "a corpus holding text (this one is empty)")
     return records
 
 
@@ -191,9 +202,10 @@ def records_from_source(
     count = len(source) if limit is None else min(limit, len(source))
     for example in _read_examples(source, count):
         if TFDS_TEXT_FEATURE not in example:
-            raise ValueError(
-                f"dataset={name!r} has no '{TFDS_TEXT_FEATURE}' feature "
-                f"(features: {sorted(example)}); only text datasets are supported."
+            invalid(
+                "dataset",
+                name,
+                f"a dataset with a '{TFDS_TEXT_FEATURE}' feature (this one has {sorted(example)})",
             )
         text = normalize_whitespace(_decode_text(example[TFDS_TEXT_FEATURE]))
         if text:
@@ -209,16 +221,13 @@ def tfds_split_name(available: Iterable[str], split: str) -> str:
 
 
 def check_tfds_name(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-    """Returns the TFDS builder for ``name``, or raises a ValueError listing the valid choices."""
+    """Returns the TFDS builder for ``name``, or raises a ConfigError listing the valid choices."""
     import tensorflow_datasets as tfds
 
     try:
         return tfds.builder(name, data_dir=data_dir)
-    except tfds.core.registered.DatasetNotFoundError as error:
-        raise ValueError(
-            f"dataset={name!r} is neither a known corpus nor an available TFDS dataset. "
-            f"Valid choices: {VALID_CHOICES}."
-        ) from error
+    except tfds.core.registered.DatasetNotFoundError:
+        invalid("dataset", name, VALID_CHOICES)
 
 
 def tfds_records(
@@ -239,5 +248,5 @@ def tfds_records(
     source = tfds.data_source(name, split=tfds_split_name(split_names, split), data_dir=data_dir)
     records = list(records_from_source(source, name, limit))
     if not records:
-        raise ValueError(f"dataset={name!r}: split {split!r} holds no non-empty text.")
+        invalid("dataset", name, f"a dataset whose {split!r} split holds text (it holds none)")
     return records

@@ -17,6 +17,8 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import sentencepiece as spm
 
+from dynmoe_jax.validation import check, invalid
+
 PAD_ID = 0
 EOS_ID = 1
 TOKENIZERS = ("sentencepiece", "bytes")
@@ -76,8 +78,7 @@ class SentencePieceTokenizer:
         self.pad_id = int(self._processor.pad_id())
         digest = hashlib.sha256(model_proto).hexdigest()[:12]
         self.fingerprint = f"spm{self.vocab_size}-{digest}"
-        if self.pad_id != PAD_ID:
-            raise ValueError(f"SentencePiece model has pad_id={self.pad_id}, expected {PAD_ID}.")
+        check(self.pad_id == PAD_ID, "SentencePiece pad_id", self.pad_id, f"{PAD_ID} (padding)")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
@@ -107,10 +108,8 @@ def train_sentencepiece(
     The whole input is used (no sentence sampling), which keeps training deterministic. The
     vocabulary is a soft limit: a tiny corpus gets fewer pieces instead of an error.
     """
-    if model_type not in SENTENCEPIECE_MODEL_TYPES:
-        raise ValueError(
-            f"model_type must be one of {SENTENCEPIECE_MODEL_TYPES}, got {model_type!r}."
-        )
+    allowed_types = " | ".join(map(repr, SENTENCEPIECE_MODEL_TYPES))
+    check(model_type in SENTENCEPIECE_MODEL_TYPES, "model_type", model_type, allowed_types)
     writer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -135,10 +134,9 @@ def train_sentencepiece(
             minloglevel=2,
         )
     except RuntimeError as error:
-        raise ValueError(
-            f"SentencePiece training failed for vocab_size={vocab_size} ({error}). With byte "
-            "fallback the vocabulary needs 259 ids plus one per distinct character."
-        ) from error
+        reason = " ".join(str(error).split())  # one line
+        allowed = "at least 259 ids plus one per distinct character (byte fallback)"
+        invalid("vocab_size", vocab_size, f"{allowed}; SentencePiece: {reason}")
     return writer.getvalue()
 
 
@@ -159,7 +157,7 @@ def atomic_write_bytes(path: pathlib.Path, payload: bytes) -> None:
 
 def load_or_train_sentencepiece(
     model_path: pathlib.Path,
-    train_sentences: Callable[[], Iterable[str]],
+    train_sentences: Callable[[], Sequence[str]],
     vocab_size: int,
     model_type: str = "bpe",
 ) -> SentencePieceTokenizer:
@@ -168,9 +166,10 @@ def load_or_train_sentencepiece(
     ``train_sentences`` is a callable so that the corpus is not even read on a cache hit.
     """
     if not model_path.exists():
-        atomic_write_bytes(
-            model_path, train_sentencepiece(train_sentences(), vocab_size, model_type)
-        )
+        sentences = train_sentences()
+        print(f"data: training a {vocab_size}-piece SentencePiece tokenizer on the train split "
+              f"({len(sentences)} records)", flush=True)  # fmt: skip
+        atomic_write_bytes(model_path, train_sentencepiece(sentences, vocab_size, model_type))
     return SentencePieceTokenizer.from_file(model_path)
 
 
@@ -180,7 +179,7 @@ def make_tokenizer(
     data_dir: str | os.PathLike,
     dataset_key: str,
     vocab_size: int,
-    train_sentences: Callable[[], Iterable[str]],
+    train_sentences: Callable[[], Sequence[str]],
     model_type: str = "bpe",
 ) -> Tokenizer:
     """The tokenizer named by ``kind`` ('sentencepiece' or 'bytes').
@@ -193,4 +192,4 @@ def make_tokenizer(
     if kind == "sentencepiece":
         path = sentencepiece_model_path(data_dir, dataset_key, vocab_size, model_type)
         return load_or_train_sentencepiece(path, train_sentences, vocab_size, model_type)
-    raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {kind!r}.")
+    invalid("tokenizer", kind, " | ".join(map(repr, TOKENIZERS)))

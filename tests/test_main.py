@@ -1,0 +1,106 @@
+"""The command line: every mistake ends in one ``error:`` line and exit code 2, before any data
+is read or anything is compiled."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dynmoe_jax import main
+from dynmoe_jax.validation import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "dynmoe_jax/configs/tiny.py"
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "dynmoe_jax.main", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.moe.threshold=1.5", "moe.threshold=1.5 is invalid"),
+        ("--config.seq_len=0", "seq_len=0 is invalid"),
+        ("--config.model.num_heads=3", "model.num_heads=3 is invalid"),
+        ("--config.grad_accum_steps=3", "grad_accum_steps=3 is invalid"),
+        ("--config.moe.router=top_q", "moe.router='top_q' is invalid"),
+    ],
+)
+def test_cli_rejects_bad_config_before_compiling(tmp_path, flag, message):
+    proc = _cli(f"--config={TINY}", f"--workdir={tmp_path}", flag)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        ([f"--config={TINY}", "--config.moe.treshold=0.3"],
+         "error: moe.treshold='0.3' is invalid: allowed a field of the config "
+         "(did you mean moe.threshold?)"),
+        (["--config=dynmoe_jax/configs/nope.py"],
+         "error: --config='dynmoe_jax/configs/nope.py' is invalid: allowed a config file that "
+         "exists, e.g. dynmoe_jax/configs/default.py"),
+    ],
+)  # fmt: skip
+def test_cli_mistakes_print_exactly_one_line(tmp_path, args, line):
+    proc = _cli(*args, f"--workdir={tmp_path / 'run'}")
+    assert (proc.returncode, proc.stderr, proc.stdout) == (2, line + "\n", "")
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_argv_finds_unknown_fields_and_missing_files():
+    main.check_argv([f"--config={TINY}", "--config.moe.threshold=0.3", "--workdir=x"])
+    main.check_argv(["--config", TINY, "--config.model.remat"])  # absl's spaced form, bare bool
+    with pytest.raises(ConfigError) as err:
+        main.check_argv(["--config", TINY, "--config.model.d_modle=64"])
+    assert str(err.value) == (
+        "model.d_modle='64' is invalid: allowed a field of the config (did you mean model.d_model?)"
+    )
+    with pytest.raises(ConfigError) as err:
+        main.check_argv(["--config=no/such/config.py"])
+    assert str(err.value) == (
+        "--config='no/such/config.py' is invalid: allowed a config file that exists, "
+        "e.g. dynmoe_jax/configs/default.py"
+    )
+
+
+@pytest.mark.parametrize(
+    "prompt, max_new_tokens, temperature, message",
+    [
+        ("", 8, 0.0, "--prompt='' is invalid: allowed non-empty text"),
+        ("And", 0, 0.0, "--max_new_tokens=0 is invalid: allowed an integer >= 1"),
+        ("And", 8, -0.5, "--temperature=-0.5 is invalid: allowed a number >= 0 (0 = greedy)"),
+        ("And", 8, float("nan"),
+         "--temperature=nan is invalid: allowed a number >= 0 (0 = greedy)"),
+    ],
+)  # fmt: skip
+def test_sample_flags_are_checked_up_front(prompt, max_new_tokens, temperature, message):
+    main.check_sample_flags("And God said", 64, 0.7)
+    with pytest.raises(ConfigError) as err:
+        main.check_sample_flags(prompt, max_new_tokens, temperature)
+    assert str(err.value) == message
+
+
+@pytest.mark.filterwarnings("ignore:the load_module:DeprecationWarning")  # ml_collections
+def test_parse_flags_exits_2_with_one_line(capsys):
+    argv = ["main", f"--config={TINY}", "--workdir=unused", "--mode=sample", "--temperature=-1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_flags(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: --temperature=-1.0 is invalid: allowed a number >= 0 (0 = greedy)\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_flags(["main", f"--config={TINY}", "--workdir=unused", "--max_new_tokens=x"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: flag --max_new_tokens=x: invalid literal for int() with base 10: 'x'\n"
+    )
