@@ -269,6 +269,7 @@ def test_task_and_token_statistics_on_a_tiny_model():
     assert per_task["experts"][0] == pytest.approx(experts_LBT[:, sel].mean(), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_task_suite_trains_through_the_library_and_is_reused(tmp_path):
     config = _tiny_tasks_config(steps=4)
     config.eval_every_steps = 2

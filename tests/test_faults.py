@@ -86,6 +86,7 @@ def _kill_when(proc, workdir: Path, mode: str, at_step: int) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_resumes_exactly(data_dir, tmp_path):
     reference = tmp_path / "reference"
     subprocess.run(_cli(reference, data_dir, LONG), check=True, capture_output=True, cwd=ROOT)
@@ -106,6 +107,7 @@ def test_sigkill_at_any_moment_resumes_exactly(data_dir, tmp_path):
     assert _records(workdir) == _records(reference)  # no duplicated, no missing steps
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back(data_dir, tmp_path, capsys):
     train.train_and_evaluate(_config(data_dir), tmp_path)
     blobs = sorted((tmp_path / "checkpoints" / "6").rglob("d/*"), key=lambda p: p.stat().st_size)
@@ -158,6 +160,7 @@ def test_skipped_step_leaves_the_state_unchanged(data_dir, monkeypatch):
     jax.tree.map(np.testing.assert_array_equal, after.opt_state, before.opt_state)
 
 
+@pytest.mark.slow
 def test_nan_stops_with_clear_error_and_keeps_checkpoint(data_dir, tmp_path):
     clean = tmp_path / "clean"
     train.train_and_evaluate(_config(data_dir), clean)
@@ -190,6 +193,7 @@ def test_checkpoint_of_a_dict_state_restores_as_a_train_state(data_dir, tmp_path
     jax.tree.map(np.testing.assert_array_equal, restored.params, jax.device_get(state.params))
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(data_dir, tmp_path):
     for name in ("a", "b"):
         train.train_and_evaluate(_config(data_dir), tmp_path / name)

@@ -167,6 +167,7 @@ def test_padded_positions_are_not_counted_in_validation_experts(data_dir):
     assert np.abs(every_position - by_hand).max() > 1e-3  # padding would have shifted it
 
 
+@pytest.mark.slow
 def test_bfloat16_training_learns_and_stays_finite(data_dir, tmp_path):
     config = _config(data_dir, **{"model.dtype": "bfloat16"})
     final = train.train_and_evaluate(config, tmp_path)
@@ -178,6 +179,7 @@ def test_bfloat16_training_learns_and_stays_finite(data_dir, tmp_path):
     assert train_loss[-1] < train_loss[0]
 
 
+@pytest.mark.slow
 def test_dense_baseline_and_top_k_train(data_dir, tmp_path):
     for name, overrides in {
         "dense": {"model.ffn": "dense"},
