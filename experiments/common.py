@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
+from dynmoe_jax import config as config_lib
 from experiments.report import REPO_ROOT, jsonable
 
 RUNS_DIR = REPO_ROOT / "runs" / "experiments"
 SUMMARY_FILE = "experiment_run.json"  # written into a workdir once its run has finished
-CONFIG_FILE = "config.json"  # written by the library: the run's config and corpus used
 
 # The five models of the router comparison. Each maps to config overrides in `lm_config`.
 VARIANTS = ("dense", "top1", "top2", "top_p", "top_p_sized")
@@ -161,12 +161,10 @@ def steady_step_ms(train_records: Sequence[dict], tokens_per_step: int) -> float
 
 
 def trained_corpus(workdir: Path) -> str | None:
-    """The corpus a run was trained on, as its workdir's config.json records it (the corpus
-    actually used); None when there is no record."""
-    path = Path(workdir) / CONFIG_FILE
-    if not path.exists():
-        return None
-    return json.loads(path.read_text()).get("dataset")
+    """The corpus a run was trained on, as its workdir's run record says (the corpus actually
+    used, a fallback included); None when there is no record."""
+    run = config_lib.load_run_config(workdir)
+    return None if run is None else run.corpus
 
 
 def same_config(saved: dict, current: dict) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from ml_collections import ConfigDict
 
+from dynmoe_jax import config as config_lib
 from experiments import common
 
 # Token ids of the synthetic vocabulary. 0 is never produced (the library's padding id).
@@ -210,7 +211,7 @@ def train_tasks(config: ConfigDict, workdir: Path) -> dict:
         return {PREFIX + k: v for k, v in stats.items()}
 
     # The record of the corpus used, which the run cache checks before reusing the run.
-    (Path(workdir) / common.CONFIG_FILE).write_text(config.to_json(sort_keys=True))
+    config_lib.save_run_config(config, workdir, config.dataset)
     return train_lib.train_with_data(config, workdir, data, "synthetic", per_task)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 
+from dynmoe_jax import data as data_lib
 from dynmoe_jax import train
 from dynmoe_jax.configs import tiny
 
@@ -20,7 +21,7 @@ def tiny_config(mesh_shape: str, data_dir: str):
 
 def run_steps(mesh_shape: str, data_dir: str, num_steps: int, devices=None) -> list[float]:
     config = tiny_config(mesh_shape, data_dir)
-    data, _ = train.load_run_data(config)
+    data = data_lib.from_config(config)
     task = train.build_task(config, data.vocab_size, devices)
     state = train.init_state(task)
     step = train.make_train_step(task)

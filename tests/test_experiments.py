@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dynmoe_jax import config as config_lib
 from experiments import common, report, stats, sweep_threshold, tasks
 
 # ----------------------------------------------------------------------------- statistics
@@ -125,8 +126,7 @@ def _fake_run(workdir, config, corpus="kjv"):
                {"step": 5, "split": "validation", "loss": 2.5}]  # fmt: skip
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if corpus is not None:  # the library's record of the corpus it trained on
-        saved = json.loads(config.to_json())
-        (workdir / common.CONFIG_FILE).write_text(json.dumps({**saved, "dataset": corpus}))
+        config_lib.save_run_config(config, workdir, corpus)
 
 
 def _no_training(config, workdir):

@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 
 from dynmoe_jax import checkpoint as ckpt_lib
+from dynmoe_jax import data as data_lib
 from dynmoe_jax import inference, train
-from dynmoe_jax.config_check import ConfigError
 from dynmoe_jax.configs import tiny
 from dynmoe_jax.data import corpora
+from dynmoe_jax.validation import ConfigError
 from tests.nan_injection import nan_at
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ LONG = {"num_train_steps": 24, "checkpoint_every_steps": 4, "log_every_steps": 2
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("data"))
-    train.load_run_data(_config(d))  # build the corpus cache once
+    data_lib.from_config(_config(d))  # build the corpus cache once
     return d
 
 
@@ -147,7 +148,7 @@ def test_nan_is_skipped_and_counted(data_dir, tmp_path, monkeypatch):
 
 def test_skipped_step_leaves_the_state_unchanged(data_dir, monkeypatch):
     task = train.build_task(_config(data_dir), 512)
-    data, _ = train.load_run_data(_config(data_dir))
+    data = data_lib.from_config(_config(data_dir))
     batch = train.put_batch(task, data.train_batch(0))
     with jax.set_mesh(task.mesh):
         state = train.init_state(task)
@@ -202,7 +203,8 @@ def test_same_seed_same_metrics(data_dir, tmp_path):
 
 def test_missing_bible_falls_back_to_pydoc(data_dir, monkeypatch, capsys):
     monkeypatch.setattr(corpora.shutil, "which", lambda name: None)
-    data, dataset = train.load_run_data(_config(data_dir, dataset="kjv"))
+    data = data_lib.from_config(_config(data_dir, dataset="kjv", fallback_dataset="pydoc"))
+    dataset = data.config.dataset
     assert dataset == "pydoc" and data.num_train_tokens > 0
     assert "apt-get install -y bible-kjv" in capsys.readouterr().out
 
@@ -224,11 +226,11 @@ def test_bad_text_dir_corpora(tmp_path, files, overrides, message):
             (folder / name).write_bytes(content)
     config = _config(str(tmp_path / "data"), dataset=f"text_dir:{folder}", **overrides)
     if message is None:  # bytes that are not UTF-8 are replaced, not fatal
-        data, _ = train.load_run_data(config)
+        data = data_lib.from_config(config)
         assert data.train_batch(0)["inputs"].shape == (8, 32)
         return
     with pytest.raises(ConfigError, match=message) as err:
-        train.load_run_data(config)
+        data_lib.from_config(config)
     assert str(err.value).startswith(f"dataset='text_dir:{folder}'")
 
 

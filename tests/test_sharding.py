@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 
 from dynmoe_jax import checkpoint as ckpt_lib
+from dynmoe_jax import data as data_lib
 from dynmoe_jax import sharding, train
-from dynmoe_jax.config_check import ConfigError, check_config
+from dynmoe_jax.config import check_config
+from dynmoe_jax.validation import ConfigError
 from tests.sharding_steps import run_steps, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +25,7 @@ MESHES = ["data=2,expert=4", "data=1,expert=8", "data=8,expert=1"]
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("data"))
-    train.load_run_data(tiny_config("", d))  # build the corpus cache once
+    data_lib.from_config(tiny_config("", d))  # build the corpus cache once
     return d
 
 
@@ -31,7 +33,7 @@ def _task(mesh_shape, data_dir, devices=None, **overrides):
     config = tiny_config(mesh_shape, data_dir)
     for k, v in overrides.items():
         config[k] = v
-    data, _ = train.load_run_data(config)
+    data = data_lib.from_config(config)
     return train.build_task(config, data.vocab_size, devices), data
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dynmoe_jax import data as data_lib
 from dynmoe_jax import inference, train
 from dynmoe_jax.configs import tiny
 
@@ -135,7 +136,7 @@ def test_eval_of_an_empty_workdir_creates_nothing(data_dir, tmp_path):
 
 
 def test_sampled_text_keeps_the_space_after_the_prompt(data_dir):
-    data, _ = train.load_run_data(_config(data_dir))  # the tiny config's SentencePiece model
+    data = data_lib.from_config(_config(data_dir))  # the tiny config's SentencePiece model
     tokenizer = data.tokenizer
     prompt, full = "And God said", "And God said unto him"
     prompt_ids, full_ids = tokenizer.encode(prompt), tokenizer.encode(full)
@@ -147,7 +148,7 @@ def test_sampled_text_keeps_the_space_after_the_prompt(data_dir):
 
 def test_padded_positions_are_not_counted_in_validation_experts(data_dir):
     config = _config(data_dir)
-    data, _ = train.load_run_data(config)
+    data = data_lib.from_config(config)
     task = train.build_task(config, data.vocab_size)
     params = train.init_state(task).params
     batch = dict(data.train_batch(0))
@@ -200,7 +201,7 @@ def test_gradient_accumulation_equals_full_batch(data_dir):
     for accum in (1, 4):
         config = _config(data_dir, grad_accum_steps=accum)
         config.loss.load_balance_weight = 0.0
-        data, _ = train.load_run_data(config)
+        data = data_lib.from_config(config)
         task = train.build_task(config, data.vocab_size)
         state = train.init_state(task)
         g, metrics = jax.jit(lambda p, b, t=task: train._accumulated_grads(t, p, b))(
