@@ -107,13 +107,18 @@ def _blocks_view(a_RX: jax.Array, expert_N: jax.Array) -> jax.Array:
     return a_RX.reshape(expert_N.shape[0], -1, a_RX.shape[-1])
 
 
+def _put(a_NXY: jax.Array, a_XY: jax.Array, i: jax.Array) -> jax.Array:
+    """a_NXY with slice i replaced; in place inside a loop."""
+    return jax.lax.dynamic_update_slice(a_NXY, a_XY[None], (i, 0, 0))
+
+
 @jax.custom_vjp
 def _block_matmul(x_RX, w_EXY, expert_N, used):
     x_NBX = _blocks_view(x_RX, expert_N)
 
     def body(i, y_NBY):
         y_BY = x_NBX[i] @ w_EXY[expert_N[i]]
-        return jax.lax.dynamic_update_index_in_dim(y_NBY, y_BY, i, 0)
+        return _put(y_NBY, y_BY, i)
 
     y_NBY = jnp.zeros(x_NBX.shape[:2] + (w_EXY.shape[2],), x_RX.dtype)
     y_NBY = jax.lax.fori_loop(0, used, body, y_NBY)
@@ -134,9 +139,9 @@ def _block_matmul_bwd(res, dy_RY):
         dx_NBX, dw_EXY = carry
         e = expert_N[i]
         dx_BX = contract_y(dy_NBY[i], w_EXY[e])  # dy @ w[e]^T, no transposed copy of w
-        dx_NBX = jax.lax.dynamic_update_index_in_dim(dx_NBX, dx_BX, i, 0)
+        dx_NBX = _put(dx_NBX, dx_BX, i)
         dw_XY = dw_EXY[e] + contract_b(x_NBX[i], dy_NBY[i]).astype(dw_EXY.dtype)
-        return dx_NBX, jax.lax.dynamic_update_index_in_dim(dw_EXY, dw_XY, e, 0)
+        return dx_NBX, _put(dw_EXY, dw_XY, e)
 
     init = (jnp.zeros_like(x_NBX), jnp.zeros_like(w_EXY))
     dx_NBX, dw_EXY = jax.lax.fori_loop(0, used, body, init)

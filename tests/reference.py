@@ -41,9 +41,7 @@ def swiglu(x, w_gate, w_up, w_down):
     return ((g / (1.0 + np.exp(-g))) * u) @ w_down
 
 
-def moe_loop(
-    x_BTD, params, *, router, threshold, top_k, max_k, group_size, capacity, budget=None
-):
+def moe_loop(x_BTD, params, *, router, threshold, top_k, max_k, group_size, capacity, budget=None):
     """Per-token, per-expert MoE forward with priority-ordered capacity.
 
     Returns (y_BTD, selections, dropped). ``capacity=None`` means unlimited per expert;
