@@ -20,8 +20,8 @@ past ``sum(group_sizes_E)`` come out as zeros. Backends (``Backend``; ``None`` p
 * ``megablox`` (TPU alternative): ``jax.experimental.pallas.ops.tpu.megablox.gmm`` (its own
   custom_vjp of gmm and tgmm). ``interpret=True`` runs it on CPU, slowly (tests only).
 
-Axis letters: R rows (sorted by expert), E experts, X input width, Y output width, N blocks,
-B rows per block.
+Axis letters: R rows (sorted by expert), E experts, X input width, Y output width. Blocks of
+``block_size`` rows carry no letter (N and B mean heads and batch elsewhere).
 """
 
 from __future__ import annotations
@@ -88,64 +88,66 @@ def _blocks(x_RX, w_EXY, group_sizes_E, block_size, interpret):
     num_rows = x_RX.shape[0]
     if num_rows % block_size:
         raise ValueError(f"grouped_matmul: {num_rows} rows are not a multiple of {block_size}")
-    expert_N, used = block_experts(group_sizes_E, num_rows // block_size, block_size)
-    return _block_matmul(x_RX, w_EXY.astype(x_RX.dtype), expert_N, used)
+    block_expert, used = block_experts(group_sizes_E, num_rows // block_size, block_size)
+    return _block_matmul(x_RX, w_EXY.astype(x_RX.dtype), block_expert, used)
 
 
 def block_experts(
     group_sizes_E: jax.Array, num_blocks: int, block_size: int
 ) -> tuple[jax.Array, jax.Array]:
-    """(int32[N] the expert of each block, int32 number of blocks in use)."""
+    """(int32 expert of each block, int32 number of blocks in use)."""
     ends_E = jnp.cumsum(group_sizes_E.astype(jnp.int32))
-    first_row_N = jnp.arange(num_blocks, dtype=jnp.int32) * block_size
-    expert_N = jnp.searchsorted(ends_E, first_row_N, side="right").astype(jnp.int32)
+    first_row = jnp.arange(num_blocks, dtype=jnp.int32) * block_size
+    block_expert = jnp.searchsorted(ends_E, first_row, side="right").astype(jnp.int32)
     used = jnp.minimum(ends_E[-1] // block_size, num_blocks)
-    return jnp.minimum(expert_N, group_sizes_E.shape[0] - 1), used
+    return jnp.minimum(block_expert, group_sizes_E.shape[0] - 1), used
 
 
-def _blocks_view(a_RX: jax.Array, expert_N: jax.Array) -> jax.Array:
-    return a_RX.reshape(expert_N.shape[0], -1, a_RX.shape[-1])
+def _blocks_view(a_RX: jax.Array, block_expert: jax.Array) -> jax.Array:
+    return a_RX.reshape(block_expert.shape[0], -1, a_RX.shape[-1])
 
 
-def _put(a_NXY: jax.Array, a_XY: jax.Array, i: jax.Array) -> jax.Array:
-    """a_NXY with slice i replaced; in place inside a loop."""
-    return jax.lax.dynamic_update_slice(a_NXY, a_XY[None], (i, 0, 0))
+def _put(a_stack: jax.Array, a_XY: jax.Array, i: jax.Array) -> jax.Array:
+    """a_stack with slice i replaced; in place inside a loop."""
+    return jax.lax.dynamic_update_slice(a_stack, a_XY[None], (i, 0, 0))
 
 
 @jax.custom_vjp
-def _block_matmul(x_RX, w_EXY, expert_N, used):
-    x_NBX = _blocks_view(x_RX, expert_N)
+def _block_matmul(x_RX, w_EXY, block_expert, used):
+    x_blocks = _blocks_view(x_RX, block_expert)
 
-    def body(i, y_NBY):
-        y_BY = x_NBX[i] @ w_EXY[expert_N[i]]
-        return _put(y_NBY, y_BY, i)
+    def body(i, y_blocks):
+        y_block = x_blocks[i] @ w_EXY[block_expert[i]]
+        return _put(y_blocks, y_block, i)
 
-    y_NBY = jnp.zeros(x_NBX.shape[:2] + (w_EXY.shape[2],), x_RX.dtype)
-    y_NBY = jax.lax.fori_loop(0, used, body, y_NBY)
-    return y_NBY.reshape(x_RX.shape[0], -1)
+    y_blocks = jnp.zeros(x_blocks.shape[:2] + (w_EXY.shape[2],), x_RX.dtype)
+    y_blocks = jax.lax.fori_loop(0, used, body, y_blocks)
+    return y_blocks.reshape(x_RX.shape[0], -1)
 
 
-def _block_matmul_fwd(x_RX, w_EXY, expert_N, used):
-    return _block_matmul(x_RX, w_EXY, expert_N, used), (x_RX, w_EXY, expert_N, used)
+def _block_matmul_fwd(x_RX, w_EXY, block_expert, used):
+    return _block_matmul(x_RX, w_EXY, block_expert, used), (x_RX, w_EXY, block_expert, used)
 
 
 def _block_matmul_bwd(res, dy_RY):
-    x_RX, w_EXY, expert_N, used = res
-    x_NBX, dy_NBY = _blocks_view(x_RX, expert_N), _blocks_view(dy_RY.astype(x_RX.dtype), expert_N)
-    contract_y = functools.partial(jax.lax.dot_general, dimension_numbers=(((1,), (1,)), ((), ())))
-    contract_b = functools.partial(jax.lax.dot_general, dimension_numbers=(((0,), (0,)), ((), ())))
+    x_RX, w_EXY, block_expert, used = res
+    x_blocks = _blocks_view(x_RX, block_expert)
+    dy_blocks = _blocks_view(dy_RY.astype(x_RX.dtype), block_expert)
+    dot = jax.lax.dot_general
+    contract_y = functools.partial(dot, dimension_numbers=(((1,), (1,)), ((), ())))
+    contract_rows = functools.partial(dot, dimension_numbers=(((0,), (0,)), ((), ())))
 
     def body(i, carry):
-        dx_NBX, dw_EXY = carry
-        e = expert_N[i]
-        dx_BX = contract_y(dy_NBY[i], w_EXY[e])  # dy @ w[e]^T, no transposed copy of w
-        dx_NBX = _put(dx_NBX, dx_BX, i)
-        dw_XY = dw_EXY[e] + contract_b(x_NBX[i], dy_NBY[i]).astype(dw_EXY.dtype)
-        return dx_NBX, _put(dw_EXY, dw_XY, e)
+        dx_blocks, dw_EXY = carry
+        e = block_expert[i]
+        dx_block = contract_y(dy_blocks[i], w_EXY[e])  # dy @ w[e]^T, no transposed copy of w
+        dx_blocks = _put(dx_blocks, dx_block, i)
+        dw_XY = dw_EXY[e] + contract_rows(x_blocks[i], dy_blocks[i]).astype(dw_EXY.dtype)
+        return dx_blocks, _put(dw_EXY, dw_XY, e)
 
-    init = (jnp.zeros_like(x_NBX), jnp.zeros_like(w_EXY))
-    dx_NBX, dw_EXY = jax.lax.fori_loop(0, used, body, init)
-    return dx_NBX.reshape(x_RX.shape), dw_EXY, None, None
+    init = (jnp.zeros_like(x_blocks), jnp.zeros_like(w_EXY))
+    dx_blocks, dw_EXY = jax.lax.fori_loop(0, used, body, init)
+    return dx_blocks.reshape(x_RX.shape), dw_EXY, None, None
 
 
 _block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)

@@ -58,8 +58,8 @@ def test_megablox_interpreted_on_cpu_matches_reference():
 
 
 def test_block_experts_and_blocks_in_use():
-    expert_N, used = gm.block_experts(jnp.asarray(SIZES), ROWS // 4, 4)
-    np.testing.assert_array_equal(expert_N[:6], [0, 0, 2, 3, 3, 3])  # 8/4, 0, 4/4, 12/4 blocks
+    block_expert, used = gm.block_experts(jnp.asarray(SIZES), ROWS // 4, 4)
+    np.testing.assert_array_equal(block_expert[:6], [0, 0, 2, 3, 3, 3])  # 8/4, 0, 4/4, 12/4 blocks
     assert int(used) == 6  # the loop visits 6 of the 8 blocks
 
 
