@@ -1,11 +1,11 @@
 """Dispatch: send a group's tokens to the experts and combine the experts' outputs.
 
-Pure functions over one group of S tokens; ``moe.py`` vmaps the capacity modes over the G groups
-and runs the dropless mode on all tokens at once.
+Pure functions over one group of S tokens; ``moe.py`` vmaps them over the G groups. The
+grouped mode flattens the groups' kept selections into one buffer afterwards.
 
 Axis letters: S tokens per group, D model width, E experts, C capacity (slots per expert),
-K ranks a token may select (a static bound), N = S * K entries of the priority list,
-M rows of the dropless buffer (= N over all tokens).
+K ranks a token may select (a static bound), P = S * K entries of the priority list, Q = G * P
+priority entries of every group, R rows of the grouped buffer.
 
 Priority: every token's rank-0 choice (in token order) before any token's rank-1 choice, and so
 on. The list of (rank, token) selections in that order is sorted by expert with one sort of
@@ -15,13 +15,14 @@ Modes:
 
 * ``einsum``: one-hot dispatch and combine tensors [S, E, C]; memory and FLOPs grow with S^2.
 * ``index``: an [E, C] table of token ids; gather in, scatter-add out; O(E * C * D).
-* ``dropless``: every selection is a row of an [M, D] buffer sorted by expert, and the experts
-  run as grouped matmuls (``jax.lax.ragged_dot``); exact, nothing dropped. On CPU ragged_dot
-  expands to a dense matmul of every expert over all M rows (measured in
-  ``experiments/bench_moe.py``); accelerators have grouped-matmul kernels.
+* ``grouped``: no per-expert capacity. A group keeps at most ``budget`` selections (any expert
+  may take any share of them); only an overflow of the whole group drops, lowest priority
+  first. Every group's kept selections become rows of one buffer sorted by expert, each
+  expert's rows padded to a multiple of the block size, and the experts run as grouped matmuls
+  (``grouped.py`` lays the buffer out, ``grouped_matmul.py`` multiplies).
 
-A capacity-mode selection that finds its expert full is dropped: it contributes nothing and the
-caller's residual carries the token.
+A selection that finds no room is dropped: it contributes nothing and the caller's residual
+carries the token.
 """
 
 from __future__ import annotations
@@ -40,20 +41,27 @@ _INT32_MAX = 2**31 - 1
 class Dispatch(str, enum.Enum):
     EINSUM = "einsum"
     INDEX = "index"
-    DROPLESS = "dropless"
+    GROUPED = "grouped"
+
+
+class DropOrder(str, enum.Enum):
+    """Which of a group's selections the grouped mode drops first when they exceed its budget."""
+
+    RANK = "rank"  # the priority list's order: later ranks, then later tokens
+    WEIGHT = "weight"  # the smallest combine weights
 
 
 class ByExpert(NamedTuple):
     """A group's selections sorted by expert; within an expert, in priority order.
 
-    selection_N: int32[N], the priority-list index ``rank * S + token`` at each sorted position.
-    expert_N: int32[N], the expert at each sorted position (E after the last real selection).
+    selection_P: int32[P], the priority-list index ``rank * S + token`` at each sorted position.
+    expert_P: int32[P], the expert at each sorted position (E after the last real selection).
     counts_E: int32[E], selections per expert (the ragged group sizes).
     starts_E: int32[E], where each expert's run begins in the sorted list.
     """
 
-    selection_N: jax.Array
-    expert_N: jax.Array
+    selection_P: jax.Array
+    expert_P: jax.Array
     counts_E: jax.Array
     starts_E: jax.Array
 
@@ -85,7 +93,7 @@ def capacity(
 
 
 def priority_list(mask_SE: jax.Array, rank_SE: jax.Array, num_ranks: int) -> jax.Array:
-    """int32[N]: the expert of each (rank, token) selection at index ``rank * S + token``, and
+    """int32[P]: the expert of each (rank, token) selection at index ``rank * S + token``, and
     E where the token selects fewer than ``rank + 1`` experts. Ranks >= num_ranks are left out.
     """
     num_tokens, num_experts = mask_SE.shape
@@ -94,36 +102,36 @@ def priority_list(mask_SE: jax.Array, rank_SE: jax.Array, num_ranks: int) -> jax
     index_SE = jnp.where(mask_SE & (rank_SE < num_ranks), rank_SE * num_tokens + token_S1, n)
     expert_SE = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32), mask_SE.shape)
     # A scatter of S*E ids (not a one-hot over ranks, which would be S*K*E); index n is dropped.
-    empty_N = jnp.full((n,), num_experts, jnp.int32)
-    return empty_N.at[index_SE.reshape(-1)].set(expert_SE.reshape(-1), mode="drop")
+    empty_P = jnp.full((n,), num_experts, jnp.int32)
+    return empty_P.at[index_SE.reshape(-1)].set(expert_SE.reshape(-1), mode="drop")
 
 
-def sort_by_expert(key_N: jax.Array, num_experts: int) -> ByExpert:
-    """Stable sort of the priority list by expert (``key_N`` from ``priority_list``)."""
-    n = key_N.shape[0]
-    iota_N = jnp.arange(n, dtype=jnp.int32)
+def sort_by_expert(key_P: jax.Array, num_experts: int) -> ByExpert:
+    """Stable sort of the priority list by expert (``key_P`` from ``priority_list``)."""
+    n = key_P.shape[0]
+    iota_P = jnp.arange(n, dtype=jnp.int32)
     if (num_experts + 1) * n <= _INT32_MAX:
         # Packing (expert, position) into one int32 makes keys unique, so a plain sort is stable
         # and sorts one array instead of a key-value pair (1.3-6x faster on CPU, measured).
-        packed_N = jax.lax.sort(key_N * n + iota_N)
-        selection_N, expert_N = packed_N % n, packed_N // n
+        packed_P = jax.lax.sort(key_P * n + iota_P)
+        selection_P, expert_P = packed_P % n, packed_P // n
     else:
-        expert_N, selection_N = jax.lax.sort((key_N, iota_N), num_keys=1, is_stable=True)
-    counts_E = jnp.bincount(key_N, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+        expert_P, selection_P = jax.lax.sort((key_P, iota_P), num_keys=1, is_stable=True)
+    counts_E = jnp.bincount(key_P, length=num_experts + 1)[:num_experts].astype(jnp.int32)
     starts_E = jnp.cumsum(counts_E) - counts_E
-    return ByExpert(selection_N, expert_N, counts_E, starts_E)
+    return ByExpert(selection_P, expert_P, counts_E, starts_E)
 
 
 def _slot_per_selection(by: ByExpert, num_slots: int) -> jax.Array:
-    """int32[N]: each selection's slot (its place in its expert's run), C if it has none."""
-    n = by.selection_N.shape[0]
+    """int32[P]: each selection's slot (its place in its expert's run), C if it has none."""
+    n = by.selection_P.shape[0]
     num_experts = by.counts_E.shape[0]
-    real_N = by.expert_N < num_experts
-    start_N = by.starts_E[jnp.minimum(by.expert_N, num_experts - 1)]
-    slot_sorted_N = jnp.where(real_N, jnp.arange(n, dtype=jnp.int32) - start_N, num_slots)
-    slot_sorted_N = jnp.minimum(slot_sorted_N, num_slots)
-    # selection_N is a permutation: scattering through it undoes the sort.
-    return jnp.zeros((n,), jnp.int32).at[by.selection_N].set(slot_sorted_N, unique_indices=True)
+    real_P = by.expert_P < num_experts
+    start_P = by.starts_E[jnp.minimum(by.expert_P, num_experts - 1)]
+    slot_sorted_P = jnp.where(real_P, jnp.arange(n, dtype=jnp.int32) - start_P, num_slots)
+    slot_sorted_P = jnp.minimum(slot_sorted_P, num_slots)
+    # selection_P is a permutation: scattering through it undoes the sort.
+    return jnp.zeros((n,), jnp.int32).at[by.selection_P].set(slot_sorted_P, unique_indices=True)
 
 
 def assign_slots(
@@ -137,10 +145,10 @@ def assign_slots(
     num_tokens, num_experts = mask_SE.shape
     num_ranks = num_experts if num_ranks is None else num_ranks
     by = sort_by_expert(priority_list(mask_SE, rank_SE, num_ranks), num_experts)
-    n = by.selection_N.shape[0]
+    n = by.selection_P.shape[0]
     c_1C = jnp.arange(num_slots, dtype=jnp.int32)[None, :]
     valid_EC = c_1C < by.counts_E[:, None]
-    selection_EC = by.selection_N[jnp.minimum(by.starts_E[:, None] + c_1C, n - 1)]
+    selection_EC = by.selection_P[jnp.minimum(by.starts_E[:, None] + c_1C, n - 1)]
     token_EC = jnp.where(valid_EC, selection_EC % num_tokens, 0)
     # Only the einsum mode reads slot_SE and kept_SE; under jit XLA drops them otherwise.
     token_S1 = jnp.arange(num_tokens, dtype=jnp.int32)[:, None]
@@ -191,30 +199,12 @@ def index_combine(
     return y_SD.at[token_EC].add(w_EC[..., None] * y_ECD)
 
 
-def dropless_dispatch(x_SD: jax.Array, by: ByExpert) -> jax.Array:
-    """x_SD -> x_MD: one row per selection, sorted by expert (rows past the last are zero)."""
-    num_tokens = x_SD.shape[0]
-    real_M1 = (by.expert_N < by.counts_E.shape[0])[:, None]
-    return jnp.where(real_M1, x_SD[by.selection_N % num_tokens], 0).astype(x_SD.dtype)
-
-
-def dropless_combine(y_MD: jax.Array, weights_SE: jax.Array, by: ByExpert) -> jax.Array:
-    """y_MD -> y_SD by scatter-adding each row, weighted, to its token."""
-    num_tokens, num_experts = weights_SE.shape
-    real_M = by.expert_N < num_experts
-    token_M = by.selection_N % num_tokens
-    w_M = weights_SE[token_M, jnp.minimum(by.expert_N, num_experts - 1)]
-    # `where`, not a product: a grouped-matmul kernel may leave padding rows uninitialised.
-    y_MD = jnp.where(real_M[:, None], w_M[:, None].astype(y_MD.dtype) * y_MD, 0)
-    return jnp.zeros((num_tokens, y_MD.shape[-1]), y_MD.dtype).at[token_M].add(y_MD)
-
-
 class DispatchFns(NamedTuple):
     dispatch: Callable[[jax.Array, Slots, int], jax.Array]
     combine: Callable[[jax.Array, jax.Array, Slots, int], jax.Array]
 
 
-# The capacity modes; the dropless mode has its own pair (dropless_dispatch, dropless_combine).
+# The capacity modes; the grouped mode has its own pair (grouped.dispatch, grouped.combine).
 DISPATCH_FNS = {
     Dispatch.EINSUM: DispatchFns(einsum_dispatch, einsum_combine),
     Dispatch.INDEX: DispatchFns(index_dispatch, index_combine),

@@ -1,13 +1,16 @@
-"""MoELayer: a router and E SwiGLU experts, with fixed capacity or dropless, in Flax NNX.
+"""MoELayer: a router and E SwiGLU experts, with per-expert capacity or a group budget, in NNX.
 
 Axis letters: B batch, T sequence, D model width, F expert hidden width, E experts, G groups,
-S tokens per group, C capacity (slots per expert per group), M rows of the dropless buffer.
+S tokens per group, C capacity (slots per expert per group), R rows of the grouped buffer,
+P priority-list entries of a group.
 
 Data flow (capacity modes): x_BTD -> x_GSD -> router logits_GSE (float32) -> Routing (mask,
 rank, weights) -> slots per group -> x_EGCD -> SwiGLU experts -> y_EGCD -> y_GSD -> y_BTD.
 The dispatched buffer is expert-major and the experts see it as [E, G*C, D]: one matmul per
 expert over its slots of every group. XLA on CPU ran the 4-D [G, E, C, D] form about 2x slower.
-Dropless: x_GSD -> rows of every selection sorted by expert x_MD -> grouped matmuls -> y_GSD.
+Grouped: x_GSD -> each group's kept selections (its budget) -> one buffer x_RD sorted by
+expert, block-padded -> grouped matmuls -> y_GSD; expert-parallel under a mesh with an
+``expert`` axis (``expert_parallel.py``).
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dynmoe_jax import dispatch as dispatch_lib
-from dynmoe_jax import routing
-from dynmoe_jax.dispatch import Dispatch
+from dynmoe_jax import expert_parallel, grouped, routing
+from dynmoe_jax.dispatch import Dispatch, DropOrder
+from dynmoe_jax.grouped_matmul import Backend
 from dynmoe_jax.routing import Router
 from dynmoe_jax.sharding import constrain
-from dynmoe_jax.validation import check, enum_value, is_int
+from dynmoe_jax.validation import check, enum_value, invalid, is_int
 
 # Logical layouts of the activations (sharding.LOGICAL_AXIS_RULES maps them to the mesh).
 GROUPED = ("groups", None, "embed")
@@ -37,11 +41,16 @@ DISPATCHED = ("expert", "expert_groups", "capacity", "embed")
 class MoEConfig:
     """Hyper-parameters of one MoE layer; validated on construction, before any tracing.
 
-    capacity_factor: None means no dropping (capacity = group size).
-    expected_k: mean experts per token that top-p's capacity is sized for (top-k uses k).
+    capacity_factor: None means no dropping (capacity = group size; grouped: budget = S * K).
+    expected_k: mean experts per token that top-p's capacity or budget is sized for (top-k
+      uses k).
     group_size: tokens per routing group (None: one group per sequence).
-    dispatch: 'index' | 'einsum' (fixed capacity) | 'dropless' (every selection computed;
-      capacity_factor and expected_k do not apply); see dispatch.py.
+    dispatch: 'grouped' (one budget per group, ``ceil(capacity_factor * k * S)`` selections,
+      any expert taking any share) | 'index' | 'einsum' (per-expert capacity); see dispatch.py.
+    block_size: grouped mode: rows per block B; each expert's rows are padded to multiples.
+    matmul_backend: grouped mode: None (by platform) | 'blocks' | 'ragged_dot' | 'megablox'.
+    drop_order: grouped mode: which selections an overflowing group drops first, 'rank'
+      (later ranks, then later tokens) | 'weight' (smallest combine weight).
     renormalize: combine weights renormalised over the chosen experts; None picks the paper's
       choice (top-k renormalises, top-p uses raw probabilities).
     """
@@ -56,14 +65,25 @@ class MoEConfig:
     capacity_factor: float | None = 1.25
     expected_k: float = 2.0
     group_size: int | None = None
-    dispatch: Dispatch = Dispatch.INDEX
+    dispatch: Dispatch = Dispatch.GROUPED
     renormalize: bool | None = None
+    block_size: int = 128
+    matmul_backend: Backend | None = None
+    drop_order: DropOrder = DropOrder.RANK
     dtype: Any = jnp.float32
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
         set_("router", enum_value(Router, "moe.router", self.router))
+        if self.dispatch == "dropless":
+            invalid("moe.dispatch", self.dispatch, "'grouped' (it replaces 'dropless'), "
+                    "'index' or 'einsum'")  # fmt: skip
         set_("dispatch", enum_value(Dispatch, "moe.dispatch", self.dispatch))
+        set_("drop_order", enum_value(DropOrder, "moe.drop_order", self.drop_order))
+        if self.matmul_backend is not None:
+            set_("matmul_backend", enum_value(Backend, "moe.matmul_backend", self.matmul_backend))
+        bs = self.block_size
+        check(is_int(bs) and bs >= 1, "moe.block_size", bs, "an integer >= 1")
         n = self.num_experts
         check(is_int(n) and n >= 1, "moe.num_experts", n, "an integer >= 1")
         for field in ("d_model", "d_ff"):
@@ -88,6 +108,12 @@ class MoEConfig:
     def capacity(self, group_size: int) -> int:
         return dispatch_lib.capacity(
             group_size, self.num_experts, self.capacity_k, self.capacity_factor
+        )
+
+    def budget(self, group_size: int) -> int:
+        """Grouped mode: selections one group may keep (``grouped.budget``)."""
+        return grouped.budget(
+            group_size, self.capacity_k, self.capacity_factor, self.max_selections
         )
 
     @property
@@ -116,7 +142,7 @@ def _expert_init(in_axis: int, out_axis: int):
 
 
 class MoELayer(nnx.Module):
-    """Top-p / top-k Mixture-of-Experts feed-forward layer, fixed capacity or dropless.
+    """Top-p / top-k Mixture-of-Experts feed-forward layer, grouped or per-expert capacity.
 
     Call on x [B, T, D]; returns (y [B, T, D], aux) where aux holds the named auxiliary losses
     (``load_balance_loss``, ``dynamic_loss``, ``z_loss``) and routing metrics: scalars over all
@@ -149,18 +175,6 @@ class MoELayer(nnx.Module):
         y_END = jnp.einsum("ENF,EFD->END", h_ENF, self.w_down_EFD[...].astype(dt))
         return y_END.reshape(x_EXD.shape)
 
-    def ragged_experts(self, x_MD: jax.Array, counts_E: jax.Array) -> jax.Array:
-        """SwiGLU on rows sorted by expert, ``counts_E`` rows each, as grouped matmuls."""
-        dt = self.config.dtype
-        e, d, f = self.w_gate_EDF.shape
-        # One grouped matmul for gate and up: on CPU ragged_dot copies its [M, D] input once
-        # per expert ([E, M, D]), so a shared call halves that copy and its backward's.
-        w_gate_up = jnp.stack([self.w_gate_EDF[...], self.w_up_EDF[...]], axis=2)
-        w_gate_up = w_gate_up.reshape(e, d, 2 * f).astype(dt)
-        h_MKF = jax.lax.ragged_dot(x_MD.astype(dt), w_gate_up, counts_E).reshape(-1, 2, f)
-        h = jax.nn.silu(h_MKF[:, 0]) * h_MKF[:, 1]
-        return jax.lax.ragged_dot(h, self.w_down_EFD[...].astype(dt), counts_E)
-
     def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.config
         b, t, d = x_BTD.shape
@@ -177,8 +191,8 @@ class MoELayer(nnx.Module):
             max_k=cfg.max_k,
             renormalize=cfg.renormalize,
         )
-        if cfg.dispatch is Dispatch.DROPLESS:
-            y_GSD, kept, slots_per_token = self._dropless(x_GSD, r)
+        if cfg.dispatch is Dispatch.GROUPED:
+            y_GSD, kept, slots_per_token = self._grouped(x_GSD, r)
         else:
             y_GSD, kept, slots_per_token = self._with_capacity(x_GSD, r)
 
@@ -205,23 +219,33 @@ class MoELayer(nnx.Module):
         kept = jnp.sum(slots.valid_EC, dtype=jnp.float32)
         return y_GSD, kept, jnp.float32(num_experts * num_slots / num_tokens)
 
-    def _dropless(self, x_GSD: jax.Array, r: routing.Routing) -> tuple:
-        """Every selection computed: one sort by expert over all tokens (groups do not matter
-        without capacity), grouped matmuls, then a weighted scatter-add back to the tokens.
-
-        Not expert-parallel: under a mesh the sort spans every device's tokens, so XLA gathers
-        them; the capacity modes are the ones laid out for expert parallelism.
-        """
+    def _grouped(self, x_GSD: jax.Array, r: routing.Routing) -> tuple:
+        """One budget per group, every group's kept selections in one block-padded buffer
+        sorted by expert, grouped matmuls; a ring of experts under an ``expert`` mesh axis."""
         cfg = self.config
-        g, s, d = x_GSD.shape
-        mask_TE, rank_TE, weights_TE = (a.reshape(g * s, -1) for a in r)
-        key_M = dispatch_lib.priority_list(mask_TE, rank_TE, cfg.max_selections)
-        by = dispatch_lib.sort_by_expert(key_M, cfg.num_experts)
-        x_MD = dispatch_lib.dropless_dispatch(x_GSD.reshape(g * s, d), by)
-        y_MD = self.ragged_experts(x_MD, by.counts_E)
-        y_TD = dispatch_lib.dropless_combine(y_MD, weights_TE, by)
-        kept = jnp.sum(by.counts_E, dtype=jnp.float32)
-        return constrain(y_TD.reshape(g, s, d), GROUPED), kept, kept / (g * s)
+        g, s, _ = x_GSD.shape
+        budget = cfg.budget(s)
+        select = functools.partial(grouped.select, budget=budget, num_ranks=cfg.max_selections,
+                                   order=cfg.drop_order)  # fmt: skip
+        sel = jax.vmap(select)(r.mask, r.rank, r.weights)
+        weights = (self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...])
+        kw = {"budget": budget, "block_size": cfg.block_size, "backend": cfg.matmul_backend}
+        mesh = jax.sharding.get_abstract_mesh()
+        if expert_parallel.expert_axis_size(mesh) > 1:
+            _check_groups_fit(mesh, g, cfg.group_size)
+            y_GSD, rows = expert_parallel.ring_experts(mesh, x_GSD, sel, weights, **kw)
+        else:
+            y_GSD, rows = grouped.experts_on_selections(x_GSD, sel, weights, expert_offset=0, **kw)
+        kept = jnp.sum(sel.expert_P < cfg.num_experts, dtype=jnp.float32)
+        return constrain(y_GSD, GROUPED), kept, rows / (g * s)
+
+
+def _check_groups_fit(mesh, num_groups: int, group_size: int | None) -> None:
+    devices = math.prod(mesh.shape[a] for a in ("data", "expert") if a in mesh.axis_names)
+    if num_groups % devices:
+        invalid("moe.group_size", group_size,
+                f"a size giving a multiple of data x expert = {devices} routing groups "
+                f"(it gives {num_groups})")  # fmt: skip
 
 
 def _group_size(group_size: int | None, batch: int, seq_len: int) -> int:
@@ -242,8 +266,8 @@ def _group_size(group_size: int | None, batch: int, seq_len: int) -> int:
 def _routing_metrics(logits, probs, r: routing.Routing, kept, slots_per_token) -> dict:
     """Named aux losses and routing statistics of one layer call (means over all tokens).
 
-    kept: selections that were computed (all of them in dropless mode); slots_per_token:
-    expert rows computed per token (E*C/S with capacity; experts per token when dropless).
+    kept: selections that were computed; slots_per_token: expert rows computed per token
+    (E*C/S with capacity; grouped: rows in use, block padding included, per token).
     """
     num_experts = probs.shape[-1]
     mask_f = r.mask.astype(jnp.float32)

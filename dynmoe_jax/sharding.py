@@ -5,9 +5,11 @@ activations are constrained by name inside the model. ``LOGICAL_AXIS_RULES`` map
 mesh axes. Mesh axes: ``data`` (data parallel), ``expert`` (expert parallel: experts split over
 it, and the batch too, so no device idles), ``model`` (tensor parallel, optional).
 
-The MoE layer's tokens move between layouts by an all-to-all (GShard): groups are spread over
-every device (``groups`` -> data x expert) before dispatch, and the dispatched buffer x_GECD
-puts groups over ``data`` and experts over ``expert``.
+In the capacity modes the MoE layer's tokens move between layouts by an all-to-all (GShard):
+groups are spread over every device (``groups`` -> data x expert) before dispatch, and the
+dispatched buffer x_EGCD puts experts over ``expert`` and groups over ``data``. The grouped
+mode instead runs a ring of experts under ``shard_map`` (``expert_parallel.py``): all-gather
+over ``expert``, local experts only, ``psum_scatter`` back.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ MESH_AXES = ("data", "expert", "model")
 LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("batch", ("data", "expert")),  # tokens and routing groups over every device
     ("groups", ("data", "expert")),
-    ("expert_groups", ("data",)),  # groups of the dispatched buffer x_GECD
+    ("expert_groups", ("data",)),  # groups of the dispatched buffer x_EGCD
     ("expert", ("expert",)),  # expert weights and the dispatched buffer's E axis
     ("mlp", ("model",)),
     ("heads", ("model",)),

@@ -12,6 +12,11 @@ SwiGLU MLP of hidden k_mean*F (the ideal; its calls alternate with the case's, s
 a shared machine hit both alike), that rate as a fraction of a plain size^3 matmul's, XLA's
 temporary memory and the compile time.
 
+Grouped rows: ``cf/budget`` is the budget factor (a group keeps ``ceil(cf * k * S)``
+selections), B the block size; sections ``budget``, ``blocks``, ``groups`` and ``priority``
+sweep the budget factor, B, the routing group size and the drop order. The module is longer
+than the project's ~300 lines because every section shares the timing harness above.
+
 Router: the layer's own, with its weights scaled so that top-p selects ``--target-k`` experts on
 average, as a trained router does (a fresh router's flat probabilities make top-p pick 3-6 of 16
 experts). The scale is found by bisection per E and applied to every router of that E; the
@@ -47,8 +52,9 @@ ROUTERS = {
     "top2": {"router": "top_k", "top_k": 2},
     "topp": {"router": "top_p"},
 }
-DISPATCHES = ("einsum", "index", "dropless")
-SECTIONS = ("grid", "sweep", "matched", "memory", "breakdown")
+DISPATCHES = ("einsum", "index", "grouped")
+SECTIONS = ("grid", "sweep", "matched", "budget", "blocks", "groups", "priority", "memory",
+            "breakdown")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,6 +78,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep-k", type=float, nargs="*", default=[1.5, 1.75, 2.0, 2.25, 2.5])
     p.add_argument("--sweep-experts", type=int, default=16)
     p.add_argument("--sweep-dispatch", default="index", choices=DISPATCHES[:2])
+    p.add_argument("--budget-factor", type=float, default=1.1, help="grouped: on measured k")
+    p.add_argument("--budget-factors", type=float, nargs="*", default=[1.0, 1.05, 1.1, 1.2, 1.3])
+    p.add_argument("--block-sizes", type=int, nargs="*", default=[64, 128, 256])
+    p.add_argument("--group-sizes", type=int, nargs="*", default=[256, 1024, 8192])
+    p.add_argument("--priority-factors", type=float, nargs="*", default=[0.9, 1.0])
     p.add_argument("--fused-dense", action="store_true", help="also x a fused-gate/up dense")
     p.add_argument("--memory-experts", type=int, default=64)
     p.add_argument("--memory-groups", type=int, nargs="*", default=[1024, 4096, 8192])
@@ -113,17 +124,10 @@ def calibrate_scale(router_DE: jax.Array, x: jax.Array, threshold: float, target
 
 
 def make_layer(args, num_experts: int, router: str, dispatch: str, scale: float, **kw):
-    layer = MoELayer(
-        rngs=nnx.Rngs(0),
-        num_experts=num_experts,
-        d_model=args.d_model,
-        d_ff=args.d_ff,
-        threshold=args.threshold,
-        capacity_factor=args.capacity_factor,
-        dispatch=dispatch,
-        dtype=jnp.dtype(args.dtype),
-        **{**ROUTERS[router], **kw},
-    )
+    fields = {"threshold": args.threshold, "capacity_factor": args.capacity_factor}
+    fields.update({**ROUTERS[router], **kw})
+    fields.update(num_experts=num_experts, d_model=args.d_model, d_ff=args.d_ff)
+    layer = MoELayer(rngs=nnx.Rngs(0), dispatch=dispatch, dtype=jnp.dtype(args.dtype), **fields)
     layer.router_DE[...] = layer.router_DE[...] * scale
     return layer
 
@@ -225,18 +229,89 @@ def matched(bench: Bench, scale: float) -> list[dict]:
     a = bench.args
     k = round(mean_top_p_k(make_layer(a, a.sweep_experts, "topp", "index", scale).router_DE[...],
                            bench.x, a.threshold), 3)  # fmt: skip
-    dispatches = [d for d in a.dispatch if d != "dropless"] or ["index"]
     rows = []
-    for dispatch in dispatches:
-        layer = make_layer(a, a.sweep_experts, "topp", dispatch, scale, expected_k=k)
+    for dispatch in a.dispatch:
+        # grouped: one budget per group of --budget-factor x the mean; capacity modes: cf as set.
+        kw = {"capacity_factor": a.budget_factor} if dispatch == "grouped" else {}
+        layer = make_layer(a, a.sweep_experts, "topp", dispatch, scale, expected_k=k, **kw)
         label = {"experts": a.sweep_experts, "router": "topp", "dispatch": dispatch}
-        rows.append(bench.case(layer, {**label, "expected_k": k}))
+        rows.append(bench.case(layer, {**label, "expected_k": k, **kw}))
     return rows
+
+
+def budget_sweep(bench: Bench, scale: float) -> list[dict]:
+    """Grouped top-p: the budget factor (on the measured mean k) swept; drops and time."""
+    a, e, rows = bench.args, bench.args.sweep_experts, []
+    k = round(mean_top_p_k(make_layer(a, e, "topp", "grouped", scale).router_DE[...], bench.x,
+                           a.threshold), 3)  # fmt: skip
+    for factor in a.budget_factors:
+        layer = make_layer(a, e, "topp", "grouped", scale, expected_k=k, capacity_factor=factor)
+        label = {"experts": e, "router": "topp", "dispatch": "grouped", "expected_k": k}
+        rows.append(bench.case(layer, {**label, "capacity_factor": factor}))
+    return rows
+
+
+def block_sweep(bench: Bench, scales: dict[int, float]) -> list[dict]:
+    """Grouped top-2: the block size B of the grouped matmul."""
+    a, rows = bench.args, []
+    for e in sorted({a.sweep_experts, max(a.experts)}):
+        for b in a.block_sizes:
+            layer = make_layer(a, e, "top2", "grouped", scales[e], block_size=b)
+            label = {"experts": e, "router": "top2", "dispatch": "grouped", "expected_k": 2.0}
+            rows.append(bench.case(layer, {**label, "block_size": b}))
+    return rows
+
+
+def group_sweep(bench: Bench, scale: float) -> list[dict]:
+    """Grouped top-p at --budget-factor on the mean k: the routing group size (the budget is per
+    group, so bigger groups even out the number of selections)."""
+    a, e, rows = bench.args, bench.args.sweep_experts, []
+    k = round(mean_top_p_k(make_layer(a, e, "topp", "grouped", scale).router_DE[...], bench.x,
+                           a.threshold), 3)  # fmt: skip
+    for g in a.group_sizes:
+        kw = {"expected_k": k, "capacity_factor": a.budget_factor, "group_size": g}
+        layer = make_layer(a, e, "topp", "grouped", scale, **kw)
+        label = {"experts": e, "router": "topp", "dispatch": "grouped"}
+        rows.append(bench.case(layer, {**label, **kw}))
+    return rows
+
+
+def priority(bench: Bench, scale: float) -> list[dict]:
+    """Grouped top-p under a binding budget, both drop orders: dropped selections, and the
+    output lost against the same layer without a budget (relative L2 norm), forward only."""
+    a, e, rows = bench.args, bench.args.sweep_experts, []
+    k = mean_top_p_k(make_layer(a, e, "topp", "grouped", scale).router_DE[...], bench.x,
+                     a.threshold)  # fmt: skip
+    full = make_layer(a, e, "topp", "grouped", scale, capacity_factor=None)
+    y_full = jax.jit(lambda x: full(x)[0])(bench.x)
+    for factor in a.priority_factors:
+        for order in ("rank", "weight"):
+            layer = make_layer(a, e, "topp", "grouped", scale, expected_k=k,
+                               capacity_factor=factor, drop_order=order)  # fmt: skip
+            y, aux = jax.jit(layer)(bench.x)
+            lost = jnp.linalg.norm(y - y_full) / jnp.linalg.norm(y_full)
+            row = {"experts": e, "capacity_factor": factor, "drop_order": order,
+                   "dropped_fraction": round(float(aux["dropped_fraction"]), 4),
+                   "output_lost": round(float(lost), 4)}  # fmt: skip
+            log(f"  {row}")
+            rows.append(row)
+    return rows
+
+
+def priority_table(rows: list[dict]) -> str:
+    lines = ["\n### grouped top-p, drop order under a binding budget (forward)\n",
+             "| E | budget factor | drop order | dropped | output lost (rel. L2) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['experts']} | {r['capacity_factor']} | {r['drop_order']} | "
+              f"{r['dropped_fraction']:.4f} | {r['output_lost']:.4f} |" for r in rows]  # fmt: skip
+    return "\n".join(lines)
 
 
 COLUMNS = (
     ("experts", "E", "{}"), ("router", "router", "{}"), ("dispatch", "dispatch", "{}"),
-    ("expected_k", "cap k", "{:.2f}"), ("experts_per_token", "k mean", "{:.3f}"),
+    ("expected_k", "cap k", "{:.2f}"), ("capacity_factor", "cf/budget", "{}"),
+    ("block_size", "B", "{}"), ("group_size", "group", "{}"),
+    ("experts_per_token", "k mean", "{:.3f}"),
     ("dropped_fraction", "dropped", "{:.3f}"), ("slots_per_token", "slots/tok", "{:.2f}"),
     ("ms", "ms", "{:.1f}"), ("dense_ms", "dense ms", "{:.1f}"), ("gflops", "GFLOP/s", "{:.1f}"),
     ("x_dense", "x dense", "{:.2f}"),
@@ -253,7 +328,7 @@ def table(title: str, rows: list[dict]) -> str:
     for row in rows:
         cells = [fmt.format(row[k]) if k in row else "-" for k, _, fmt in COLUMNS]
         if "skipped" in row:
-            cells[7] = f"skipped: {row['skipped']}"
+            cells[[c[0] for c in COLUMNS].index("ms")] = f"skipped: {row['skipped']}"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -265,33 +340,41 @@ class _NoExperts(MoELayer):
         return x_EXD
 
 
+def _temp_mib(bench: Bench, layer: MoELayer) -> float:
+    fn, params = layer_fwd_bwd(layer)
+    return round(timing.temp_bytes(timing.compile_fn(fn, (params, bench.x))[0]) / 2**20, 1)
+
+
 def memory(bench: Bench) -> list[dict]:
-    """Compile-only: XLA temp memory of index vs einsum fwd+bwd per group size, for the whole
-    layer and for the layer with identity experts (the dispatch machinery alone)."""
-    a, rows = bench.args, []
+    """Compile-only: XLA temp memory of fwd+bwd per dispatch and group size (top-2), for the
+    whole layer and, for the capacity modes, with identity experts (the dispatch machinery
+    alone); then grouped top-p at --budget-factor on k = --target-k."""
+    a, e, rows = bench.args, bench.args.memory_experts, []
     for group in a.memory_groups:
-        for dispatch in ("index", "einsum"):
-            row = {"experts": a.memory_experts, "group_size": group, "dispatch": dispatch}
-            for key, cls in (("temp_mib", MoELayer), ("dispatch_temp_mib", _NoExperts)):
-                layer = make_layer(a, a.memory_experts, "top2", dispatch, 1.0, group_size=group)
-                layer.__class__ = cls
-                fn, params = layer_fwd_bwd(layer)
-                compiled, _ = timing.compile_fn(fn, (params, bench.x))
-                row[key] = round(timing.temp_bytes(compiled) / 2**20, 1)
+        for dispatch in ("index", "einsum", "grouped"):
+            row = {"experts": e, "router": "top2", "group_size": group, "dispatch": dispatch}
+            layer = make_layer(a, e, "top2", dispatch, 1.0, group_size=group)
+            row["temp_mib"] = _temp_mib(bench, layer)
+            if dispatch != "grouped":  # its experts are not a method to swap out
+                layer.__class__ = _NoExperts
+                row["dispatch_temp_mib"] = _temp_mib(bench, layer)
             log(f"  {row}")
             rows.append(row)
-    return rows
+    kw = {"expected_k": a.target_k, "capacity_factor": a.budget_factor}
+    row = {"experts": e, "router": "topp", "group_size": a.seq_len, "dispatch": "grouped"}
+    row["temp_mib"] = _temp_mib(bench, make_layer(a, e, "topp", "grouped", 1.0, **kw))
+    log(f"  {row}")
+    return [*rows, row]
 
 
 def memory_table(rows: list[dict]) -> str:
-    lines = ["\n### temp memory, top-2 fwd+bwd (compile only)\n"]
-    lines += ["| E | group S | index MiB | einsum MiB | ratio | index dispatch-only | "
-              "einsum dispatch-only | ratio |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for i, e in zip(rows[::2], rows[1::2], strict=True):
-        r, rd = i["temp_mib"] / e["temp_mib"], i["dispatch_temp_mib"] / e["dispatch_temp_mib"]
-        lines.append(f"| {i['experts']} | {i['group_size']} | {i['temp_mib']:.0f} | "
-                     f"{e['temp_mib']:.0f} | {r:.2f} | {i['dispatch_temp_mib']:.0f} | "
-                     f"{e['dispatch_temp_mib']:.0f} | {rd:.2f} |")  # fmt: skip
+    lines = ["\n### temp memory, fwd+bwd (compile only)\n",
+             "| E | router | group S | dispatch | temp MiB | dispatch-only MiB |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        only = f"{r['dispatch_temp_mib']:.0f}" if "dispatch_temp_mib" in r else "-"
+        lines.append(f"| {r['experts']} | {r['router']} | {r['group_size']} | {r['dispatch']} | "
+                     f"{r['temp_mib']:.0f} | {only} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -346,11 +429,17 @@ def run_sections(bench: Bench, scales: dict[int, float], out: dict) -> None:
         "grid": (lambda: grid(bench, scales), "fwd+bwd per (E, router, dispatch)"),
         "sweep": (lambda: sweep(bench, scale, a.sweep_k), f"top-p sweep, E={a.sweep_experts}"),
         "matched": (lambda: matched(bench, scale), "top-p, expected_k = its measured mean k"),
+        "budget": (lambda: budget_sweep(bench, scale), "grouped top-p, budget factor swept"),
+        "blocks": (lambda: block_sweep(bench, scales), "grouped top-2, block size B"),
+        "groups": (lambda: group_sweep(bench, scale), "grouped top-p, routing group size"),
     }  # fmt: skip
     for name, (run, title) in sections.items():
         out[name] = run() if name in a.sections else []
         if out[name]:
             print(table(title, out[name]), flush=True)
+    out["priority"] = priority(bench, scale) if "priority" in a.sections else []
+    if out["priority"]:
+        print(priority_table(out["priority"]), flush=True)
     out["memory"] = memory(bench) if "memory" in a.sections and a.memory_groups else []
     if out["memory"]:
         print(memory_table(out["memory"]), flush=True)

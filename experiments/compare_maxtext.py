@@ -173,7 +173,7 @@ def time_rows(rows: list[dict], reps: int) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=3, help="rounds; every case is called once each")
-    p.add_argument("--ours", nargs="*", default=["index", "einsum", "dropless"])
+    p.add_argument("--ours", nargs="*", default=["index", "einsum", "grouped"])
     p.add_argument("--maxtext", nargs="*", default=list(MAXTEXT_MODES), choices=MAXTEXT_MODES)
     p.add_argument("--json", type=Path, default=None)
     harness_help = "folder of the MaxText harness (its setup.sh builds the MaxText venv)"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The MoE layer on an NVIDIA GPU: bench_moe.py in bfloat16 at larger sizes, then model FLOP
-# utilisation (useful expert FLOPs per second / this card's measured bf16 matmul rate).
+# The MoE layer on an NVIDIA GPU: bench_moe.py in bfloat16 at larger sizes (every dispatch,
+# grouped included: its grouped matmuls run as jax.lax.ragged_dot with the Pallas/Triton
+# lowering), then model FLOP utilisation (useful expert FLOPs per second / this card's measured
+# bf16 matmul rate), then whether ragged_dot's rows past sum(group_sizes) cost anything.
 #
 # Needs an NVIDIA GPU and a venv with jax[cuda12] (pip install "jax[cuda12]==0.10.2" plus this
 # package). Run from the repository root:
@@ -39,7 +41,8 @@ EOF
          --sweep-experts 16 --reps "${REPS:-10}" --max-temp-gib "${MAX_TEMP_GIB:-60}")
 fi
 
-"$PY" -m experiments.bench_moe --dtype bfloat16 "${SIZES[@]}" --json "$OUT"
+"$PY" -m experiments.bench_moe --dtype bfloat16 "${SIZES[@]}" --json "$OUT" \
+  --sections grid matched budget memory --budget-factors 1.0 1.1 1.25
 
 # Model FLOP utilisation: bench_moe's `of_matmul_rate` is exactly the achieved useful rate over
 # the measured bf16 matmul rate; restate it per row with the card's rate.
@@ -53,7 +56,7 @@ print(f"\nMFU against this device's measured bf16 {out['args']['matmul_size']}^3
       f"{rate:.0f} GFLOP/s ({out['device']})")
 print("| section | E | router | dispatch | cap k | k mean | ms | useful TFLOP/s | MFU |")
 print("|---|---|---|---|---|---|---|---|---|")
-for section in ("grid", "sweep", "matched"):
+for section in ("grid", "sweep", "matched", "budget"):
     for r in out[section]:
         if "skipped" in r:
             print(f"| {section} | {r['experts']} | {r['router']} | {r['dispatch']} | "
@@ -62,4 +65,37 @@ for section in ("grid", "sweep", "matched"):
         print(f"| {section} | {r['experts']} | {r['router']} | {r['dispatch']} | "
               f"{r['expected_k']:.2f} | {r['experts_per_token']:.2f} | {r['ms']:.1f} | "
               f"{r['gflops'] / 1e3:.1f} | {r['of_matmul_rate']:.1%} |")
+EOF
+
+# ragged_dot forward+backward with every row in a group, then with half the rows past
+# sum(group_sizes): a kernel that skips unused rows takes about half the time.
+"$PY" - "${SIZES[@]}" <<'EOF'
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from dynmoe_jax.grouped_matmul import grouped_matmul
+
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+rows, d, f, e = int(args["--tokens"]) * 2, int(args["--d-model"]), int(args["--d-ff"]), 16
+x = jax.random.normal(jax.random.key(0), (rows, d), jnp.bfloat16)
+w = jax.random.normal(jax.random.key(1), (e, d, f), jnp.bfloat16)
+
+
+def timed(used_rows: int) -> float:
+    sizes = jnp.full((e,), used_rows // e // 128 * 128, jnp.int32)
+    loss = lambda x, w: jnp.sum(grouped_matmul(x, w, sizes, block_size=128).astype(jnp.float32))
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile()
+    jax.block_until_ready(fn(x, w))
+    t0 = time.perf_counter()
+    for _ in range(5):
+        jax.block_until_ready(fn(x, w))
+    return (time.perf_counter() - t0) / 5 * 1e3
+
+
+full, half = timed(rows), timed(rows // 2)
+print(f"\nragged_dot fwd+bwd, {rows} rows x [{d}, {f}], E={e}: all rows used {full:.2f} ms, "
+      f"half used {half:.2f} ms (ratio {half / full:.2f}; ~0.5 = unused rows cost nothing)")
 EOF

@@ -41,10 +41,11 @@ def swiglu(x, w_gate, w_up, w_down):
     return ((g / (1.0 + np.exp(-g))) * u) @ w_down
 
 
-def moe_loop(x_BTD, params, *, router, threshold, top_k, max_k, group_size, capacity):
+def moe_loop(x_BTD, params, *, router, threshold, top_k, max_k, group_size, capacity, budget=None):
     """Per-token, per-expert MoE forward with priority-ordered capacity.
 
-    Returns (y_BTD, selections, dropped). ``capacity=None`` means unlimited.
+    Returns (y_BTD, selections, dropped). ``capacity=None`` means unlimited per expert;
+    ``budget`` (None: unlimited) caps the selections one group keeps, in the same order.
     """
     w_r, w_gate, w_up, w_down = (
         np.asarray(params[k], np.float64) for k in ("router", "gate", "up", "down")
@@ -66,17 +67,19 @@ def moe_loop(x_BTD, params, *, router, threshold, top_k, max_k, group_size, capa
                 w = {e: p[e] / total for e in sel}
             chosen.append(sel)
             weights.append(w)
-        used = [0] * w_r.shape[1]
+        used, group_used = [0] * w_r.shape[1], 0
         for rank in range(w_r.shape[1]):  # every first choice before any second choice
             for s in range(group_size):
                 if rank >= len(chosen[s]):
                     continue
                 e = chosen[s][rank]
                 selections += 1
-                if capacity is not None and used[e] >= capacity:
+                full = capacity is not None and used[e] >= capacity
+                if full or (budget is not None and group_used >= budget):
                     dropped += 1
                     continue
                 used[e] += 1
+                group_used += 1
                 y[g, s] += weights[s][e] * swiglu(x[g, s], w_gate[e], w_up[e], w_down[e])
     return y.reshape(b, t, d), selections, dropped
 
@@ -85,3 +88,9 @@ def capacity(capacity_factor, group_size, k, num_experts):
     if capacity_factor is None:
         return None
     return max(1, min(group_size, math.ceil(capacity_factor * group_size * k / num_experts)))
+
+
+def budget(capacity_factor, group_size, k, max_selections):
+    if capacity_factor is None:
+        return None
+    return max(1, min(group_size * max_selections, math.ceil(capacity_factor * k * group_size)))

@@ -3,9 +3,12 @@
 from experiments import bench_moe
 
 TINY = [
-    *("--experts", "4", "--routers", "topp", "--dispatch", "index", "dropless"),
+    *("--experts", "4", "--routers", "topp", "--dispatch", "index", "grouped"),
     *("--tokens", "128", "--seq-len", "64", "--d-model", "16", "--d-ff", "32"),
-    *("--matmul-size", "128", "--sweep-experts", "4", "--reps", "1", "--sections", "grid"),
+    *("--matmul-size", "128", "--sweep-experts", "4", "--reps", "1"),
+    *("--budget-factors", "1.1", "--block-sizes", "8", "--group-sizes", "128"),
+    *("--priority-factors", "0.5", "--memory-groups", "64", "--memory-experts", "4"),
+    *("--sections", "grid", "matched", "budget", "blocks", "groups", "priority", "memory"),
 ]
 POSITIVE = ("ms", "dense_ms", "gflops", "x_dense", "of_matmul_rate", "temp_mib", "compile_s")
 
@@ -14,11 +17,23 @@ def test_bench_main_reports_positive_figures(tmp_path):
     path = tmp_path / "bench.json"
     out = bench_moe.main([*TINY, "--json", str(path)])
     assert path.exists() and out["matmul_gflops"] > 0
-    assert [r["dispatch"] for r in out["grid"]] == ["index", "dropless"]
-    assert out["sweep"] == out["matched"] == out["memory"] == []
-    for row in out["grid"]:
+    assert [r["dispatch"] for r in out["grid"]] == ["index", "grouped"]
+    assert out["sweep"] == []
+    timed = out["grid"] + out["matched"] + out["budget"] + out["blocks"] + out["groups"]
+    assert len(timed) == 2 + 2 + 1 + 1 + 1
+    for row in timed:
         for field in POSITIVE:
             assert row[field] > 0, (field, row)
         assert 1.0 <= row["experts_per_token"] <= 4
         assert 0.0 <= row["dropped_fraction"] < 1.0
-    assert out["grid"][1]["dropped_fraction"] == 0.0  # dropless
+        assert row["slots_per_token"] > 0
+    # top-p grouped with budget 1.25 x k=2 rarely binds; block padding puts rows >= selections
+    grouped = out["grid"][1]
+    assert grouped["slots_per_token"] >= grouped["experts_per_token"] * (
+        1 - grouped["dropped_fraction"]
+    )
+    orders = {r["drop_order"]: r for r in out["priority"]}
+    assert orders["rank"]["dropped_fraction"] == orders["weight"]["dropped_fraction"] > 0
+    assert 0 < orders["weight"]["output_lost"] <= orders["rank"]["output_lost"]
+    assert [r["dispatch"] for r in out["memory"]] == ["index", "einsum", "grouped", "grouped"]
+    assert all(r["temp_mib"] > 0 for r in out["memory"])

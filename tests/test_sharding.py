@@ -1,19 +1,25 @@
 """Expert parallelism on 8 simulated CPU devices (conftest sets them) and on 2 processes."""
 
+import functools
 import json
+import math
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
 
+from dynmoe_jax import MoELayer, sharding, train
 from dynmoe_jax import checkpoint as ckpt_lib
 from dynmoe_jax import data as data_lib
-from dynmoe_jax import sharding, train
 from dynmoe_jax.config import check_config
 from dynmoe_jax.validation import ConfigError
 from tests.sharding_steps import run_steps, tiny_config
@@ -32,7 +38,8 @@ def data_dir(tmp_path_factory):
 def _task(mesh_shape, data_dir, devices=None, **overrides):
     config = tiny_config(mesh_shape, data_dir)
     for k, v in overrides.items():
-        config[k] = v
+        *parents, name = k.split(".")
+        functools.reduce(lambda c, p: c[p], parents, config)[name] = v
     data = data_lib.from_config(config)
     return train.build_task(config, data.vocab_size, devices), data
 
@@ -87,13 +94,68 @@ def test_forward_matches_single_device(data_dir):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), *results)
 
 
-def test_expert_parallel_step_uses_all_to_all(data_dir):
-    task, data = _task("data=2,expert=4", data_dir)
+COLLECTIVES = {"index": ("all-to-all",), "grouped": ("all-gather", "reduce-scatter")}
+
+
+@pytest.mark.parametrize("dispatch", list(COLLECTIVES))
+def test_expert_parallel_step_collectives(data_dir, dispatch):
+    task, data = _task("data=2,expert=4", data_dir, **{"moe.dispatch": dispatch})
     state = train.abstract_state(task)
     batch = train.put_batch(task, data.train_batch(0))
     with jax.set_mesh(task.mesh):
         hlo = train.make_train_step(task).lower(state, batch).compile().as_text()
-    assert hlo.count("all-to-all") >= 4  # dispatch and combine, forward and backward
+    for op in COLLECTIVES[dispatch]:  # index: the all-to-all of GShard; grouped: the ring
+        assert hlo.count(op) >= 4, op  # dispatch and combine, forward and backward
+
+
+def _layer_loss_and_grads(dispatch: str, mesh_shape: str | None):
+    kw = {"threshold": 0.6, "capacity_factor": 1.1, "expected_k": 1.5, "block_size": 4}
+    layer = MoELayer(rngs=nnx.Rngs(0), num_experts=8, d_model=16, d_ff=32, dispatch=dispatch, **kw)
+    x = jax.random.normal(jax.random.key(1), (8, 16, 16))
+
+    def loss(m, v):
+        y, aux = m(v)
+        return jnp.sum(jnp.sin(y)), aux["dropped_fraction"]
+
+    fn = nnx.jit(nnx.value_and_grad(loss, has_aux=True))
+    if mesh_shape is None:
+        return fn(layer, x)
+    mesh = sharding.make_mesh(mesh_shape)
+    with jax.set_mesh(mesh):
+        return fn(layer, jax.device_put(x, NamedSharding(mesh, sharding.batch_spec())))
+
+
+@pytest.mark.parametrize("dispatch", ["einsum", "grouped"])
+@pytest.mark.parametrize("mesh_shape", MESHES)
+def test_layer_under_mesh_matches_one_device(dispatch, mesh_shape):
+    (loss, dropped), grads = _layer_loss_and_grads(dispatch, mesh_shape)
+    (loss_1, dropped_1), grads_1 = _layer_loss_and_grads(dispatch, None)
+    assert float(dropped) == float(dropped_1) > 0  # the budget (or capacity) is binding
+    np.testing.assert_allclose(loss, loss_1, rtol=1e-5)
+    for name in ("router_DE", "w_gate_EDF", "w_up_EDF", "w_down_EFD"):
+        got, want = getattr(grads, name)[...], getattr(grads_1, name)[...]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_grouped_no_device_holds_every_token_for_every_expert():
+    layer = MoELayer(rngs=nnx.Rngs(0), num_experts=8, d_model=16, d_ff=32, dispatch="grouped",
+                     block_size=4, group_size=16)  # fmt: skip
+    x = jax.random.normal(jax.random.key(1), (8, 64, 16))  # 512 tokens
+    mesh = sharding.make_mesh("data=2,expert=4")
+    graphdef, params = nnx.split(layer)
+
+    def loss(p, v):
+        return jnp.sum(nnx.merge(graphdef, p)(v)[0])
+
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, NamedSharding(mesh, sharding.batch_spec()))
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, xs).compile().as_text()
+    sizes = [math.prod(int(d) for d in dims.split(",") if d)
+             for dims in re.findall(r"f32\[([0-9,]*)\]", hlo)]  # fmt: skip
+    every_token_every_expert = 8 * 512 * 16
+    # Per device: the 4 expert peers' 16 groups of 16 tokens, a buffer of their budgets plus
+    # block padding (16 * 40 + 2 local experts * 3 = 646 -> 648 rows), F = 32 wide at most.
+    assert max(sizes) <= 648 * 32 < every_token_every_expert / 3
 
 
 def test_checkpoint_restores_onto_other_meshes(data_dir, tmp_path):

@@ -1,0 +1,159 @@
+"""One grouped matmul, ``y[r] = x[r] @ w[expert of row r]``, with a backend per platform.
+
+Rows come sorted by expert: ``group_sizes_E[e]`` consecutive rows belong to expert e, and rows
+past ``sum(group_sizes_E)`` come out as zeros. Backends (``Backend``; ``None`` picks by platform):
+
+* ``blocks`` (CPU default): a pure-JAX loop over blocks of B rows. The caller pads every
+  expert's rows to a multiple of B, so each block belongs to one expert and computes
+  ``[B, X] x w[e]``. The loop runs for the blocks in use only (a dynamic trip count, so the cost
+  follows the selections actually made: a block past the last one in use is never visited,
+  which is what a ``lax.cond`` per block would give without the branch). A while loop cannot be
+  reverse-differentiated, so a ``custom_vjp`` supplies the backward, blocked too: dX uses
+  ``w[e]^T`` and dW[e] is accumulated in place in the loop's carry; no per-block work touches
+  the whole [E, X, Y] array. The loop is never vmapped (that would turn the trip count into the
+  largest one and every block's work into a select), so callers flatten all routing groups into
+  one buffer. XLA's CPU ``ragged_dot`` instead expands to every expert on every row.
+* ``ragged_dot`` (GPU with compute capability >= 8, and TPU): ``jax.lax.ragged_dot``. On GPU the
+  config flag ``jax_ragged_dot_use_gpu_pallas_triton_lowering`` is switched on, so it lowers to
+  Pallas/Triton grouped kernels for the forward and both backward forms; without it XLA expands
+  to every expert on every row, as on CPU. On TPU it lowers to XLA's native ragged dot.
+* ``megablox`` (TPU alternative): ``jax.experimental.pallas.ops.tpu.megablox.gmm`` (its own
+  custom_vjp of gmm and tgmm). ``interpret=True`` runs it on CPU, slowly (tests only).
+
+Axis letters: R rows (sorted by expert), E experts, X input width, Y output width. Blocks of
+``block_size`` rows carry no letter (N and B mean heads and batch elsewhere).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+class Backend(str, enum.Enum):
+    BLOCKS = "blocks"
+    RAGGED_DOT = "ragged_dot"
+    MEGABLOX = "megablox"
+
+
+def default_backend(platform: str | None = None) -> Backend:
+    """``blocks`` on CPU and on GPUs without Triton grouped kernels; ``ragged_dot`` elsewhere."""
+    platform = platform or jax.default_backend()
+    if platform == "gpu":
+        capability = getattr(jax.devices()[0], "compute_capability", "0")
+        return Backend.RAGGED_DOT if float(capability) >= 8.0 else Backend.BLOCKS
+    return Backend.RAGGED_DOT if platform == "tpu" else Backend.BLOCKS
+
+
+def grouped_matmul(
+    x_RX: jax.Array,
+    w_EXY: jax.Array,
+    group_sizes_E: jax.Array,
+    *,
+    block_size: int,
+    backend: Backend | str | None = None,
+    interpret: bool = False,
+) -> jax.Array:
+    """``x_RX`` [R, X] rows sorted by expert, ``w_EXY`` [E, X, Y] -> [R, Y] in x's dtype.
+
+    ``blocks`` needs R and every group size to be multiples of ``block_size``.
+    """
+    backend = default_backend() if backend is None else Backend(backend)
+    return _BACKENDS[backend](x_RX, w_EXY, group_sizes_E, block_size, interpret)
+
+
+def _ragged_dot(x_RX, w_EXY, group_sizes_E, block_size, interpret):
+    del block_size, interpret
+    if jax.default_backend() == "gpu":
+        # Read when the program is lowered, which follows this trace; the flag only changes how
+        # ragged_dot lowers on GPU.
+        jax.config.update("jax_ragged_dot_use_gpu_pallas_triton_lowering", True)
+    return jax.lax.ragged_dot(x_RX, w_EXY, group_sizes_E.astype(jnp.int32))
+
+
+def _megablox(x_RX, w_EXY, group_sizes_E, block_size, interpret):
+    from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
+
+    tiling = (block_size, min(128, x_RX.shape[1]), min(128, w_EXY.shape[2]))
+    y = megablox.gmm(x_RX, w_EXY, group_sizes_E.astype(jnp.int32), x_RX.dtype, tiling,
+                     None, None, False, interpret)  # fmt: skip
+    return y
+
+
+def _blocks(x_RX, w_EXY, group_sizes_E, block_size, interpret):
+    del interpret
+    num_rows = x_RX.shape[0]
+    if num_rows % block_size:
+        raise ValueError(f"grouped_matmul: {num_rows} rows are not a multiple of {block_size}")
+    block_expert, used = block_experts(group_sizes_E, num_rows // block_size, block_size)
+    return _block_matmul(x_RX, w_EXY.astype(x_RX.dtype), block_expert, used)
+
+
+def block_experts(
+    group_sizes_E: jax.Array, num_blocks: int, block_size: int
+) -> tuple[jax.Array, jax.Array]:
+    """(int32 expert of each block, int32 number of blocks in use)."""
+    ends_E = jnp.cumsum(group_sizes_E.astype(jnp.int32))
+    first_row = jnp.arange(num_blocks, dtype=jnp.int32) * block_size
+    block_expert = jnp.searchsorted(ends_E, first_row, side="right").astype(jnp.int32)
+    used = jnp.minimum(ends_E[-1] // block_size, num_blocks)
+    return jnp.minimum(block_expert, group_sizes_E.shape[0] - 1), used
+
+
+def _blocks_view(a_RX: jax.Array, block_expert: jax.Array) -> jax.Array:
+    return a_RX.reshape(block_expert.shape[0], -1, a_RX.shape[-1])
+
+
+def _put(a_stack: jax.Array, a_XY: jax.Array, i: jax.Array) -> jax.Array:
+    """a_stack with slice i replaced; in place inside a loop."""
+    return jax.lax.dynamic_update_slice(a_stack, a_XY[None], (i, 0, 0))
+
+
+@jax.custom_vjp
+def _block_matmul(x_RX, w_EXY, block_expert, used):
+    x_blocks = _blocks_view(x_RX, block_expert)
+
+    def body(i, y_blocks):
+        y_block = x_blocks[i] @ w_EXY[block_expert[i]]
+        return _put(y_blocks, y_block, i)
+
+    y_blocks = jnp.zeros(x_blocks.shape[:2] + (w_EXY.shape[2],), x_RX.dtype)
+    y_blocks = jax.lax.fori_loop(0, used, body, y_blocks)
+    return y_blocks.reshape(x_RX.shape[0], -1)
+
+
+def _block_matmul_fwd(x_RX, w_EXY, block_expert, used):
+    return _block_matmul(x_RX, w_EXY, block_expert, used), (x_RX, w_EXY, block_expert, used)
+
+
+def _block_matmul_bwd(res, dy_RY):
+    x_RX, w_EXY, block_expert, used = res
+    x_blocks = _blocks_view(x_RX, block_expert)
+    dy_blocks = _blocks_view(dy_RY.astype(x_RX.dtype), block_expert)
+    dot = jax.lax.dot_general
+    contract_y = functools.partial(dot, dimension_numbers=(((1,), (1,)), ((), ())))
+    contract_rows = functools.partial(dot, dimension_numbers=(((0,), (0,)), ((), ())))
+
+    def body(i, carry):
+        dx_blocks, dw_EXY = carry
+        e = block_expert[i]
+        dx_block = contract_y(dy_blocks[i], w_EXY[e])  # dy @ w[e]^T, no transposed copy of w
+        dx_blocks = _put(dx_blocks, dx_block, i)
+        dw_XY = dw_EXY[e] + contract_rows(x_blocks[i], dy_blocks[i]).astype(dw_EXY.dtype)
+        return dx_blocks, _put(dw_EXY, dw_XY, e)
+
+    init = (jnp.zeros_like(x_blocks), jnp.zeros_like(w_EXY))
+    dx_blocks, dw_EXY = jax.lax.fori_loop(0, used, body, init)
+    return dx_blocks.reshape(x_RX.shape), dw_EXY, None, None
+
+
+_block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
+
+_BACKENDS = {
+    Backend.BLOCKS: _blocks,
+    Backend.RAGGED_DOT: _ragged_dot,
+    Backend.MEGABLOX: _megablox,
+}
