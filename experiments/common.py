@@ -29,19 +29,24 @@ from experiments.report import REPO_ROOT, jsonable
 RUNS_DIR = REPO_ROOT / "runs" / "experiments"
 SUMMARY_FILE = "experiment_run.json"  # written into a workdir once its run has finished
 
-# The five models of the router comparison. Each maps to config overrides in `lm_config`.
-VARIANTS = ("dense", "top1", "top2", "top_p", "top_p_sized")
+# The models of the router comparison. Each maps to config overrides in `lm_config`.
+VARIANTS = ("dense", "top1", "top2", "top_p", "top_p_sized", "top2_grouped", "top_p_grouped")
 VARIANT_LABELS = {
     "dense": "dense",
     "top1": "top-1",
     "top2": "top-2",
     "top_p": "top-p",
     "top_p_sized": "top-p, sized",
+    "top2_grouped": "top-2, grouped",
+    "top_p_grouped": "top-p, grouped",
 }
 # Capacity of the "top_p_sized" variant: top-p (p = 0.4)'s mean experts per token at the end
 # of training with capacity sized for 2 (1.40 over seeds 0 and 1, compare_routers), so that its
 # compute follows the experts it selects instead of costing what top-2 costs.
 SIZED_EXPECTED_K = 1.4
+# Budget factor of the "_grouped" variants: one token budget per routing group of
+# GROUPED_BUDGET_FACTOR * k * S selections (k = SIZED_EXPECTED_K for top-p, 2 for top-2).
+GROUPED_BUDGET_FACTOR = 1.1
 # One colour per model in every plot.
 VARIANT_COLORS = {
     "dense": "tab:gray",
@@ -49,6 +54,8 @@ VARIANT_COLORS = {
     "top2": "tab:orange",
     "top_p": "tab:green",
     "top_p_sized": "tab:olive",
+    "top2_grouped": "tab:red",
+    "top_p_grouped": "tab:purple",
 }
 
 
@@ -68,8 +75,11 @@ def lm_config(
 
     Variants: 'dense' (feed-forward width 2 x the expert width, so that it matches top-2's
     activated feed-forward parameters), 'top1', 'top2' and 'top_p' (threshold ``threshold``).
-    Every MoE variant uses the library's default capacity (factor 1.25; top-p sized for a
-    mean of 2 experts), so top-p computes as many expert slots as top-2.
+    The first MoE variants use per-expert capacity (``index`` dispatch, factor 1.25; top-p
+    sized for a mean of 2 experts, so top-p computes as many expert slots as top-2;
+    'top_p_sized' sizes it for ``SIZED_EXPECTED_K``). 'top2_grouped' and 'top_p_grouped' use
+    grouped dispatch with one budget per group, ``GROUPED_BUDGET_FACTOR`` over k (top-p's k
+    being ``SIZED_EXPECTED_K``).
     """
     from dynmoe_jax.configs import default
 
@@ -102,8 +112,13 @@ def lm_config(
     c.moe.router = "top_p" if variant.startswith("top_p") else "top_k"
     c.moe.top_k = 1 if variant == "top1" else 2
     c.moe.threshold = threshold
-    if variant == "top_p_sized":
+    # Pinned: the committed results of these experiments were trained with index dispatch.
+    c.moe.dispatch = "index"
+    if variant in ("top_p_sized", "top_p_grouped"):
         c.moe.expected_k = SIZED_EXPECTED_K
+    if variant.endswith("_grouped"):
+        c.moe.dispatch = "grouped"
+        c.moe.capacity_factor = GROUPED_BUDGET_FACTOR
     return c
 
 
@@ -112,6 +127,8 @@ def run_name(variant: str, seed: int, scale: int, threshold: float = 0.4) -> str
     tag = {
         "top_p": f"top_p{threshold:g}",
         "top_p_sized": f"top_p{threshold:g}_k{SIZED_EXPECTED_K:g}",
+        "top_p_grouped": f"top_p{threshold:g}_grouped{GROUPED_BUDGET_FACTOR:g}",
+        "top2_grouped": f"top2_grouped{GROUPED_BUDGET_FACTOR:g}",
     }.get(variant, variant)
     return f"{tag}-s{seed}-x{scale}"
 

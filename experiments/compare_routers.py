@@ -1,10 +1,11 @@
-"""Dense vs top-1 vs top-2 vs top-p (p = 0.4) on the same data, steps and seeds, and top-p
-with its capacity sized to the experts it selects (``common.SIZED_EXPECTED_K``).
+"""Dense vs top-1 vs top-2 vs top-p (p = 0.4) on the same data, steps and seeds; top-p with
+its capacity sized to the experts it selects (``common.SIZED_EXPECTED_K``); and top-2 and
+top-p with grouped dispatch, one token budget per routing group.
 
 Checks the paper's findings 1 (top-p beats top-2 with fewer experts), 3 (lower layers use more
 experts) and 4 (the mean number of experts falls during training) at small scale::
 
-    .venv/bin/python -m experiments.compare_routers            # 5 models x 3 seeds: ~9 min, idle
+    .venv/bin/python -m experiments.compare_routers            # 7 models x 3 seeds: ~13 min, idle
     .venv/bin/python -m experiments.compare_routers --scale 4  # wider and longer (GPU/TPU)
 
 Writes ``experiments/results/compare_routers.{md,json}`` and three plots (validation loss
@@ -55,6 +56,9 @@ def _label(variant: str, threshold: float) -> str:
     labels = {
         "top_p": f"top-p (p={threshold:g})",
         "top_p_sized": f"top-p (p={threshold:g}), capacity for k={common.SIZED_EXPECTED_K:g}",
+        "top_p_grouped": f"top-p (p={threshold:g}), grouped, budget "
+        f"{common.GROUPED_BUDGET_FACTOR:g} x {common.SIZED_EXPECTED_K:g}",
+        "top2_grouped": f"top-2, grouped, budget {common.GROUPED_BUDGET_FACTOR:g} x 2",
         "dense": "dense (d_ff = 2 x expert)",
     }
     return labels.get(variant, common.VARIANT_LABELS[variant])

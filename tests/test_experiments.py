@@ -101,6 +101,12 @@ def test_lm_config_variants_match_activated_parameters():
     sized = common.lm_config("top_p_sized", 0)
     assert (sized.moe.router, sized.moe.expected_k) == ("top_p", common.SIZED_EXPECTED_K)
     assert top_p.moe.expected_k == 2.0 and sized.moe.threshold == 0.4
+    assert {c.moe.dispatch for c in (top1, top2, top_p, sized)} == {"index"}
+    grouped_p, grouped_2 = common.lm_config("top_p_grouped", 0), common.lm_config("top2_grouped", 0)
+    assert (grouped_p.moe.dispatch, grouped_p.moe.router) == ("grouped", "top_p")
+    assert grouped_p.moe.expected_k == common.SIZED_EXPECTED_K
+    assert (grouped_2.moe.dispatch, grouped_2.moe.top_k) == ("grouped", 2)
+    assert grouped_p.moe.capacity_factor == grouped_2.moe.capacity_factor == 1.1
     assert common.ffn_params_per_token(dense, 0.0) == common.ffn_params_per_token(top2, 2.0)
     assert common.ffn_params_per_token(top1, 1.0) == 3 * 64 * 128 * 4
     big = common.lm_config("top_p", 0, scale=4)
@@ -111,6 +117,7 @@ def test_lm_config_variants_match_activated_parameters():
     assert common.run_name("top_p", 1, 2, 0.3) == "top_p0.3-s1-x2"
     assert common.run_name("dense", 0, 1) == "dense-s0-x1"
     assert common.run_name("top_p_sized", 2, 1) == "top_p0.4_k1.4-s2-x1"
+    assert common.run_name("top_p_grouped", 0, 1) == "top_p0.4_grouped1.1-s0-x1"
     assert common.results_stem("sweep", 1) == "sweep" and common.results_stem("sweep", 4).endswith(
         "_x4"
     )
