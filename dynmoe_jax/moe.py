@@ -65,9 +65,9 @@ class MoEConfig:
     capacity_factor: float | None = 1.25
     expected_k: float = 2.0
     group_size: int | None = None
-    dispatch: Dispatch = Dispatch.GROUPED
+    dispatch: Dispatch = Dispatch.INDEX
     renormalize: bool | None = None
-    block_size: int = 128
+    block_size: int = 64
     matmul_backend: Backend | None = None
     drop_order: DropOrder = DropOrder.RANK
     dtype: Any = jnp.float32
