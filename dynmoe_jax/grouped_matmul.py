@@ -3,14 +3,16 @@
 Rows come sorted by expert: ``group_sizes_E[e]`` consecutive rows belong to expert e, and rows
 past ``sum(group_sizes_E)`` come out as zeros. Backends (``Backend``; ``None`` picks by platform):
 
-* ``blocks`` (CPU default): a pure-JAX loop over blocks of B rows. The caller pads every
-  expert's rows to a multiple of B, so each block belongs to one expert and computes
-  ``[B, X] x w[e]``. The loop runs for the blocks in use only (a dynamic trip count, so the cost
-  follows the selections actually made: a block past the last one in use is never visited,
-  which is what a ``lax.cond`` per block would give without the branch). A while loop cannot be
-  reverse-differentiated, so a ``custom_vjp`` supplies the backward, blocked too: dX uses
-  ``w[e]^T`` and dW[e] is accumulated in place in the loop's carry; no per-block work touches
-  the whole [E, X, Y] array. The loop is never vmapped (that would turn the trip count into the
+* ``blocks`` (CPU default): a pure-JAX loop over blocks of ``block_size`` rows. The caller pads
+  every expert's rows to a multiple of the block, so each block belongs to one expert and
+  computes ``[block, X] x w[e]``. An outer loop over the experts slices w[e] once (slicing it
+  per block cost a weight-sized copy per block); an inner loop with a dynamic trip count visits
+  that expert's blocks in use only, so the cost follows the selections actually made and a
+  block past the last one in use is never visited (what a ``lax.cond`` per block would give,
+  without the branch). A while loop cannot be reverse-differentiated, so a ``custom_vjp``
+  supplies the backward, blocked too: dX uses ``w[e]^T``, and dW[e] accumulates in an [X, Y]
+  carry written into the [E, X, Y] gradient once per expert; no per-block work touches the
+  whole [E, X, Y] array. The loop is never vmapped (that would turn the trip count into the
   largest one and every block's work into a select), so callers flatten all routing groups into
   one buffer. XLA's CPU ``ragged_dot`` instead expands to every expert on every row.
 * ``ragged_dot`` (GPU with compute capability >= 8, and TPU): ``jax.lax.ragged_dot``. On GPU the
@@ -88,23 +90,21 @@ def _blocks(x_RX, w_EXY, group_sizes_E, block_size, interpret):
     num_rows = x_RX.shape[0]
     if num_rows % block_size:
         raise ValueError(f"grouped_matmul: {num_rows} rows are not a multiple of {block_size}")
-    block_expert, used = block_experts(group_sizes_E, num_rows // block_size, block_size)
-    return _block_matmul(x_RX, w_EXY.astype(x_RX.dtype), block_expert, used)
+    first_E, count_E = expert_blocks(group_sizes_E, num_rows // block_size, block_size)
+    return _block_matmul(block_size, x_RX, w_EXY.astype(x_RX.dtype), first_E, count_E)
 
 
-def block_experts(
+def expert_blocks(
     group_sizes_E: jax.Array, num_blocks: int, block_size: int
 ) -> tuple[jax.Array, jax.Array]:
-    """(int32 expert of each block, int32 number of blocks in use)."""
-    ends_E = jnp.cumsum(group_sizes_E.astype(jnp.int32))
-    first_row = jnp.arange(num_blocks, dtype=jnp.int32) * block_size
-    block_expert = jnp.searchsorted(ends_E, first_row, side="right").astype(jnp.int32)
-    used = jnp.minimum(ends_E[-1] // block_size, num_blocks)
-    return jnp.minimum(block_expert, group_sizes_E.shape[0] - 1), used
+    """(int32[E] each expert's first block, int32[E] its blocks), clipped to the buffer."""
+    count_E = group_sizes_E.astype(jnp.int32) // block_size
+    first_E = jnp.minimum(jnp.cumsum(count_E) - count_E, num_blocks)
+    return first_E, jnp.minimum(count_E, num_blocks - first_E)
 
 
-def _blocks_view(a_RX: jax.Array, block_expert: jax.Array) -> jax.Array:
-    return a_RX.reshape(block_expert.shape[0], -1, a_RX.shape[-1])
+def _blocks_view(a_RX: jax.Array, num_rows_per_block: int) -> jax.Array:
+    return a_RX.reshape(-1, num_rows_per_block, a_RX.shape[-1])
 
 
 def _put(a_stack: jax.Array, a_XY: jax.Array, i: jax.Array) -> jax.Array:
@@ -112,41 +112,58 @@ def _put(a_stack: jax.Array, a_XY: jax.Array, i: jax.Array) -> jax.Array:
     return jax.lax.dynamic_update_slice(a_stack, a_XY[None], (i, 0, 0))
 
 
-@jax.custom_vjp
-def _block_matmul(x_RX, w_EXY, block_expert, used):
-    x_blocks = _blocks_view(x_RX, block_expert)
+def _per_expert(first_E, count_E, body, init):
+    """``body(e, i, carry)`` for every block i of every expert e, experts in order. The
+    expert loop slices w[e] once; the block loop runs only over blocks in use."""
 
-    def body(i, y_blocks):
-        y_block = x_blocks[i] @ w_EXY[block_expert[i]]
-        return _put(y_blocks, y_block, i)
+    def expert(e, carry):
+        return body(e, first_E[e], first_E[e] + count_E[e], carry)
+
+    return jax.lax.fori_loop(0, first_E.shape[0], expert, init)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _block_matmul(block_size, x_RX, w_EXY, first_E, count_E):
+    x_blocks = _blocks_view(x_RX, block_size)
+
+    def body(e, start, stop, y_blocks):
+        w_XY = w_EXY[e]  # once per expert, not once per block
+        put = lambda i, y: _put(y, x_blocks[i] @ w_XY, i)  # noqa: E731
+        return jax.lax.fori_loop(start, stop, put, y_blocks)
 
     y_blocks = jnp.zeros(x_blocks.shape[:2] + (w_EXY.shape[2],), x_RX.dtype)
-    y_blocks = jax.lax.fori_loop(0, used, body, y_blocks)
-    return y_blocks.reshape(x_RX.shape[0], -1)
+    return _per_expert(first_E, count_E, body, y_blocks).reshape(x_RX.shape[0], -1)
 
 
-def _block_matmul_fwd(x_RX, w_EXY, block_expert, used):
-    return _block_matmul(x_RX, w_EXY, block_expert, used), (x_RX, w_EXY, block_expert, used)
+def _block_matmul_fwd(block_size, x_RX, w_EXY, first_E, count_E):
+    y_RY = _block_matmul(block_size, x_RX, w_EXY, first_E, count_E)
+    return y_RY, (x_RX, w_EXY, first_E, count_E)
 
 
-def _block_matmul_bwd(res, dy_RY):
-    x_RX, w_EXY, block_expert, used = res
-    x_blocks = _blocks_view(x_RX, block_expert)
-    dy_blocks = _blocks_view(dy_RY.astype(x_RX.dtype), block_expert)
+def _block_matmul_bwd(block_size, res, dy_RY):
+    x_RX, w_EXY, first_E, count_E = res
+    x_blocks = _blocks_view(x_RX, block_size)
+    dy_blocks = _blocks_view(dy_RY.astype(x_RX.dtype), block_size)
     dot = jax.lax.dot_general
     contract_y = functools.partial(dot, dimension_numbers=(((1,), (1,)), ((), ())))
     contract_rows = functools.partial(dot, dimension_numbers=(((0,), (0,)), ((), ())))
 
-    def body(i, carry):
+    def body(e, start, stop, carry):
         dx_blocks, dw_EXY = carry
-        e = block_expert[i]
-        dx_block = contract_y(dy_blocks[i], w_EXY[e])  # dy @ w[e]^T, no transposed copy of w
-        dx_blocks = _put(dx_blocks, dx_block, i)
-        dw_XY = dw_EXY[e] + contract_rows(x_blocks[i], dy_blocks[i]).astype(dw_EXY.dtype)
+        w_XY = w_EXY[e]
+
+        def block_step(i, c):
+            dx_blocks, dw_XY = c
+            dx_blocks = _put(dx_blocks, contract_y(dy_blocks[i], w_XY), i)  # dy @ w[e]^T
+            return dx_blocks, dw_XY + contract_rows(x_blocks[i], dy_blocks[i]).astype(dw_XY.dtype)
+
+        # dW[e] accumulates in an [X, Y] carry and is written into [E, X, Y] once per expert.
+        dx_blocks, dw_XY = jax.lax.fori_loop(start, stop, block_step, (dx_blocks, zeros_XY))
         return dx_blocks, _put(dw_EXY, dw_XY, e)
 
+    zeros_XY = jnp.zeros(w_EXY.shape[1:], w_EXY.dtype)
     init = (jnp.zeros_like(x_blocks), jnp.zeros_like(w_EXY))
-    dx_blocks, dw_EXY = jax.lax.fori_loop(0, used, body, init)
+    dx_blocks, dw_EXY = _per_expert(first_E, count_E, body, init)
     return dx_blocks.reshape(x_RX.shape), dw_EXY, None, None
 
 

@@ -47,7 +47,8 @@ class MoEConfig:
     group_size: tokens per routing group (None: one group per sequence).
     dispatch: 'grouped' (one budget per group, ``ceil(capacity_factor * k * S)`` selections,
       any expert taking any share) | 'index' | 'einsum' (per-expert capacity); see dispatch.py.
-    block_size: grouped mode: rows per block B; each expert's rows are padded to multiples.
+    block_size: grouped mode: rows per block; each expert's rows are padded to multiples (64
+      measured fastest of 64/128/256 on CPU at E=16 and E=64).
     matmul_backend: grouped mode: None (by platform) | 'blocks' | 'ragged_dot' | 'megablox'.
     drop_order: grouped mode: which selections an overflowing group drops first, 'rank'
       (later ranks, then later tokens) | 'weight' (smallest combine weight).
@@ -65,9 +66,9 @@ class MoEConfig:
     capacity_factor: float | None = 1.25
     expected_k: float = 2.0
     group_size: int | None = None
-    dispatch: Dispatch = Dispatch.GROUPED
+    dispatch: Dispatch = Dispatch.INDEX
     renormalize: bool | None = None
-    block_size: int = 128
+    block_size: int = 64
     matmul_backend: Backend | None = None
     drop_order: DropOrder = DropOrder.RANK
     dtype: Any = jnp.float32

@@ -16,6 +16,7 @@ def tiny_config(mesh_shape: str, data_dir: str):
     c.data_dir = data_dir
     c.warmup_steps = 0  # so that the first update already moves the parameters
     c.moe.num_experts = 8  # divisible by every expert axis the tests use
+    c.moe.dispatch = "grouped"  # the expert-parallel ring; the layer tests cover the others
     return c
 
 

@@ -125,7 +125,7 @@ def _layer_loss_and_grads(dispatch: str, mesh_shape: str | None):
         return fn(layer, jax.device_put(x, NamedSharding(mesh, sharding.batch_spec())))
 
 
-@pytest.mark.parametrize("dispatch", ["einsum", "grouped"])
+@pytest.mark.parametrize("dispatch", ["einsum", "index", "grouped"])
 @pytest.mark.parametrize("mesh_shape", MESHES)
 def test_layer_under_mesh_matches_one_device(dispatch, mesh_shape):
     (loss, dropped), grads = _layer_loss_and_grads(dispatch, mesh_shape)

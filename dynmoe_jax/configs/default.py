@@ -54,8 +54,8 @@ def get_config() -> ConfigDict:
     c.moe.capacity_factor = config_dict.FieldReference(1.25, field_type=float)  # None: no drops
     c.moe.expected_k = 2.0
     c.moe.group_size = config_dict.placeholder(int)  # None = one group per sequence
-    c.moe.dispatch = "grouped"  # grouped (one budget per group) | index | einsum (per expert)
-    c.moe.block_size = 128  # grouped: rows per block of the grouped matmul
+    c.moe.dispatch = "index"  # index | einsum (per-expert capacity) | grouped (group budget)
+    c.moe.block_size = 64  # grouped: rows per block of the grouped matmul
     c.moe.matmul_backend = config_dict.placeholder(str)  # None: by platform | blocks | ragged_dot
     c.moe.drop_order = "rank"  # grouped: an overflowing group drops later ranks first | weight
     c.moe.renormalize = config_dict.placeholder(bool)  # None = paper (top-k only)
