@@ -19,8 +19,11 @@ S   tokens per routing group
 M   all tokens of one call (B * T = G * S)
 K   ranks: a token's choices in descending router probability
 P   entries of the priority list (a group's (rank, token) pairs, S * K)
+Q   priority-list entries of every group of a call (G * P)
 C   capacity: slots per expert per group (the capacity modes)
-R   rows of the grouped buffer: the group's token budget plus block padding
+R   rows of the grouped buffer: the groups' token budgets plus block padding
+X   input width of a grouped matmul (D or F)
+Y   output width of a grouped matmul (F, 2F or D)
 ==  ==========================================================================
 
 A literal ``2`` in a name is the stacked gate and up projections of SwiGLU (``w_ED2F``).
