@@ -1,5 +1,7 @@
 """bench_moe.py's main on a tiny shape: every figure it reports exists and is positive."""
 
+import pytest
+
 from experiments import bench_moe
 
 TINY = [
@@ -13,6 +15,7 @@ TINY = [
 POSITIVE = ("ms", "dense_ms", "gflops", "x_dense", "of_matmul_rate", "temp_mib", "compile_s")
 
 
+@pytest.mark.slow
 def test_bench_main_reports_positive_figures(tmp_path):
     path = tmp_path / "bench.json"
     out = bench_moe.main([*TINY, "--json", str(path)])

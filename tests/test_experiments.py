@@ -245,6 +245,7 @@ def _tiny_tasks_config(steps=2):
     return config
 
 
+@pytest.mark.slow
 def test_task_and_token_statistics_on_a_tiny_model():
     from dynmoe_jax import inference
     from dynmoe_jax import train as train_lib

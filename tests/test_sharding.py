@@ -76,6 +76,7 @@ def _one_device_reference(data_dir):
     return run_steps("", data_dir, num_steps=3, devices=jax.devices()[:1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", MESHES)
 def test_train_steps_match_single_device(data_dir, mesh_shape):
     expected = _one_device_reference(data_dir)
@@ -158,6 +159,7 @@ def test_grouped_no_device_holds_every_token_for_every_expert():
     assert max(sizes) <= 648 * 32 < every_token_every_expert / 3
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_other_meshes(data_dir, tmp_path):
     task, _ = _task("data=2,expert=4", data_dir)
     state = train.init_state(task)
@@ -198,6 +200,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(data_dir, tmp_path):
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}

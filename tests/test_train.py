@@ -146,6 +146,7 @@ def test_sampled_text_keeps_the_space_after_the_prompt(data_dir):
     assert prompt + inference.continuation_text(tokenizer, prompt_ids, new_ids) == full
 
 
+@pytest.mark.slow
 def test_padded_positions_are_not_counted_in_validation_experts(data_dir):
     config = _config(data_dir)
     data = data_lib.from_config(config)
@@ -194,6 +195,7 @@ def test_dense_baseline_and_top_k_train(data_dir, tmp_path):
             assert final["experts_per_token"] == pytest.approx(2.0)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_full_batch(data_dir):
     # The load-balance loss is a product of batch statistics (f_i Q_i), so under accumulation
     # it is computed per micro-batch and differs slightly; every other term is a token mean.
