@@ -257,10 +257,8 @@ def _group_size(group_size: int | None, batch: int, seq_len: int) -> int:
     num_tokens = batch * seq_len
     s = min(group_size, num_tokens)
     if num_tokens % s:
-        raise ValueError(
-            f"moe.group_size={group_size} must divide the tokens of one call "
-            f"(batch * seq_len = {batch} * {seq_len} = {num_tokens})"
-        )
+        allowed = f"a divisor of the tokens of one call (batch * seq_len = {batch} * {seq_len})"
+        invalid("moe.group_size", group_size, allowed)
     return s
 
 

@@ -23,6 +23,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dynmoe_jax.validation import ConfigError, invalid
+
 MESH_AXES = ("data", "expert", "model")
 
 # logical name -> mesh axes (None: replicated). The whole sharding policy is this table.
@@ -42,7 +44,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
 _RULES = dict(LOGICAL_AXIS_RULES)
 
 
-class MeshError(ValueError):
+class MeshError(ConfigError):
     """The mesh does not fit the devices or the model."""
 
 
@@ -57,14 +59,12 @@ def parse_mesh_shape(mesh_shape: str, num_devices: int) -> dict[str, int]:
         name, _, value = part.partition("=")
         name = name.strip()
         if name not in MESH_AXES or name in seen:
-            raise MeshError(
-                f"mesh_shape={mesh_shape!r} is invalid: axis {name!r} must be one of "
-                f"{', '.join(MESH_AXES)}, each at most once"
-            )
+            allowed = f"axes {', '.join(MESH_AXES)}, each at most once (not {name!r})"
+            invalid("mesh_shape", mesh_shape, allowed, MeshError)
         try:
             sizes[name] = int(value)
         except ValueError:
-            raise MeshError(f"mesh_shape={mesh_shape!r}: {name} needs an integer size") from None
+            invalid("mesh_shape", mesh_shape, f"an integer size for {name}", MeshError)
         seen.add(name)
     return _fill_rest(sizes, mesh_shape, num_devices)
 
@@ -72,17 +72,17 @@ def parse_mesh_shape(mesh_shape: str, num_devices: int) -> dict[str, int]:
 def _fill_rest(sizes: dict[str, int], mesh_shape: str, num_devices: int) -> dict[str, int]:
     rest = [k for k, v in sizes.items() if v == -1]
     if len(rest) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
-        raise MeshError(f"mesh_shape={mesh_shape!r}: sizes must be >= 1, with at most one -1")
+        invalid("mesh_shape", mesh_shape, "sizes >= 1, with at most one -1", MeshError)
     known = math.prod(v for v in sizes.values() if v != -1)
     if rest:
         if num_devices % known:
-            raise MeshError(f"mesh_shape={mesh_shape!r}: {num_devices} devices not divisible")
+            allowed = f"sizes whose product divides the {num_devices} devices present"
+            invalid("mesh_shape", mesh_shape, allowed, MeshError)
         sizes[rest[0]] = num_devices // known
     total = math.prod(sizes.values())
     if total > num_devices:
-        raise MeshError(
-            f"mesh_shape={mesh_shape!r} needs {total} devices but only {num_devices} are present"
-        )
+        allowed = f"at most the {num_devices} devices present (it needs {total})"
+        invalid("mesh_shape", mesh_shape, allowed, MeshError)
     return sizes
 
 
@@ -158,4 +158,4 @@ def check_fits(mesh: Mesh, *, batch_size: int, num_experts: int | None, num_head
         ]
     for ok, field, value, allowed in checks:
         if not ok:
-            raise MeshError(f"{field}={value} does not fit the mesh {dict(mesh.shape)}: {allowed}")
+            invalid(field, value, f"{allowed}, to fit the mesh {dict(mesh.shape)}", MeshError)

@@ -77,7 +77,10 @@ def test_test_hooks_are_not_config_fields():
 def test_paper_config_on_8_devices_names_the_mesh_it_needs():
     with pytest.raises(ConfigError) as err:
         config_lib.check_config(paper.get_config())
-    assert str(err.value) == "mesh_shape='data=-1,expert=16': 8 devices not divisible"
+    assert str(err.value) == (
+        "mesh_shape='data=-1,expert=16' is invalid: allowed sizes whose product divides the 8 "
+        "devices present"
+    )
 
 
 def test_paper_config_passes_check_config_on_the_devices_its_mesh_needs():

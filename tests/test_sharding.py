@@ -48,10 +48,10 @@ def test_mesh_parsing():
     assert sharding.parse_mesh_shape("data=2,expert=-1", 8) == {"data": 2, "expert": 4, "model": 1}
     assert sharding.parse_mesh_shape("", 8) == {"data": 1, "expert": 1, "model": 1}
     for bad, message in [
-        ("data=2,pipe=4", "axis 'pipe' must be one of data, expert, model"),
-        ("data=4,expert=4", "needs 16 devices but only 8 are present"),
-        ("data=-1,expert=-1", "at most one -1"),
-        ("data=x", "data needs an integer size"),
+        ("data=2,pipe=4", "is invalid: allowed axes data, expert, model, each at most once"),
+        ("data=4,expert=4", r"allowed at most the 8 devices present \(it needs 16\)"),
+        ("data=-1,expert=-1", "allowed sizes >= 1, with at most one -1"),
+        ("data=x", "allowed an integer size for data"),
     ]:
         with pytest.raises(sharding.MeshError, match=message):
             sharding.parse_mesh_shape(bad, 8)
@@ -180,10 +180,16 @@ def test_checkpoint_restores_onto_other_meshes(data_dir, tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"mesh_shape": "data=2,expert=3", "batch_size": 12}, "moe.num_experts=8 does not fit"),
-        ({"mesh_shape": "data=4,expert=4"}, "needs 16 devices but only 8"),
-        ({"mesh_shape": "data=8", "batch_size": 12}, "batch_size=12 does not fit"),
-        ({"mesh_shape": "model=8"}, "model.num_heads=2 does not fit"),
+        (
+            {"mesh_shape": "data=2,expert=3", "batch_size": 12},
+            "moe.num_experts=8 is invalid: allowed a multiple of expert=3",
+        ),
+        ({"mesh_shape": "data=4,expert=4"}, "it needs 16"),
+        (
+            {"mesh_shape": "data=8", "batch_size": 12},
+            "batch_size=12 is invalid: allowed a multiple of",
+        ),
+        ({"mesh_shape": "model=8"}, "model.num_heads=2 is invalid: allowed a multiple of model=8"),
     ],
 )
 def test_mesh_errors_before_compiling(overrides, message):
