@@ -25,6 +25,7 @@ from dynmoe_jax import data as data_lib
 from dynmoe_jax import model as model_lib
 from dynmoe_jax import train as train_lib
 from dynmoe_jax.config import check_config, with_recorded_corpus
+from dynmoe_jax.validation import check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,8 +157,7 @@ def sample_workdir(
     """Generates text after ``prompt`` (greedy when temperature is 0, else sampled with the
     random ``seed``) and reports the mean number of experts each generated token used, over the
     MoE layers. Decoding runs without capacity limits (``inference_graphdef``)."""
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} is invalid: allowed >= 0 (0 = greedy)")
+    check(temperature >= 0, "temperature", temperature, ">= 0 (0 = greedy)")
     run = restore(config, workdir)
     graphdef = run.inference_graphdef()
     window = config.seq_len
