@@ -7,6 +7,9 @@ experts) and 4 (the mean number of experts falls during training) at small scale
 
     .venv/bin/python -m experiments.compare_routers            # 7 models x 3 seeds: ~13 min, idle
     .venv/bin/python -m experiments.compare_routers --scale 4  # wider and longer (GPU/TPU)
+    # grouped against capacity, in one invocation, into compare_routers_grouped.{md,json}:
+    .venv/bin/python -m experiments.compare_routers --name compare_routers_grouped \
+        --variants top2 top_p top2_grouped top_p_grouped
 
 Writes ``experiments/results/compare_routers.{md,json}`` and three plots (validation loss
 curves, experts per token over training, experts per layer). Finished runs are reused from
@@ -37,6 +40,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs-dir", type=Path, default=common.RUNS_DIR / "lm")
     p.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
     p.add_argument("--fresh", action="store_true", help="retrain even finished runs")
+    p.add_argument("--name", default="compare_routers", help="stem of the result files")
     return p.parse_args(argv)
 
 
@@ -234,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     results = run_all(args)
     tables, raw = summarize(results, args.threshold)
-    stem = common.results_stem("compare_routers", args.scale)
+    stem = common.results_stem(args.name, args.scale)
     out = args.results_dir
     plots = [
         plot_validation_loss(results, args.threshold, out / f"{stem}_val_loss.png"),
