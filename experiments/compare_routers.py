@@ -5,7 +5,7 @@ top-p with grouped dispatch, one token budget per routing group.
 Checks the paper's findings 1 (top-p beats top-2 with fewer experts), 3 (lower layers use more
 experts) and 4 (the mean number of experts falls during training) at small scale::
 
-    .venv/bin/python -m experiments.compare_routers            # 7 models x 3 seeds: ~13 min, idle
+    .venv/bin/python -m experiments.compare_routers            # 7 models x 3 seeds
     .venv/bin/python -m experiments.compare_routers --scale 4  # wider and longer (GPU/TPU)
     # grouped against capacity, in one invocation, into compare_routers_grouped.{md,json}:
     .venv/bin/python -m experiments.compare_routers --name compare_routers_grouped \
