@@ -11,10 +11,16 @@ Crash safety:
 * A checkpoint whose layout differs from the model being restored was written by another
   config, and one whose record has another format was written by another release: both are
   refused with a one-line error and left in place.
+* Orbax runs each restore on a fresh event loop and closes it as soon as one array fails, while
+  tensorstore reads of the other arrays are still in flight; their completions then reach a
+  closed loop and are printed as "Event loop is closed". Restores therefore run on loops that
+  let unfinished tasks end before closing (``_quiet_failures``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -115,6 +121,39 @@ def fingerprint(state: Any) -> list[str]:
     return [f"{int(a) << 32 | int(b):016x}" for a, b in sums]
 
 
+# Bounds the wait for a failed restore's other reads; any read still running after it is left
+# to report into the closed loop, as before.
+_DRAIN_TIMEOUT_S = 60.0
+
+
+class _DrainingLoop(asyncio.SelectorEventLoop):
+    """An event loop whose close() first lets its unfinished tasks end, so that tensorstore
+    reads started by a failed restore complete while the loop can still receive them."""
+
+    def close(self) -> None:
+        if not self.is_running() and not self.is_closed():
+            pending = [t for t in asyncio.all_tasks(self) if not t.done()]
+            if pending:
+                self.run_until_complete(asyncio.wait(pending, timeout=_DRAIN_TIMEOUT_S))
+        super().close()
+
+
+class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _DrainingLoop()
+
+
+@contextlib.contextmanager
+def _quiet_failures():
+    """Orbax creates its restore loop with asyncio.new_event_loop(), which asks the policy."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_DrainingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
+
+
 # The record's format: layout entries are [shape, dtype], fingerprints are exact hashes.
 META_FORMAT = 2
 
@@ -147,14 +186,17 @@ class Checkpointer:
         self._manager.save(step, args=args, force=True)
 
     def _meta(self, step: int) -> dict:
-        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        args = ocp.args.Composite(meta=ocp.args.JsonRestore())
+        with _quiet_failures():
+            restored = self._manager.restore(step, args=args)
         return restored.meta
 
     def _restore(self, step: int, abstract_state: Any) -> Any:
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
         )
-        restored = self._manager.restore(step, args=args)
+        with _quiet_failures():
+            restored = self._manager.restore(step, args=args)
         # Compared path by path: a target of other containers (a NamedTuple for a saved dict)
         # may order the same arrays differently.
         saved = dict(zip(restored.meta["layout"], restored.meta["fingerprint"], strict=True))

@@ -1,5 +1,6 @@
 """Never lose a run: kill-and-resume, corrupt checkpoints, NaN guard, bad data, determinism."""
 
+import asyncio
 import json
 import os
 import random
@@ -7,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -126,6 +128,8 @@ def test_corrupt_latest_checkpoint_falls_back(data_dir, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "6"]
 
 
+# Orbax leaves reads in flight when one array fails; they must not report into a closed loop.
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_truncated_checkpoint_falls_back(data_dir, tmp_path):
     train.train_and_evaluate(_config(data_dir), tmp_path)
     for blob in (tmp_path / "checkpoints" / "6").rglob("d/*"):
@@ -134,6 +138,38 @@ def test_truncated_checkpoint_falls_back(data_dir, tmp_path):
     ckpt = ckpt_lib.Checkpointer(tmp_path)
     assert train.restore_state(task, ckpt)[0] == 3
     ckpt.close()
+
+
+def test_restore_loop_stays_open_for_reads_still_in_flight():
+    """As in a failed Orbax restore: one read fails at once while another completes later on a
+    worker thread; the completion must reach an open loop instead of raising."""
+    with ckpt_lib._quiet_failures():
+        loop = asyncio.new_event_loop()
+    late, errors = loop.create_future(), []
+
+    def complete_later():
+        time.sleep(0.2)
+        try:
+            loop.call_soon_threadsafe(late.set_result, 7)
+        except RuntimeError as e:
+            errors.append(e)
+
+    async def read():
+        return await late
+
+    async def fail():
+        raise OSError("truncated")
+
+    async def restore():
+        await asyncio.gather(read(), fail())
+
+    worker = threading.Thread(target=complete_later)
+    worker.start()
+    with pytest.raises(OSError, match="truncated"):
+        loop.run_until_complete(restore())
+    loop.close()
+    worker.join()
+    assert errors == [] and late.result() == 7 and loop.is_closed()
 
 
 def test_nan_is_skipped_and_counted(data_dir, tmp_path, monkeypatch):
