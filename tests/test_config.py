@@ -139,12 +139,8 @@ def test_fallback_corpus_is_recorded_in_config_json(tmp_path, monkeypatch, capsy
                        data_dir=str(tmp_path / "cache")))  # fmt: skip
     data = data_lib.from_config(config)
     assert (data.config.dataset, data.requested_dataset) == ("pydoc", "kjv")
-    out = capsys.readouterr().out
-    assert (
-        "warning: dataset=kjv is not available (the `bible` command is not installed); training "
-        "on fallback_dataset=pydoc instead, as the workdir's config.json records. To train on "
-        "kjv: install it with `make bible` or `apt-get install -y bible-kjv` (Debian/Ubuntu).\n"
-    ) in out
+    # The warning's text is checked in test_data; here, that the fallback is recorded.
+    assert "fallback_dataset=pydoc" in capsys.readouterr().out
     assert "corpus=pydoc (fallback_dataset: dataset=kjv is not installed)" in data.summary()
     config_lib.save_run_config(config, tmp_path / "run", data.config.dataset)
     run = config_lib.load_run_config(tmp_path / "run")
