@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from dynmoe_jax.safetensors_io import TensorInfo
+from dynmoe_jax.safetensors_io import TensorInfo, host_empty
 
 Shape = tuple[int, ...]
 
@@ -68,7 +68,7 @@ class Linear:
 
     def convert(self, tensors: Mapping[str, TensorInfo], sources, shape: Shape) -> np.ndarray:
         (name,) = sources
-        return np.ascontiguousarray(tensors[name].read().T).reshape(shape)
+        return _copy(tensors[name].read().T, shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +99,7 @@ class Experts:
         first = tensors[next(iter(sources))]
         if len(first.shape) == 3:  # the fused layout (sources() checked the shape)
             return self._from_fused(first.read(), shape)
-        out = np.empty(shape, first.dtype)
+        out = host_empty(shape, first.dtype)
         for j, name in enumerate(sources):
             out[j] = tensors[name].read().T
         return out
@@ -108,7 +108,18 @@ class Experts:
         y = shape[2]
         if self.part is not None:
             w = w[:, self.part * y : (self.part + 1) * y, :]
-        return np.ascontiguousarray(w.transpose(0, 2, 1))
+        return _copy(w.transpose(0, 2, 1), shape)
+
+
+def _copy(x: np.ndarray, shape: Shape, dtype=None) -> np.ndarray:
+    """``x`` (e.g. a transposed view) copied into a fresh host array, reshaped to ``shape``."""
+    out = host_empty(x.shape, dtype or x.dtype)
+    np.copyto(out, x, casting="unsafe")
+    return out.reshape(shape)
+
+
+def cast(x: np.ndarray, dtype) -> np.ndarray:
+    return x if x.dtype == dtype else _copy(x, x.shape, dtype)
 
 
 Rule = Copy | Linear | Experts
