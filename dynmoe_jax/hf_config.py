@@ -217,6 +217,19 @@ def hf_model_config(path: str | Path, **moe_overrides: Any) -> ModelConfig:
     for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
         _require(hf, key, file)
     model_overrides, moe_overrides = _split_overrides(moe_overrides)
+    try:
+        return _model_config(hf, family, file, model_overrides, moe_overrides)
+    except PretrainedError:
+        raise
+    except ConfigError as e:
+        overridden = {f"{scope}.{k}=" for k in moe_overrides for scope in ("moe", "model")}
+        if any(str(e).startswith(prefix) for prefix in overridden):
+            raise  # the caller's value, not the checkpoint's
+        raise PretrainedError(f"{file}: {e}") from None
+
+
+def _model_config(hf: dict, family: Family, file: Path, model_overrides: dict,
+                  moe_overrides: dict) -> ModelConfig:  # fmt: skip
     qkv_bias = hf.get(family.qkv_bias_key, family.qkv_bias_default) if family.qkv_bias_key \
         else False  # fmt: skip
     return ModelConfig(
@@ -234,7 +247,9 @@ def hf_model_config(path: str | Path, **moe_overrides: Any) -> ModelConfig:
         qkv_bias=bool(qkv_bias),
         qk_norm=family.qk_norm,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        shared_d_ff=hf.get("shared_expert_intermediate_size") if family.shared_expert else None,
+        shared_d_ff=(
+            _require(hf, "shared_expert_intermediate_size", file) if family.shared_expert else None
+        ),
         shared_gate=family.shared_expert,
         **model_overrides,
     )

@@ -14,8 +14,11 @@ import textwrap
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
+import tokenizers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
@@ -23,6 +26,7 @@ from dynmoe_jax import sharding
 from dynmoe_jax.moe import MoELayer
 from dynmoe_jax.pretrained import PretrainedError, from_hf, hf_model_config
 from dynmoe_jax.safetensors_io import checkpoint_tensors
+from dynmoe_jax.validation import ConfigError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 FAMILY_DIRS = ("mixtral", "olmoe", "qwen2_moe")
@@ -108,6 +112,37 @@ def test_overrides_switch_the_router():
     assert cfg.moe.dispatch.value == "grouped" and cfg.moe.num_experts == 8
 
 
+def test_dtype_override():
+    cfg = hf_model_config(FIXTURES / "mixtral", dtype="bfloat16", remat=True)
+    assert cfg.dtype == jnp.bfloat16 and cfg.moe.dtype == jnp.bfloat16 and cfg.remat
+
+
+def test_bfloat16_checkpoint(tmp_path):
+    """bf16 tensors are read as such and widened into the float32 parameters."""
+
+    def to_bf16(weights):
+        return {k: v.astype(ml_dtypes.bfloat16) for k, v in weights.items()}
+
+    path = _copy("olmoe", tmp_path, tensors=to_bf16)
+    model = from_hf(path)
+    src = load_file(FIXTURES / "olmoe" / "model.safetensors")
+    want_EDF = np.stack(
+        [src[f"model.layers.1.mlp.experts.{e}.up_proj.weight"].T for e in range(8)]
+    ).astype(ml_dtypes.bfloat16)
+    got_EDF = model.blocks[1].ffn.w_up_EDF[...]
+    assert got_EDF.dtype == jnp.float32
+    np.testing.assert_array_equal(got_EDF, want_EDF.astype(np.float32))
+
+
+def test_fixture_tokenizers_match_configs():
+    """What the command line reads with the model: vocabulary size and end-of-text id."""
+    for family in FAMILY_DIRS:
+        tok = tokenizers.Tokenizer.from_file(str(FIXTURES / family / "tokenizer.json"))
+        hf = json.loads((FIXTURES / family / "config.json").read_text())
+        assert tok.get_vocab_size() == hf["vocab_size"] == 128
+        assert tok.token_to_id("<eos>") == hf["eos_token_id"]
+
+
 def test_top_p_threshold_one_is_the_dense_mixture():
     """threshold=1.0 with raw weights: every expert, weighted by its probability. The layer of
     the imported model against a float64 loop over the checkpoint's own expert tensors."""
@@ -179,8 +214,6 @@ def test_fused_expert_layout(tmp_path):
 
 
 def test_reads_every_dtype_as_safetensors_does(tmp_path):
-    import ml_dtypes
-
     rng = np.random.default_rng(0)
     arrays = {
         "bf16": rng.normal(size=(3, 5)).astype(ml_dtypes.bfloat16),
@@ -245,6 +278,22 @@ def test_ignorable_tensor_is_ignored(tmp_path):
     path = _copy("olmoe", tmp_path, tensors=lambda w: {**w, name: np.zeros(4, np.float32)})
     tokens, expected = _reference("olmoe")
     np.testing.assert_allclose(_forward(from_hf(path), tokens)[0], expected, atol=1e-4)
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(PretrainedError, match=r"^path=.* holding config\.json"):
+        from_hf(tmp_path)
+
+
+def test_value_the_decoder_rejects_names_the_checkpoint(tmp_path):
+    path = _copy("olmoe", tmp_path, config=lambda hf: {**hf, "num_key_value_heads": 3})
+    with pytest.raises(PretrainedError, match=r"config\.json: model\.num_kv_heads=3 is invalid"):
+        hf_model_config(path)
+
+
+def test_bad_override_value_names_the_override():
+    with pytest.raises(ConfigError, match=r"^moe\.threshold=2\.0 is invalid"):
+        hf_model_config(FIXTURES / "olmoe", router="top_p", threshold=2.0)
 
 
 def test_bad_override_name():
