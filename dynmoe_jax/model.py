@@ -10,7 +10,8 @@ Block: x + Attention(RMSNorm(x)), then h + FFN(RMSNorm(h)) with FFN = MoELayer i
 a MoE layer may add a shared SwiGLU expert that every token passes through (Qwen2-MoE).
 The optional features (grouped-query attention, q/k biases and norms, tied embeddings, the
 shared expert) are those of Mixtral, OLMoE and Qwen2-MoE, so that their checkpoints load;
-each defaults to the plain decoder.
+each defaults to the plain decoder. (A little over 300 lines: most of the growth is the
+config's validation of those features, kept beside the fields it checks.)
 """
 
 from __future__ import annotations
@@ -155,7 +156,11 @@ class RMSNorm(nnx.Module):
 
 
 def rope(x_BTNH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding on the two halves of each head."""
+    """Rotary embedding on the two halves of each head, frequencies theta^(-2i/H).
+
+    The convention of Hugging Face's ``rotate_half`` (LLaMA, Mixtral, OLMoE, Qwen2-MoE), so
+    their checkpoints' q and k projections load unpermuted.
+    """
     half = x_BTNH.shape[-1] // 2
     freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angle_TH = positions_T[:, None].astype(jnp.float32) * freq[None, :]
