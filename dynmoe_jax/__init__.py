@@ -11,7 +11,8 @@ D   model width
 F   feed-forward hidden width (a dense layer's or one expert's)
 V   vocabulary
 L   layers
-N   attention heads
+N   attention heads (the queries')
+J   key/value heads in grouped-query attention (J divides N)
 H   width of one head
 E   experts
 G   routing groups

@@ -8,6 +8,8 @@ Crash safety:
   so a flipped byte anywhere is caught). A checkpoint that fails to read, or whose values do
   not match its fingerprint (truncated or corrupted files), is reported, moved aside to
   ``WORKDIR/checkpoints_unreadable/`` (nothing is deleted) and the previous step is used.
+* Parameters renamed since an earlier release (``RENAMED``) are read under their old names and
+  renamed on restore, so those checkpoints continue.
 * A checkpoint whose layout differs from the model being restored was written by another
   config, and one whose record has another format was written by another release: both are
   refused with a one-line error and left in place.
@@ -157,6 +159,21 @@ def _quiet_failures():
 # The record's format: layout entries are [shape, dtype], fingerprints are exact hashes.
 META_FORMAT = 2
 
+# Parameter names of earlier releases -> today's. The key/value projections became [D, J, H]
+# with grouped-query attention; with J = N (every older model) the arrays are the same.
+RENAMED = {"wk_DNH": "wk_DJH", "wv_DNH": "wv_DJH"}
+
+
+def rename_keys(tree: Any, names: dict[str, str]) -> Any:
+    """``tree`` with every dict key found in ``names`` replaced, at any depth."""
+    if isinstance(tree, dict):
+        return {names.get(k, k): rename_keys(v, names) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # NamedTuple (optax states)
+        return type(tree)(*(rename_keys(v, names) for v in tree))
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(rename_keys(v, names) for v in tree)
+    return tree
+
 
 class Checkpointer:
     """Saves and restores one workdir's checkpoints. With ``create=False`` (reading a finished
@@ -223,17 +240,23 @@ class Checkpointer:
                     f"{meta.get('format', 1)}, and this release reads format {META_FORMAT} only; "
                     "retrain in another --workdir"
                 )
+            target = abstract_state
             diff = _mismatch(meta["layout"], _layout(abstract_state))
             if diff:
-                raise CheckpointMismatchError(
-                    f"the checkpoint at step {step} in {self.directory} was written for another "
-                    f"model or optimizer ({diff}); use the config it was trained with or "
-                    "another --workdir"
-                )
+                older = rename_keys(abstract_state, {v: k for k, v in RENAMED.items()})
+                if _mismatch(meta["layout"], _layout(older)) is not None:
+                    raise CheckpointMismatchError(
+                        f"the checkpoint at step {step} in {self.directory} was written for "
+                        f"another model or optimizer ({diff}); use the config it was trained "
+                        "with or another --workdir"
+                    )
+                target = older
             try:
-                return step, self._restore(step, abstract_state)
+                restored = self._restore(step, target)
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
                 self._set_aside(step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                continue
+            return step, restored if target is abstract_state else rename_keys(restored, RENAMED)
         return None
 
     def _set_aside(self, step: int, reason: str) -> None:

@@ -1,9 +1,8 @@
 """A small LLaMA-style decoder whose feed-forward is the MoE layer (or dense), in Flax NNX.
 
 Axis letters (the package docstring's glossary): B batch, T sequence (queries), U key
-positions, D model width, F hidden width, N heads, H head width, V vocabulary, L layers; in
-attention K is the key/value heads (grouped-query attention: each serves N / K query heads),
-not the routing ranks it names elsewhere.
+positions, D model width, F hidden width, N heads, J key/value heads (grouped-query
+attention: each serves N / J query heads), H head width, V vocabulary, L layers.
 
 Block: x + Attention(RMSNorm(x)), then h + FFN(RMSNorm(h)) with FFN = MoELayer in every
 ``moe_every``-th layer (the last of each run of ``moe_every``) and a dense SwiGLU elsewhere;
@@ -116,7 +115,7 @@ class ModelConfig:
 
     @property
     def kv_heads(self) -> int:
-        """K, the key/value heads (num_kv_heads resolved)."""
+        """J, the key/value heads (num_kv_heads resolved)."""
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     @property
@@ -170,33 +169,33 @@ def rope(x_BTNH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
     return out.astype(x_BTNH.dtype)
 
 
-def causal_attention(q_BTNH: jax.Array, k_BUKH: jax.Array, v_BUKH: jax.Array) -> jax.Array:
+def causal_attention(q_BTNH: jax.Array, k_BUJH: jax.Array, v_BUJH: jax.Array) -> jax.Array:
     """Causal softmax attention, scores and softmax in float32 whatever the inputs' dtype.
 
-    Query head n reads key/value head n // (N / K), the layout of Hugging Face's
+    Query head n reads key/value head n // (N / J), the layout of Hugging Face's
     ``repeat_kv`` and of ``jax.nn.dot_product_attention`` (which this calls).
     """
-    return jax.nn.dot_product_attention(q_BTNH, k_BUKH, v_BUKH, is_causal=True)
+    return jax.nn.dot_product_attention(q_BTNH, k_BUJH, v_BUJH, is_causal=True)
 
 
 class Attention(nnx.Module):
-    """Causal self-attention with RoPE: N query heads, K key/value heads, width H each.
+    """Causal self-attention with RoPE: N query heads, J key/value heads, width H each.
 
     Optional, for imported checkpoints: biases on the q, k, v projections (``qkv_bias``) and
     an RMSNorm over the whole q projection (N * H features) and the whole k projection
-    (K * H features) before RoPE (``qk_norm``, as OLMoE does).
+    (J * H features) before RoPE (``qk_norm``, as OLMoE does).
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_width
         self.wq_DNH = _param(rngs, (d, n, h), (0,), ("embed", "heads", "head_dim"))
-        self.wk_DKH = _param(rngs, (d, k, h), (0,), ("embed", "kv_heads", "head_dim"))
-        self.wv_DKH = _param(rngs, (d, k, h), (0,), ("embed", "kv_heads", "head_dim"))
+        self.wk_DJH = _param(rngs, (d, k, h), (0,), ("embed", "kv_heads", "head_dim"))
+        self.wv_DJH = _param(rngs, (d, k, h), (0,), ("embed", "kv_heads", "head_dim"))
         self.wo_NHD = _param(rngs, (n, h, d), (0, 1), ("heads", "head_dim", "embed"))
         if cfg.qkv_bias:
             self.bq_NH = nnx.Param(jnp.zeros((n, h)), logical_axes=("heads", "head_dim"))
-            self.bk_KH = nnx.Param(jnp.zeros((k, h)), logical_axes=("kv_heads", "head_dim"))
-            self.bv_KH = nnx.Param(jnp.zeros((k, h)), logical_axes=("kv_heads", "head_dim"))
+            self.bk_JH = nnx.Param(jnp.zeros((k, h)), logical_axes=("kv_heads", "head_dim"))
+            self.bv_JH = nnx.Param(jnp.zeros((k, h)), logical_axes=("kv_heads", "head_dim"))
         if cfg.qk_norm:
             self.q_norm = RMSNorm(n * h, cfg.norm_eps)
             self.k_norm = RMSNorm(k * h, cfg.norm_eps)
@@ -214,15 +213,15 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BTD):
         cfg, dt = self.cfg, self.cfg.dtype
-        bias = (self.bq_NH, self.bk_KH, self.bv_KH) if cfg.qkv_bias else (None, None, None)
+        bias = (self.bq_NH, self.bk_JH, self.bv_JH) if cfg.qkv_bias else (None, None, None)
         norm = (self.q_norm, self.k_norm) if cfg.qk_norm else (None, None)
         pos_T = jnp.arange(x_BTD.shape[1])
         q_BTNH = self._project("BTD,DNH->BTNH", x_BTD, self.wq_DNH, bias[0], norm[0])
-        k_BUKH = self._project("BUD,DKH->BUKH", x_BTD, self.wk_DKH, bias[1], norm[1])
-        v_BUKH = self._project("BUD,DKH->BUKH", x_BTD, self.wv_DKH, bias[2], None)
+        k_BUJH = self._project("BUD,DJH->BUJH", x_BTD, self.wk_DJH, bias[1], norm[1])
+        v_BUJH = self._project("BUD,DJH->BUJH", x_BTD, self.wv_DJH, bias[2], None)
         q_BTNH = rope(q_BTNH, pos_T, cfg.rope_theta)
-        k_BUKH = rope(k_BUKH, pos_T, cfg.rope_theta)
-        out_BTNH = causal_attention(q_BTNH, k_BUKH, v_BUKH)
+        k_BUJH = rope(k_BUJH, pos_T, cfg.rope_theta)
+        out_BTNH = causal_attention(q_BTNH, k_BUJH, v_BUJH)
         return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.wo_NHD[...].astype(dt))
 
 

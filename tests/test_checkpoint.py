@@ -124,3 +124,21 @@ def test_a_namedtuple_target_restores_a_saved_dict_in_its_own_order(tmp_path):
     assert step == 4 and isinstance(got, _Pair)
     np.testing.assert_array_equal(np.asarray(got.w), tree["w"])
     np.testing.assert_array_equal(np.asarray(got.b), tree["b"])
+
+
+def test_a_checkpoint_with_renamed_parameters_continues_under_the_new_names(tmp_path):
+    import optax
+
+    rng = np.random.default_rng(5)
+    new = {"attn": {n: rng.normal(size=(4, 2, 3)).astype(np.float32)
+                    for n in ("wk_DJH", "wo_NHD", "wq_DNH", "wv_DJH")}}  # fmt: skip
+    state = {"params": new, "opt_state": optax.adam(1e-3).init(new), "step": np.int32(7)}
+    old = ckpt_lib.rename_keys(state, {"wk_DJH": "wk_DNH", "wv_DJH": "wv_DNH"})
+    assert set(old["opt_state"][0].mu["attn"]) == {"wk_DNH", "wo_NHD", "wq_DNH", "wv_DNH"}
+    ckpt, _ = _saved(tmp_path, old, 3)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), state)
+    step, got = ckpt.restore_latest(abstract)
+    ckpt.close()
+    assert step == 3 and set(got["params"]["attn"]) == set(new["attn"])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 got, state)  # fmt: skip

@@ -158,16 +158,16 @@ def _rope_ref(x_TNH, theta):
 
 
 def _attention_ref(attn, cfg: ModelConfig, x_BTD) -> np.ndarray:
-    """Per-batch, per-head float64 loop; query head n reads key/value head n // (N / K)."""
+    """Per-batch, per-head float64 loop; query head n reads key/value head n // (N / J)."""
     n, k, h = cfg.num_heads, cfg.kv_heads, cfg.head_width
     x = _f64(x_BTD)
     b, t, d = x.shape
     q = x @ _f64(attn.wq_DNH).reshape(d, n * h)
-    key = x @ _f64(attn.wk_DKH).reshape(d, k * h)
-    value = x @ _f64(attn.wv_DKH).reshape(d, k * h)
+    key = x @ _f64(attn.wk_DJH).reshape(d, k * h)
+    value = x @ _f64(attn.wv_DJH).reshape(d, k * h)
     if cfg.qkv_bias:
-        q, key = q + _f64(attn.bq_NH).ravel(), key + _f64(attn.bk_KH).ravel()
-        value = value + _f64(attn.bv_KH).ravel()
+        q, key = q + _f64(attn.bq_NH).ravel(), key + _f64(attn.bk_JH).ravel()
+        value = value + _f64(attn.bv_JH).ravel()
     if cfg.qk_norm:  # over the whole projection, before RoPE
         q = _rms_norm_ref(q, _f64(attn.q_norm.scale_D), cfg.norm_eps)
         key = _rms_norm_ref(key, _f64(attn.k_norm.scale_D), cfg.norm_eps)
@@ -204,7 +204,7 @@ ATTENTION_CASES = {
 def test_attention_matches_per_head_reference(features):
     cfg = _cfg(**features)
     attn = Attention(cfg, nnx.Rngs(7))
-    for seed, name in enumerate(("bq_NH", "bk_KH", "bv_KH")):
+    for seed, name in enumerate(("bq_NH", "bk_JH", "bv_JH")):
         if cfg.qkv_bias:
             _randomize(getattr(attn, name), seed)
     if cfg.qk_norm:
@@ -263,12 +263,12 @@ def test_shared_expert_adds_to_the_moe_output(gate):
 
 
 def test_parameter_names_and_shapes_that_checkpoint_loaders_write():
-    cfg = _cfg(moe_every=2, **IMPORTED)  # N=4 heads, K=2 kv heads, H=6
+    cfg = _cfg(moe_every=2, **IMPORTED)  # N=4 heads, J=2 kv heads, H=6
     params = nnx.to_pure_dict(nnx.state(abstract_decoder(cfg), nnx.Param))
     shapes = jax.tree.map(lambda x: tuple(x.shape), params)
     assert shapes["blocks"][1]["attn"] == {
-        "wq_DNH": (D, 4, 6), "wk_DKH": (D, 2, 6), "wv_DKH": (D, 2, 6), "wo_NHD": (4, 6, D),
-        "bq_NH": (4, 6), "bk_KH": (2, 6), "bv_KH": (2, 6),
+        "wq_DNH": (D, 4, 6), "wk_DJH": (D, 2, 6), "wv_DJH": (D, 2, 6), "wo_NHD": (4, 6, D),
+        "bq_NH": (4, 6), "bk_JH": (2, 6), "bv_JH": (2, 6),
         "q_norm": {"scale_D": (24,)}, "k_norm": {"scale_D": (12,)},
     }  # fmt: skip
     assert shapes["blocks"][1]["shared"] == {
@@ -280,7 +280,7 @@ def test_parameter_names_and_shapes_that_checkpoint_loaders_write():
     assert set(shapes["blocks"][0]) == {"attn_norm", "attn", "ffn_norm", "ffn"}
     assert set(shapes) == {"embed_VD", "blocks", "final_norm"}  # tied: no head_DV
     plain = nnx.to_pure_dict(nnx.state(abstract_decoder(_cfg()), nnx.Param))
-    assert set(plain["blocks"][0]["attn"]) == {"wq_DNH", "wk_DKH", "wv_DKH", "wo_NHD"}
+    assert set(plain["blocks"][0]["attn"]) == {"wq_DNH", "wk_DJH", "wv_DJH", "wo_NHD"}
     assert "head_DV" in plain
 
 
@@ -333,7 +333,7 @@ def test_grouped_query_attention_split_over_the_model_axis_matches_one_device():
     want, _ = model(tokens)
     mesh = sharding.make_mesh("data=2,model=2")
     specs = sharding.param_specs(model)
-    assert specs["blocks"][0]["attn"]["wk_DKH"] == PartitionSpec(None, "model", None)
+    assert specs["blocks"][0]["attn"]["wk_DJH"] == PartitionSpec(None, "model", None)
     graphdef, params = nnx.split(model, nnx.Param)
     placed = jax.device_put(nnx.to_pure_dict(params), sharding.named(mesh, specs))
     nnx.replace_by_pure_dict(params, placed)
