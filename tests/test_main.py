@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dynmoe_jax import main
+from dynmoe_jax import init_from, main
 from dynmoe_jax.validation import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +48,11 @@ def test_cli_rejects_bad_config_before_compiling(tmp_path, flag, message):
         (["--config=dynmoe_jax/configs/nope.py"],
          "error: --config='dynmoe_jax/configs/nope.py' is invalid: allowed a config file that "
          "exists, e.g. dynmoe_jax/configs/default.py"),
+        ([f"--config={TINY}", "--config.init_from=no/such/folder", "--mode=eval"],
+         f"error: init_from='no/such/folder' is invalid: allowed {init_from.ALLOWED}"),
+        (["--config=dynmoe_jax/configs/pretrained.py"],
+         f"error: init_from=None is invalid: allowed {init_from.ALLOWED}: this config needs "
+         "--config.init_from=PATH"),
     ],
 )  # fmt: skip
 def test_cli_mistakes_print_exactly_one_line(tmp_path, args, line):
@@ -104,3 +109,36 @@ def test_parse_flags_exits_2_with_one_line(capsys):
     assert capsys.readouterr().err == (
         "error: flag --max_new_tokens=x: invalid literal for int() with base 10: 'x'\n"
     )
+
+
+def test_init_from_is_checked_and_made_absolute(tmp_path, monkeypatch):
+    from ml_collections import ConfigDict
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    config = ConfigDict({"init_from": str(folder)})
+    with pytest.raises(ConfigError, match="init_from='.*ckpt' is invalid"):
+        main.resolve_init_from(config)  # a folder without config.json
+    (folder / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    config.init_from = "ckpt"
+    main.resolve_init_from(config)
+    assert config.init_from == str(folder.resolve())
+    empty = ConfigDict({"init_from": ""})
+    main.resolve_init_from(empty)
+    assert empty.init_from == ""
+
+
+def test_config_router_fields_override_the_checkpoint():
+    from dynmoe_jax.configs import default, pretrained
+
+    c = pretrained.get_config()
+    overrides = init_from.moe_overrides(c)
+    # None keeps the checkpoint's own top-k and renormalisation; every other field applies.
+    assert set(overrides) == set(init_from.MOE_OVERRIDES) - {"top_k", "renormalize"}
+    assert overrides["router"] == "top_p" and overrides["capacity_factor"] is None
+    c.moe.top_k, c.moe.renormalize = 3, False
+    got = init_from.moe_overrides(c)
+    assert (got["top_k"], got["renormalize"]) == (3, False)
+    assert default.get_config().init_from == ""
+    assert "num_experts" not in init_from.moe_overrides(default.get_config())
