@@ -174,6 +174,7 @@ def plot(raw: dict, path: Path) -> Path:
         style = "--" if s["router"] == "top_k" else "-"
         right.plot(layers, s["experts_per_layer"], style, marker=".", label=s["label"],
                    color=cmap(i / max(1, len(raw["settings"]) - 1)))  # fmt: skip
+    right.set_xticks(np.arange(len(raw["settings"][0]["experts_per_layer"])))
     right.set_xlabel("MoE layer (0 = lowest)")
     right.set_ylabel("experts per token")
     right.set_title("Experts per token by layer")
