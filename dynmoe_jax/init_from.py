@@ -14,7 +14,6 @@ the workdir holds none.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -61,17 +60,18 @@ def moe_overrides(config: ConfigDict) -> dict[str, Any]:
     return {k: v for k, v in out.items() if not (k in CHECKPOINT_DEFAULTS and v is None)}
 
 
+def overrides(config: ConfigDict) -> dict[str, Any]:
+    """What ``pretrained.from_hf`` takes from the config: the router, dtype and remat."""
+    return {**moe_overrides(config), "dtype": config.model.dtype, "remat": config.model.remat}
+
+
 def model_config(config: ConfigDict, vocab_size: int | None = None):
     """The checkpoint's ModelConfig with the config's routing, dtype and remat. ``vocab_size``:
     the tokenizer's vocabulary, which the checkpoint's embedding must cover."""
     from dynmoe_jax import pretrained
-    from dynmoe_jax.config import DTYPES
 
     folder = path_of(config)
-    model_cfg = pretrained.hf_model_config(folder, **moe_overrides(config))
-    dtype = DTYPES[config.model.dtype]
-    moe = model_cfg.moe and dataclasses.replace(model_cfg.moe, dtype=dtype)
-    model_cfg = dataclasses.replace(model_cfg, dtype=dtype, remat=config.model.remat, moe=moe)
+    model_cfg = pretrained.hf_model_config(folder, **overrides(config))
     if vocab_size is not None and vocab_size > model_cfg.vocab_size:
         allowed = (f"a checkpoint whose vocab_size ({model_cfg.vocab_size}) covers the "
                    f"{vocab_size} ids of its tokenizer.json")  # fmt: skip
@@ -102,9 +102,7 @@ def load_params(task) -> Any:
     from dynmoe_jax import pretrained
 
     config = task.config
-    model = pretrained.from_hf(
-        path_of(config), mesh=task.mesh, dtype=task.model_cfg.dtype, **moe_overrides(config)
-    )
+    model = pretrained.from_hf(path_of(config), mesh=task.mesh, **overrides(config))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     wanted = task.state_shardings.params
     if jax.tree.structure(params) != jax.tree.structure(wanted):
