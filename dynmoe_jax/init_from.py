@@ -15,11 +15,15 @@ the workdir holds none.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ml_collections import ConfigDict
 
 from dynmoe_jax.validation import check, invalid
+
+if TYPE_CHECKING:  # the command line imports this module before JAX is needed
+    from dynmoe_jax.model import ModelConfig
+    from dynmoe_jax.train import Task
 
 FIELD = "init_from"
 CHECKPOINT_CONFIG = "config.json"
@@ -65,7 +69,7 @@ def overrides(config: ConfigDict) -> dict[str, Any]:
     return {**moe_overrides(config), "dtype": config.model.dtype, "remat": config.model.remat}
 
 
-def model_config(config: ConfigDict, vocab_size: int | None = None):
+def model_config(config: ConfigDict, vocab_size: int | None = None) -> ModelConfig:
     """The checkpoint's ModelConfig with the config's routing, dtype and remat. ``vocab_size``:
     the tokenizer's vocabulary, which the checkpoint's embedding must cover."""
     from dynmoe_jax import pretrained
@@ -94,7 +98,7 @@ def check_config(config: ConfigDict, devices=None) -> None:
     config_lib.mesh_for(config, model_config(config), devices)
 
 
-def load_params(task) -> Any:
+def load_params(task: Task) -> Any:
     """The checkpoint's weights as the pure dict of ``task``'s params, each on its sharding."""
     import jax
     from flax import nnx

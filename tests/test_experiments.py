@@ -368,8 +368,10 @@ def test_pretrained_top_p_on_a_fixture(tmp_path, capsys):
     for k, name in ((1, "top-1"), (2, "top-2 (checkpoint's own)"), (4, "top-4")):
         np.testing.assert_array_equal(rows[name]["experts_per_layer"], [k, k])
     assert 1.0 <= rows["top-p 0.5"]["experts_per_token"] < 4.0
-    # p = 1 keeps every expert with its softmax weight: the same mixture as top-4 renormalised.
-    assert rows["top-p 1"]["experts_per_token"] == pytest.approx(4.0)
+    # p = 1 keeps every expert with its softmax weight, the same mixture as top-4
+    # renormalised; only an expert whose weight is below float32 rounding of the running sum
+    # (a few of these random tokens) is left out, and it changes nothing.
+    assert 3.99 < rows["top-p 1"]["experts_per_token"] <= 4.0
     assert rows["top-p 1"]["perplexity"] == pytest.approx(rows["top-4"]["perplexity"], rel=1e-5)
     saved = json.loads((tmp_path / "demo.json").read_text())
     assert saved["command"] == ".venv/bin/python -m experiments.pretrained_top_p " + " ".join(argv)

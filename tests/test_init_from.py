@@ -63,6 +63,7 @@ def test_fine_tune_saves_restores_and_resumes(corpus_and_cache, tmp_path, capsys
     again = inference.evaluate_workdir(config, tmp_path)
     assert again["loss"] == pytest.approx(final["loss"], rel=1e-6)
 
+    capsys.readouterr()
     config.num_train_steps = 3  # resumes from step 2 instead of re-importing
     train.train_and_evaluate(config, tmp_path)
     out = capsys.readouterr().out
