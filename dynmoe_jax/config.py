@@ -154,6 +154,7 @@ def mesh_for(config: ConfigDict, model_cfg: ModelConfig, devices=None) -> Mesh:
             grad_accum_steps=config.grad_accum_steps,
             num_experts=moe.num_experts if moe else None,
             num_heads=model_cfg.num_heads,
+            num_kv_heads=model_cfg.num_kv_heads,
             d_ff=model_cfg.d_ff,
             expert_d_ff=moe.d_ff if moe else None,
         )

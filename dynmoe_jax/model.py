@@ -1,10 +1,17 @@
 """A small LLaMA-style decoder whose feed-forward is the MoE layer (or dense), in Flax NNX.
 
 Axis letters (the package docstring's glossary): B batch, T sequence (queries), U key
-positions, D model width, F hidden width, N heads, H head width, V vocabulary, L layers.
+positions, D model width, F hidden width, N heads, H head width, V vocabulary, L layers; in
+attention K is the key/value heads (grouped-query attention: each serves N / K query heads),
+not the routing ranks it names elsewhere.
 
 Block: x + Attention(RMSNorm(x)), then h + FFN(RMSNorm(h)) with FFN = MoELayer in every
-``moe_every``-th layer (the last of each run of ``moe_every``) and a dense SwiGLU elsewhere.
+``moe_every``-th layer (the last of each run of ``moe_every``) and a dense SwiGLU elsewhere;
+a MoE layer may add a shared SwiGLU expert that every token passes through (Qwen2-MoE).
+The optional features (grouped-query attention, q/k biases and norms, tied embeddings, the
+shared expert) are those of Mixtral, OLMoE and Qwen2-MoE, so that their checkpoints load;
+each defaults to the plain decoder. (A little over 300 lines: most of the growth is the
+config's validation of those features, kept beside the fields it checks.)
 """
 
 from __future__ import annotations
@@ -46,31 +53,76 @@ class ModelConfig:
     norm_eps: float = 1e-6
     dtype: Any = jnp.float32
     remat: bool = False
+    num_kv_heads: int | None = None  # None: num_heads (no grouping); must divide num_heads
+    head_dim: int | None = None  # None: d_model // num_heads
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2-MoE)
+    qk_norm: bool = False  # RMSNorm over the whole q and k projections before RoPE (OLMoE)
+    tie_embeddings: bool = False  # logits from embed_VD transposed; no head_DV
+    shared_d_ff: int | None = None  # width of a shared SwiGLU expert in every MoE layer
+    shared_gate: bool = False  # scale the shared expert by sigmoid(x . shared_gate_D)
 
     def __post_init__(self):
         # Types first, so that the range rules below never compare a str with an int.
         for field in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "moe_every"):
             value = getattr(self, field)
             check(is_int(value), f"model.{field}", value, "an integer")
-        d, n, layers = self.d_model, self.num_heads, self.num_layers
-        rules = [  # (ok, field, allowed), checked in order
+        for field in ("num_kv_heads", "head_dim", "shared_d_ff"):
+            value = getattr(self, field)
+            check(value is None or is_int(value), f"model.{field}", value, "None or an integer")
+        for field in ("qkv_bias", "qk_norm", "tie_embeddings", "shared_gate", "remat"):
+            value = getattr(self, field)
+            check(isinstance(value, bool), f"model.{field}", value, "True | False")
+        for field in ("rope_theta", "norm_eps"):
+            value = getattr(self, field)
+            check(_positive_number(value), f"model.{field}", value, "a number > 0")
+        for ok, field, allowed in self._range_rules():
+            check(ok, f"model.{field}", getattr(self, field), allowed)
+        if self.moe is not None:
+            d = self.d_model
+            check(self.moe.d_model == d, "moe.d_model", self.moe.d_model, f"model.d_model={d}")
+
+    def _range_rules(self) -> list[tuple[bool, str, str]]:
+        """(ok, field, allowed), checked in order."""
+        d, n, layers, kv = self.d_model, self.num_heads, self.num_layers, self.num_kv_heads
+        rules = [
             (self.vocab_size >= 2, "vocab_size", "an integer >= 2"),
             (d >= 1, "d_model", "an integer >= 1"),
             (layers >= 1, "num_layers", "an integer >= 1"),
             (self.d_ff >= 1, "d_ff", "an integer >= 1"),
-            (n >= 1 and d % n == 0, "num_heads", f"an integer >= 1 dividing model.d_model={d}"),
-            # RoPE rotates pairs of a head's features.
-            (
-                n >= 1 and d // n % 2 == 0,
-                "num_heads",
-                f"a divisor of model.d_model={d} giving an even head width",
-            ),
+            (n >= 1, "num_heads", "an integer >= 1"),
+            (kv is None or (kv >= 1 and n % kv == 0), "num_kv_heads",
+             f"None (model.num_heads) or an integer >= 1 dividing model.num_heads={n}"),
             (1 <= self.moe_every <= layers, "moe_every", f"1..model.num_layers={layers}"),
-        ]
-        for ok, field, allowed in rules:
-            check(ok, f"model.{field}", getattr(self, field), allowed)
-        if self.moe is not None:
-            check(self.moe.d_model == d, "moe.d_model", self.moe.d_model, f"model.d_model={d}")
+            (self.shared_d_ff is None or self.shared_d_ff >= 1, "shared_d_ff",
+             "None (no shared expert) or an integer >= 1"),
+            (self.shared_d_ff is None or self.moe is not None, "shared_d_ff",
+             "None in a dense model (it adds to MoE layers)"),
+            (not self.shared_gate or self.shared_d_ff is not None, "shared_gate",
+             "False when model.shared_d_ff is None (it gates the shared expert)"),
+        ]  # fmt: skip
+        # RoPE rotates pairs of a head's features, so a head's width is even.
+        if self.head_dim is None:
+            rules += [
+                (n >= 1 and d % n == 0, "num_heads",
+                 f"an integer >= 1 dividing model.d_model={d}"),
+                (n >= 1 and d // n % 2 == 0, "num_heads",
+                 f"a divisor of model.d_model={d} giving an even head width"),
+            ]  # fmt: skip
+        else:
+            h = self.head_dim
+            allowed = "None (model.d_model // model.num_heads) or an even integer >= 2"
+            rules.append((h >= 2 and h % 2 == 0, "head_dim", allowed))
+        return rules
+
+    @property
+    def kv_heads(self) -> int:
+        """K, the key/value heads (num_kv_heads resolved)."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def head_width(self) -> int:
+        """H, the width of one head (head_dim resolved)."""
+        return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer % self.moe_every == self.moe_every - 1
@@ -78,6 +130,10 @@ class ModelConfig:
     @property
     def num_moe_layers(self) -> int:
         return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def _param(rngs, shape, fan_in_axes, logical_axes, scale=1.0) -> nnx.Param:
@@ -100,7 +156,11 @@ class RMSNorm(nnx.Module):
 
 
 def rope(x_BTNH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding on the two halves of each head."""
+    """Rotary embedding on the two halves of each head, frequencies theta^(-2i/H).
+
+    The convention of Hugging Face's ``rotate_half`` (LLaMA, Mixtral, OLMoE, Qwen2-MoE), so
+    their checkpoints' q and k projections load unpermuted.
+    """
     half = x_BTNH.shape[-1] // 2
     freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angle_TH = positions_T[:, None].astype(jnp.float32) * freq[None, :]
@@ -110,30 +170,59 @@ def rope(x_BTNH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
     return out.astype(x_BTNH.dtype)
 
 
+def causal_attention(q_BTNH: jax.Array, k_BUKH: jax.Array, v_BUKH: jax.Array) -> jax.Array:
+    """Causal softmax attention, scores and softmax in float32 whatever the inputs' dtype.
+
+    Query head n reads key/value head n // (N / K), the layout of Hugging Face's
+    ``repeat_kv`` and of ``jax.nn.dot_product_attention`` (which this calls).
+    """
+    return jax.nn.dot_product_attention(q_BTNH, k_BUKH, v_BUKH, is_causal=True)
+
+
 class Attention(nnx.Module):
+    """Causal self-attention with RoPE: N query heads, K key/value heads, width H each.
+
+    Optional, for imported checkpoints: biases on the q, k, v projections (``qkv_bias``) and
+    an RMSNorm over the whole q projection (N * H features) and the whole k projection
+    (K * H features) before RoPE (``qk_norm``, as OLMoE does).
+    """
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        d, n, h = cfg.d_model, cfg.num_heads, cfg.d_model // cfg.num_heads
-        axes_in = ("embed", "heads", "head_dim")
-        self.wq_DNH = _param(rngs, (d, n, h), (0,), axes_in)
-        self.wk_DNH = _param(rngs, (d, n, h), (0,), axes_in)
-        self.wv_DNH = _param(rngs, (d, n, h), (0,), axes_in)
+        d, n, k, h = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_width
+        self.wq_DNH = _param(rngs, (d, n, h), (0,), ("embed", "heads", "head_dim"))
+        self.wk_DKH = _param(rngs, (d, k, h), (0,), ("embed", "kv_heads", "head_dim"))
+        self.wv_DKH = _param(rngs, (d, k, h), (0,), ("embed", "kv_heads", "head_dim"))
         self.wo_NHD = _param(rngs, (n, h, d), (0, 1), ("heads", "head_dim", "embed"))
+        if cfg.qkv_bias:
+            self.bq_NH = nnx.Param(jnp.zeros((n, h)), logical_axes=("heads", "head_dim"))
+            self.bk_KH = nnx.Param(jnp.zeros((k, h)), logical_axes=("kv_heads", "head_dim"))
+            self.bv_KH = nnx.Param(jnp.zeros((k, h)), logical_axes=("kv_heads", "head_dim"))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(n * h, cfg.norm_eps)
+            self.k_norm = RMSNorm(k * h, cfg.norm_eps)
         self.cfg = cfg
 
+    def _project(self, spec: str, x_BTD, w, bias, norm) -> jax.Array:
+        """x projected to heads ([B, T, heads, H]), plus its bias, then normed over all heads."""
+        dt = self.cfg.dtype
+        y = jnp.einsum(spec, x_BTD, w[...].astype(dt))
+        if bias is not None:
+            y = y + bias[...].astype(dt)
+        if norm is not None:
+            y = norm(y.reshape(y.shape[:2] + (-1,))).reshape(y.shape)
+        return y
+
     def __call__(self, x_BTD):
-        dt, t = self.cfg.dtype, x_BTD.shape[1]
-        pos_T = jnp.arange(t)
-        q = rope(jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...].astype(dt)), pos_T,
-                 self.cfg.rope_theta)  # fmt: skip
-        k = rope(jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wk_DNH[...].astype(dt)), pos_T,
-                 self.cfg.rope_theta)  # fmt: skip
-        v = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wv_DNH[...].astype(dt))
-        scores_BNTU = jnp.einsum("BTNH,BUNH->BNTU", q, k).astype(jnp.float32)
-        scores_BNTU /= jnp.sqrt(q.shape[-1]).astype(jnp.float32)
-        causal_TU = jnp.tril(jnp.ones((t, t), bool))
-        scores_BNTU = jnp.where(causal_TU, scores_BNTU, jnp.finfo(jnp.float32).min)
-        probs_BNTU = jax.nn.softmax(scores_BNTU, axis=-1).astype(dt)
-        out_BTNH = jnp.einsum("BNTU,BUNH->BTNH", probs_BNTU, v)
+        cfg, dt = self.cfg, self.cfg.dtype
+        bias = (self.bq_NH, self.bk_KH, self.bv_KH) if cfg.qkv_bias else (None, None, None)
+        norm = (self.q_norm, self.k_norm) if cfg.qk_norm else (None, None)
+        pos_T = jnp.arange(x_BTD.shape[1])
+        q_BTNH = self._project("BTD,DNH->BTNH", x_BTD, self.wq_DNH, bias[0], norm[0])
+        k_BUKH = self._project("BUD,DKH->BUKH", x_BTD, self.wk_DKH, bias[1], norm[1])
+        v_BUKH = self._project("BUD,DKH->BUKH", x_BTD, self.wv_DKH, bias[2], None)
+        q_BTNH = rope(q_BTNH, pos_T, cfg.rope_theta)
+        k_BUKH = rope(k_BUKH, pos_T, cfg.rope_theta)
+        out_BTNH = causal_attention(q_BTNH, k_BUKH, v_BUKH)
         return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.wo_NHD[...].astype(dt))
 
 
@@ -158,15 +247,32 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg, rngs)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.has_shared = cfg.is_moe_layer(layer) and cfg.shared_d_ff is not None
+        self.has_shared_gate = self.has_shared and cfg.shared_gate
         if cfg.is_moe_layer(layer):
             self.ffn = MoELayer(config=cfg.moe, rngs=rngs)
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.dtype, rngs)
+        if self.has_shared:
+            self.shared = DenseFFN(cfg.d_model, cfg.shared_d_ff, cfg.dtype, rngs)
+        if self.has_shared_gate:
+            self.shared_gate_D = _param(rngs, (cfg.d_model,), (0,), ("embed",))
 
     def __call__(self, x_BTD):
         h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD))
-        y_BTD, aux = self.ffn(self.ffn_norm(h_BTD))
+        normed_BTD = self.ffn_norm(h_BTD)
+        y_BTD, aux = self.ffn(normed_BTD)
+        if self.has_shared:
+            y_BTD = y_BTD + self._shared_expert(normed_BTD)
         return h_BTD + y_BTD, aux
+
+    def _shared_expert(self, x_BTD):
+        """The shared expert on every token, scaled per token by its sigmoid gate if any."""
+        y_BTD, _ = self.shared(x_BTD)
+        if self.has_shared_gate:
+            gate_BT = jax.nn.sigmoid(x_BTD @ self.shared_gate_D[...].astype(x_BTD.dtype))
+            y_BTD = y_BTD * gate_BT[..., None]
+        return y_BTD
 
 
 class Decoder(nnx.Module):
@@ -180,7 +286,8 @@ class Decoder(nnx.Module):
         )
         self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(d, cfg.norm_eps)
-        self.head_DV = _param(rngs, (d, v), (0,), ("embed", "vocab"))
+        if not cfg.tie_embeddings:
+            self.head_DV = _param(rngs, (d, v), (0,), ("embed", "vocab"))
 
     def __call__(self, tokens_BT: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         x_BTD = self.embed_VD[...].astype(self.cfg.dtype)[tokens_BT]
@@ -190,9 +297,16 @@ class Decoder(nnx.Module):
             x_BTD, aux = call(block, x_BTD)
             if aux is not None:
                 layer_aux.append(aux)
-        x_BTD = self.final_norm(x_BTD)
-        logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, self.head_DV[...].astype(self.cfg.dtype))
-        return logits_BTV.astype(jnp.float32), _stack_layer_metrics(layer_aux)
+        return self.logits(self.final_norm(x_BTD)), _stack_layer_metrics(layer_aux)
+
+    def logits(self, x_BTD: jax.Array) -> jax.Array:
+        """Float32 logits of the final-normed activations: head_DV, or the embedding when tied."""
+        dt = self.cfg.dtype
+        if self.cfg.tie_embeddings:
+            logits_BTV = jnp.einsum("BTD,VD->BTV", x_BTD, self.embed_VD[...].astype(dt))
+        else:
+            logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, self.head_DV[...].astype(dt))
+        return logits_BTV.astype(jnp.float32)
 
 
 def abstract_decoder(cfg: ModelConfig) -> Decoder:

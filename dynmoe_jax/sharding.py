@@ -35,6 +35,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("expert", ("expert",)),  # expert weights and the dispatched buffer's E axis
     ("mlp", ("model",)),
     ("heads", ("model",)),
+    ("kv_heads", ("model",)),  # key/value heads of grouped-query attention, split like heads
     ("embed", None),
     ("head_dim", None),
     ("vocab", None),
@@ -141,14 +142,20 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 
 def check_fits(mesh: Mesh, *, batch_size: int, num_experts: int | None, num_heads: int,
-               d_ff: int, expert_d_ff: int | None, grad_accum_steps: int = 1) -> None:  # fmt: skip
-    """Divisibility checks, run before compiling, each naming the field at fault."""
+               d_ff: int, expert_d_ff: int | None, grad_accum_steps: int = 1,
+               num_kv_heads: int | None = None) -> None:  # fmt: skip
+    """Divisibility checks, run before compiling, each naming the field at fault.
+
+    ``num_kv_heads``: grouped-query attention's key/value heads (None: as many as heads).
+    """
     dp, ep, mp = data_parallel_size(mesh), mesh.shape["expert"], mesh.shape["model"]
     micro = batch_size // grad_accum_steps
+    kv = num_heads if num_kv_heads is None else num_kv_heads
     checks = [
         (micro % dp == 0, "batch_size", batch_size,
          f"a multiple of grad_accum_steps x (data x expert) = {grad_accum_steps} x {dp}"),
         (num_heads % mp == 0, "model.num_heads", num_heads, f"a multiple of model={mp}"),
+        (kv % mp == 0, "model.num_kv_heads", num_kv_heads, f"a multiple of model={mp}"),
         (d_ff % mp == 0, "model.d_ff", d_ff, f"a multiple of model={mp}"),
     ]  # fmt: skip
     if num_experts is not None:

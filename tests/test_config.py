@@ -1,6 +1,7 @@
 """The config module: rules and their one-line messages, the frozen configs, the field-name
 check behind the command line, the run record in workdir/config.json, and configs/paper.py."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -67,6 +68,19 @@ def test_check_config_only_checks_and_builders_give_frozen_configs():
     dense = _set(tiny.get_config(), "model.ffn", "dense")
     assert config_lib.moe_config(dense) is None
     assert config_lib.model_config(dense, 300).moe is None
+
+
+def test_kv_heads_must_fit_the_model_axis_of_the_mesh():
+    # Grouped-query attention splits its key/value heads over `model` like the query heads.
+    config = _set(tiny.get_config(), "mesh_shape", "model=2")
+    model_cfg = config_lib.model_config(config, vocab_size=300)
+    assert config_lib.mesh_for(config, model_cfg).shape["model"] == 2
+    with pytest.raises(ConfigError) as err:
+        config_lib.mesh_for(config, dataclasses.replace(model_cfg, num_kv_heads=1))
+    assert str(err.value) == (
+        "model.num_kv_heads=1 is invalid: allowed a multiple of model=2, to fit the mesh "
+        "{'data': 1, 'expert': 1, 'model': 2}"
+    )
 
 
 def test_test_hooks_are_not_config_fields():

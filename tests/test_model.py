@@ -1,15 +1,21 @@
-"""Decoder: shapes, layer placement, causality and parameter annotations."""
+"""Decoder: shapes, layer placement, causality, parameter annotations and names, and the
+optional features of imported checkpoints (grouped-query attention, q/k/v biases, q/k norm,
+tied embeddings, the shared expert) against float64 NumPy references written here."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec
 
-from dynmoe_jax.model import Decoder, DenseFFN, ModelConfig, abstract_decoder
+from dynmoe_jax import sharding
+from dynmoe_jax.model import Attention, Decoder, DenseFFN, ModelConfig, abstract_decoder, rope
 from dynmoe_jax.moe import MoEConfig, MoELayer
+from tests import reference as ref
 
 V, D, T = 64, 32, 12
 
@@ -53,12 +59,19 @@ def _embedding_grad(model, tokens, position):
 def _forward_from_embeddings(model, x_BTD):
     for block in model.blocks:
         x_BTD, _ = block(x_BTD)
-    return model.final_norm(x_BTD) @ model.head_DV[...]
+    return model.logits(model.final_norm(x_BTD))
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 1.0])
-def test_causal_through_gradients(capacity_factor):
-    cfg = _cfg()
+# Every optional feature of imported checkpoints at once.
+IMPORTED = {"num_kv_heads": 2, "head_dim": 6, "qkv_bias": True, "qk_norm": True,
+            "tie_embeddings": True, "shared_d_ff": 24, "shared_gate": True}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "capacity_factor, features", [(None, {}), (1.0, {}), (None, IMPORTED)], ids=str
+)
+def test_causal_through_gradients(capacity_factor, features):
+    cfg = _cfg(**features)
     cfg = dataclasses.replace(
         cfg, moe=dataclasses.replace(cfg.moe, capacity_factor=capacity_factor)
     )
@@ -117,12 +130,165 @@ def test_abstract_decoder_allocates_nothing():
     assert [x.shape for x in leaves] == [x.shape for x in real]
 
 
-def test_every_parameter_has_logical_axes():
-    model = Decoder(_cfg(moe_every=2), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("features", [{}, IMPORTED], ids=["plain", "imported"])
+def test_every_parameter_has_logical_axes(features):
+    model = Decoder(_cfg(moe_every=2, **features), rngs=nnx.Rngs(0))
     for path, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param):
             axes = var.get_metadata().get("logical_axes")
             assert axes is not None and len(axes) == var[...].ndim, path
+
+
+def _f64(a) -> np.ndarray:
+    return np.asarray(a[...] if isinstance(a, nnx.Variable) else a, np.float64)
+
+
+def _rms_norm_ref(x, scale, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def _rope_ref(x_TNH, theta):
+    """RoPE as Hugging Face writes it: inv_freq = theta^(-2i/H), both halves, rotate_half."""
+    t, h = x_TNH.shape[0], x_TNH.shape[-1]
+    inv_freq = 1.0 / theta ** (np.arange(0, h, 2, dtype=np.float64) / h)
+    freqs = np.arange(t, dtype=np.float64)[:, None] * inv_freq[None, :]
+    emb = np.concatenate([freqs, freqs], axis=-1)[:, None, :]
+    rotated = np.concatenate([-x_TNH[..., h // 2 :], x_TNH[..., : h // 2]], axis=-1)
+    return x_TNH * np.cos(emb) + rotated * np.sin(emb)
+
+
+def _attention_ref(attn, cfg: ModelConfig, x_BTD) -> np.ndarray:
+    """Per-batch, per-head float64 loop; query head n reads key/value head n // (N / K)."""
+    n, k, h = cfg.num_heads, cfg.kv_heads, cfg.head_width
+    x = _f64(x_BTD)
+    b, t, d = x.shape
+    q = x @ _f64(attn.wq_DNH).reshape(d, n * h)
+    key = x @ _f64(attn.wk_DKH).reshape(d, k * h)
+    value = x @ _f64(attn.wv_DKH).reshape(d, k * h)
+    if cfg.qkv_bias:
+        q, key = q + _f64(attn.bq_NH).ravel(), key + _f64(attn.bk_KH).ravel()
+        value = value + _f64(attn.bv_KH).ravel()
+    if cfg.qk_norm:  # over the whole projection, before RoPE
+        q = _rms_norm_ref(q, _f64(attn.q_norm.scale_D), cfg.norm_eps)
+        key = _rms_norm_ref(key, _f64(attn.k_norm.scale_D), cfg.norm_eps)
+    q, key, value = q.reshape(b, t, n, h), key.reshape(b, t, k, h), value.reshape(b, t, k, h)
+    wo = _f64(attn.wo_NHD)
+    y = np.zeros((b, t, d))
+    for i in range(b):
+        q_i, k_i = _rope_ref(q[i], cfg.rope_theta), _rope_ref(key[i], cfg.rope_theta)
+        for head in range(n):
+            j = head // (n // k)
+            scores = q_i[:, head] @ k_i[:, j].T / np.sqrt(h)
+            scores[np.triu_indices(t, 1)] = -np.inf
+            p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            p /= p.sum(axis=-1, keepdims=True)
+            y[i] += (p @ value[i, :, j]) @ wo[head]
+    return y
+
+
+def _randomize(var: nnx.Variable, seed: int) -> None:
+    # Biases start at zero and norm scales at one; random values make the test see them.
+    var[...] = 1.0 + 0.5 * jax.random.normal(jax.random.key(seed), var[...].shape)
+
+
+ATTENTION_CASES = {
+    "plain": {},
+    "gqa_bias_qknorm": {"num_kv_heads": 2, "head_dim": 6, "qkv_bias": True, "qk_norm": True},
+    # Multi-query, three heads that do not divide d_model=32, a large RoPE theta (Mixtral's).
+    "mqa_head_dim": {"num_heads": 3, "num_kv_heads": 1, "head_dim": 4, "qk_norm": True,
+                     "rope_theta": 1e6},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("features", ATTENTION_CASES.values(), ids=ATTENTION_CASES.keys())
+def test_attention_matches_per_head_reference(features):
+    cfg = _cfg(**features)
+    attn = Attention(cfg, nnx.Rngs(7))
+    for seed, name in enumerate(("bq_NH", "bk_KH", "bv_KH")):
+        if cfg.qkv_bias:
+            _randomize(getattr(attn, name), seed)
+    if cfg.qk_norm:
+        _randomize(attn.q_norm.scale_D, 3)
+        _randomize(attn.k_norm.scale_D, 4)
+    x = jax.random.normal(jax.random.key(8), (2, T, D))
+    y = attn(x)
+    assert y.shape == (2, T, D) and y.dtype == jnp.float32
+    np.testing.assert_allclose(y, _attention_ref(attn, cfg, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("theta", [1e4, 1e6])
+def test_rope_matches_the_rotate_half_convention(theta):
+    x = jax.random.normal(jax.random.key(0), (2, T, 3, 8))
+    got = rope(x, jnp.arange(T), theta)
+    want = np.stack([_rope_ref(_f64(x[i]), theta) for i in range(2)])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_embeddings_have_no_head_and_use_the_embedding():
+    model = Decoder(_cfg(tie_embeddings=True), rngs=nnx.Rngs(0))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert "head_DV" not in params and not hasattr(model, "head_DV")
+    untied = nnx.state(Decoder(_cfg(), rngs=nnx.Rngs(0)), nnx.Param)
+    size = sum(x.size for x in jax.tree.leaves(params))
+    assert sum(x.size for x in jax.tree.leaves(untied)) - size == D * V
+    tokens = _tokens()
+    logits, _ = model(tokens)
+    x_BTD = model.embed_VD[...][tokens]
+    for block in model.blocks:
+        x_BTD, _ = block(x_BTD)
+    want = _f64(model.final_norm(x_BTD)) @ _f64(model.embed_VD).T
+    np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("gate", [False, True])
+def test_shared_expert_adds_to_the_moe_output(gate):
+    model = Decoder(_cfg(moe_every=2, shared_d_ff=24, shared_gate=gate), rngs=nnx.Rngs(3))
+    dense, block = model.blocks[0], model.blocks[1]
+    assert not hasattr(dense, "shared") and not hasattr(dense, "shared_gate_D")
+    assert isinstance(block.shared, DenseFFN) and hasattr(block, "shared_gate_D") == gate
+    x_BTD = jax.random.normal(jax.random.key(4), (2, T, D))
+    y_BTD, _ = block(x_BTD)
+    # Everything but the shared expert from the block's own parts (each tested elsewhere).
+    h_BTD = x_BTD + block.attn(block.attn_norm(x_BTD))
+    normed_BTD = block.ffn_norm(h_BTD)
+    moe_BTD, _ = block.ffn(normed_BTD)
+    x = _f64(normed_BTD)
+    s = block.shared
+    shared = ref.swiglu(x, _f64(s.w_gate_DF), _f64(s.w_up_DF), _f64(s.w_down_FD))
+    if gate:
+        shared = shared / (1.0 + np.exp(-(x @ _f64(block.shared_gate_D))))[..., None]
+    assert np.abs(shared).mean() > 1e-2
+    want = _f64(h_BTD) + _f64(moe_BTD) + shared
+    np.testing.assert_allclose(y_BTD, want, rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_names_and_shapes_that_checkpoint_loaders_write():
+    cfg = _cfg(moe_every=2, **IMPORTED)  # N=4 heads, K=2 kv heads, H=6
+    params = nnx.to_pure_dict(nnx.state(abstract_decoder(cfg), nnx.Param))
+    shapes = jax.tree.map(lambda x: tuple(x.shape), params)
+    assert shapes["blocks"][1]["attn"] == {
+        "wq_DNH": (D, 4, 6), "wk_DKH": (D, 2, 6), "wv_DKH": (D, 2, 6), "wo_NHD": (4, 6, D),
+        "bq_NH": (4, 6), "bk_KH": (2, 6), "bv_KH": (2, 6),
+        "q_norm": {"scale_D": (24,)}, "k_norm": {"scale_D": (12,)},
+    }  # fmt: skip
+    assert shapes["blocks"][1]["shared"] == {
+        "w_gate_DF": (D, 24),
+        "w_up_DF": (D, 24),
+        "w_down_FD": (24, D),
+    }
+    assert shapes["blocks"][1]["shared_gate_D"] == (D,)
+    assert set(shapes["blocks"][0]) == {"attn_norm", "attn", "ffn_norm", "ffn"}
+    assert set(shapes) == {"embed_VD", "blocks", "final_norm"}  # tied: no head_DV
+    plain = nnx.to_pure_dict(nnx.state(abstract_decoder(_cfg()), nnx.Param))
+    assert set(plain["blocks"][0]["attn"]) == {"wq_DNH", "wk_DKH", "wv_DKH", "wo_NHD"}
+    assert "head_DV" in plain
+
+
+def test_head_dim_frees_the_head_width_from_d_model():
+    cfg = _cfg(num_heads=3, head_dim=4)  # 32 % 3 != 0
+    assert (cfg.kv_heads, cfg.head_width) == (3, 4)
+    logits, _ = Decoder(cfg, rngs=nnx.Rngs(0))(_tokens())
+    assert logits.shape == (2, T, V) and np.all(np.isfinite(logits))
 
 
 @pytest.mark.parametrize(
@@ -131,8 +297,47 @@ def test_every_parameter_has_logical_axes():
         ("num_heads", 5, "model.num_heads=5"),
         ("moe_every", 9, "model.moe_every=9"),
         ("vocab_size", 1, "model.vocab_size=1"),
+        ("num_kv_heads", 3, "model.num_kv_heads=3 is invalid: allowed None (model.num_heads) "
+                            "or an integer >= 1 dividing model.num_heads=4"),
+        ("num_kv_heads", 0, "model.num_kv_heads=0 is invalid"),
+        ("num_kv_heads", 2.0, "model.num_kv_heads=2.0 is invalid: allowed None or an integer"),
+        ("head_dim", 5, "model.head_dim=5 is invalid: allowed None (model.d_model // "
+                        "model.num_heads) or an even integer >= 2"),
+        ("qkv_bias", 1, "model.qkv_bias=1 is invalid: allowed True | False"),
+        ("qk_norm", "yes", "model.qk_norm='yes' is invalid: allowed True | False"),
+        ("tie_embeddings", None, "model.tie_embeddings=None is invalid: allowed True | False"),
+        ("shared_d_ff", 0, "model.shared_d_ff=0 is invalid: allowed None (no shared expert) "
+                           "or an integer >= 1"),
+        ("shared_gate", True, "model.shared_gate=True is invalid: allowed False when "
+                              "model.shared_d_ff is None (it gates the shared expert)"),
+        ("rope_theta", 0.0, "model.rope_theta=0.0 is invalid: allowed a number > 0"),
+        ("norm_eps", -1e-6, "model.norm_eps=-1e-06 is invalid: allowed a number > 0"),
     ],
-)
+)  # fmt: skip
 def test_bad_model_config(field, value, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
         _cfg(**{field: value})
+    assert "\n" not in str(err.value)
+
+
+def test_shared_expert_needs_moe_layers():
+    with pytest.raises(ValueError, match=re.escape(
+        "model.shared_d_ff=8 is invalid: allowed None in a dense model (it adds to MoE layers)"
+    )):  # fmt: skip
+        _cfg(moe=None, shared_d_ff=8)
+
+
+def test_grouped_query_attention_split_over_the_model_axis_matches_one_device():
+    model = Decoder(_cfg(**{**IMPORTED, "num_layers": 2}), rngs=nnx.Rngs(0))
+    tokens = _tokens(batch=4)
+    want, _ = model(tokens)
+    mesh = sharding.make_mesh("data=2,model=2")
+    specs = sharding.param_specs(model)
+    assert specs["blocks"][0]["attn"]["wk_DKH"] == PartitionSpec(None, "model", None)
+    graphdef, params = nnx.split(model, nnx.Param)
+    placed = jax.device_put(nnx.to_pure_dict(params), sharding.named(mesh, specs))
+    nnx.replace_by_pure_dict(params, placed)
+    with jax.set_mesh(mesh):
+        got, _ = nnx.jit(lambda m, t: m(t))(nnx.merge(graphdef, params), tokens)
+    assert got.sharding.mesh.shape == mesh.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -255,3 +255,27 @@ def test_group_size_must_divide_tokens():
     message = r"moe.group_size=24 is invalid: allowed a divisor of .* = 4 \* 16\)"
     with pytest.raises(ValueError, match=message):
         _layer(group_size=24)(_x())
+
+
+def _dense_mixture_ref(layer: MoELayer, x_BTD) -> np.ndarray:
+    """sum_i p_i E_i(x) over every expert, one expert at a time, in float64."""
+    p = _params(layer)
+    x = np.asarray(x_BTD, np.float64)
+    logits = x @ p["router"].astype(np.float64)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    y = np.zeros_like(x)
+    for e in range(E):
+        w = [p[name][e].astype(np.float64) for name in ("gate", "up", "down")]
+        y += probs[..., e : e + 1] * ref.swiglu(x, *w)
+    return y
+
+
+@pytest.mark.parametrize("dispatch", ["index", "einsum", "grouped"])
+def test_top_p_at_threshold_one_with_raw_weights_is_the_dense_mixture(dispatch):
+    layer = _layer(router="top_p", threshold=1.0, renormalize=False, capacity_factor=None,
+                   dispatch=dispatch, block_size=4)  # fmt: skip
+    x = _x(seed=6)
+    y, aux = nnx.jit(lambda m, v: m(v))(layer, x)
+    assert float(aux["experts_per_token_min"]) == E and float(aux["dropped_fraction"]) == 0.0
+    np.testing.assert_allclose(y, _dense_mixture_ref(layer, x), rtol=1e-5, atol=1e-5)
