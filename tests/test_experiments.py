@@ -325,6 +325,7 @@ def test_router_table_reports_capacity_drops_and_per_seed_times():
     ("difficulty_tokens", "difficulty", "plot_tokens"),
     ("sweep_threshold", "sweep_threshold", "plot_sweep"),
     ("sweep_threshold", "sweep_threshold", "plot_layers"),
+    ("pretrained_top_p_olmoe", "pretrained_top_p", "plot"),
 ])  # fmt: skip
 def test_committed_results_replot(stem, module, plot, tmp_path):
     import importlib
