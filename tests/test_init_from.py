@@ -104,3 +104,19 @@ def test_eval_of_imported_weights_matches_a_float64_reference(
     assert f"imported weights of {FIXTURES / family} on text_dir:" in out
     assert f"perplexity {result['perplexity']:.2f}" in out
     assert "experts per token by layer: " + ", ".join(["2.00"] * num_moe) in out
+
+
+@pytest.mark.slow
+def test_imported_weights_evaluate_the_same_on_a_mesh(corpus_and_cache, tmp_path):
+    # OLMoE's fixture has 8 experts: two per device on the expert axis, the batch over all 8.
+    single = _config("olmoe", corpus_and_cache, batch_size=8)
+    sharded = _config("olmoe", corpus_and_cache, batch_size=8, mesh_shape="data=2,expert=4")
+    run = inference.restore(sharded, tmp_path / "fresh")
+    flat = jax.tree_util.tree_flatten_with_path(run.params)[0]
+    experts = [w for path, w in flat if "_EDF" in jax.tree_util.keystr(path)]
+    assert len(experts) == 4  # gate and up of 2 layers, each split 4 ways over the experts
+    assert all(w.sharding.shard_shape(w.shape)[0] == w.shape[0] // 4 == 2 for w in experts)
+    one = inference.evaluate_workdir(single, tmp_path / "fresh")
+    eight = inference.evaluate_workdir(sharded, tmp_path / "fresh")
+    assert eight["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    np.testing.assert_allclose(eight["experts_per_layer"], one["experts_per_layer"], rtol=1e-6)
