@@ -353,6 +353,17 @@ def test_pretrained_top_p_settings_cover_the_checkpoints_own_k():
     assert exp.label({"router": "top_p", "threshold": 1.0}) == "top-p 1"
 
 
+def test_pretrained_top_p_stops_in_one_line_on_a_bad_folder(tmp_path, capsys):
+    from experiments import pretrained_top_p as exp
+
+    with pytest.raises(SystemExit) as exit_info:
+        exp.main([str(tmp_path / "missing"), "--results-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: init_from=") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_pretrained_top_p_on_a_fixture(tmp_path, capsys):
     from experiments import pretrained_top_p as exp
