@@ -94,7 +94,7 @@ def check_config(config: ConfigDict, devices=None) -> None:
     if not check_path(config):
         config_lib.check_config(config, devices)
         return
-    config_lib._check_top_level(config)  # the training fields' rules, shared with any run
+    config_lib.check_top_level(config)  # the training fields' rules, shared with any run
     config_lib.mesh_for(config, model_config(config), devices)
 
 
