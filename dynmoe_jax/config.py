@@ -101,6 +101,7 @@ FFN_KINDS = ("moe", "dense")
 
 
 def check_top_level(config: ConfigDict) -> None:
+    """The rules on the training fields (``RULES``), shared by every run and ``init_from``."""
     for field, (ok, allowed) in RULES.items():
         value = config.get(field)
         check(ok(value), field, value, allowed)
