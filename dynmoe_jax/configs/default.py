@@ -42,7 +42,8 @@ def get_config() -> ConfigDict:
     c.model.d_ff = 1024  # width of dense feed-forward layers
     c.model.moe_every = 1
     c.model.dtype = "float32"  # float32 | bfloat16 (the router stays float32)
-    c.model.remat = False
+    c.model.remat = "none"  # none | full | dots (keep matmul outputs); False/True = none/full
+    c.model.scan_layers = False  # SCAN_MEASUREMENT
 
     c.moe = ConfigDict()
     c.moe.router = "top_p"  # top_p | top_k
