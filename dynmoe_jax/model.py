@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dynmoe_jax import layer_stack
+from dynmoe_jax.attention import causal_attention
 from dynmoe_jax.layer_stack import Remat, remat_value
 from dynmoe_jax.moe import MoEConfig, MoELayer
 from dynmoe_jax.validation import check, is_int
@@ -171,15 +172,6 @@ def rope(x_BTNH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BTNH.dtype)
-
-
-def causal_attention(q_BTNH: jax.Array, k_BUJH: jax.Array, v_BUJH: jax.Array) -> jax.Array:
-    """Causal softmax attention, scores and softmax in float32 whatever the inputs' dtype.
-
-    Query head n reads key/value head n // (N / J), the layout of Hugging Face's
-    ``repeat_kv`` and of ``jax.nn.dot_product_attention`` (which this calls).
-    """
-    return jax.nn.dot_product_attention(q_BTNH, k_BUJH, v_BUJH, is_causal=True)
 
 
 class Attention(nnx.Module):

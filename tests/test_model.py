@@ -3,6 +3,7 @@ optional features of imported checkpoints (grouped-query attention, q/k/v biases
 tied embeddings, the shared expert) against float64 NumPy references written here."""
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -12,7 +13,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from dynmoe_jax import layer_stack, sharding
+from dynmoe_jax import attention, layer_stack, sharding
 from dynmoe_jax.layer_stack import Remat
 from dynmoe_jax.model import Attention, Decoder, DenseFFN, ModelConfig, abstract_decoder, rope
 from dynmoe_jax.moe import MoEConfig, MoELayer
@@ -420,3 +421,66 @@ def test_grouped_query_attention_split_over_the_model_axis_matches_one_device():
         got, _ = nnx.jit(lambda m, t: m(t))(nnx.merge(graphdef, params), tokens)
     assert got.sharding.mesh.shape == mesh.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "dtype, head_width, backend, want",
+    [("bfloat16", 64, "gpu", "cudnn"), ("float16", 128, "gpu", "cudnn"),
+     ("float32", 64, "gpu", "xla"), ("bfloat16", 12, "gpu", "xla_low_precision"),
+     ("bfloat16", 256, "gpu", "xla_low_precision"), ("bfloat16", 64, "cpu", "xla_low_precision"),
+     ("float32", 64, "tpu", "xla")],
+)  # fmt: skip
+def test_attention_implementation_follows_platform_dtype_and_shape(dtype, head_width, backend,
+                                                                   want):  # fmt: skip
+    assert attention.implementation(jnp.dtype(dtype), head_width, backend) == want
+
+
+def _bf16_attention_layer():
+    cfg = _cfg(**IMPORTED, dtype=jnp.bfloat16)
+    graphdef, params = nnx.split(Attention(cfg, nnx.Rngs(7)), nnx.Param)
+    x_BTD = jax.random.normal(jax.random.key(8), (2, T, D)).astype(jnp.bfloat16)
+    return cfg, graphdef, params, x_BTD
+
+
+def _float32_residuals_of_scores_size(fn, *args, b, n, t) -> list:
+    """Float32 arrays the backward pass of ``fn`` keeps with as many elements as [B, N, T, U]
+    (in any arrangement of those axes, e.g. [B, J, N/J, T, U])."""
+    _, vjp_fn = jax.vjp(fn, *args)
+    return [r.shape for r in jax.tree.leaves(vjp_fn)
+            if r.dtype == jnp.float32 and r.size >= b * n * t * t]  # fmt: skip
+
+
+def test_bf16_attention_keeps_no_float32_scores_for_the_backward_pass():
+    cfg, graphdef, params, x_BTD = _bf16_attention_layer()
+
+    def layer(p, x):
+        return nnx.merge(graphdef, p)(x)
+
+    assert layer(params, x_BTD).dtype == jnp.bfloat16
+    assert _float32_residuals_of_scores_size(layer, params, x_BTD, b=2, n=4, t=T) == []
+    # The check has teeth: XLA's own path keeps float32 [B, J, G, T, U] tensors.
+    q = jnp.ones((2, T, 4, 8), jnp.bfloat16)
+    kv = jnp.ones((2, T, 2, 8), jnp.bfloat16)
+    xla = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="xla")
+    assert _float32_residuals_of_scores_size(xla, q, kv, kv, b=2, n=4, t=T)
+
+
+def test_bf16_attention_and_gradients_track_float32():
+    cfg, graphdef, params, x_BTD = _bf16_attention_layer()
+    cfg32 = dataclasses.replace(cfg, dtype=jnp.float32)
+    graphdef32 = nnx.graphdef(Attention(cfg32, nnx.Rngs(7)))
+    x32 = x_BTD.astype(jnp.float32)
+    probe = jax.random.normal(jax.random.key(9), (2, T, D))
+
+    def loss(g, p, x):
+        return jnp.sum(nnx.merge(g, p)(x).astype(jnp.float32) * probe)
+
+    want = jax.grad(loss, argnums=(1, 2))(graphdef32, params, x32)
+    got = jax.grad(loss, argnums=(1, 2))(graphdef, params, x_BTD)
+    np.testing.assert_allclose(
+        np.asarray(nnx.merge(graphdef, params)(x_BTD), np.float32),
+        nnx.merge(graphdef32, params)(x32), atol=0.05, rtol=0.05,
+    )  # fmt: skip
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b)
+        assert np.linalg.norm(a - b) <= 0.03 * np.linalg.norm(b)
