@@ -6,8 +6,9 @@ G = N / J query heads per key/value head, H head width.
 * float32: ``jax.nn.dot_product_attention`` with XLA, scores and softmax in float32.
 * bfloat16 / float16 on GPU, head width a multiple of 8 up to 128: the cuDNN fused kernel,
   which keeps no [B, N, T, U] tensor at all.
-* bfloat16 / float16 elsewhere: scores accumulated and softmaxed in float32, but the softmax
-  keeps only its output, in the activations' dtype, for the backward pass. XLA's path of
+* bfloat16 / float16 elsewhere: scores accumulated and softmaxed in float32, but only the
+  probabilities, in the activations' dtype, are kept for the backward pass, whose matmuls
+  take the softmax's gradient rounded to that dtype (as fused kernels do). XLA's path of
   ``dot_product_attention`` keeps two float32 [B, N, T, U] tensors (the exponentials and the
   probabilities) per layer, twice the bytes of the scores in bf16 each.
 
@@ -16,8 +17,6 @@ The choice is made at trace time from the inputs' dtype and shapes and
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -48,34 +47,43 @@ def _low_precision_attention(q_BTNH, k_BUJH, v_BUJH) -> jax.Array:
     b, t, n, h = q_BTNH.shape
     j = k_BUJH.shape[2]
     q_BTJGH = q_BTNH.reshape(b, t, j, n // j, h)
-    scores_BJGTU = jnp.einsum(
-        "BTJGH,BUJH->BJGTU", q_BTJGH, k_BUJH, preferred_element_type=jnp.float32
-    ) * (h**-0.5)
-    # An additive [T, U] mask: a select would keep its broadcast predicate (and XLA a float32
-    # operand) of the full [B, J, G, T, U] shape for the backward pass.
-    causal_TU = jnp.tril(jnp.ones((t, k_BUJH.shape[1]), jnp.bool_))
-    mask_TU = jnp.where(causal_TU, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-    scores_BJGTU = scores_BJGTU + mask_TU
-    probs_BJGTU = _softmax_kept_as(scores_BJGTU, q_BTNH.dtype)
+    probs_BJGTU = _causal_probs(q_BTJGH, k_BUJH)
     out_BTJGH = jnp.einsum("BJGTU,BUJH->BTJGH", probs_BJGTU, v_BUJH)
     return out_BTJGH.reshape(b, t, n, h)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _softmax_kept_as(scores: jax.Array, dtype) -> jax.Array:
-    """Softmax over the last axis in float32, returned (and kept for the backward) in dtype."""
-    return jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
+def _scores(q_BTJGH, k_BUJH) -> jax.Array:
+    """Scaled causal scores [B, J, G, T, U] in float32; an additive [T, U] mask (a select
+    would need its broadcast predicate of the full shape again in the backward pass)."""
+    t, u, h = q_BTJGH.shape[1], k_BUJH.shape[1], q_BTJGH.shape[-1]
+    scores = jnp.einsum("BTJGH,BUJH->BJGTU", q_BTJGH, k_BUJH, preferred_element_type=jnp.float32)
+    causal_TU = jnp.tril(jnp.ones((t, u), jnp.bool_))
+    mask_TU = jnp.where(causal_TU, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    return scores * (h**-0.5) + mask_TU
 
 
-def _softmax_fwd(scores, dtype):
-    probs = _softmax_kept_as(scores, dtype)
-    return probs, probs
+@jax.custom_vjp
+def _causal_probs(q_BTJGH: jax.Array, k_BUJH: jax.Array) -> jax.Array:
+    """softmax(q k^T / sqrt(H)) over the causal keys, in float32, returned in q's dtype."""
+    return jax.nn.softmax(_scores(q_BTJGH, k_BUJH), axis=-1).astype(q_BTJGH.dtype)
 
 
-def _softmax_bwd(dtype, probs, g):
-    # d softmax: p * (g - sum(g * p)), in float32 from the kept probabilities.
-    p32, g32 = probs.astype(jnp.float32), g.astype(jnp.float32)
-    return (p32 * (g32 - jnp.sum(g32 * p32, axis=-1, keepdims=True)),)
+def _probs_fwd(q_BTJGH, k_BUJH):
+    probs = _causal_probs(q_BTJGH, k_BUJH)
+    return probs, (q_BTJGH, k_BUJH, probs)  # the probabilities kept in the low precision
 
 
-_softmax_kept_as.defvjp(_softmax_fwd, _softmax_bwd)
+def _probs_bwd(res, g_BJGTU):
+    # As fused kernels do: the softmax's gradient in float32, rounded to the inputs' dtype
+    # for the two matmuls, which accumulate in float32.
+    q_BTJGH, k_BUJH, probs = res
+    p32, g32 = probs.astype(jnp.float32), g_BJGTU.astype(jnp.float32)
+    ds = p32 * (g32 - jnp.sum(g32 * p32, axis=-1, keepdims=True)) * (q_BTJGH.shape[-1] ** -0.5)
+    ds = ds.astype(q_BTJGH.dtype)
+    f32 = jnp.float32
+    dq = jnp.einsum("BJGTU,BUJH->BTJGH", ds, k_BUJH, preferred_element_type=f32)
+    dk = jnp.einsum("BJGTU,BTJGH->BUJH", ds, q_BTJGH, preferred_element_type=f32)
+    return dq.astype(q_BTJGH.dtype), dk.astype(k_BUJH.dtype)
+
+
+_causal_probs.defvjp(_probs_fwd, _probs_bwd)
