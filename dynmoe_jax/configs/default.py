@@ -42,7 +42,9 @@ def get_config() -> ConfigDict:
     c.model.d_ff = 1024  # width of dense feed-forward layers
     c.model.moe_every = 1
     c.model.dtype = "float32"  # float32 | bfloat16 (the router stays float32)
-    c.model.remat = "none"  # none | full | dots (keep matmul outputs); False/True = none/full
+    # none | full | dots (keeps the outputs of matmuls without batch axes); the booleans of
+    # earlier configs still work (False = none, True = full), hence a field of any type.
+    c.model.remat = config_dict.FieldReference("none", field_type=object)
     c.model.scan_layers = False  # SCAN_MEASUREMENT
 
     c.moe = ConfigDict()
