@@ -9,8 +9,10 @@ Block: x + Attention(RMSNorm(x)), then h + FFN(RMSNorm(h)) with FFN = MoELayer i
 a MoE layer may add a shared SwiGLU expert that every token passes through (Qwen2-MoE).
 The optional features (grouped-query attention, q/k biases and norms, tied embeddings, the
 shared expert) are those of Mixtral, OLMoE and Qwen2-MoE, so that their checkpoints load;
-each defaults to the plain decoder. (A little over 300 lines: most of the growth is the
-config's validation of those features, kept beside the fields it checks.)
+each defaults to the plain decoder. The blocks run one by one or, with ``scan_layers``,
+scanned over super-blocks of ``moe_every`` layers (``layer_stack``). (Over 300 lines: most
+of the growth is the config's validation of those features, kept beside the fields it
+checks, and the two layouts of the blocks in the Decoder.)
 """
 
 from __future__ import annotations

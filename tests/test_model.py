@@ -484,3 +484,19 @@ def test_bf16_attention_and_gradients_track_float32():
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         a, b = np.asarray(a, np.float32), np.asarray(b)
         assert np.linalg.norm(a - b) <= 0.03 * np.linalg.norm(b)
+
+
+def test_scanned_layers_sharded_over_experts_and_model_match_one_device():
+    model = Decoder(_cfg(num_layers=5, moe_every=2, scan_layers=True), rngs=nnx.Rngs(0))
+    tokens = _tokens(batch=4)
+    want, want_layer = model(tokens)
+    mesh = sharding.make_mesh("data=2,expert=2,model=2")
+    specs = sharding.param_specs(model)
+    graphdef, params = nnx.split(model, nnx.Param)
+    placed = jax.device_put(nnx.to_pure_dict(params), sharding.named(mesh, specs))
+    nnx.replace_by_pure_dict(params, placed)
+    with jax.set_mesh(mesh):
+        got, layer = nnx.jit(lambda m, t: m(t))(nnx.merge(graphdef, params), tokens)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer["experts_per_token"], want_layer["experts_per_token"],
+                               rtol=1e-6)  # fmt: skip
