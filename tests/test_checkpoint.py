@@ -165,11 +165,13 @@ def _model_state(scan: bool, abstract: bool = False):
     return jax.eval_shape(make) if abstract else make()
 
 
-def test_a_per_layer_checkpoint_restores_into_scanned_layers_stacked(tmp_path):
+@pytest.mark.parametrize("old_names", [False, True], ids=["today", "with_old_kv_names"])
+def test_a_per_layer_checkpoint_restores_into_scanned_layers_stacked(tmp_path, old_names):
     from dynmoe_jax import layer_stack
 
     state = _model_state(scan=False)
-    ckpt, _ = _saved(tmp_path, state, 4)
+    renamed = {"wk_DJH": "wk_DNH", "wv_DJH": "wv_DNH"} if old_names else {}
+    ckpt, _ = _saved(tmp_path, ckpt_lib.rename_keys(state, renamed), 4)
     step, got = ckpt.restore_latest(_model_state(scan=True, abstract=True))
     ckpt.close()
     want = layer_stack.stack_layers(state, moe_every=2)
