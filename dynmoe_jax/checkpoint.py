@@ -9,7 +9,10 @@ Crash safety:
   not match its fingerprint (truncated or corrupted files), is reported, moved aside to
   ``WORKDIR/checkpoints_unreadable/`` (nothing is deleted) and the previous step is used.
 * Parameters renamed since an earlier release (``RENAMED``) are read under their old names and
-  renamed on restore, so those checkpoints continue.
+  renamed on restore, so those checkpoints continue. Likewise a checkpoint written with the
+  layers one by one (``blocks.{i}``) restores into a model with scanned layers: it is read in
+  its own layout and its blocks are stacked (``layer_stack``). The reverse is refused in one
+  line naming the setting to use.
 * A checkpoint whose layout differs from the model being restored was written by another
   config, and one whose record has another format was written by another release: both are
   refused with a one-line error and left in place.
@@ -32,6 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dynmoe_jax import layer_stack
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -175,6 +181,57 @@ def rename_keys(tree: Any, names: dict[str, str]) -> Any:
     return tree
 
 
+def _slice_struct(x: Any, k: int) -> jax.ShapeDtypeStruct:
+    """The abstract slice k of a stacked leaf: its shape and sharding without the layer axis."""
+    sharding = getattr(x, "sharding", None)
+    if isinstance(sharding, NamedSharding):
+        sharding = NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+    return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sharding)
+
+
+def _stacked_onto(abstract_state: Any, moe_every: int) -> Any:
+    """Restored per-layer state -> the scanned layout, placed as ``abstract_state`` says."""
+
+    def convert(restored: Any) -> Any:
+        stacked = layer_stack.stack_layers(restored, moe_every)
+
+        def place(x, like):
+            sharding = getattr(like, "sharding", None)
+            return x if sharding is None else jax.device_put(x, sharding)
+
+        return jax.tree.map(place, stacked, abstract_state)
+
+    return convert
+
+
+def _earlier_layout(saved: dict, abstract_state: Any, step: int, directory: Path, diff: str):
+    """(target, convert): the layout an earlier checkpoint was written in, to restore it in,
+    and the conversion of what is restored to ``abstract_state``'s layout; the one-line
+    CheckpointMismatchError when no known change explains the difference."""
+    older = {v: k for k, v in RENAMED.items()}
+    candidates = [(rename_keys(abstract_state, older), lambda r: rename_keys(r, RENAMED))]
+    moe_every = layer_stack.moe_every_of(abstract_state)
+    if moe_every is not None:
+        per_layer = layer_stack.unstack_layers(abstract_state, _slice_struct)
+        stack = _stacked_onto(abstract_state, moe_every)
+        candidates += [
+            (per_layer, stack),
+            (rename_keys(per_layer, older), lambda r: stack(rename_keys(r, RENAMED))),
+        ]
+    for target, convert in candidates:
+        if _mismatch(saved, _layout(target)) is None:
+            return target, convert
+    where = f"the checkpoint at step {step} in {directory}"
+    if moe_every is None and any(f".{layer_stack.SCANNED}." in f".{k}" for k in saved):
+        raise CheckpointMismatchError(
+            f"{where} was written with scan_layers=True; set --config.model.scan_layers=True"
+        )
+    raise CheckpointMismatchError(
+        f"{where} was written for another model or optimizer ({diff}); use the config it was "
+        "trained with or another --workdir"
+    )
+
+
 class Checkpointer:
     """Saves and restores one workdir's checkpoints. With ``create=False`` (reading a finished
     run) a workdir without checkpoints is a FileNotFoundError and nothing is created."""
@@ -240,23 +297,17 @@ class Checkpointer:
                     f"{meta.get('format', 1)}, and this release reads format {META_FORMAT} only; "
                     "retrain in another --workdir"
                 )
-            target = abstract_state
             diff = _mismatch(meta["layout"], _layout(abstract_state))
+            target, convert = abstract_state, None
             if diff:
-                older = rename_keys(abstract_state, {v: k for k, v in RENAMED.items()})
-                if _mismatch(meta["layout"], _layout(older)) is not None:
-                    raise CheckpointMismatchError(
-                        f"the checkpoint at step {step} in {self.directory} was written for "
-                        f"another model or optimizer ({diff}); use the config it was trained "
-                        "with or another --workdir"
-                    )
-                target = older
+                target, convert = _earlier_layout(meta["layout"], abstract_state, step,
+                                                  self.directory, diff)  # fmt: skip
             try:
                 restored = self._restore(step, target)
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
                 self._set_aside(step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 continue
-            return step, restored if target is abstract_state else rename_keys(restored, RENAMED)
+            return step, restored if convert is None else convert(restored)
         return None
 
     def _set_aside(self, step: int, reason: str) -> None:

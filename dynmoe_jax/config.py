@@ -137,6 +137,8 @@ def model_config(config: ConfigDict, vocab_size: int) -> ModelConfig:
             moe_every=m.moe_every,
             dtype=DTYPES[m.dtype],
             remat=m.remat,
+            # Configs saved before scanning existed have no such field: they ran per layer.
+            scan_layers=m.get("scan_layers", False),
         )
     except ConfigError:
         raise

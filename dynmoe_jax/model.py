@@ -9,8 +9,10 @@ Block: x + Attention(RMSNorm(x)), then h + FFN(RMSNorm(h)) with FFN = MoELayer i
 a MoE layer may add a shared SwiGLU expert that every token passes through (Qwen2-MoE).
 The optional features (grouped-query attention, q/k biases and norms, tied embeddings, the
 shared expert) are those of Mixtral, OLMoE and Qwen2-MoE, so that their checkpoints load;
-each defaults to the plain decoder. (A little over 300 lines: most of the growth is the
-config's validation of those features, kept beside the fields it checks.)
+each defaults to the plain decoder. The blocks run one by one or, with ``scan_layers``,
+scanned over super-blocks of ``moe_every`` layers (``layer_stack``). (Over 300 lines: most
+of the growth is the config's validation of those features, kept beside the fields it
+checks, and the two layouts of the blocks in the Decoder.)
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dynmoe_jax import layer_stack
+from dynmoe_jax.attention import causal_attention
+from dynmoe_jax.layer_stack import Remat, remat_value
 from dynmoe_jax.moe import MoEConfig, MoELayer
 from dynmoe_jax.validation import check, is_int
 
@@ -51,7 +56,8 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
     dtype: Any = jnp.float32
-    remat: bool = False
+    remat: Remat | str | bool = Remat.NONE  # 'none' | 'full' | 'dots'; False/True: none/full
+    scan_layers: bool = False  # blocks scanned over super-blocks of moe_every layers
     num_kv_heads: int | None = None  # None: num_heads (no grouping); must divide num_heads
     head_dim: int | None = None  # None: d_model // num_heads
     qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2-MoE)
@@ -61,6 +67,7 @@ class ModelConfig:
     shared_gate: bool = False  # scale the shared expert by sigmoid(x . shared_gate_D)
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", remat_value(self.remat))  # frozen: normalised once
         # Types first, so that the range rules below never compare a str with an int.
         for field in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "moe_every"):
             value = getattr(self, field)
@@ -68,7 +75,7 @@ class ModelConfig:
         for field in ("num_kv_heads", "head_dim", "shared_d_ff"):
             value = getattr(self, field)
             check(value is None or is_int(value), f"model.{field}", value, "None or an integer")
-        for field in ("qkv_bias", "qk_norm", "tie_embeddings", "shared_gate", "remat"):
+        for field in ("qkv_bias", "qk_norm", "tie_embeddings", "shared_gate", "scan_layers"):
             value = getattr(self, field)
             check(isinstance(value, bool), f"model.{field}", value, "True | False")
         for field in ("rope_theta", "norm_eps"):
@@ -169,15 +176,6 @@ def rope(x_BTNH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
     return out.astype(x_BTNH.dtype)
 
 
-def causal_attention(q_BTNH: jax.Array, k_BUJH: jax.Array, v_BUJH: jax.Array) -> jax.Array:
-    """Causal softmax attention, scores and softmax in float32 whatever the inputs' dtype.
-
-    Query head n reads key/value head n // (N / J), the layout of Hugging Face's
-    ``repeat_kv`` and of ``jax.nn.dot_product_attention`` (which this calls).
-    """
-    return jax.nn.dot_product_attention(q_BTNH, k_BUJH, v_BUJH, is_causal=True)
-
-
 class Attention(nnx.Module):
     """Causal self-attention with RoPE: N query heads, J key/value heads, width H each.
 
@@ -274,8 +272,30 @@ class Block(nnx.Module):
         return y_BTD
 
 
+class SuperBlock(nnx.Module):
+    """``moe_every`` consecutive layers (the dense ones, then the MoE one): the unit of the
+    scan. Returns the MoE layer's metrics (None in a dense model)."""
+
+    def __init__(self, cfg: ModelConfig, first_layer: int, rngs: nnx.Rngs):
+        layers = range(first_layer, first_layer + cfg.moe_every)
+        self.blocks = nnx.List([Block(cfg, i, rngs) for i in layers])
+
+    def __call__(self, x_BTD):
+        aux = None
+        for block in self.blocks:
+            x_BTD, layer_aux = block(x_BTD)
+            aux = layer_aux if layer_aux is not None else aux
+        return x_BTD, aux
+
+
 class Decoder(nnx.Module):
-    """Token ids [B, T] -> float32 logits [B, T, V] and per-MoE-layer metrics (leading L)."""
+    """Token ids [B, T] -> float32 logits [B, T, V] and per-MoE-layer metrics (leading L).
+
+    With ``scan_layers`` the blocks live in ``scan_blocks`` (a SuperBlock whose parameters are
+    stacked on a leading ``layers`` axis) and ``tail_blocks`` (the num_layers % moe_every
+    layers after the last full super-block); otherwise in ``blocks``, one per layer. Both
+    draw the same initial values from the same seed (``layer_stack`` describes the layouts).
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -283,20 +303,36 @@ class Decoder(nnx.Module):
         self.embed_VD = nnx.Param(
             jax.random.normal(rngs.params(), (v, d)), logical_axes=("vocab", "embed")
         )
-        self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
+        if cfg.scan_layers:
+            m, supers = cfg.moe_every, cfg.num_layers // cfg.moe_every
+            self.scan_blocks = layer_stack.stack_modules(
+                [SuperBlock(cfg, k * m, rngs) for k in range(supers)]
+            )
+            tail = range(supers * m, cfg.num_layers)
+            self.tail_blocks = nnx.List([Block(cfg, i, rngs) for i in tail])
+        else:
+            self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
         self.final_norm = RMSNorm(d, cfg.norm_eps)
         if not cfg.tie_embeddings:
             self.head_DV = _param(rngs, (d, v), (0,), ("embed", "vocab"))
 
     def __call__(self, tokens_BT: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        x_BTD = self.embed_VD[...].astype(self.cfg.dtype)[tokens_BT]
+        cfg = self.cfg
+        x_BTD = self.embed_VD[...].astype(cfg.dtype)[tokens_BT]
+        metrics = {}
+        if cfg.scan_layers:
+            x_BTD, aux = layer_stack.scan_stack(self.scan_blocks, x_BTD, cfg.remat)
+            metrics = {k: aux[k] for k in LAYER_METRICS} if aux is not None else {}
+            unscanned = self.tail_blocks  # dense layers only: no metrics
+        else:
+            unscanned = self.blocks
         layer_aux = []
-        for block in self.blocks:
-            call = nnx.remat(lambda b, x: b(x)) if self.cfg.remat else (lambda b, x: b(x))
-            x_BTD, aux = call(block, x_BTD)
+        for block in unscanned:
+            x_BTD, aux = layer_stack.apply_block(block, x_BTD, cfg.remat)
             if aux is not None:
                 layer_aux.append(aux)
-        return self.logits(self.final_norm(x_BTD)), _stack_layer_metrics(layer_aux)
+        metrics = metrics or _stack_layer_metrics(layer_aux)
+        return self.logits(self.final_norm(x_BTD)), metrics
 
     def logits(self, x_BTD: jax.Array) -> jax.Array:
         """Float32 logits of the final-normed activations: head_DV, or the embedding when tied."""

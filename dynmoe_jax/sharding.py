@@ -41,6 +41,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ("vocab", None),
     ("capacity", None),
     ("length", None),
+    ("layers", None),  # the leading axis of scanned (stacked) layers: every device holds all
 )
 _RULES = dict(LOGICAL_AXIS_RULES)
 

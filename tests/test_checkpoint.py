@@ -142,3 +142,54 @@ def test_a_checkpoint_with_renamed_parameters_continues_under_the_new_names(tmp_
     assert step == 3 and set(got["params"]["attn"]) == set(new["attn"])
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  got, state)  # fmt: skip
+
+
+def _model_state(scan: bool, abstract: bool = False):
+    """A train-state-like dict of a 5-layer model (moe_every=2) with an Adam state."""
+    import optax
+    from flax import nnx
+
+    from dynmoe_jax.model import Decoder, ModelConfig
+    from dynmoe_jax.moe import MoEConfig
+
+    moe = MoEConfig(num_experts=2, d_model=8, d_ff=8)
+    cfg = ModelConfig(vocab_size=16, d_model=8, num_layers=5, num_heads=2, d_ff=8, moe=moe,
+                      moe_every=2, scan_layers=scan)  # fmt: skip
+
+    def make():
+        params = nnx.to_pure_dict(nnx.state(Decoder(cfg, rngs=nnx.Rngs(3)), nnx.Param))
+        opt_state = optax.adam(1e-3).init(params)
+        opt_state = jax.tree.map(lambda x: x + 0.5, opt_state)  # distinct from the params
+        return {"params": params, "opt_state": opt_state, "step": jnp.int32(7)}
+
+    return jax.eval_shape(make) if abstract else make()
+
+
+@pytest.mark.parametrize("old_names", [False, True], ids=["today", "with_old_kv_names"])
+def test_a_per_layer_checkpoint_restores_into_scanned_layers_stacked(tmp_path, old_names):
+    from dynmoe_jax import layer_stack
+
+    state = _model_state(scan=False)
+    renamed = {"wk_DJH": "wk_DNH", "wv_DJH": "wv_DNH"} if old_names else {}
+    ckpt, _ = _saved(tmp_path, ckpt_lib.rename_keys(state, renamed), 4)
+    step, got = ckpt.restore_latest(_model_state(scan=True, abstract=True))
+    ckpt.close()
+    want = layer_stack.stack_layers(state, moe_every=2)
+    assert "blocks" not in got["params"] and "blocks" not in got["opt_state"][0].mu
+    assert got["params"]["scan_blocks"]["blocks"][1]["ffn"]["w_up_EDF"].shape == (2, 2, 8, 8)
+    assert step == 4 and jax.tree.structure(got) == jax.tree.structure(want)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 got, want)  # fmt: skip
+    # The stacked layout is what a scanned model of the same seed holds.
+    jax.tree.map(np.testing.assert_array_equal, got["params"], _model_state(scan=True)["params"])
+
+
+def test_a_scanned_checkpoint_into_per_layer_model_names_the_setting(tmp_path):
+    ckpt, _ = _saved(tmp_path, _model_state(scan=True), 2)
+    with pytest.raises(ckpt_lib.CheckpointMismatchError) as e:
+        ckpt.restore_latest(_model_state(scan=False, abstract=True))
+    ckpt.close()
+    assert str(e.value).endswith(
+        "was written with scan_layers=True; set --config.model.scan_layers=True"
+    )
+    assert "\n" not in str(e.value) and (tmp_path / "checkpoints" / "2").is_dir()

@@ -15,6 +15,7 @@ from dynmoe_jax import config as config_lib
 from dynmoe_jax import data as data_lib
 from dynmoe_jax.configs import default, paper, tiny
 from dynmoe_jax.data import corpora
+from dynmoe_jax.layer_stack import Remat
 from dynmoe_jax.validation import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +47,8 @@ def _set(config, key, value):
          "model.num_heads=32 is invalid: allowed a divisor of model.d_model=32 giving an even "
          "head width"),
         ("model.moe_every", 3, "model.moe_every=3 is invalid: allowed 1..model.num_layers=2"),
+        ("model.remat", "dot", "model.remat='dot' is invalid: allowed 'none' | 'full' | 'dots'"),
+        ("model.remat", 1, "model.remat=1 is invalid: allowed 'none' | 'full' | 'dots'"),
         ("moe.router", "top_q", "moe.router='top_q' is invalid: allowed 'top_p' | 'top_k'"),
         ("moe.threshold", 1.5, "moe.threshold=1.5 is invalid: allowed 0 < threshold <= 1"),
     ],
@@ -55,6 +58,24 @@ def test_each_rule_reports_one_line_in_the_one_format(key, value, message):
     with pytest.raises(ConfigError) as err:
         config_lib.check_config(config)
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    "value, want", [(False, Remat.NONE), (True, Remat.FULL), ("none", Remat.NONE),
+                    ("full", Remat.FULL), ("dots", Remat.DOTS)],
+)  # fmt: skip
+def test_remat_policies_and_the_booleans_of_earlier_configs(value, want):
+    config = _set(tiny.get_config(), "model.remat", value)
+    config_lib.check_config(config)
+    assert config_lib.model_config(config, 64).remat is want
+
+
+def test_scan_layers_reaches_the_model_and_older_configs_run_per_layer():
+    config = _set(tiny.get_config(), "model.scan_layers", True)
+    assert config_lib.model_config(config, 64).scan_layers is True
+    del config.model["scan_layers"]  # a config.json recorded before the field existed
+    assert config_lib.model_config(config, 64).scan_layers is False
+    assert paper.get_config().model.scan_layers is True
 
 
 def test_check_config_only_checks_and_builders_give_frozen_configs():

@@ -3,6 +3,7 @@ optional features of imported checkpoints (grouped-query attention, q/k/v biases
 tied embeddings, the shared expert) against float64 NumPy references written here."""
 
 import dataclasses
+import functools
 import re
 
 import jax
@@ -12,7 +13,8 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from dynmoe_jax import sharding
+from dynmoe_jax import attention, layer_stack, sharding
+from dynmoe_jax.layer_stack import Remat
 from dynmoe_jax.model import Attention, Decoder, DenseFFN, ModelConfig, abstract_decoder, rope
 from dynmoe_jax.moe import MoEConfig, MoELayer
 from tests import reference as ref
@@ -94,32 +96,109 @@ def test_causal_under_perturbation_without_drops():
     assert not np.allclose(la[:, 7:], lb[:, 7:])
 
 
-@pytest.mark.parametrize("capacity_factor", [None, 1.0])
-def test_remat_gives_the_same_loss_and_gradients(capacity_factor):
-    def loss_and_grads(remat):
-        cfg = _cfg(remat=remat)
-        cfg = dataclasses.replace(
-            cfg, moe=dataclasses.replace(cfg.moe, capacity_factor=capacity_factor)
-        )
-        model = Decoder(cfg, rngs=nnx.Rngs(4))
-        tokens = _tokens(5)
-        graphdef, params = nnx.split(model, nnx.Param)
+def _loss_grads_metrics(capacity_factor=None, **kw):
+    """Loss (lm + aux), gradients (pure dict) and per-layer metrics of a model seeded 4."""
+    cfg = _cfg(**kw)
+    cfg = dataclasses.replace(
+        cfg, moe=dataclasses.replace(cfg.moe, capacity_factor=capacity_factor)
+    )
+    graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(4)), nnx.Param)
+    tokens = _tokens(5)
 
-        def loss(p):
-            logits, layer = nnx.merge(graphdef, p)(tokens)
-            logp = jax.nn.log_softmax(logits[:, :-1])
-            nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
-            return nll + jnp.mean(layer["load_balance_loss"]) + jnp.mean(layer["z_loss"])
+    def loss(p):
+        logits, layer = nnx.merge(graphdef, p)(tokens)
+        logp = jax.nn.log_softmax(logits[:, :-1])
+        nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1).mean()
+        return nll + jnp.mean(layer["load_balance_loss"]) + jnp.mean(layer["z_loss"]), layer
 
-        return jax.jit(jax.value_and_grad(loss))(params)
+    (value, layer), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return float(value), nnx.to_pure_dict(grads), layer, nnx.to_pure_dict(params)
 
-    (plain, plain_grads), (remat, remat_grads) = loss_and_grads(False), loss_and_grads(True)
-    assert remat == pytest.approx(float(plain), rel=1e-6)
-    flat_plain, flat_remat = jax.tree.leaves(plain_grads), jax.tree.leaves(remat_grads)
-    assert len(flat_plain) == len(flat_remat) > 0
-    for a, b in zip(flat_plain, flat_remat, strict=True):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
-    assert any(np.abs(np.asarray(g)).max() > 0 for g in flat_plain)
+
+def _assert_trees_close(got, want, rtol=1e-5, atol=1e-7):
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize(
+    "capacity_factor, scan, remat",
+    [(None, False, "full"), (1.0, False, "dots"), (1.0, True, "full"), (None, True, "dots")],
+)
+def test_remat_gives_the_same_loss_and_gradients(capacity_factor, scan, remat):
+    plain, plain_grads, plain_layer, _ = _loss_grads_metrics(capacity_factor, scan_layers=scan)
+    got, grads, layer, _ = _loss_grads_metrics(capacity_factor, scan_layers=scan, remat=remat)
+    assert got == pytest.approx(plain, rel=1e-6)
+    _assert_trees_close(grads, plain_grads)
+    _assert_trees_close(layer, plain_layer, atol=0)
+    assert any(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(plain_grads))
+
+
+@pytest.mark.parametrize(
+    "layers, moe_every, moe, remat",
+    [(4, 1, True, "none"), (5, 2, True, "none"), (7, 3, True, "dots"), (5, 2, False, "full")],
+    ids=["every_layer", "odd_layers_moe_every_2", "tail_of_2_remat_dots", "dense_remat_full"],
+)
+def test_scanned_layers_equal_per_layer_in_loss_gradients_and_metrics(layers, moe_every, moe,
+                                                                      remat):  # fmt: skip
+    kw = {"num_layers": layers, "moe_every": moe_every, "remat": remat}
+    if not moe:
+        kw["moe"] = None
+    if moe:
+        want, want_grads, want_layer, want_params = _loss_grads_metrics(**kw)
+        got, grads, layer, params = _loss_grads_metrics(scan_layers=True, **kw)
+    else:  # a dense model has no aux losses: compare the lm loss alone
+        want, want_grads, want_layer, want_params = _dense_loss_grads(**kw)
+        got, grads, layer, params = _dense_loss_grads(scan_layers=True, **kw)
+    # Same seed, same values: the scanned parameters are the per-layer ones, restacked.
+    restacked = layer_stack.stack_layers(want_params, moe_every)
+    jax.tree.map(np.testing.assert_array_equal, params, restacked)
+    jax.tree.map(np.testing.assert_array_equal,
+                 layer_stack.unstack_layers(params, lambda x, k: x[k]), want_params)  # fmt: skip
+    n_super = layers // moe_every
+    assert params["scan_blocks"]["blocks"][0]["attn"]["wq_DNH"].shape[0] == n_super
+    assert len(params.get("tail_blocks", {})) == layers % moe_every
+    assert got == pytest.approx(want, rel=1e-6)
+    _assert_trees_close(grads, layer_stack.stack_layers(want_grads, moe_every))
+    _assert_trees_close(layer, want_layer, atol=0)
+    if moe:
+        assert layer["experts_per_token"].shape == (n_super,)
+
+
+def _dense_loss_grads(**kw):
+    cfg = _cfg(**kw)
+    graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(4)), nnx.Param)
+    tokens = _tokens(5)
+
+    def loss(p):
+        logits, layer = nnx.merge(graphdef, p)(tokens)
+        assert layer == {}
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1).mean()
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    return float(value), nnx.to_pure_dict(grads), {}, nnx.to_pure_dict(params)
+
+
+def test_scanned_parameters_carry_the_layers_axis_replicated():
+    model = Decoder(_cfg(num_layers=5, moe_every=2, scan_layers=True), rngs=nnx.Rngs(0))
+    specs = sharding.param_specs(model)
+    wq = model.scan_blocks.blocks[1].attn.wq_DNH
+    assert wq.get_metadata()["logical_axes"] == ("layers", "embed", "heads", "head_dim")
+    assert specs["scan_blocks"]["blocks"][1]["ffn"]["w_gate_EDF"] == PartitionSpec(
+        None, "expert", None, "model"
+    )
+    assert isinstance(model.scan_blocks.blocks[1].ffn, MoELayer)
+    assert isinstance(model.scan_blocks.blocks[0].ffn, DenseFFN)
+    assert isinstance(model.tail_blocks[0].ffn, DenseFFN)
+
+
+def test_remat_policy_values():
+    assert _cfg(remat=False).remat is Remat.NONE and _cfg(remat=True).remat is Remat.FULL
+    assert _cfg(remat="dots").remat is Remat.DOTS
+    with pytest.raises(ValueError, match=re.escape(
+        "model.remat='some' is invalid: allowed 'none' | 'full' | 'dots'"
+    )):  # fmt: skip
+        _cfg(remat="some")
 
 
 def test_abstract_decoder_allocates_nothing():
@@ -304,6 +383,7 @@ def test_head_dim_frees_the_head_width_from_d_model():
         ("head_dim", 5, "model.head_dim=5 is invalid: allowed None (model.d_model // "
                         "model.num_heads) or an even integer >= 2"),
         ("qkv_bias", 1, "model.qkv_bias=1 is invalid: allowed True | False"),
+        ("scan_layers", 1, "model.scan_layers=1 is invalid: allowed True | False"),
         ("qk_norm", "yes", "model.qk_norm='yes' is invalid: allowed True | False"),
         ("tie_embeddings", None, "model.tie_embeddings=None is invalid: allowed True | False"),
         ("shared_d_ff", 0, "model.shared_d_ff=0 is invalid: allowed None (no shared expert) "
@@ -341,3 +421,82 @@ def test_grouped_query_attention_split_over_the_model_axis_matches_one_device():
         got, _ = nnx.jit(lambda m, t: m(t))(nnx.merge(graphdef, params), tokens)
     assert got.sharding.mesh.shape == mesh.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "dtype, head_width, backend, want",
+    [("bfloat16", 64, "gpu", "cudnn"), ("float16", 128, "gpu", "cudnn"),
+     ("float32", 64, "gpu", "xla"), ("bfloat16", 12, "gpu", "xla_low_precision"),
+     ("bfloat16", 256, "gpu", "xla_low_precision"), ("bfloat16", 64, "cpu", "xla_low_precision"),
+     ("float32", 64, "tpu", "xla")],
+)  # fmt: skip
+def test_attention_implementation_follows_platform_dtype_and_shape(dtype, head_width, backend,
+                                                                   want):  # fmt: skip
+    assert attention.implementation(jnp.dtype(dtype), head_width, backend) == want
+
+
+def _bf16_attention_layer():
+    cfg = _cfg(**IMPORTED, dtype=jnp.bfloat16)
+    graphdef, params = nnx.split(Attention(cfg, nnx.Rngs(7)), nnx.Param)
+    x_BTD = jax.random.normal(jax.random.key(8), (2, T, D)).astype(jnp.bfloat16)
+    return cfg, graphdef, params, x_BTD
+
+
+def _float32_residuals_of_scores_size(fn, *args, b, n, t) -> list:
+    """Float32 arrays the backward pass of ``fn`` keeps with as many elements as [B, N, T, U]
+    (in any arrangement of those axes, e.g. [B, J, N/J, T, U])."""
+    _, vjp_fn = jax.vjp(fn, *args)
+    return [r.shape for r in jax.tree.leaves(vjp_fn)
+            if r.dtype == jnp.float32 and r.size >= b * n * t * t]  # fmt: skip
+
+
+def test_bf16_attention_keeps_no_float32_scores_for_the_backward_pass():
+    cfg, graphdef, params, x_BTD = _bf16_attention_layer()
+
+    def layer(p, x):
+        return nnx.merge(graphdef, p)(x)
+
+    assert layer(params, x_BTD).dtype == jnp.bfloat16
+    assert _float32_residuals_of_scores_size(layer, params, x_BTD, b=2, n=4, t=T) == []
+    # The check has teeth: XLA's own path keeps float32 [B, J, G, T, U] tensors.
+    q = jnp.ones((2, T, 4, 8), jnp.bfloat16)
+    kv = jnp.ones((2, T, 2, 8), jnp.bfloat16)
+    xla = functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="xla")
+    assert _float32_residuals_of_scores_size(xla, q, kv, kv, b=2, n=4, t=T)
+
+
+def test_bf16_attention_and_gradients_track_float32():
+    cfg, graphdef, params, x_BTD = _bf16_attention_layer()
+    cfg32 = dataclasses.replace(cfg, dtype=jnp.float32)
+    graphdef32 = nnx.graphdef(Attention(cfg32, nnx.Rngs(7)))
+    x32 = x_BTD.astype(jnp.float32)
+    probe = jax.random.normal(jax.random.key(9), (2, T, D))
+
+    def loss(g, p, x):
+        return jnp.sum(nnx.merge(g, p)(x).astype(jnp.float32) * probe)
+
+    want = jax.grad(loss, argnums=(1, 2))(graphdef32, params, x32)
+    got = jax.grad(loss, argnums=(1, 2))(graphdef, params, x_BTD)
+    np.testing.assert_allclose(
+        np.asarray(nnx.merge(graphdef, params)(x_BTD), np.float32),
+        nnx.merge(graphdef32, params)(x32), atol=0.05, rtol=0.05,
+    )  # fmt: skip
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b)
+        assert np.linalg.norm(a - b) <= 0.03 * np.linalg.norm(b)
+
+
+def test_scanned_layers_sharded_over_experts_and_model_match_one_device():
+    model = Decoder(_cfg(num_layers=5, moe_every=2, scan_layers=True), rngs=nnx.Rngs(0))
+    tokens = _tokens(batch=4)
+    want, want_layer = model(tokens)
+    mesh = sharding.make_mesh("data=2,expert=2,model=2")
+    specs = sharding.param_specs(model)
+    graphdef, params = nnx.split(model, nnx.Param)
+    placed = jax.device_put(nnx.to_pure_dict(params), sharding.named(mesh, specs))
+    nnx.replace_by_pure_dict(params, placed)
+    with jax.set_mesh(mesh):
+        got, layer = nnx.jit(lambda m, t: m(t))(nnx.merge(graphdef, params), tokens)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer["experts_per_token"], want_layer["experts_per_token"],
+                               rtol=1e-6)  # fmt: skip

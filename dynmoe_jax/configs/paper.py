@@ -26,7 +26,8 @@ def get_config() -> ConfigDict:
     c.model.num_heads = 16
     c.model.d_ff = 2816
     c.model.dtype = "bfloat16"
-    c.model.remat = True
+    c.model.remat = "full"
+    c.model.scan_layers = True  # one compiled block for all 24 layers
     c.moe.num_experts = 16
     c.moe.d_ff = 2816
     c.moe.group_size = 4096

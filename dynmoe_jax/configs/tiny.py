@@ -23,6 +23,10 @@ def get_config() -> ConfigDict:
     c.model.num_layers = 2
     c.model.num_heads = 2
     c.model.d_ff = 64
+    # Per layer: at 2 layers scanning compiled slower (20.1 s vs 16.4 s) and stepped slower
+    # (fwd+bwd 7.4 vs 7.1 ms, medians of 10 alternating calls on 2 loaded CPU cores)
+    # (experiments/bench_compile.py --config tiny --layers 2,16).
+    c.model.scan_layers = False
     c.moe.num_experts = 4
     c.moe.d_ff = 32
     return c
