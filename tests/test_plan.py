@@ -3,6 +3,10 @@ sharding, the analytic FLOPs by hand, and the one-line errors."""
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import pytest
@@ -112,3 +116,21 @@ def test_print_plan_ends_with_the_json(capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("plan: ")
     assert json.loads(lines[-1]) == result
+
+
+@pytest.mark.slow
+def test_gpu_train_dry_run(tmp_path):
+    """experiments/gpu_train.sh's pipeline on CPU at a tiny size (about 1-3 minutes)."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu_train.json"
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, "WORKDIR": str(tmp_path / "w"),
+           "PYTHONPATH": str(root)}  # fmt: skip
+    proc = subprocess.run(["bash", "experiments/gpu_train.sh", str(out)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    tokens_per_step = 4 * 64
+    assert result["tokens_per_step"] == tokens_per_step
+    achieved = result["tokens_per_sec"] / tokens_per_step * result["plan"]["flops_per_step"]
+    assert result["mfu"] == pytest.approx(achieved / 1e12)
+    assert proc.stdout.strip().splitlines()[-1].startswith("cpu: ")
