@@ -100,7 +100,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FFN_KINDS = ("moe", "dense")
 
 
-def _check_top_level(config: ConfigDict) -> None:
+def check_top_level(config: ConfigDict) -> None:
+    """The rules on the training fields (``RULES``), shared by every run and ``init_from``."""
     for field, (ok, allowed) in RULES.items():
         value = config.get(field)
         check(ok(value), field, value, allowed)
@@ -168,7 +169,7 @@ def check_config(config: ConfigDict, devices=None) -> None:
 
     ``devices``: what the mesh must fit (default: every device of this process's runtime).
     """
-    _check_top_level(config)
+    check_top_level(config)
     mesh_for(config, model_config(config, config.vocab_size), devices)
 
 

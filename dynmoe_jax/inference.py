@@ -1,7 +1,8 @@
 """Use a trained workdir: restore it, evaluate it, sample text from it and measure how each
 token is routed.
 
-``restore(config, workdir)`` gives the data, the task and the newest checkpoint's parameters;
+``restore(config, workdir)`` gives the data, the task and the newest checkpoint's parameters
+(or, with ``init_from`` and no checkpoint, the imported ones);
 ``token_statistics`` gives per-token loss, entropy and experts of any batches. The notebooks
 and the experiments use these two.
 """
@@ -22,9 +23,10 @@ from ml_collections import ConfigDict
 
 from dynmoe_jax import checkpoint as ckpt_lib
 from dynmoe_jax import data as data_lib
+from dynmoe_jax import init_from as init_from_lib
 from dynmoe_jax import model as model_lib
 from dynmoe_jax import train as train_lib
-from dynmoe_jax.config import check_config, with_recorded_corpus
+from dynmoe_jax.config import with_recorded_corpus
 from dynmoe_jax.validation import check
 
 
@@ -37,6 +39,14 @@ class Restored:
     task: train_lib.Task
     step: int
     params: Any
+    imported_from: str = ""  # the folder of imported weights ('' = the workdir's checkpoint)
+
+    @property
+    def source(self) -> str:
+        """Where the parameters come from, for the printed lines."""
+        if self.imported_from:
+            return f"imported weights of {self.imported_from}"
+        return f"checkpoint step {self.step}"
 
     def inference_graphdef(self):
         """The model's graph with no capacity limit: every selected expert computes."""
@@ -45,12 +55,25 @@ class Restored:
 
 def restore(config: ConfigDict, workdir: str | Path) -> Restored:
     """The newest checkpoint of ``workdir``, trained with ``config``. A workdir without
-    checkpoints is a FileNotFoundError, and nothing is created in it."""
-    check_config(config)
+    checkpoints is a FileNotFoundError, and nothing is created in it, unless the config has
+    ``init_from``: then the checkpoint's imported weights stand in (step 0)."""
+    init_from_lib.check_config(config)
     data = data_lib.from_config(with_recorded_corpus(config, workdir))
     dataset = data.config.dataset
     task = train_lib.build_task(config, data.vocab_size)
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints, create=False)
+    try:
+        step, params = _latest_params(task, workdir)
+    except FileNotFoundError:
+        if not init_from_lib.path_of(config):
+            raise
+        params = init_from_lib.load_params(task)
+        return Restored(data, dataset, task, 0, params, init_from_lib.path_of(config))
+    return Restored(data, dataset, task, step, params)
+
+
+def _latest_params(task: train_lib.Task, workdir: str | Path) -> tuple[int, Any]:
+    """(step, params) of the newest checkpoint; FileNotFoundError when there is none."""
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=task.config.keep_checkpoints, create=False)
     try:
         restored = train_lib.restore_state(task, checkpointer)
     finally:
@@ -58,7 +81,7 @@ def restore(config: ConfigDict, workdir: str | Path) -> Restored:
     if restored is None:
         raise FileNotFoundError(f"no checkpoint under {checkpointer.directory}: train first")
     step, state = restored
-    return Restored(data, dataset, task, step, state.params)
+    return step, state.params
 
 
 def inference_graphdef(model_cfg: model_lib.ModelConfig):
@@ -79,7 +102,7 @@ def evaluate_workdir(config: ConfigDict, workdir: str | Path) -> dict:
             eval_step, run.params, run.data.eval_batches(config.eval_batches)
         )
     unigram = run.data.unigram_cross_entropy(config.eval_batches)
-    print(f"checkpoint step {run.step} on {run.dataset}: "
+    print(f"{run.source} on {run.dataset}: "
           f"{train_lib.describe_validation(result, unigram)}")  # fmt: skip
     if "experts_per_layer" in result:
         layers = ", ".join(f"{v:.2f}" for v in result["experts_per_layer"])

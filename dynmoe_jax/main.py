@@ -3,6 +3,10 @@
     python -m dynmoe_jax.main --config=dynmoe_jax/configs/default.py --workdir=DIR \\
         [--mode=train|eval|sample] [--config.FIELD=VALUE ...]
 
+``--config.init_from=PATH`` starts from a Hugging Face MoE checkpoint folder: training
+fine-tunes it, eval and sample use its weights while the workdir holds no checkpoint
+(``init_from.py``; ``configs/pretrained.py`` holds fine-tuning defaults).
+
 Every mistake on the command line (a missing config file, a misspelt field, a bad value,
 a bad sampling flag) ends in one ``error: ...`` line and exit code 2, before any data is read
 or anything is compiled.
@@ -89,6 +93,16 @@ def check_sample_flags(prompt: str, max_new_tokens: int, temperature: float) -> 
     check(ok, "--temperature", temperature, "a number >= 0 (0 = greedy)")
 
 
+def resolve_init_from(config: ConfigDict) -> None:
+    """Checks ``init_from`` (a folder with config.json, or '') and makes it absolute, so that
+    the run's config.json records where the weights came from."""
+    from dynmoe_jax import init_from
+
+    folder = init_from.check_path(config)
+    if folder:
+        config.init_from = folder
+
+
 def _exit(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(USAGE_ERROR)
@@ -100,6 +114,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         check_argv(argv[1:])
         rest = FLAGS(argv)
         check_sample_flags(FLAGS.prompt, FLAGS.max_new_tokens, FLAGS.temperature)
+        resolve_init_from(FLAGS.config)
     except ConfigError as e:
         _exit(str(e))
     except flags.Error as e:  # a value of the wrong type, a missing required flag, ...

@@ -5,7 +5,7 @@ is the same loop on any object with the ``RunData`` methods (the experiments' sy
 The state is a ``TrainState`` (params as a pure dict of arrays); the model is rebuilt from its
 graph definition inside the jitted step.
 
-Why this module is long (about 490 lines without the corpus lookup, which belongs to the data
+Why this module is long (about 510 lines without the corpus lookup, which belongs to the data
 package): it is the one definition of a training run - task, state, train and eval steps,
 loop, progress and summary - and each part reads the others' fields; split, every change to
 the state would touch several modules.
@@ -30,10 +30,11 @@ from ml_collections import ConfigDict
 
 from dynmoe_jax import checkpoint as ckpt_lib
 from dynmoe_jax import data as data_lib
+from dynmoe_jax import init_from as init_from_lib
 from dynmoe_jax import metrics as metrics_lib
 from dynmoe_jax import model as model_lib
 from dynmoe_jax import sharding as sharding_lib
-from dynmoe_jax.config import check_config, mesh_for, model_config, save_run_config
+from dynmoe_jax.config import mesh_for, model_config, save_run_config
 from dynmoe_jax.model import Decoder, ModelConfig
 
 Batch = dict[str, np.ndarray]
@@ -115,8 +116,12 @@ def make_optimizer(config: ConfigDict, schedule: optax.Schedule) -> optax.Gradie
 
 
 def build_task(config: ConfigDict, vocab_size: int, devices=None) -> Task:
-    """Model, optimizer, mesh and shardings; every check here runs before any compilation."""
-    model_cfg = model_config(config, vocab_size)
+    """Model, optimizer, mesh and shardings; every check here runs before any compilation.
+    With ``init_from`` the model is the checkpoint's, with the config's routing."""
+    if init_from_lib.path_of(config):
+        model_cfg = init_from_lib.model_config(config, vocab_size)
+    else:
+        model_cfg = model_config(config, vocab_size)
     mesh = mesh_for(config, model_cfg, devices)
     abstract_model = model_lib.abstract_decoder(model_cfg)
     schedule = learning_rate_schedule(config)
@@ -151,25 +156,42 @@ def build_task(config: ConfigDict, vocab_size: int, devices=None) -> Task:
     )
 
 
+def _step_zero(task: Task, params) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=task.optimizer.init(params),
+        nonfinite_steps=jnp.zeros((), jnp.int32),
+        first_nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
+
+
 def _init_fn(task: Task) -> Callable[[], TrainState]:
     def init():
         model = Decoder(task.model_cfg, rngs=nnx.Rngs(task.config.seed))
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=task.optimizer.init(params),
-            nonfinite_steps=jnp.zeros((), jnp.int32),
-            first_nonfinite_step=jnp.full((), -1, jnp.int32),
-        )
+        return _step_zero(task, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
     return init
 
 
 def init_state(task: Task) -> TrainState:
-    """A fresh state, created directly in its sharded layout."""
+    """A fresh state, created directly in its sharded layout: random weights, or those of
+    the config's ``init_from`` checkpoint."""
+    if init_from_lib.path_of(task.config):
+        return _imported_state(task)
     with jax.set_mesh(task.mesh):
         return jax.jit(_init_fn(task), out_shardings=task.state_shardings)()
+
+
+def _imported_state(task: Task) -> TrainState:
+    """Step 0 with the imported weights and a fresh optimizer state."""
+    params = init_from_lib.load_params(task)
+    shardings = task.state_shardings
+    init = jax.jit(
+        lambda p: _step_zero(task, p), in_shardings=(shardings.params,), out_shardings=shardings
+    )
+    with jax.set_mesh(task.mesh):
+        return init(params)
 
 
 def abstract_state(task: Task) -> TrainState:
@@ -371,7 +393,7 @@ def save_state(checkpointer: ckpt_lib.Checkpointer, step: int, state: TrainState
 def train_and_evaluate(config: ConfigDict, workdir: str | Path) -> dict:
     """Trains (resuming from the workdir's latest checkpoint) and returns the final validation
     metrics. Writes metrics.jsonl, TensorBoard events, checkpoints and the experts plot."""
-    check_config(config)  # every data-free check, before reading or compiling anything
+    init_from_lib.check_config(config)  # every data-free check, before reading or compiling
     workdir = Path(workdir)
     data = data_lib.from_config(config)
     dataset = data.config.dataset  # the fallback corpus, if the config named one and used it

@@ -217,7 +217,7 @@ def test_packing_matches_a_hand_built_example():
 
     np.testing.assert_array_equal(pipeline.window_tokens(stream, 3, pad_tail=False), [[5, 6, 7, 1]])
     windows = pipeline.window_tokens(stream, 3, pad_tail=True)
-    np.testing.assert_array_equal(windows, [[5, 6, 7, 1], [8, 9, 1, 0]])
+    np.testing.assert_array_equal(windows, [[5, 6, 7, 1], [8, 9, 1, pipeline.PADDING]])
 
     batch = pipeline.windows_to_batch(windows)
     np.testing.assert_array_equal(batch["inputs"], [[5, 6, 7], [8, 9, 1]])

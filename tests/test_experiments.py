@@ -325,6 +325,7 @@ def test_router_table_reports_capacity_drops_and_per_seed_times():
     ("difficulty_tokens", "difficulty", "plot_tokens"),
     ("sweep_threshold", "sweep_threshold", "plot_sweep"),
     ("sweep_threshold", "sweep_threshold", "plot_layers"),
+    ("pretrained_top_p_olmoe", "pretrained_top_p", "plot"),
 ])  # fmt: skip
 def test_committed_results_replot(stem, module, plot, tmp_path):
     import importlib
@@ -333,3 +334,60 @@ def test_committed_results_replot(stem, module, plot, tmp_path):
     plotter = getattr(importlib.import_module(f"experiments.{module}"), plot)
     path = plotter(raw, tmp_path / f"{plot}.png")
     assert path.stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------- pretrained
+
+
+def test_pretrained_top_p_settings_cover_the_checkpoints_own_k():
+    from experiments import pretrained_top_p as exp
+
+    mixtral = exp.settings(None, [0.9, 0.5, 0.5], native_k=2, num_experts=8)
+    assert mixtral == [{"router": "top_k", "top_k": k} for k in (1, 2, 4)] + [
+        {"router": "top_p", "threshold": 0.5}, {"router": "top_p", "threshold": 0.9}
+    ]  # fmt: skip
+    olmoe = exp.settings(None, [], native_k=8, num_experts=64)
+    assert [s["top_k"] for s in olmoe] == [1, 2, 8, 16]
+    assert [s["top_k"] for s in exp.settings([3, 9], [], native_k=2, num_experts=4)] == [3]
+    assert exp.label({"router": "top_k", "top_k": 8}, 8) == "top-8 (checkpoint's own)"
+    assert exp.label({"router": "top_p", "threshold": 1.0}) == "top-p 1"
+
+
+def test_pretrained_top_p_stops_in_one_line_on_a_bad_folder(tmp_path, capsys):
+    from experiments import pretrained_top_p as exp
+
+    with pytest.raises(SystemExit) as exit_info:
+        exp.main([str(tmp_path / "missing"), "--results-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: init_from=") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_pretrained_top_p_on_a_fixture(tmp_path, capsys):
+    from experiments import pretrained_top_p as exp
+
+    fixture = "tests/fixtures/hf/mixtral"
+    argv = [fixture, "--data-dir", str(tmp_path / "cache"), "--seq-len", "32", "--batch-size",
+            "4", "--eval-batches", "2", "--ks", "1", "2", "4", "--thresholds", "0.5", "1.0",
+            "--results-dir", str(tmp_path), "--name", "demo"]  # fmt: skip
+    raw = exp.main(argv)
+    out = capsys.readouterr().out
+    assert "[1/5] top-1: perplexity" in out and "[5/5] top-p 1: perplexity" in out
+    rows = {r["label"]: r for r in raw["settings"]}
+    assert list(rows) == ["top-1", "top-2 (checkpoint's own)", "top-4", "top-p 0.5", "top-p 1"]
+    for k, name in ((1, "top-1"), (2, "top-2 (checkpoint's own)"), (4, "top-4")):
+        np.testing.assert_array_equal(rows[name]["experts_per_layer"], [k, k])
+    assert 1.0 <= rows["top-p 0.5"]["experts_per_token"] < 4.0
+    # p = 1 keeps every expert with its softmax weight, the same mixture as top-4
+    # renormalised; only an expert whose weight is below float32 rounding of the running sum
+    # (a few of these random tokens) is left out, and it changes nothing.
+    assert 3.99 < rows["top-p 1"]["experts_per_token"] <= 4.0
+    assert rows["top-p 1"]["perplexity"] == pytest.approx(rows["top-4"]["perplexity"], rel=1e-5)
+    saved = json.loads((tmp_path / "demo.json").read_text())
+    assert saved["command"] == ".venv/bin/python -m experiments.pretrained_top_p " + " ".join(argv)
+    assert saved["native_top_k"] == 2 and saved["architecture"] == "MixtralForCausalLM"
+    table = (tmp_path / "demo.md").read_text()
+    assert "| top-p 0.5 | " in table and table.count("\n| top-") == 5
+    assert (tmp_path / "demo.png").stat().st_size > 10_000

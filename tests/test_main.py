@@ -1,13 +1,14 @@
 """The command line: every mistake ends in one ``error:`` line and exit code 2, before any data
 is read or anything is compiled."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from dynmoe_jax import main
+from dynmoe_jax import init_from, main
 from dynmoe_jax.validation import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,11 @@ def test_cli_rejects_bad_config_before_compiling(tmp_path, flag, message):
         (["--config=dynmoe_jax/configs/nope.py"],
          "error: --config='dynmoe_jax/configs/nope.py' is invalid: allowed a config file that "
          "exists, e.g. dynmoe_jax/configs/default.py"),
+        ([f"--config={TINY}", "--config.init_from=no/such/folder", "--mode=eval"],
+         f"error: init_from='no/such/folder' is invalid: allowed {init_from.ALLOWED}"),
+        (["--config=dynmoe_jax/configs/pretrained.py"],
+         f"error: init_from=None is invalid: allowed {init_from.ALLOWED}: this config needs "
+         "--config.init_from=PATH"),
     ],
 )  # fmt: skip
 def test_cli_mistakes_print_exactly_one_line(tmp_path, args, line):
@@ -104,3 +110,83 @@ def test_parse_flags_exits_2_with_one_line(capsys):
     assert capsys.readouterr().err == (
         "error: flag --max_new_tokens=x: invalid literal for int() with base 10: 'x'\n"
     )
+
+
+def test_init_from_is_checked_and_made_absolute(tmp_path, monkeypatch):
+    from ml_collections import ConfigDict
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    config = ConfigDict({"init_from": str(folder)})
+    with pytest.raises(ConfigError, match="init_from='.*ckpt' is invalid"):
+        main.resolve_init_from(config)  # a folder without config.json
+    (folder / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    config.init_from = "ckpt"
+    main.resolve_init_from(config)
+    assert config.init_from == str(folder.resolve())
+    empty = ConfigDict({"init_from": ""})
+    main.resolve_init_from(empty)
+    assert empty.init_from == ""
+
+
+def test_config_router_fields_override_the_checkpoint():
+    from dynmoe_jax.configs import default, pretrained
+
+    c = pretrained.get_config()
+    overrides = init_from.moe_overrides(c)
+    # None keeps the checkpoint's own top-k and renormalisation; every other field applies.
+    assert set(overrides) == set(init_from.MOE_OVERRIDES) - {"top_k", "renormalize"}
+    assert overrides["router"] == "top_p" and overrides["capacity_factor"] is None
+    c.moe.top_k, c.moe.renormalize = 3, False
+    got = init_from.moe_overrides(c)
+    assert (got["top_k"], got["renormalize"]) == (3, False)
+    assert default.get_config().init_from == ""
+    assert "num_experts" not in init_from.moe_overrides(default.get_config())
+
+
+FIXTURES = ROOT / "tests" / "fixtures" / "hf"
+
+
+def test_cli_rejects_an_unsupported_checkpoint_in_one_line(tmp_path):
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"]}')
+    proc = _cli(f"--config={TINY}", f"--workdir={tmp_path / 'run'}", f"--config.init_from={folder}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    assert "GPT2LMHeadModel" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_cli_fine_tunes_evaluates_and_samples_an_imported_checkpoint(tmp_path):
+    common = [
+        "--config=dynmoe_jax/configs/pretrained.py",
+        f"--config.init_from={FIXTURES / 'olmoe'}",
+        f"--config.data_dir={tmp_path / 'cache'}",
+        "--config.seq_len=32", "--config.batch_size=4", "--config.eval_batches=2",
+    ]  # fmt: skip
+    steps = ["--config.num_train_steps=2", "--config.eval_every_steps=2",
+             "--config.checkpoint_every_steps=2", "--config.log_every_steps=1"]  # fmt: skip
+    run = tmp_path / "run"
+    proc = _cli(*common, *steps, f"--workdir={run}", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "experts per token by layer (validation): " in proc.stdout
+    assert (run / "checkpoints" / "2").is_dir()
+
+    proc = _cli(*common, f"--workdir={run}", "--mode=eval", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpoint step 2 on pydoc: validation split, 2 batches" in proc.stdout
+    layers = proc.stdout.split("experts per token by layer: ")[1].splitlines()[0].split(", ")
+    assert len(layers) == 2 and all(0 < float(x) <= 8 for x in layers)
+
+    fresh = tmp_path / "fresh"
+    proc = _cli(*common, f"--workdir={fresh}", "--mode=sample", "--max_new_tokens=4",
+                "--prompt=The list", timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "The list" in proc.stdout
+    generated = re.search(r"^\[(\d+) tokens, ([\d.]+) experts per token on average\]$",
+                          proc.stdout, flags=re.M)  # fmt: skip
+    assert generated and int(generated[1]) <= 4 and float(generated[2]) <= 8
+    assert not fresh.exists()

@@ -33,6 +33,9 @@ def get_config() -> ConfigDict:
     c.keep_checkpoints = 3
     c.mesh_shape = ""  # '' = one device; e.g. "data=2,expert=4"
     c.nonfinite = "skip"  # skip: drop the update and count it | stop: raise, keep checkpoints
+    # A Hugging Face MoE checkpoint folder to start from ('' = train this config's own model);
+    # see configs/pretrained.py and the README's "Bring your own MoE".
+    c.init_from = ""
 
     c.model = ConfigDict()
     c.model.ffn = "moe"  # moe | dense (the dense baseline)

@@ -9,6 +9,7 @@ Typical use (``config`` a DataConfig, a mapping or the training ConfigDict)::
 """
 
 from dynmoe_jax.data.corpora import CorpusUnavailableError
+from dynmoe_jax.data.hf_tokenizer import HFTokenizer
 from dynmoe_jax.data.loading import CACHE_ENV, cache_dir, from_config
 from dynmoe_jax.data.pipeline import Data, DataConfig
 from dynmoe_jax.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer
@@ -19,6 +20,7 @@ __all__ = [
     "CorpusUnavailableError",
     "Data",
     "DataConfig",
+    "HFTokenizer",
     "SentencePieceTokenizer",
     "Tokenizer",
     "cache_dir",

@@ -8,7 +8,8 @@ Caches (all under the cache folder, safe to delete; see :func:`cache_dir`):
 
 * ``dynmoe_text/<config>/<version>/``: the TFDS ArrayRecord build of a local corpus;
 * ``tokenizers/<dataset key>-bpe<vocab>.model``: the SentencePiece model (train split only);
-* ``packed/<dataset key>-<tokenizer fingerprint>-<split>.npy``: the token stream of a split.
+* ``packed/<dataset key>-<tokenizer fingerprint>-<split>.npy``: the token stream of a split
+  (a checkpoint's tokenizer.json is fingerprinted by its bytes and EOS id).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 from dynmoe_jax.data import builder as builder_lib
 from dynmoe_jax.data import corpora
 from dynmoe_jax.data import tokenizer as tokenizer_lib
+from dynmoe_jax.data.hf_tokenizer import HFTokenizer
 from dynmoe_jax.data.pipeline import SPLITS, Data, DataConfig, pack_records
 
 CACHE_ENV = "DYNMOE_DATA_DIR"
@@ -72,13 +74,7 @@ def from_config(config: Any) -> Data:
 
 def _load(config: DataConfig, requested_dataset: str | None = None) -> Data:
     corpus = _Corpus(config)
-    tokenizer = tokenizer_lib.make_tokenizer(
-        config.tokenizer,
-        data_dir=config.data_dir,
-        dataset_key=corpus.key,
-        vocab_size=config.vocab_size,
-        train_sentences=functools.partial(corpus.records, "train"),
-    )
+    tokenizer = _tokenizer(config, corpus)
     streams = {
         split: _cached_array(
             packed_path(config.data_dir, corpus.key, tokenizer.fingerprint, split),
@@ -87,6 +83,19 @@ def _load(config: DataConfig, requested_dataset: str | None = None) -> Data:
         for split in SPLITS
     }
     return Data(config, tokenizer, streams["train"], streams["validation"], requested_dataset)
+
+
+def _tokenizer(config: DataConfig, corpus: _Corpus) -> tokenizer_lib.Tokenizer:
+    """A pretrained checkpoint's own tokenizer, or the configured one."""
+    if config.init_from:
+        return HFTokenizer.from_dir(config.init_from)
+    return tokenizer_lib.make_tokenizer(
+        config.tokenizer,
+        data_dir=config.data_dir,
+        dataset_key=corpus.key,
+        vocab_size=config.vocab_size,
+        train_sentences=functools.partial(corpus.records, "train"),
+    )
 
 
 class _Corpus:

@@ -3,7 +3,11 @@
 Packing: every record is tokenized and followed by EOS, the records are concatenated into one
 stream, and the stream is cut into non-overlapping windows of ``seq_len + 1`` tokens; a window
 gives ``inputs = window[:-1]`` and ``targets = window[1:]``. The train split drops the final
-partial window; the validation split pads it with ``pad_id`` (weight 0) so every token counts.
+partial window; the validation split pads it so every token counts.
+
+Padding is marked by position, never by a token id: windows hold ``PADDING`` (-1, below every
+id) there, and a batch gives those positions weight 0 and the tokenizer's ``pad_id`` as their
+id. A checkpoint's vocabulary uses every id, 0 included, so no id could mark padding itself.
 
 Training batches are a pure function of ``(seed, step)``: batch ``step`` holds sequences
 ``step * batch_size ...`` of an endless stream made of one permutation of the train windows per
@@ -29,6 +33,7 @@ from dynmoe_jax.data import tokenizer as tokenizer_lib
 from dynmoe_jax.validation import check, invalid
 
 SPLITS = ("train", "validation")
+PADDING = -1  # a padded window position (no tokenizer produces a negative id)
 Batch = dict[str, np.ndarray]
 
 
@@ -46,6 +51,8 @@ class DataConfig:
       seed: seeds the per-epoch shuffles of the training sequences.
       tokenizer: 'sentencepiece' or 'bytes'.
       vocab_size: SentencePiece vocabulary size (a tiny corpus may get fewer pieces).
+      init_from: a pretrained checkpoint's folder; when set, its tokenizer.json tokenizes the
+        corpus and ``tokenizer`` and ``vocab_size`` are not used ('' = none).
       eval_batches: validation batches that evaluation uses (None: all of them).
       validation_percent: share of a local corpus's records held out for validation.
       max_records: read at most this many records per split of a TFDS dataset (None: all).
@@ -62,11 +69,12 @@ class DataConfig:
     eval_batches: int | None = None
     validation_percent: int = builder_lib.DEFAULT_VALIDATION_PERCENT
     max_records: int | None = None
+    init_from: str = ""
 
     def __post_init__(self):
         check(isinstance(self.dataset, str) and bool(self.dataset), "dataset", self.dataset,
               corpora.VALID_CHOICES)  # fmt: skip
-        for name in ("fallback_dataset", "data_dir"):
+        for name in ("fallback_dataset", "data_dir", "init_from"):
             check(isinstance(getattr(self, name), str), name, getattr(self, name), "a string")
         for name in ("seq_len", "batch_size", "vocab_size"):
             value = getattr(self, name)
@@ -93,8 +101,9 @@ class DataConfig:
             values = {name: config[name] for name in names if name in config}
         else:
             values = {name: getattr(config, name) for name in names if hasattr(config, name)}
-        if "data_dir" in values:
-            values["data_dir"] = os.fspath(values["data_dir"])
+        for name in ("data_dir", "init_from"):
+            if isinstance(values.get(name), os.PathLike):
+                values[name] = os.fspath(values[name])
         return cls(**values)
 
 
@@ -115,34 +124,33 @@ def pack_records(token_lists: Iterable[Sequence[int]], eos_id: int) -> np.ndarra
     return np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
 
 
-def window_tokens(
-    stream: np.ndarray, seq_len: int, *, pad_tail: bool, pad_id: int = tokenizer_lib.PAD_ID
-) -> np.ndarray:
+def window_tokens(stream: np.ndarray, seq_len: int, *, pad_tail: bool) -> np.ndarray:
     """Cuts a token stream into non-overlapping ``[num_windows, seq_len + 1]`` windows.
 
-    The final partial window is dropped, or padded with ``pad_id`` when ``pad_tail`` (a tail of
-    a single token is dropped either way: it has no target).
+    The final partial window is dropped, or filled up with ``PADDING`` when ``pad_tail`` (a
+    tail of a single token is dropped either way: it has no target).
     """
     width = seq_len + 1
     num_full, tail = divmod(len(stream), width)
     windows = stream[: num_full * width].reshape(num_full, width)
     if pad_tail and tail > 1:
-        last = np.full((1, width), pad_id, dtype=stream.dtype)
+        last = np.full((1, width), PADDING, dtype=stream.dtype)
         last[0, :tail] = stream[num_full * width :]
         windows = np.concatenate([windows, last])
     return windows
 
 
 def windows_to_batch(windows: np.ndarray, pad_id: int = tokenizer_lib.PAD_ID) -> Batch:
-    """Model inputs from ``[B, T + 1]`` windows: targets are the inputs shifted by one."""
+    """Model inputs from ``[B, T + 1]`` windows: targets are the inputs shifted by one.
+    ``PADDING`` positions get weight 0 and the id ``pad_id``."""
     windows = np.asarray(windows, dtype=np.int32)
-    # Contiguous copies: views into the window matrix would keep it alive and copy on transfer.
-    targets = np.ascontiguousarray(windows[:, 1:])
+    padded = windows == PADDING
+    # New arrays, not views into the window matrix (which would keep it alive).
+    ids = np.where(padded, np.int32(pad_id), windows)
     return {
-        "inputs": np.ascontiguousarray(windows[:, :-1]),
-        "targets": targets,
-        # pad_id is never produced by a tokenizer, so it only marks padding.
-        "weights": (targets != pad_id).astype(np.float32),
+        "inputs": np.ascontiguousarray(ids[:, :-1]),
+        "targets": np.ascontiguousarray(ids[:, 1:]),
+        "weights": (~padded[:, 1:]).astype(np.float32),
     }
 
 
@@ -194,9 +202,7 @@ class Data:
                 f"tokens (it holds {len(train_stream)}); or a smaller seq_len"
             )
             invalid("dataset", config.dataset, allowed)
-        self._eval_windows = window_tokens(
-            validation_stream, config.seq_len, pad_tail=True, pad_id=self.pad_id
-        )
+        self._eval_windows = window_tokens(validation_stream, config.seq_len, pad_tail=True)
         self._train_batches = shuffled_batches(self._train_windows, config.batch_size, config.seed)
         self.unigram_log_probs = unigram_log_probs(train_stream, self.vocab_size)
 
@@ -256,7 +262,7 @@ class Data:
             windows = self._eval_windows[index * size : (index + 1) * size]
             if len(windows) < size:
                 # Padded rows keep every batch the same shape, so a jitted eval step compiles once.
-                padding = np.full((size - len(windows), windows.shape[1]), self.pad_id, np.int32)
+                padding = np.full((size - len(windows), windows.shape[1]), PADDING, np.int32)
                 windows = np.concatenate([windows, padding])
             yield windows_to_batch(windows, self.pad_id)
 
@@ -272,6 +278,11 @@ class Data:
             count += float(batch["weights"].sum())
         return total / max(count, 1.0)
 
+    def _tokenizer_name(self) -> str:
+        if self.config.init_from:
+            return f"{self.config.init_from}/tokenizer.json"
+        return self.config.tokenizer
+
     def summary(self) -> str:
         """What the run trains and validates on, each number labelled, for the start-up log."""
         corpus = f"corpus={self.config.dataset}"
@@ -279,7 +290,7 @@ class Data:
             corpus += f" (fallback_dataset: dataset={self.requested_dataset} is not installed)"
         unigram = math.exp(self.unigram_cross_entropy())
         return "\n".join([
-            f"data: {corpus} tokenizer={self.config.tokenizer} vocab={self.vocab_size}",
+            f"data: {corpus} tokenizer={self._tokenizer_name()} vocab={self.vocab_size}",
             f"data: train split: {self.num_train_sequences} sequences of {self.config.seq_len} "
             f"tokens ({self.num_train_tokens} tokens), {self.steps_per_epoch:.1f} steps/epoch",
             f"data: validation split: {self.num_eval_batches} of {self.num_validation_batches} "

@@ -1,4 +1,5 @@
-"""Tokenizers with one small interface: a byte-level one and a cached SentencePiece model.
+"""Tokenizers with one small interface: a byte-level one and a cached SentencePiece model
+(``hf_tokenizer.py`` adds a pretrained checkpoint's tokenizer.json).
 
 Both reserve id 0 for padding (never produced by ``encode``) and have an end-of-sequence id that
 the pipeline appends after every record.
@@ -31,6 +32,8 @@ class Tokenizer(Protocol):
 
     vocab_size: int
     eos_id: int
+    # The id padded positions carry; the pipeline masks padding by position (weight 0), so this
+    # may be a real token of the vocabulary.
     pad_id: int
     # Identifies the exact vocabulary, so caches of token ids are never reused across tokenizers.
     fingerprint: str
