@@ -5,7 +5,7 @@ simulated with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``), lowers a
 the jitted train step on abstract inputs (``jax.eval_shape`` for the state,
 ``jax.ShapeDtypeStruct`` with shardings for the batch) and reads the compiled program's memory
 and cost analyses. No parameter, optimizer or batch array is allocated, and no data is read:
-the vocabulary size is the config's ``vocab_size``.
+the vocabulary size is the config's ``vocab_size`` (with ``init_from``, the checkpoint's).
 
 The per-device total (parameters + optimizer state + the compiled step's temporaries) must
 fit ``device_memory_bytes``; a plan that does not fails with a one-line ``ConfigError``.
@@ -24,9 +24,9 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
+from dynmoe_jax import init_from as init_from_lib
 from dynmoe_jax import model as model_lib
 from dynmoe_jax import train as train_lib
-from dynmoe_jax.config import check_config
 from dynmoe_jax.validation import invalid
 
 DEVICE_MEMORY_BYTES = 80e9  # an 80 GB card (A100/H100 80GB)
@@ -130,8 +130,9 @@ def plan(config: ConfigDict, device_memory_bytes: float = DEVICE_MEMORY_BYTES, d
     and compile_s. Raises ConfigError (one line) for a bad config, a mesh that does not
     divide, or a plan that does not fit ``device_memory_bytes``. ``log`` gets progress lines.
     """
-    check_config(config, devices)
-    task = train_lib.build_task(config, config.vocab_size, devices)
+    init_from_lib.check_config(config, devices)
+    vocab_size = None if init_from_lib.path_of(config) else config.vocab_size
+    task = train_lib.build_task(config, vocab_size, devices)
     abstract = model_lib.abstract_decoder(task.model_cfg)
     total, experts = count_params(abstract)
     active = active_params(task.model_cfg, total, experts)

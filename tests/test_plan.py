@@ -25,6 +25,7 @@ ATTENTION = 4 * D * D  # wq, wk, wv, wo (2 heads of width 16, no grouping)
 NORMS = 2 * D
 ROUTER = D * E
 EXPERTS = 3 * E * D * F  # gate, up, down per expert
+TINY = "dynmoe_jax/configs/tiny.py"
 NON_EXPERT = EMBED + HEAD + L * (ATTENTION + NORMS + ROUTER) + D  # + final norm
 TOTAL = NON_EXPERT + L * EXPERTS
 
@@ -92,13 +93,22 @@ def test_flops_are_the_compiled_count_unless_a_loop_hides_work(one_device, eight
     assert eight_devices["flops_per_step"] == pytest.approx(2 * analytic)
 
 
+def _cli(*args):
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "dynmoe_jax.main", *args], cwd=root,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
 def test_a_plan_that_does_not_fit_fails_in_one_line():
-    with pytest.raises(ConfigError) as err:
-        plan_lib.plan(tiny.get_config(), device_memory_bytes=1e6, devices=jax.devices()[:1])
-    text = str(err.value)
-    assert "\n" not in text
-    assert text.startswith("device_memory_bytes=1000000.0 is invalid: allowed at least the plan")
-    assert "params 0.00 + optimizer 0.00 + temporaries" in text
+    proc = _cli(f"--config={TINY}", "--mode=plan", "--device_memory_bytes=1e6")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(
+        "error: device_memory_bytes=1000000.0 is invalid: allowed at least the plan's per-device "
+        "total 0."
+    )
+    assert "(params 0.00 + optimizer 0.00 + temporaries 0.0" in lines[0]
 
 
 def test_a_mesh_that_does_not_divide_fails_before_compiling():
@@ -111,11 +121,28 @@ def test_a_mesh_that_does_not_divide_fails_before_compiling():
         plan_lib.plan(c)
 
 
-def test_print_plan_ends_with_the_json(capsys):
-    result = plan_lib.print_plan(tiny.get_config())
-    lines = capsys.readouterr().out.strip().splitlines()
+def test_plan_mode_prints_progress_then_the_json_last():
+    proc = _cli(f"--config={TINY}", "--mode=plan")  # no workdir: plan writes nothing
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
     assert lines[0].startswith("plan: ")
-    assert json.loads(lines[-1]) == result
+    result = json.loads(lines[-1])
+    assert (result["params"], result["active_params"]) == (TOTAL, 53664)
+    assert result["params_bytes_per_device"] == 4 * TOTAL
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["--mode=train"], "error: --workdir=None is invalid: allowed a folder (--mode=train "
+                           "needs one)"),
+        (["--mode=plan", "--device_memory_bytes=0"],
+         "error: --device_memory_bytes=0.0 is invalid: allowed a number of bytes > 0, e.g. 80e9"),
+    ],
+)  # fmt: skip
+def test_plan_flags_fail_in_one_line(args, line):
+    proc = _cli(f"--config={TINY}", *args)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (2, line + "\n", "")
 
 
 @pytest.mark.slow
