@@ -8,7 +8,7 @@
 # Needs an NVIDIA GPU and a venv with jax[cuda12] (pip install "jax[cuda12]==0.10.2" plus this
 # package). Run from the repository root:
 #     bash experiments/gpu_train.sh [OUT_JSON]      (default experiments/results/gpu_train.json)
-# Environment: PYTHON (default .venv/bin/python), LAYERS (8), BATCH (16 sequences), STEPS (300),
+# Environment: PYTHON (default .venv/bin/python), LAYERS (8), BATCH (8 sequences), STEPS (300),
 # VOCAB (32000; a small corpus's SentencePiece model may get fewer pieces, and the plan uses the
 # count the tokenizer really has), PEAK_TFLOPS (989, see below), WORKDIR (a fresh temp folder).
 # DRY_RUN=1 skips the GPU checks and runs the same pipeline on CPU at a tiny size (checks the
@@ -43,7 +43,7 @@ EOF
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader >&2
   MEMORY=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
   SIZES=(layers="${LAYERS:-8}" d_model=1024 heads=16 experts=16 d_ff=2816 seq_len=2048
-         batch="${BATCH:-16}" steps="${STEPS:-300}" vocab="${VOCAB:-32000}"
+         batch="${BATCH:-8}" steps="${STEPS:-300}" vocab="${VOCAB:-32000}"
          memory="$((MEMORY * 1024 * 1024))" peak_tflops="${PEAK_TFLOPS:-989}")
 fi
 
