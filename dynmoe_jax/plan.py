@@ -9,6 +9,8 @@ the vocabulary size is the config's ``vocab_size`` (with ``init_from``, the chec
 
 The per-device total (parameters + optimizer state + the compiled step's temporaries) must
 fit ``device_memory_bytes``; a plan that does not fails with a one-line ``ConfigError``.
+Temporaries come from the compiler of the devices present: XLA:CPU keeps no savings of remat
+(measured in experiments/results/plan.md), so a CPU plan of a remat config overstates them.
 """
 
 from __future__ import annotations
