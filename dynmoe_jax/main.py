@@ -1,7 +1,13 @@
-"""Command line: train, evaluate or sample.
+"""Command line: train, evaluate, sample or plan.
 
     python -m dynmoe_jax.main --config=dynmoe_jax/configs/default.py --workdir=DIR \\
         [--mode=train|eval|sample] [--config.FIELD=VALUE ...]
+    python -m dynmoe_jax.main --config=dynmoe_jax/configs/paper.py --mode=plan \\
+        [--device_memory_bytes=80e9]
+
+``--mode=plan`` compiles the train step for the config's mesh on the devices present (or
+simulated: ``XLA_FLAGS=--xla_force_host_platform_device_count=16``) without allocating or
+reading anything, and prints the plan as one JSON object on its last line (``plan.py``).
 
 ``--config.init_from=PATH`` starts from a Hugging Face MoE checkpoint folder: training
 fine-tunes it, eval and sample use its weights while the workdir holds no checkpoint
@@ -30,7 +36,12 @@ USAGE_ERROR = 2  # exit code of every command-line mistake
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"], "What to do with the workdir.")
+flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "sample", "plan"], "What to do with the workdir."
+)
+flags.DEFINE_float(
+    "device_memory_bytes", 80e9, "--mode=plan: the memory of one device the plan must fit."
+)
 flags.DEFINE_string("prompt", "And God said", "Prompt for --mode=sample.")
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate in --mode=sample.")
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).")
@@ -40,7 +51,8 @@ flags.DEFINE_bool(
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-host runs.")
 flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
+NEEDS_WORKDIR = ("train", "eval", "sample")  # plan writes nothing
 
 
 def _flag_values(argv: Sequence[str], name: str) -> list[str]:
@@ -93,6 +105,14 @@ def check_sample_flags(prompt: str, max_new_tokens: int, temperature: float) -> 
     check(ok, "--temperature", temperature, "a number >= 0 (0 = greedy)")
 
 
+def check_mode_flags(mode: str, workdir: str | None, device_memory_bytes: float) -> None:
+    """A workdir for the modes that write or read one; a positive memory for plan."""
+    if mode in NEEDS_WORKDIR:
+        check(bool(workdir), "--workdir", workdir, f"a folder (--mode={mode} needs one)")
+    allowed = "a number of bytes > 0, e.g. 80e9"
+    check(device_memory_bytes > 0, "--device_memory_bytes", device_memory_bytes, allowed)
+
+
 def resolve_init_from(config: ConfigDict) -> None:
     """Checks ``init_from`` (a folder with config.json, or '') and makes it absolute, so that
     the run's config.json records where the weights came from."""
@@ -115,6 +135,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         rest = FLAGS(argv)
         check_sample_flags(FLAGS.prompt, FLAGS.max_new_tokens, FLAGS.temperature)
         resolve_init_from(FLAGS.config)
+        check_mode_flags(FLAGS.mode, FLAGS.workdir, FLAGS.device_memory_bytes)
     except ConfigError as e:
         _exit(str(e))
     except flags.Error as e:  # a value of the wrong type, a missing required flag, ...
@@ -141,7 +162,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     init_distributed()
-    from dynmoe_jax import checkpoint, inference, train
+    from dynmoe_jax import checkpoint, inference, plan, train
 
     modes = {
         "train": lambda: train.train_and_evaluate(FLAGS.config, FLAGS.workdir),
@@ -149,6 +170,7 @@ def main(argv):
         "sample": lambda: inference.sample_workdir(
             FLAGS.config, FLAGS.workdir, FLAGS.prompt, FLAGS.max_new_tokens, FLAGS.temperature
         ),
+        "plan": lambda: plan.print_plan(FLAGS.config, FLAGS.device_memory_bytes),
     }
     try:
         modes[FLAGS.mode]()
