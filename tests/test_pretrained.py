@@ -23,6 +23,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from dynmoe_jax import sharding
+from dynmoe_jax.layer_stack import Remat
 from dynmoe_jax.moe import MoELayer
 from dynmoe_jax.pretrained import PretrainedError, from_hf, hf_model_config
 from dynmoe_jax.safetensors_io import checkpoint_tensors
@@ -114,7 +115,8 @@ def test_overrides_switch_the_router():
 
 def test_dtype_override():
     cfg = hf_model_config(FIXTURES / "mixtral", dtype="bfloat16", remat=True)
-    assert cfg.dtype == jnp.bfloat16 and cfg.moe.dtype == jnp.bfloat16 and cfg.remat
+    assert cfg.dtype == jnp.bfloat16 and cfg.moe.dtype == jnp.bfloat16
+    assert cfg.remat is Remat.FULL
 
 
 def test_bfloat16_checkpoint(tmp_path):
