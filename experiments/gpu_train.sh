@@ -3,9 +3,11 @@
 # width 2816, context 2048, top-p) with fewer layers, so that it fits one GPU, in bfloat16 for
 # a few hundred steps on the pydoc corpus (shipped with CPython, so no download), then prints
 # tokens/s and model FLOP utilisation: tokens/s x flops_per_step / tokens_per_step over the
-# card's peak, with flops_per_step from the plan of the same config (dynmoe_jax/plan.py). With
+# card's peak, with flops_per_step from the plan of the same config (dynmoe_jax/plan.py). The
+# paper shape scans its layers, so the plan takes the analytic count (PaLM's 6 N_active +
+# attention; XLA's cost analysis counts a loop body once); `mfu_analytic` always uses it. With
 # no loop in the step the plan takes XLA's count, which includes remat's recomputation and
-# capacity padding; `mfu_analytic` uses PaLM's 6 N_active + attention count instead.
+# capacity padding.
 #
 # Needs an NVIDIA GPU and a venv with jax[cuda12] (pip install "jax[cuda12]==0.10.2" plus this
 # package). Run from the repository root:
