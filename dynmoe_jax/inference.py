@@ -28,7 +28,7 @@ from dynmoe_jax import init_from as init_from_lib
 from dynmoe_jax import model as model_lib
 from dynmoe_jax import train as train_lib
 from dynmoe_jax.config import with_recorded_corpus
-from dynmoe_jax.validation import check
+from dynmoe_jax.sample_checks import check_max_new_tokens, check_temperature
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,8 +183,8 @@ def sample_workdir(
     MoE layers, and the decode rate. Decoding runs without capacity limits
     (``inference_graphdef``) from a key/value cache (``generate``); the prompt's last
     ``seq_len`` tokens are its context, as in training."""
-    check(temperature >= 0, "temperature", temperature, ">= 0 (0 = greedy)")
-    check_max_new_tokens(max_new_tokens, "max_new_tokens")
+    check_temperature(temperature)
+    check_max_new_tokens(max_new_tokens)
     run = restore(config, workdir)
     tokenizer = run.data.tokenizer
     prompt_ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
@@ -203,16 +203,6 @@ def sample_workdir(
               f"after a {len(context)}-token prefill")  # fmt: skip
     return {"text": text, "tokens": gen.tokens, "experts_per_token": gen.experts,
             "mean_experts": mean, "tokens_per_s": gen.tokens_per_s}  # fmt: skip
-
-
-# A bound that keeps the cache's static shape sane: RoPE itself has no largest position.
-MAX_NEW_TOKENS = 1 << 15
-
-
-def check_max_new_tokens(value: int, field: str) -> None:
-    """One line naming ``field`` unless 1 <= value <= MAX_NEW_TOKENS."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_NEW_TOKENS
-    check(ok, field, value, f"an integer in 1..{MAX_NEW_TOKENS}")
 
 
 @dataclasses.dataclass(frozen=True)

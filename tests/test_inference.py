@@ -12,10 +12,11 @@ import pytest
 from flax import nnx
 
 from dynmoe_jax import config as config_lib
-from dynmoe_jax import inference
+from dynmoe_jax import inference, sample_checks
 from dynmoe_jax.configs import tiny
 from dynmoe_jax.model import Decoder, ModelConfig
 from dynmoe_jax.moe import MoEConfig
+from dynmoe_jax.sample_checks import MAX_NEW_TOKENS
 from dynmoe_jax.validation import ConfigError
 
 V, D = 64, 32
@@ -109,11 +110,28 @@ def test_sampling_stops_before_the_stop_token_and_is_seeded():
     assert run(seed=0).tokens == run(seed=0).tokens != run(seed=1).tokens
 
 
-@pytest.mark.parametrize("value", [0, -3, inference.MAX_NEW_TOKENS + 1, 2.5, True])
+@pytest.mark.parametrize("value", [0, -3, MAX_NEW_TOKENS + 1, 2.5, True])
 def test_max_new_tokens_out_of_range_is_one_line(value):
+    sample_checks.check_max_new_tokens(MAX_NEW_TOKENS)
     with pytest.raises(ConfigError) as err:
-        inference.check_max_new_tokens(value, "--max_new_tokens")
+        sample_checks.check_max_new_tokens(value)
     assert str(err.value) == (
-        f"--max_new_tokens={value!r} is invalid: allowed an integer in "
-        f"1..{inference.MAX_NEW_TOKENS}"
+        f"max_new_tokens={value!r} is invalid: allowed an integer in 1..{MAX_NEW_TOKENS}"
     )
+
+
+@pytest.mark.parametrize("value", [-0.5, float("nan"), float("inf"), "hot"])
+def test_bad_temperature_is_one_line(value):
+    sample_checks.check_temperature(0.0)
+    with pytest.raises(ConfigError) as err:
+        sample_checks.check_temperature(value)
+    assert str(err.value) == f"temperature={value!r} is invalid: allowed a number >= 0 (0 = greedy)"
+
+
+def test_sample_workdir_checks_its_arguments_before_reading_the_workdir(tmp_path):
+    config = tiny.get_config()
+    with pytest.raises(ConfigError, match="^max_new_tokens=0 is invalid"):
+        inference.sample_workdir(config, tmp_path / "absent", "The", max_new_tokens=0)
+    with pytest.raises(ConfigError, match="^temperature=-1 is invalid"):
+        inference.sample_workdir(config, tmp_path / "absent", "The", temperature=-1)
+    assert not (tmp_path / "absent").exists()

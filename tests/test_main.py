@@ -82,7 +82,9 @@ def test_check_argv_finds_unknown_fields_and_missing_files():
     "prompt, max_new_tokens, temperature, message",
     [
         ("", 8, 0.0, "--prompt='' is invalid: allowed non-empty text"),
-        ("And", 0, 0.0, "--max_new_tokens=0 is invalid: allowed an integer >= 1"),
+        ("And", 0, 0.0, "--max_new_tokens=0 is invalid: allowed an integer in 1..32768"),
+        ("And", 32769, 0.0,
+         "--max_new_tokens=32769 is invalid: allowed an integer in 1..32768"),
         ("And", 8, -0.5, "--temperature=-0.5 is invalid: allowed a number >= 0 (0 = greedy)"),
         ("And", 8, float("nan"),
          "--temperature=nan is invalid: allowed a number >= 0 (0 = greedy)"),
