@@ -261,6 +261,33 @@ def generate(
     return Generation(tokens, experts, logits, steps, rate)
 
 
+def generate_full_window(
+    graphdef, params, prompt_ids: list[int], max_new_tokens: int
+) -> tuple[list[int], list[np.ndarray], float | None]:
+    """The reference for ``generate``: greedy tokens, each computed by running the whole
+    window of len(prompt) + max_new_tokens positions again (no cache), with their logits and
+    the rate of the calls after the first (which compiles)."""
+    window = len(prompt_ids) + max_new_tokens
+    tokens, logits = list(prompt_ids), []
+    began = None
+    for _ in range(max_new_tokens):
+        padded_1U = np.zeros((1, window), np.int32)
+        padded_1U[0, : len(tokens)] = tokens
+        logits.append(np.asarray(_logits_at(graphdef, params, padded_1U, len(tokens) - 1)))
+        tokens.append(int(np.argmax(logits[-1])))
+        began = time.perf_counter() if began is None else began
+    calls = max_new_tokens - 1
+    rate = calls / (time.perf_counter() - began) if calls else None
+    return tokens[len(prompt_ids) :], logits, rate
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits_at(graphdef, params, tokens_1U, position):
+    # The model is causal: the padding after `position` does not change its logits.
+    logits_1UV, _ = nnx.merge(graphdef, params)(tokens_1U)
+    return logits_1UV[0, position]
+
+
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
 def _decode(graphdef, params, cache, tokens_1T, start, key, temperature):
     """The next token after ``tokens_1T`` (at positions start..) and the cache they extend:

@@ -1,7 +1,7 @@
 """Cached decoding against recomputing the whole window for every new token (the sampler's
-former method, kept here as the reference): the same greedy tokens and, per step, the same
-logits, for the tiny config, a scanned model mixing dense and MoE layers, and a model with
-the imported checkpoints' features."""
+former method, ``inference.generate_full_window``): the same greedy tokens and, per step,
+the same logits, for the tiny config, a scanned model mixing dense and MoE layers, and a
+model with the imported checkpoints' features. Then the sample flags' checks."""
 
 import functools
 
@@ -54,30 +54,12 @@ def _graph_and_params(cfg: ModelConfig):
     return inference.inference_graphdef(cfg), jax.tree.unflatten(treedef, leaves)
 
 
-def _full_window_greedy(graphdef, params, prompt_ids, new_tokens):
-    """Greedy tokens and their logits, the whole window recomputed for each new token."""
-
-    @jax.jit
-    def logits_at(params, tokens_1U, length):
-        logits_1UV, _ = nnx.merge(graphdef, params)(tokens_1U)
-        return logits_1UV[0, length - 1]
-
-    window = len(prompt_ids) + new_tokens
-    tokens, logits = list(prompt_ids), []
-    for _ in range(new_tokens):
-        padded_1U = np.zeros((1, window), np.int32)
-        padded_1U[0, : len(tokens)] = tokens
-        logits.append(np.asarray(logits_at(params, padded_1U, len(tokens))))
-        tokens.append(int(np.argmax(logits[-1])))
-    return tokens[len(prompt_ids) :], logits
-
-
 @pytest.mark.parametrize("name", CONFIGS)
 def test_cached_greedy_decoding_equals_recomputing_the_window(name):
     cfg = CONFIGS[name]()
     graphdef, params = _graph_and_params(cfg)
     gen = inference.generate(graphdef, params, PROMPT, NEW, keep_logits=True)
-    want_tokens, want_logits = _full_window_greedy(graphdef, params, PROMPT, NEW)
+    want_tokens, want_logits, _ = inference.generate_full_window(graphdef, params, PROMPT, NEW)
     assert gen.tokens == want_tokens
     assert len(set(want_tokens)) > 2  # the prompt does not collapse into one repeated token
     for got, want in zip(gen.logits, want_logits, strict=True):
