@@ -8,8 +8,17 @@ The config's model, freshly initialised (the rate does not depend on the weights
 sampler's graph without capacity limits), decodes greedily after an 8-token prompt with no
 stop token, so every request runs its full length. Each repeat runs every length once, in
 turn, so load drifting on a shared machine hits them alike; the median rate is printed, with
-each length's ratio to the first. The target: the rate at 400 new tokens is at least half
-the rate at 100. Figures measured are in RESULTS.md.
+each length's ratio to the first; ``--full_window`` also times the former sampler, which
+recomputed the whole window for each token (``inference.generate_full_window``). The target:
+the rate at 400 new tokens is at least half the rate at 100. Measured on 2 CPU cores shared
+with other work (load 3-3.5), one simulated device, ``--repeats 3 --full_window``:
+
+    config=default scan_layers=False backend=cpu
+    new_tokens  tokens/s (median)  ratio to first  full-window tokens/s
+           100              128.2            1.00                  15.5
+           400              102.5            0.80                   4.3
+
+and with ``--scan`` (no --full_window, load 3.8): 87.0 and 67.4 tokens/s (ratio 0.77).
 """
 
 from __future__ import annotations

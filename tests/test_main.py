@@ -191,4 +191,8 @@ def test_cli_fine_tunes_evaluates_and_samples_an_imported_checkpoint(tmp_path):
     generated = re.search(r"^\[(\d+) tokens, ([\d.]+) experts per token on average\]$",
                           proc.stdout, flags=re.M)  # fmt: skip
     assert generated and int(generated[1]) <= 4 and float(generated[2]) <= 8
+    # Each token after the first comes from a cached step (the first from the prefill).
+    rate = re.search(r"^decode: ([\d.]+) tokens/s over (\d+) cached steps after a (\d+)-token "
+                     r"prefill$", proc.stdout, flags=re.M)  # fmt: skip
+    assert int(generated[1]) == 0 or (rate and float(rate[1]) > 0 and 1 <= int(rate[2]) <= 4)
     assert not fresh.exists()
