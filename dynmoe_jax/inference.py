@@ -4,7 +4,9 @@ token is routed.
 ``restore(config, workdir)`` gives the data, the task and the newest checkpoint's parameters
 (or, with ``init_from`` and no checkpoint, the imported ones);
 ``token_statistics`` gives per-token loss, entropy and experts of any batches. The notebooks
-and the experiments use these two.
+and the experiments use these two. ``generate`` decodes from a key/value cache (the prompt
+run once, then one compiled step per token); ``generate_full_window``, the former method,
+is its reference.
 """
 
 from __future__ import annotations
