@@ -4,13 +4,16 @@ token is routed.
 ``restore(config, workdir)`` gives the data, the task and the newest checkpoint's parameters
 (or, with ``init_from`` and no checkpoint, the imported ones);
 ``token_statistics`` gives per-token loss, entropy and experts of any batches. The notebooks
-and the experiments use these two.
+and the experiments use these two. ``generate`` decodes from a key/value cache (the prompt
+run once, then one compiled step per token); ``generate_full_window``, the former method,
+is its reference.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from dynmoe_jax import init_from as init_from_lib
 from dynmoe_jax import model as model_lib
 from dynmoe_jax import train as train_lib
 from dynmoe_jax.config import with_recorded_corpus
-from dynmoe_jax.validation import check
+from dynmoe_jax.sample_checks import check_max_new_tokens, check_temperature
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,42 +182,121 @@ def sample_workdir(
 ) -> dict:
     """Generates text after ``prompt`` (greedy when temperature is 0, else sampled with the
     random ``seed``) and reports the mean number of experts each generated token used, over the
-    MoE layers. Decoding runs without capacity limits (``inference_graphdef``)."""
-    check(temperature >= 0, "temperature", temperature, ">= 0 (0 = greedy)")
+    MoE layers, and the decode rate. Decoding runs without capacity limits
+    (``inference_graphdef``) from a key/value cache (``generate``); the prompt's last
+    ``seq_len`` tokens are its context, as in training."""
+    check_temperature(temperature)
+    check_max_new_tokens(max_new_tokens)
     run = restore(config, workdir)
-    graphdef = run.inference_graphdef()
-    window = config.seq_len
-
-    @jax.jit
-    def next_token(params, tokens_1T, length, key):
-        # A fixed window keeps one compiled shape; the model is causal, so positions after
-        # `length` do not change the logits at `length - 1`.
-        logits, layer = nnx.merge(graphdef, params)(tokens_1T)
-        last = logits[0, length - 1]
-        greedy = jnp.argmax(last)
-        sampled = jax.random.categorical(key, last / jnp.maximum(temperature, 1e-6))
-        experts = layer["token_experts"][:, 0, length - 1] if layer else jnp.zeros((1,))
-        return jnp.where(temperature > 0, sampled, greedy), jnp.mean(experts.astype(jnp.float32))
-
     tokenizer = run.data.tokenizer
     prompt_ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
-    tokens, generated, experts = list(prompt_ids), [], []
-    key = jax.random.key(seed)
-    for _ in range(max_new_tokens):
-        context = tokens[-window:]
-        padded = np.zeros((1, window), np.int32)
-        padded[0, : len(context)] = context
-        key, sub = jax.random.split(key)
-        tok, used = next_token(run.params, padded, len(context), sub)
-        tok = int(tok)
-        if tok == tokenizer.eos_id:
-            break
-        tokens.append(tok)
-        generated.append(tok)
-        experts.append(float(used))
-    text = continuation_text(tokenizer, prompt_ids, generated)
-    mean = float(np.mean(experts)) if experts else 0.0
+    context = prompt_ids[-config.seq_len :]
+    gen = generate(
+        run.inference_graphdef(), run.params, context, max_new_tokens,
+        temperature=temperature, seed=seed, stop_id=tokenizer.eos_id,
+    )  # fmt: skip
+    text = continuation_text(tokenizer, prompt_ids, gen.tokens)
+    mean = float(np.mean(gen.experts)) if gen.experts else 0.0
     print(f"{prompt}{text}")
     if run.task.model_cfg.moe is not None:
-        print(f"[{len(generated)} tokens, {mean:.2f} experts per token on average]")
-    return {"text": text, "tokens": generated, "experts_per_token": experts, "mean_experts": mean}
+        print(f"[{len(gen.tokens)} tokens, {mean:.2f} experts per token on average]")
+    if gen.tokens_per_s is not None:
+        print(f"decode: {gen.tokens_per_s:.1f} tokens/s over {gen.decode_steps} cached steps "
+              f"after a {len(context)}-token prefill")  # fmt: skip
+    return {"text": text, "tokens": gen.tokens, "experts_per_token": gen.experts,
+            "mean_experts": mean, "tokens_per_s": gen.tokens_per_s}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What ``generate`` produced."""
+
+    tokens: list[int]  # the new tokens (the stop token excluded)
+    experts: list[float]  # per new token: experts of the position that chose it, mean over MoE
+    logits: list[np.ndarray]  # per new token: the float32 logits it was chosen from, if kept
+    decode_steps: int  # cached one-token steps run after the prefill
+    tokens_per_s: float | None  # their rate, compile excluded (None when there were none)
+
+
+def generate(
+    graphdef,
+    params,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    seed: int = 0,
+    stop_id: int | None = None,
+    keep_logits: bool = False,
+) -> Generation:
+    """Up to ``max_new_tokens`` tokens after ``prompt_ids``: the prompt is run once (prefill)
+    into a key/value cache of len(prompt) + max_new_tokens positions, then each new token is
+    one compiled step of static shapes that writes its keys and values at its position.
+    Greedy when ``temperature`` is 0, else sampled with ``seed``; stops before ``stop_id``."""
+    cache = nnx.merge(graphdef, params).init_cache(1, len(prompt_ids) + max_new_tokens)
+    temp, key = jnp.float32(temperature), jax.random.key(seed)
+    key, sub = jax.random.split(key)
+    out = _decode(graphdef, params, cache, jnp.asarray([prompt_ids], jnp.int32), 0, sub, temp)
+    step = None
+    if max_new_tokens > 1:
+        one_11 = jnp.zeros((1, 1), jnp.int32)
+        step = _decode.lower(graphdef, params, out[3], one_11, 0, sub, temp).compile()
+    tokens, experts, logits = [], [], []
+    position, began = len(prompt_ids), None
+    for i in range(max_new_tokens):
+        token, used, logits_V, cache = out
+        token = int(token)
+        if token == stop_id:
+            break
+        tokens.append(token)
+        experts.append(float(used))
+        if keep_logits:
+            logits.append(np.asarray(logits_V))
+        if i == max_new_tokens - 1:
+            break
+        began = time.perf_counter() if began is None else began
+        key, sub = jax.random.split(key)
+        out = step(params, cache, jnp.full((1, 1), token, jnp.int32), position, sub, temp)
+        position += 1
+    steps = position - len(prompt_ids)
+    rate = steps / (time.perf_counter() - began) if steps else None
+    return Generation(tokens, experts, logits, steps, rate)
+
+
+def generate_full_window(
+    graphdef, params, prompt_ids: list[int], max_new_tokens: int
+) -> tuple[list[int], list[np.ndarray], float | None]:
+    """The reference for ``generate``: greedy tokens, each computed by running the whole
+    window of len(prompt) + max_new_tokens positions again (no cache), with their logits and
+    the rate of the calls after the first (which compiles)."""
+    window = len(prompt_ids) + max_new_tokens
+    tokens, logits = list(prompt_ids), []
+    began = None
+    for _ in range(max_new_tokens):
+        padded_1U = np.zeros((1, window), np.int32)
+        padded_1U[0, : len(tokens)] = tokens
+        logits.append(np.asarray(_logits_at(graphdef, params, padded_1U, len(tokens) - 1)))
+        tokens.append(int(np.argmax(logits[-1])))
+        began = time.perf_counter() if began is None else began
+    calls = max_new_tokens - 1
+    rate = calls / (time.perf_counter() - began) if calls else None
+    return tokens[len(prompt_ids) :], logits, rate
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits_at(graphdef, params, tokens_1U, position):
+    # The model is causal: the padding after `position` does not change its logits.
+    logits_1UV, _ = nnx.merge(graphdef, params)(tokens_1U)
+    return logits_1UV[0, position]
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+def _decode(graphdef, params, cache, tokens_1T, start, key, temperature):
+    """The next token after ``tokens_1T`` (at positions start..) and the cache they extend:
+    (token, mean experts of the last position over MoE layers, its logits, cache)."""
+    logits_1TV, experts_L1T, cache = nnx.merge(graphdef, params).decode(tokens_1T, cache, start)
+    last_V = logits_1TV[0, -1]
+    greedy = jnp.argmax(last_V)
+    sampled = jax.random.categorical(key, last_V / jnp.maximum(temperature, 1e-6))
+    used = jnp.mean(experts_L1T[:, 0, -1].astype(jnp.float32)) if experts_L1T.shape[0] else 0.0
+    return jnp.where(temperature > 0, sampled, greedy), used, last_V, cache

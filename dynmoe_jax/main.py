@@ -21,7 +21,6 @@ or anything is compiled.
 from __future__ import annotations
 
 import importlib.util
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
+from dynmoe_jax.sample_checks import check_max_new_tokens, check_temperature
 from dynmoe_jax.validation import ConfigError, check, invalid
 
 USAGE_ERROR = 2  # exit code of every command-line mistake
@@ -100,9 +100,8 @@ def check_sample_flags(prompt: str, max_new_tokens: int, temperature: float) -> 
     """The sampling flags, checked in every mode so that a typo never waits for a model."""
     # An empty prompt is almost always an unset shell variable.
     check(bool(prompt), "--prompt", prompt, "non-empty text")
-    check(max_new_tokens >= 1, "--max_new_tokens", max_new_tokens, "an integer >= 1")
-    ok = math.isfinite(temperature) and temperature >= 0
-    check(ok, "--temperature", temperature, "a number >= 0 (0 = greedy)")
+    check_max_new_tokens(max_new_tokens, "--max_new_tokens")
+    check_temperature(temperature, "--temperature")
 
 
 def check_mode_flags(mode: str, workdir: str | None, device_memory_bytes: float) -> None:

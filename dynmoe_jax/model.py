@@ -12,20 +12,20 @@ shared expert) are those of Mixtral, OLMoE and Qwen2-MoE, so that their checkpoi
 each defaults to the plain decoder. The blocks run one by one or, with ``scan_layers``,
 scanned over super-blocks of ``moe_every`` layers (``layer_stack``). (Over 300 lines: most
 of the growth is the config's validation of those features, kept beside the fields it
-checks, and the two layouts of the blocks in the Decoder.)
+checks, the two layouts of the blocks in the Decoder, and their cached decoding.)
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from dynmoe_jax import layer_stack
-from dynmoe_jax.attention import causal_attention
+from dynmoe_jax.attention import cached_attention, causal_attention
 from dynmoe_jax.layer_stack import Remat, remat_value
 from dynmoe_jax.moe import MoEConfig, MoELayer
 from dynmoe_jax.validation import check, is_int
@@ -209,18 +209,33 @@ class Attention(nnx.Module):
             y = norm(y.reshape(y.shape[:2] + (-1,))).reshape(y.shape)
         return y
 
-    def __call__(self, x_BTD):
-        cfg, dt = self.cfg, self.cfg.dtype
+    def _qkv(self, x_BTD, pos_T) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """q, k (rotated to the positions pos_T) and v of the tokens x."""
+        cfg = self.cfg
         bias = (self.bq_NH, self.bk_JH, self.bv_JH) if cfg.qkv_bias else (None, None, None)
         norm = (self.q_norm, self.k_norm) if cfg.qk_norm else (None, None)
-        pos_T = jnp.arange(x_BTD.shape[1])
         q_BTNH = self._project("BTD,DNH->BTNH", x_BTD, self.wq_DNH, bias[0], norm[0])
-        k_BUJH = self._project("BUD,DJH->BUJH", x_BTD, self.wk_DJH, bias[1], norm[1])
-        v_BUJH = self._project("BUD,DJH->BUJH", x_BTD, self.wv_DJH, bias[2], None)
+        k_BTJH = self._project("BTD,DJH->BTJH", x_BTD, self.wk_DJH, bias[1], norm[1])
+        v_BTJH = self._project("BTD,DJH->BTJH", x_BTD, self.wv_DJH, bias[2], None)
         q_BTNH = rope(q_BTNH, pos_T, cfg.rope_theta)
-        k_BUJH = rope(k_BUJH, pos_T, cfg.rope_theta)
-        out_BTNH = causal_attention(q_BTNH, k_BUJH, v_BUJH)
-        return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.wo_NHD[...].astype(dt))
+        k_BTJH = rope(k_BTJH, pos_T, cfg.rope_theta)
+        return q_BTNH, k_BTJH, v_BTJH
+
+    def _out(self, out_BTNH):
+        return jnp.einsum("BTNH,NHD->BTD", out_BTNH, self.wo_NHD[...].astype(self.cfg.dtype))
+
+    def __call__(self, x_BTD):
+        q_BTNH, k_BUJH, v_BUJH = self._qkv(x_BTD, jnp.arange(x_BTD.shape[1]))
+        return self._out(causal_attention(q_BTNH, k_BUJH, v_BUJH))
+
+    def decode(self, x_BTD, k_BUJH, v_BUJH, start):
+        """The tokens x at positions start .. start + T - 1, their keys and values first
+        written into the cache (k, v over U positions); returns (output, k, v)."""
+        q_BTNH, k_BTJH, v_BTJH = self._qkv(x_BTD, start + jnp.arange(x_BTD.shape[1]))
+        at = (0, start, 0, 0)
+        k_BUJH = jax.lax.dynamic_update_slice(k_BUJH, k_BTJH.astype(k_BUJH.dtype), at)
+        v_BUJH = jax.lax.dynamic_update_slice(v_BUJH, v_BTJH.astype(v_BUJH.dtype), at)
+        return self._out(cached_attention(q_BTNH, k_BUJH, v_BUJH, start)), k_BUJH, v_BUJH
 
 
 class DenseFFN(nnx.Module):
@@ -256,7 +271,15 @@ class Block(nnx.Module):
             self.shared_gate_D = _param(rngs, (cfg.d_model,), (0,), ("embed",))
 
     def __call__(self, x_BTD):
-        h_BTD = x_BTD + self.attn(self.attn_norm(x_BTD))
+        return self._feed_forward(x_BTD + self.attn(self.attn_norm(x_BTD)))
+
+    def decode(self, x_BTD, k_BUJH, v_BUJH, start):
+        """``__call__`` for tokens at positions start.. with a key/value cache (see
+        ``Attention.decode``); returns (x, aux, k, v)."""
+        a_BTD, k_BUJH, v_BUJH = self.attn.decode(self.attn_norm(x_BTD), k_BUJH, v_BUJH, start)
+        return *self._feed_forward(x_BTD + a_BTD), k_BUJH, v_BUJH
+
+    def _feed_forward(self, h_BTD):
         normed_BTD = self.ffn_norm(h_BTD)
         y_BTD, aux = self.ffn(normed_BTD)
         if self.has_shared:
@@ -286,6 +309,16 @@ class SuperBlock(nnx.Module):
             x_BTD, layer_aux = block(x_BTD)
             aux = layer_aux if layer_aux is not None else aux
         return x_BTD, aux
+
+    def decode(self, x_BTD, k_MBUJH, v_MBUJH, start):
+        """``__call__`` with the blocks' key/value caches stacked on a leading axis."""
+        aux, ks, vs = None, [], []
+        for j, block in enumerate(self.blocks):
+            x_BTD, layer_aux, k_BUJH, v_BUJH = block.decode(x_BTD, k_MBUJH[j], v_MBUJH[j], start)
+            aux = layer_aux if layer_aux is not None else aux
+            ks.append(k_BUJH)
+            vs.append(v_BUJH)
+        return x_BTD, aux, jnp.stack(ks), jnp.stack(vs)
 
 
 class Decoder(nnx.Module):
@@ -334,6 +367,41 @@ class Decoder(nnx.Module):
         metrics = metrics or _stack_layer_metrics(layer_aux)
         return self.logits(self.final_norm(x_BTD)), metrics
 
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty key/value cache of ``length`` positions for ``batch`` sequences."""
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch, length, cfg.kv_heads, cfg.head_width)
+        return KVCache(jnp.zeros(shape, cfg.dtype), jnp.zeros(shape, cfg.dtype))
+
+    def decode(
+        self, tokens_BT: jax.Array, cache: KVCache, start: jax.Array
+    ) -> tuple[jax.Array, jax.Array, KVCache]:
+        """The tokens at positions start .. start + T - 1 of sequences whose earlier positions
+        are in ``cache``: float32 logits [B, T, V], the experts each token used per MoE layer
+        [L_moe, B, T], and the cache with these tokens' keys and values written. The same
+        numbers as ``__call__`` on the whole sequence (no capacity limit assumed)."""
+        cfg = self.cfg
+        x_BTD = self.embed_VD[...].astype(cfg.dtype)[tokens_BT]
+        k_LBUJH, v_LBUJH = cache
+        experts = []
+        first = 0
+        if cfg.scan_layers:
+            first = cfg.num_layers // cfg.moe_every * cfg.moe_every
+            x_BTD, aux, k_S, v_S = _scan_decode(
+                self.scan_blocks, x_BTD, k_LBUJH[:first], v_LBUJH[:first], start, cfg.moe_every
+            )
+            experts = list(aux["token_experts"]) if aux is not None else []
+            k_LBUJH, v_LBUJH = k_LBUJH.at[:first].set(k_S), v_LBUJH.at[:first].set(v_S)
+        blocks = self.tail_blocks if cfg.scan_layers else self.blocks
+        for i, block in enumerate(blocks, start=first):
+            x_BTD, aux, k_BUJH, v_BUJH = block.decode(x_BTD, k_LBUJH[i], v_LBUJH[i], start)
+            k_LBUJH, v_LBUJH = k_LBUJH.at[i].set(k_BUJH), v_LBUJH.at[i].set(v_BUJH)
+            if aux is not None:
+                experts.append(aux["token_experts"])
+        b, t = tokens_BT.shape
+        experts_LBT = jnp.stack(experts) if experts else jnp.zeros((0, b, t), jnp.int32)
+        return self.logits(self.final_norm(x_BTD)), experts_LBT, KVCache(k_LBUJH, v_LBUJH)
+
     def logits(self, x_BTD: jax.Array) -> jax.Array:
         """Float32 logits of the final-normed activations: head_DV, or the embedding when tied."""
         dt = self.cfg.dtype
@@ -342,6 +410,30 @@ class Decoder(nnx.Module):
         else:
             logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD, self.head_DV[...].astype(dt))
         return logits_BTV.astype(jnp.float32)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer (in layer order) at each cached position."""
+
+    k_LBUJH: jax.Array
+    v_LBUJH: jax.Array
+
+
+def _scan_decode(stacked: SuperBlock, x_BTD, k_LBUJH, v_LBUJH, start, moe_every: int):
+    """``SuperBlock.decode`` scanned over the stacked super-blocks, the caches of their
+    layers (layer k * m + j is super-block k's block j) scanned with them."""
+    graphdef, state = nnx.split(stacked)
+    k_SMBUJH, v_SMBUJH = (a.reshape(-1, moe_every, *a.shape[1:]) for a in (k_LBUJH, v_LBUJH))
+
+    def body(y_BTD, xs):
+        st, k_MBUJH, v_MBUJH = xs
+        y_BTD, aux, k_MBUJH, v_MBUJH = nnx.merge(graphdef, st).decode(
+            y_BTD, k_MBUJH, v_MBUJH, start
+        )
+        return y_BTD, (aux, k_MBUJH, v_MBUJH)
+
+    x_BTD, (aux, k_SMBUJH, v_SMBUJH) = jax.lax.scan(body, x_BTD, (state, k_SMBUJH, v_SMBUJH))
+    return x_BTD, aux, k_SMBUJH.reshape(k_LBUJH.shape), v_SMBUJH.reshape(v_LBUJH.shape)
 
 
 def abstract_decoder(cfg: ModelConfig) -> Decoder:

@@ -82,7 +82,9 @@ def test_check_argv_finds_unknown_fields_and_missing_files():
     "prompt, max_new_tokens, temperature, message",
     [
         ("", 8, 0.0, "--prompt='' is invalid: allowed non-empty text"),
-        ("And", 0, 0.0, "--max_new_tokens=0 is invalid: allowed an integer >= 1"),
+        ("And", 0, 0.0, "--max_new_tokens=0 is invalid: allowed an integer in 1..32768"),
+        ("And", 32769, 0.0,
+         "--max_new_tokens=32769 is invalid: allowed an integer in 1..32768"),
         ("And", 8, -0.5, "--temperature=-0.5 is invalid: allowed a number >= 0 (0 = greedy)"),
         ("And", 8, float("nan"),
          "--temperature=nan is invalid: allowed a number >= 0 (0 = greedy)"),
@@ -189,4 +191,8 @@ def test_cli_fine_tunes_evaluates_and_samples_an_imported_checkpoint(tmp_path):
     generated = re.search(r"^\[(\d+) tokens, ([\d.]+) experts per token on average\]$",
                           proc.stdout, flags=re.M)  # fmt: skip
     assert generated and int(generated[1]) <= 4 and float(generated[2]) <= 8
+    # Each token after the first comes from a cached step (the first from the prefill).
+    rate = re.search(r"^decode: ([\d.]+) tokens/s over (\d+) cached steps after a (\d+)-token "
+                     r"prefill$", proc.stdout, flags=re.M)  # fmt: skip
+    assert int(generated[1]) == 0 or (rate and float(rate[1]) > 0 and 1 <= int(rate[2]) <= 4)
     assert not fresh.exists()
