@@ -18,6 +18,7 @@ PY="${PYTHON:-.venv/bin/python}"
 OUT="${1:-experiments/results/gpu_bench.json}"
 
 fail() { echo "gpu_bench.sh: $*" >&2; exit 2; }
+source "$(dirname "$0")/gpu_check.sh"
 
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
   echo "gpu_bench.sh: DRY_RUN=1: tiny sizes on CPU, no GPU checks" >&2
@@ -25,16 +26,7 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then
          --sweep-experts 8 --reps 2 --max-temp-gib 1)
   export JAX_PLATFORMS=cpu
 else
-  command -v nvidia-smi >/dev/null 2>&1 || fail "no nvidia-smi: no NVIDIA driver on this machine"
-  nvidia-smi -L >/dev/null 2>&1 || fail "nvidia-smi sees no GPU"
-  "$PY" - <<'EOF' || fail "JAX sees no GPU: install jax[cuda12] in this venv (PYTHON=$PY)"
-import sys
-import jax
-backend = jax.default_backend()
-print(f"jax {jax.__version__}: backend {backend}, devices {jax.devices()}", file=sys.stderr)
-sys.exit(0 if backend == "gpu" else 1)
-EOF
-  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader >&2
+  require_gpu
   read -r -a EXPERT_LIST <<< "${EXPERTS:-16 64}"
   SIZES=(--tokens "${TOKENS:-65536}" --seq-len "${SEQ_LEN:-2048}" --d-model "${D_MODEL:-2048}"
          --d-ff "${D_FF:-4096}" --experts "${EXPERT_LIST[@]}" --matmul-size "${MATMUL_SIZE:-8192}"

@@ -28,6 +28,7 @@ OUT="${1:-experiments/results/gpu_train.json}"
 WORKDIR="${WORKDIR:-$(mktemp -d)}"
 
 fail() { echo "gpu_train.sh: $*" >&2; exit 2; }
+source "$(dirname "$0")/gpu_check.sh"
 
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
   echo "gpu_train.sh: DRY_RUN=1: tiny sizes on CPU, no GPU checks" >&2
@@ -35,16 +36,7 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then
   SIZES=(layers=2 d_model=64 heads=4 experts=4 d_ff=128 seq_len=64 batch=4 steps=6 vocab=512
          memory=8e9 peak_tflops=1)
 else
-  command -v nvidia-smi >/dev/null 2>&1 || fail "no nvidia-smi: no NVIDIA driver on this machine"
-  nvidia-smi -L >/dev/null 2>&1 || fail "nvidia-smi sees no GPU"
-  "$PY" - <<'EOF' || fail "JAX sees no GPU: install jax[cuda12] in this venv (PYTHON=$PY)"
-import sys
-import jax
-backend = jax.default_backend()
-print(f"jax {jax.__version__}: backend {backend}, devices {jax.devices()}", file=sys.stderr)
-sys.exit(0 if backend == "gpu" else 1)
-EOF
-  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader >&2
+  require_gpu
   MEMORY=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
   SIZES=(layers="${LAYERS:-8}" d_model=1024 heads=16 experts=16 d_ff=2816 seq_len=2048
          batch="${BATCH:-8}" steps="${STEPS:-300}" vocab="${VOCAB:-32000}"
