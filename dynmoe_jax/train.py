@@ -36,6 +36,7 @@ from dynmoe_jax import model as model_lib
 from dynmoe_jax import sharding as sharding_lib
 from dynmoe_jax.config import mesh_for, model_config, save_run_config
 from dynmoe_jax.model import Decoder, ModelConfig
+from dynmoe_jax.validation import check
 
 Batch = dict[str, np.ndarray]
 
@@ -118,6 +119,7 @@ def make_optimizer(config: ConfigDict, schedule: optax.Schedule) -> optax.Gradie
 def build_task(config: ConfigDict, vocab_size: int, devices=None) -> Task:
     """Model, optimizer, mesh and shardings; every check here runs before any compilation.
     With ``init_from`` the model is the checkpoint's, with the config's routing."""
+    check_batch_split(config.batch_size)
     if init_from_lib.path_of(config):
         model_cfg = init_from_lib.model_config(config, vocab_size)
     else:
@@ -206,15 +208,60 @@ def abstract_state(task: Task) -> TrainState:
 BATCH_KEYS = ("inputs", "targets", "weights")
 
 
+def check_batch_split(batch_size: int, process_count: int | None = None) -> None:
+    """Each process reads its own share of every batch: ``batch_size`` must divide evenly."""
+    count = jax.process_count() if process_count is None else process_count
+    allowed = f"a multiple of the process count {count} (each process reads an equal share)"
+    check(batch_size % count == 0, "batch_size", batch_size, allowed)
+
+
+def process_rows(task: Task) -> np.ndarray:
+    """Rows of the global batch that this process's devices hold, ascending: the only rows
+    it reads (all of them with one process). ``make_array_from_process_local_data`` takes
+    them concatenated in this order."""
+    shape = (task.config.batch_size, task.config.seq_len)
+    rows: set[int] = set()
+    for index in task.batch_sharding.addressable_devices_indices_map(shape).values():
+        rows.update(range(*index[0].indices(shape[0])))
+    return np.array(sorted(rows), dtype=np.int64)
+
+
 def put_batch(task: Task, batch: Batch) -> dict[str, jax.Array]:
-    """Places a host batch (the same global batch on every process) onto the mesh. Keys other
-    than inputs/targets/weights (labels an experiment carries along) stay on the host."""
+    """Places a batch onto the mesh: either this process's rows of the global batch (those of
+    ``process_rows``, in that order) or the whole global batch, the same on every process, of
+    which each process keeps its own rows. Keys other than inputs/targets/weights (labels an
+    experiment carries along) stay on the host."""
+    if jax.process_count() == 1:  # every row is local; the batch is the global array
+        local, size = batch, len(batch["inputs"])
+    else:
+        rows, size = process_rows(task), task.config.batch_size
+        local = batch
+        if len(batch["inputs"]) == size:
+            local = {k: batch[k][rows] for k in BATCH_KEYS}
+        elif len(batch["inputs"]) != len(rows):
+            raise ValueError(f"a batch of {len(batch['inputs'])} rows is neither the global "
+                             f"batch ({size}) nor this process's {len(rows)} rows")  # fmt: skip
     return {
-        k: jax.make_array_from_callback(
-            batch[k].shape, task.batch_sharding, lambda idx, v=batch[k]: v[idx]
+        k: jax.make_array_from_process_local_data(
+            task.batch_sharding, np.asarray(local[k]), (size, *local[k].shape[1:])
         )
         for k in BATCH_KEYS
     }
+
+
+def read_train_batch(data: RunData, step: int, rows: np.ndarray) -> Batch:
+    """Batch ``step``: only ``rows`` of it where the data reads by row (``data.Data``), the
+    global batch otherwise (``put_batch`` takes either)."""
+    if isinstance(data, data_lib.Data):
+        return data.train_batch(step, rows)
+    return data.train_batch(step)
+
+
+def read_eval_batches(data: RunData, max_batches: int | None, rows: np.ndarray):
+    """``data.eval_batches(max_batches)``, only ``rows`` of each where the data reads by row."""
+    if isinstance(data, data_lib.Data):
+        return data.eval_batches(max_batches, rows)
+    return data.eval_batches(max_batches)
 
 
 def cross_entropy(logits_BTV, targets_BT, weights_BT) -> tuple[jax.Array, jax.Array]:
@@ -448,6 +495,7 @@ class _Loop:
         self.train_step = make_train_step(task)
         self.eval_step = make_eval_step(task)
         self.tokens_per_step = task.config.batch_size * task.config.seq_len
+        self.rows = process_rows(task)  # the rows of each batch this process reads
         self.bar = None
 
     def run(self, state: TrainState, start: int) -> tuple[TrainState, dict]:
@@ -462,7 +510,7 @@ class _Loop:
         window_start, window_steps = time.perf_counter(), 0
         previous = None  # metrics of the step dispatched before this one
         for step in range(start + 1, total + 1):
-            batch = put_batch(self.task, self.data.train_batch(step - 1))
+            batch = put_batch(self.task, read_train_batch(self.data, step - 1, self.rows))
             state, metrics = self.train_step(state, batch)
             window_steps += 1
             if previous is not None:
@@ -509,7 +557,7 @@ class _Loop:
             )
 
     def _eval_batches(self):
-        return self.data.eval_batches(self.task.config.eval_batches)
+        return read_eval_batches(self.data, self.task.config.eval_batches, self.rows)
 
     def validate(self, state: TrainState, step: int) -> dict:
         result = evaluate(self.eval_step, state.params, self._eval_batches())

@@ -201,7 +201,10 @@ def test_sentencepiece_training_is_deterministic():
 def test_caches_are_reused_not_rebuilt(pydoc_dir, pydoc_data):
     cached = sorted((pydoc_dir / "tokenizers").glob("*.model"))
     cached += sorted((pydoc_dir / "packed").glob("*.npy"))
-    assert len(cached) == 3  # one model, train and validation token streams
+    # One model, train and validation token streams, the train token counts.
+    assert [p.name.rsplit("-", 1)[-1] for p in cached] == [
+        "bpe512.model", "train.counts.npy", "train.npy", "validation.npy"
+    ]
     mtimes = [p.stat().st_mtime_ns for p in cached]
     again = _load(pydoc_dir)
     assert [p.stat().st_mtime_ns for p in cached] == mtimes

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import pathlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -95,8 +96,69 @@ def validation_mask(num_records: int, validation_percent: int) -> np.ndarray:
     return mask
 
 
-class DynmoeText(tfds.core.GeneratorBasedBuilder):
-    """Local text corpora (kjv, pydoc, text_dir:PATH) as a TFDS dataset with a ``text`` feature."""
+# Text per ArrayRecord shard. TFDS's shard writer keeps every example of the shard it writes
+# in memory (it counts them after writing), so this bounds the memory of a build; a single file
+# larger than this becomes a shard of its own.
+SHARD_BYTES = 8 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Where each record of a local corpus goes, found by one counting pass over its parts."""
+
+    parts: Sequence[Callable[[], list[str]]]  # see corpora.record_parts
+    offsets: np.ndarray  # [parts + 1] global index of each part's first record, then the total
+    shards: list[tuple[int, int]]  # [first, last) part of each shard
+    held_out: np.ndarray  # [records] bool: the record goes to validation
+
+    @classmethod
+    def count(cls, corpus: str, validation_percent: int) -> _Plan:
+        parts = corpora.record_parts(corpus)
+        if len(parts) == 1:  # kjv, pydoc: small, and kjv runs a program to read, so keep it
+            records = parts[0]()
+            parts = [lambda: records]
+        counts, sizes = [], []
+        for part in parts:
+            records = part()
+            counts.append(len(records))
+            sizes.append(sum(len(text) for text in records))
+        offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        if offsets[-1] == 0:
+            corpora.no_records(corpus)
+        shards, first, size = [], 0, 0
+        for index, part_size in enumerate(sizes):
+            if index > first and size + part_size > SHARD_BYTES:
+                shards.append((first, index))
+                first, size = index, 0
+            size += part_size
+        shards.append((first, len(parts)))
+        held_out = validation_mask(int(offsets[-1]), validation_percent)
+        return cls(parts, offsets, shards, held_out)
+
+    def shard_fns(self, held_out: bool) -> list[Callable[[], Iterator]]:
+        """One example generator per shard holding records of the split (none stays empty)."""
+        fns = []
+        for first, last in self.shards:
+            span = self.held_out[self.offsets[first] : self.offsets[last]]
+            if np.any(span == held_out):
+                fns.append(functools.partial(self._examples, first, last, held_out))
+        return fns
+
+    def _examples(self, first: int, last: int, held_out: bool) -> Iterator:
+        for part in range(first, last):
+            start = int(self.offsets[part])
+            for i, text in enumerate(self.parts[part]()):
+                if self.held_out[start + i] == held_out:
+                    yield start + i, {"text": text}
+
+
+class DynmoeText(tfds.core.ShardBasedBuilder):
+    """Local text corpora (kjv, pydoc, text_dir:PATH) as a TFDS dataset with a ``text`` feature.
+
+    Written shard by shard in corpus order (``ShardBasedBuilder``): the corpus is read one part
+    (file) at a time, so a build's memory is bounded by a shard (``SHARD_BYTES``), not by the
+    corpus. The records and their order are those of the former whole-corpus build.
+    """
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
@@ -115,16 +177,14 @@ class DynmoeText(tfds.core.GeneratorBasedBuilder):
             description="One verse or paragraph of plain text per example.",
         )
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    def _shard_iterators_per_split(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager  # everything is local
-        records = corpora.load_records(self.builder_config.corpus)
-        mask = validation_mask(len(records), self.builder_config.validation_percent)
-        print(f"data: writing {len(records) - mask.sum()} train and {mask.sum()} validation "
-              "records", flush=True)  # fmt: skip
-        return {
-            "train": self._generate_examples(records, ~mask),
-            "validation": self._generate_examples(records, mask),
-        }
+        config = self.builder_config
+        plan = _Plan.count(config.corpus, config.validation_percent)
+        num_held_out = int(plan.held_out.sum())
+        print(f"data: writing {len(plan.held_out) - num_held_out} train and {num_held_out} "
+              f"validation records", flush=True)  # fmt: skip
+        return {"train": plan.shard_fns(False), "validation": plan.shard_fns(True)}
 
     # TFDS prints its own banner here ("Downloading and preparing dataset Unknown size"),
     # which misleads for a corpus built offline; these two say what happens instead.
@@ -134,10 +194,6 @@ class DynmoeText(tfds.core.GeneratorBasedBuilder):
 
     def _log_download_done(self) -> None:
         print(f"data: built {self.builder_config.corpus}", flush=True)
-
-    def _generate_examples(self, records: Sequence[str], keep: np.ndarray) -> Iterator:
-        for index in np.flatnonzero(keep):
-            yield int(index), {"text": records[index]}
 
 
 def make_builder(
@@ -190,6 +246,12 @@ def _no_tfds_progress_bars():
 
 
 def read_split(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
-    """All ``text`` records of a prepared split, read through ``builder.as_data_source``."""
-    source = builder.as_data_source(split=split)
-    return list(corpora.records_from_source(source, builder.builder_config.corpus))
+    """All ``text`` records of a prepared split as a list (small corpora and tests only; the
+    pipeline reads through ``split_source`` in chunks)."""
+    name = builder.builder_config.corpus
+    return list(corpora.records_from_source(split_source(builder, split), name))
+
+
+def split_source(builder: tfds.core.DatasetBuilder, split: str) -> Sequence[dict]:
+    """The random-access ArrayRecord source of a prepared split."""
+    return builder.as_data_source(split=split)

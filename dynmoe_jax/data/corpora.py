@@ -17,11 +17,12 @@ Any other name is a TFDS text dataset (``lm1b``, ``c4/en``, ...); see :func:`tfd
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from dynmoe_jax.validation import ConfigError, invalid, message
@@ -136,22 +137,53 @@ def pydoc_paragraphs() -> list[str]:
     return [p for key in sorted(topics) for p in split_paragraphs(topics[key])]
 
 
+def text_dir_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    """The ``*.txt`` files under ``folder`` (recursive), in sorted path order: the record order."""
+    return sorted(p for p in folder.rglob("*.txt") if p.is_file())
+
+
+def file_paragraphs(path: pathlib.Path) -> list[str]:
+    """The paragraphs of one text file (a local corpus is read one file at a time)."""
+    # Real-world folders hold the odd Latin-1 file; a replacement character beats a crash.
+    return split_paragraphs(path.read_bytes().decode("utf-8", errors="replace"))
+
+
 def text_dir_paragraphs(folder: pathlib.Path) -> list[str]:
     """Paragraphs of every ``*.txt`` file under ``folder``, files in sorted path order.
 
     Raises:
       ConfigError: if the folder does not exist or holds no non-empty .txt file.
     """
-    name = f"{TEXT_DIR_PREFIX}{folder}"
-    if not folder.is_dir():
-        invalid("dataset", name, f"text_dir:PATH naming a folder ({folder} does not exist)")
-    paragraphs = []
-    for path in sorted(p for p in folder.rglob("*.txt") if p.is_file()):
-        # Real-world folders hold the odd Latin-1 file; a replacement character beats a crash.
-        paragraphs.extend(split_paragraphs(path.read_bytes().decode("utf-8", errors="replace")))
+    check_text_dir(folder)
+    paragraphs = [p for path in text_dir_files(folder) for p in file_paragraphs(path)]
     if not paragraphs:
-        invalid("dataset", name, "a folder of text (there is no non-empty .txt file under it)")
+        _empty_text_dir(folder)
     return paragraphs
+
+
+def check_text_dir(folder: pathlib.Path) -> None:
+    """Raises a ConfigError naming ``text_dir:folder`` unless it is an existing folder."""
+    if not folder.is_dir():
+        name = f"{TEXT_DIR_PREFIX}{folder}"
+        invalid("dataset", name, f"text_dir:PATH naming a folder ({folder} does not exist)")
+
+
+def _empty_text_dir(folder: pathlib.Path) -> NoReturn:
+    name = f"{TEXT_DIR_PREFIX}{folder}"
+    invalid("dataset", name, "a folder of text (there is no non-empty .txt file under it)")
+
+
+def record_parts(name: str) -> list[Callable[[], list[str]]]:
+    """A local corpus as consecutive parts, each a callable giving that part's records.
+
+    A ``text_dir`` corpus has one part per file, so a reader holds one file at a time whatever
+    the corpus size; kjv and pydoc (a few MB) are one part. Concatenated, the parts are
+    :func:`load_records`.
+    """
+    if is_text_dir(name):
+        folder = text_dir_path(name)
+        return [functools.partial(file_paragraphs, path) for path in text_dir_files(folder)]
+    return [functools.partial(load_records, name)]
 
 
 def load_records(name: str) -> list[str]:
@@ -183,24 +215,28 @@ def _decode_text(value: object) -> str:
     return str(value)
 
 
-def _read_examples(source: Sequence[dict], count: int, chunk: int = 4096) -> Iterator[dict]:
-    """Examples ``0..count-1`` of a data source, read in chunks since one-by-one is ~4x slower."""
-    for start in range(0, count, chunk):
-        keys = list(range(start, min(start + chunk, count)))
+def _read_examples(source: Sequence[dict], keys: range, chunk: int = 1024) -> Iterator[dict]:
+    """Examples ``keys`` of a data source, read in chunks since one-by-one is ~4x slower (and
+    never more than one chunk at a time, whatever the split's size)."""
+    for start in range(0, len(keys), chunk):
+        batch = list(keys[start : start + chunk])
         try:
-            examples = source.__getitems__(keys)
+            examples = source.__getitems__(batch)
         except (AttributeError, TypeError):
             # `tfds.testing.mock_data` sources only implement __getitem__ correctly.
-            examples = [source[key] for key in keys]
+            examples = [source[key] for key in batch]
         yield from examples
 
 
 def records_from_source(
-    source: Sequence[dict], name: str, limit: int | None = None
+    source: Sequence[dict], name: str, limit: int | None = None, stride: int = 1
 ) -> Iterator[str]:
-    """Normalised, non-empty ``text`` records of a TFDS data source, in index order."""
+    """Normalised, non-empty ``text`` records of a TFDS data source, in index order.
+
+    ``limit``: read only the first ``limit`` examples; ``stride``: only every stride-th of them.
+    """
     count = len(source) if limit is None else min(limit, len(source))
-    for example in _read_examples(source, count):
+    for example in _read_examples(source, range(0, count, stride)):
         if TFDS_TEXT_FEATURE not in example:
             invalid(
                 "dataset",
@@ -230,23 +266,25 @@ def check_tfds_name(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder
         invalid("dataset", name, VALID_CHOICES)
 
 
-def tfds_records(
-    name: str, split: str, data_dir: str | None, limit: int | None = None
-) -> list[str]:
-    """Records of a TFDS text dataset read through ``tfds.data_source`` (downloads if needed).
+def tfds_source(name: str, split: str, data_dir: str | None) -> Sequence[dict]:
+    """A random-access source of one split of a TFDS dataset (downloads and prepares if needed).
 
     Args:
       name: TFDS name, optionally with config and version (``c4/en``, ``lm1b:1.1.0``).
       split: ``train`` or ``validation`` (``test`` is used when there is no validation split).
       data_dir: where TFDS keeps its files; ``None`` for the TFDS default.
-      limit: read at most this many records, for datasets too large to hold in memory.
     """
     import tensorflow_datasets as tfds
 
     builder = check_tfds_name(name, data_dir)
     split_names = list(builder.info.splits) or [split]
-    source = tfds.data_source(name, split=tfds_split_name(split_names, split), data_dir=data_dir)
-    records = list(records_from_source(source, name, limit))
-    if not records:
-        invalid("dataset", name, f"a dataset whose {split!r} split holds text (it holds none)")
-    return records
+    return tfds.data_source(name, split=tfds_split_name(split_names, split), data_dir=data_dir)
+
+
+def no_records(name: str, split: str = "train") -> NoReturn:
+    """Raises the ConfigError of a corpus (or one split of it) that holds no text."""
+    if is_text_dir(name):
+        _empty_text_dir(text_dir_path(name))
+    if is_local_corpus(name):
+        invalid("dataset", name, "a corpus holding text (this one is empty)")
+    invalid("dataset", name, f"a dataset whose {split!r} split holds text (it holds none)")

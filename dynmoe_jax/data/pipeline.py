@@ -9,6 +9,10 @@ Padding is marked by position, never by a token id: windows hold ``PADDING`` (-1
 id) there, and a batch gives those positions weight 0 and the tokenizer's ``pad_id`` as their
 id. A checkpoint's vocabulary uses every id, 0 included, so no id could mark padding itself.
 
+Nothing holds a split in memory: the token streams are memory-mapped ``.npy`` files, a window
+is read from the stream when a batch needs it, and a process may read only the rows of the
+global batch its devices hold (``train_batch(step, rows)``).
+
 Training batches are a pure function of ``(seed, step)``: batch ``step`` holds sequences
 ``step * batch_size ...`` of an endless stream made of one permutation of the train windows per
 epoch, each permutation seeded by (seed, epoch). Resuming training therefore only needs the step.
@@ -124,6 +128,15 @@ def pack_records(token_lists: Iterable[Sequence[int]], eos_id: int) -> np.ndarra
     return np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
 
 
+def encode_packed(tokenizer: tokenizer_lib.Tokenizer, texts: Sequence[str]) -> np.ndarray:
+    """``pack_records`` of the tokens of ``texts``, through the tokenizer's own packed encoder
+    when it has one (the byte tokenizer: no Python int per byte)."""
+    packed = getattr(tokenizer, "encode_packed", None)
+    if packed is not None:
+        return packed(texts)
+    return pack_records(tokenizer.encode_batch(texts), tokenizer.eos_id)
+
+
 def window_tokens(stream: np.ndarray, seq_len: int, *, pad_tail: bool) -> np.ndarray:
     """Cuts a token stream into non-overlapping ``[num_windows, seq_len + 1]`` windows.
 
@@ -154,28 +167,89 @@ def windows_to_batch(windows: np.ndarray, pad_id: int = tokenizer_lib.PAD_ID) ->
     }
 
 
+def token_counts(stream: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
+    """int64 ``[vocab_size]`` occurrences of each id, read ``chunk`` tokens at a time so that a
+    memory-mapped stream is never loaded whole."""
+    counts = np.zeros(vocab_size, np.int64)
+    for start in range(0, len(stream), chunk):
+        counts += np.bincount(stream[start : start + chunk], minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def log_probs_from_counts(counts: np.ndarray) -> np.ndarray:
+    """Add-one smoothed unigram log-probabilities ``[vocab_size]`` from token counts."""
+    counts = np.asarray(counts).astype(np.float64)
+    return np.log((counts + 1.0) / (counts.sum() + len(counts))).astype(np.float32)
+
+
 def unigram_log_probs(train_stream: np.ndarray, vocab_size: int) -> np.ndarray:
     """Add-one smoothed unigram log-probabilities ``[vocab_size]`` from train token counts."""
-    counts = np.bincount(train_stream, minlength=vocab_size)[:vocab_size].astype(np.float64)
-    return np.log((counts + 1.0) / (counts.sum() + vocab_size)).astype(np.float32)
+    return log_probs_from_counts(token_counts(train_stream, vocab_size))
 
 
-def shuffled_batches(windows: np.ndarray, batch_size: int, seed: int) -> grain.MapDataset:
-    """Endless random-access dataset of ``[batch_size, T + 1]`` window batches.
+class Windows:
+    """The ``[seq_len + 1]`` windows of a token stream, read on access (what ``window_tokens``
+    gives, without materialising it): window ``i`` is ``stream[i * (T + 1) : (i + 1) * (T + 1)]``,
+    so a memory-mapped stream is only read where a batch looks.
+
+    ``reads`` counts the windows read, so a test can check what a process touched.
+    """
+
+    def __init__(self, stream: np.ndarray, seq_len: int, *, pad_tail: bool):
+        self._stream = stream
+        self._width = seq_len + 1
+        self._num_full, self._tail = divmod(len(stream), self._width)
+        self._padded_tail = pad_tail and self._tail > 1  # a 1-token tail has no target
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return self._num_full + int(self._padded_tail)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"window {index} of {len(self)}")
+        self.reads += 1
+        start = index * self._width
+        if index < self._num_full:
+            return np.array(self._stream[start : start + self._width], dtype=np.int32)
+        window = np.full(self._width, PADDING, np.int32)
+        window[: self._tail] = self._stream[start:]
+        return window
+
+    def num_targets(self, num_windows: int) -> int:
+        """Tokens with a target (weight 1) in the first ``num_windows`` windows."""
+        full = min(num_windows, self._num_full)
+        tail = self._tail - 1 if self._padded_tail and num_windows > self._num_full else 0
+        return full * (self._width - 1) + tail
+
+
+def shuffled_sequences(windows: Sequence, seed: int) -> grain.MapDataset:
+    """Endless random-access dataset of windows: one permutation of ``windows`` per epoch.
 
     Grain reshuffles each epoch with seed ``base + epoch``; ``base`` is a hash of ``seed`` so
     that run ``seed`` epoch 1 is not the same order as run ``seed + 1`` epoch 0.
     """
     base = int(np.random.SeedSequence(seed).generate_state(1, np.uint32)[0])
-    dataset = grain.MapDataset.source(windows).shuffle(seed=base).repeat()
-    return dataset.batch(batch_size)
+    return grain.MapDataset.source(windows).shuffle(seed=base).repeat()
+
+
+def shuffled_batches(windows: Sequence, batch_size: int, seed: int) -> grain.MapDataset:
+    """Endless random-access dataset of ``[batch_size, T + 1]`` window batches: batch ``step``
+    is elements ``step * batch_size ...`` of ``shuffled_sequences(windows, seed)``."""
+    return shuffled_sequences(windows, seed).batch(batch_size)
 
 
 # ----------------------------------------------------------------------------- data
 
 
 class Data:
-    """Tokenized, packed train and validation splits of one corpus."""
+    """Tokenized, packed train and validation splits of one corpus.
+
+    The streams may be memory-mapped (``loading`` opens them so); batches read only the
+    windows they hold. ``train_counts``: the train split's token counts, if already known
+    (otherwise counted from the stream, chunk by chunk).
+    """
 
     def __init__(
         self,
@@ -184,6 +258,7 @@ class Data:
         train_stream: np.ndarray,
         validation_stream: np.ndarray,
         requested_dataset: str | None = None,
+        train_counts: np.ndarray | None = None,
     ):
         self.config = config
         # The corpus the config named; differs from config.dataset after a fallback.
@@ -194,7 +269,7 @@ class Data:
         self.eos_id = tokenizer.eos_id
         self.train_stream = train_stream
         self.validation_stream = validation_stream
-        self._train_windows = window_tokens(train_stream, config.seq_len, pad_tail=False)
+        self._train_windows = Windows(train_stream, config.seq_len, pad_tail=False)
         if len(self._train_windows) == 0:
             # One sequence needs seq_len + 1 tokens: the inputs plus the shifted target.
             allowed = (
@@ -202,9 +277,16 @@ class Data:
                 f"tokens (it holds {len(train_stream)}); or a smaller seq_len"
             )
             invalid("dataset", config.dataset, allowed)
-        self._eval_windows = window_tokens(validation_stream, config.seq_len, pad_tail=True)
-        self._train_batches = shuffled_batches(self._train_windows, config.batch_size, config.seed)
-        self.unigram_log_probs = unigram_log_probs(train_stream, self.vocab_size)
+        self._eval_windows = Windows(validation_stream, config.seq_len, pad_tail=True)
+        self._train_sequences = shuffled_sequences(self._train_windows, config.seed)
+        if train_counts is None:
+            train_counts = token_counts(train_stream, self.vocab_size)
+        self.unigram_log_probs = log_probs_from_counts(train_counts)
+
+    @property
+    def windows_read(self) -> int:
+        """Train and validation windows read so far (what this process touched)."""
+        return self._train_windows.reads + self._eval_windows.reads
 
     @property
     def num_train_sequences(self) -> int:
@@ -219,7 +301,7 @@ class Data:
     @property
     def num_validation_tokens(self) -> int:
         """Target tokens with weight 1 in the batches ``eval_batches()`` yields."""
-        return int(sum(batch["weights"].sum() for batch in self.eval_batches()))
+        return self._eval_windows.num_targets(self.num_eval_batches * self.config.batch_size)
 
     @property
     def steps_per_epoch(self) -> float:
@@ -244,27 +326,50 @@ class Data:
             else min(limit, self.num_validation_batches)
         )
 
-    def train_batch(self, step: int) -> Batch:
+    def _rows(self, rows: Sequence[int] | None) -> list[int]:
+        size = self.config.batch_size
+        if rows is None:
+            return list(range(size))
+        picked = np.asarray(rows)
+        ok = (
+            picked.ndim == 1
+            and picked.dtype.kind in "iu"
+            and np.all((picked >= 0) & (picked < size))
+        )
+        check(ok, "rows", rows, f"a list of batch rows in 0..{size - 1} (batch_size={size})")
+        return picked.tolist()
+
+    def train_batch(self, step: int, rows: Sequence[int] | None = None) -> Batch:
         """Training batch number ``step``: int32 inputs/targets and float32 weights ``[B, T]``.
 
-        A pure function of (seed, step), for any step >= 0.
+        A pure function of (seed, step), for any step >= 0. ``rows``: only these rows of the
+        global batch, in this order (a process reads the rows its devices hold); None: all.
         """
         check(_is_int(step) and step >= 0, "step", step, "an integer >= 0")
-        return windows_to_batch(self._train_batches[int(step)], self.pad_id)
+        start = int(step) * self.config.batch_size
+        windows = [self._train_sequences[start + row] for row in self._rows(rows)]
+        return windows_to_batch(np.stack(windows), self.pad_id)
 
-    def eval_batches(self, max_batches: int | None = None) -> Iterator[Batch]:
+    def eval_batches(
+        self, max_batches: int | None = None, rows: Sequence[int] | None = None
+    ) -> Iterator[Batch]:
         """Validation batches in a fixed order; the last one is padded with weight-0 rows.
 
         ``max_batches``: how many (None: ``config.eval_batches``, itself None for all).
+        ``rows``: only these rows of each batch, as in ``train_batch``.
         """
-        size = self.config.batch_size
+        size, width = self.config.batch_size, self.config.seq_len + 1
+        padding = np.full(width, PADDING, np.int32)
+        picked = self._rows(rows)
         for index in range(self._eval_count(max_batches)):
-            windows = self._eval_windows[index * size : (index + 1) * size]
-            if len(windows) < size:
-                # Padded rows keep every batch the same shape, so a jitted eval step compiles once.
-                padding = np.full((size - len(windows), windows.shape[1]), PADDING, np.int32)
-                windows = np.concatenate([windows, padding])
-            yield windows_to_batch(windows, self.pad_id)
+            # Padded rows keep every batch the same shape, so a jitted eval step compiles once.
+            windows = [
+                self._eval_windows[index * size + row]
+                if index * size + row < len(self._eval_windows)
+                else padding
+                for row in picked
+            ]
+            yield windows_to_batch(np.stack(windows), self.pad_id)
 
     def unigram_cross_entropy(self, max_batches: int | None = None) -> float:
         """Validation cross-entropy (nats/token) of the smoothed unigram model of the train split.

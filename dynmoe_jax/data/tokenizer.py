@@ -12,7 +12,7 @@ import io
 import os
 import pathlib
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from typing import Protocol, runtime_checkable
 
 import numpy as np
@@ -63,6 +63,19 @@ class ByteTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """``encode`` of each text."""
         return [self.encode(text) for text in texts]
+
+    def encode_packed(self, texts: Sequence[str]) -> np.ndarray:
+        """int32 ids of every text, each followed by ``eos_id`` (what the pipeline packs).
+
+        The texts are joined by the byte 0xFF, which UTF-8 never contains, and that byte's id
+        is then replaced by EOS: one vectorised pass instead of a list of ints per text.
+        """
+        if not texts:
+            return np.zeros(0, np.int32)
+        joined = b"\xff".join(text.encode("utf-8") for text in texts) + b"\xff"
+        ids = np.frombuffer(joined, np.uint8).astype(np.int32) + self.offset
+        ids[ids == 0xFF + self.offset] = self.eos_id
+        return ids
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of the byte ids in ``ids``; special ids are dropped, broken UTF-8 is replaced."""
@@ -160,18 +173,20 @@ def atomic_write_bytes(path: pathlib.Path, payload: bytes) -> None:
 
 def load_or_train_sentencepiece(
     model_path: pathlib.Path,
-    train_sentences: Callable[[], Sequence[str]],
+    train_sentences: Callable[[], Iterable[str]],
     vocab_size: int,
     model_type: str = "bpe",
 ) -> SentencePieceTokenizer:
     """Loads the cached model at ``model_path``, or trains one on ``train_sentences()``.
 
-    ``train_sentences`` is a callable so that the corpus is not even read on a cache hit.
+    ``train_sentences`` is a callable so that the corpus is not even read on a cache hit; it
+    may give an iterator, which training reads once.
     """
     if not model_path.exists():
         sentences = train_sentences()
-        print(f"data: training a {vocab_size}-piece SentencePiece tokenizer on the train split "
-              f"({len(sentences)} records)", flush=True)  # fmt: skip
+        count = f" ({len(sentences)} records)" if isinstance(sentences, Sized) else ""
+        print(f"data: training a {vocab_size}-piece SentencePiece tokenizer on the train split"
+              f"{count}", flush=True)  # fmt: skip
         atomic_write_bytes(model_path, train_sentencepiece(sentences, vocab_size, model_type))
     return SentencePieceTokenizer.from_file(model_path)
 
@@ -182,7 +197,7 @@ def make_tokenizer(
     data_dir: str | os.PathLike,
     dataset_key: str,
     vocab_size: int,
-    train_sentences: Callable[[], Sequence[str]],
+    train_sentences: Callable[[], Iterable[str]],
     model_type: str = "bpe",
 ) -> Tokenizer:
     """The tokenizer named by ``kind`` ('sentencepiece' or 'bytes').
