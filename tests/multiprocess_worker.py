@@ -21,10 +21,11 @@ def main(process_id: int, port: int, data_dir: str, out: str) -> None:
 
     from tests.sharding_steps import run_steps
 
-    losses = run_steps("data=2,expert=4", data_dir, num_steps=3)
+    reads = {}
+    losses = run_steps("data=2,expert=4", data_dir, num_steps=3, reads=reads)
     with open(out, "w") as f:
         json.dump({"losses": losses, "devices": jax.device_count(),
-                   "local_devices": jax.local_device_count()}, f)  # fmt: skip
+                   "local_devices": jax.local_device_count(), **reads}, f)  # fmt: skip
     jax.distributed.shutdown()
 
 

@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from dynmoe_jax import data as data_lib
 from dynmoe_jax.data import builder as builder_lib
-from dynmoe_jax.data import corpora, pipeline
+from dynmoe_jax.data import corpora, loading, pipeline
 from dynmoe_jax.data import tokenizer as tokenizer_lib
 from dynmoe_jax.data.pipeline import DataConfig
 from dynmoe_jax.validation import ConfigError
@@ -203,7 +203,10 @@ def test_caches_are_reused_not_rebuilt(pydoc_dir, pydoc_data):
     cached += sorted((pydoc_dir / "packed").glob("*.npy"))
     # One model, train and validation token streams, the train token counts.
     assert [p.name.rsplit("-", 1)[-1] for p in cached] == [
-        "bpe512.model", "train.counts.npy", "train.npy", "validation.npy"
+        "bpe512.model",
+        "train.counts.npy",
+        "train.npy",
+        "validation.npy",
     ]
     mtimes = [p.stat().st_mtime_ns for p in cached]
     again = _load(pydoc_dir)
@@ -412,3 +415,72 @@ def test_text_dir_errors_name_the_path_once(tmp_path):
         f"dataset='text_dir:{empty}' is invalid: allowed a folder of text (there is no "
         "non-empty .txt file under it)"
     )
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+def test_lazy_windows_match_the_window_matrix(pydoc_data):
+    for stream, pad_tail in (
+        (pydoc_data.train_stream, False),
+        (pydoc_data.validation_stream, True),
+    ):
+        expected = pipeline.window_tokens(np.asarray(stream), SEQ_LEN, pad_tail=pad_tail)
+        windows = pipeline.Windows(stream, SEQ_LEN, pad_tail=pad_tail)
+        assert len(windows) == len(expected)
+        np.testing.assert_array_equal(np.stack([windows[i] for i in range(len(windows))]), expected)
+        assert windows.reads == len(expected)
+        with pytest.raises(IndexError):
+            windows[len(windows)]
+
+
+def test_rows_of_a_batch_read_only_those_windows(pydoc_dir):
+    data = _load(pydoc_dir)
+    full = data.train_batch(7)
+    before = data.windows_read
+    part = data.train_batch(7, rows=[3, 1])
+    assert data.windows_read - before == 2
+    for key in ("inputs", "targets", "weights"):
+        np.testing.assert_array_equal(part[key], full[key][[3, 1]])
+    last = list(data.eval_batches())[-1]
+    last_rows = list(data.eval_batches(rows=np.array([2, 3])))[-1]
+    np.testing.assert_array_equal(last_rows["weights"], last["weights"][2:])
+    with pytest.raises(ConfigError, match=r"^rows=\[0, 4\] is invalid: allowed .*0\.\.3"):
+        data.train_batch(0, rows=[0, 4])
+
+
+def test_byte_tokenizer_packed_encoding_matches_packing():
+    tok = tokenizer_lib.ByteTokenizer()
+    texts = ["Caf\u00e9 \u00ff\u00fe", "", "\U0001f600 end"]
+    np.testing.assert_array_equal(
+        pipeline.encode_packed(tok, texts), pipeline.pack_records(tok.encode_batch(texts), 1)
+    )
+    assert pipeline.encode_packed(tok, []).shape == (0,)
+
+
+def test_build_in_small_shards_keeps_records_and_order(tmp_path, monkeypatch):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        text = "\n\n".join(f"File {i} paragraph {j}: " + "word " * (10 * j) for j in range(30))
+        (corpus / f"{i:02d}.txt").write_text(text)
+    monkeypatch.setattr(builder_lib, "SHARD_BYTES", 5000)  # about one file per shard
+    name = f"text_dir:{corpus}"
+    built = builder_lib.prepare(name, str(tmp_path / "data"))
+    records = corpora.load_records(name)
+    mask = builder_lib.validation_mask(len(records), builder_lib.DEFAULT_VALIDATION_PERCENT)
+    held_out = dict(zip(range(len(records)), mask, strict=True))
+    train = [r for i, r in enumerate(records) if not held_out[i]]
+    assert builder_lib.read_split(built, "train") == train
+    assert builder_lib.read_split(built, "validation") == [r for r in records if r not in train]
+    shards = list((tmp_path / "data").rglob("*train.array_record-*"))
+    assert len(shards) == 12
+
+
+def test_tokenizer_trains_on_every_kth_record_of_a_large_split(pydoc_dir, monkeypatch):
+    monkeypatch.setattr(loading, "TOKENIZER_RECORDS", 100)
+    config = DataConfig(dataset="pydoc", data_dir=str(pydoc_dir), seq_len=SEQ_LEN, batch_size=4)
+    sample = loading._Corpus(config).tokenizer_sample()
+    records = builder_lib.read_split(builder_lib.make_builder("pydoc", str(pydoc_dir)), "train")
+    stride = -(-len(records) // 100)
+    assert stride > 1 and list(sample) == records[::stride] and len(sample) <= 100

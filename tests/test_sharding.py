@@ -233,6 +233,11 @@ def test_two_processes_match_one(data_dir, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
     outs = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
     assert [(o["devices"], o["local_devices"]) for o in outs] == [(8, 4), (8, 4)]
+    # Each process read only its half of every batch: 3 steps x batch_size / 2 windows.
+    batch_size = tiny_config("", data_dir).batch_size
+    assert outs[0]["rows"] == list(range(batch_size // 2))
+    assert outs[1]["rows"] == list(range(batch_size // 2, batch_size))
+    assert [o["windows_read"] for o in outs] == [3 * batch_size // 2] * 2
     expected = run_steps("data=2,expert=4", data_dir, num_steps=3)
     for o in outs:
         np.testing.assert_allclose(o["losses"], expected, rtol=1e-5)

@@ -85,7 +85,7 @@ def from_config(config: Any) -> Data:
 # on every k-th record. Smaller corpora (kjv, pydoc) use every record, as before the bound.
 TOKENIZER_RECORDS = 1 << 20
 # Text tokenized per chunk: the chunk's records and ids are the tokenizer's working memory.
-CHUNK_CHARS = 4 << 20
+CHUNK_CHARS = 1 << 20
 
 
 def _load(config: DataConfig, requested_dataset: str | None = None) -> Data:

@@ -167,9 +167,9 @@ def windows_to_batch(windows: np.ndarray, pad_id: int = tokenizer_lib.PAD_ID) ->
     }
 
 
-def token_counts(stream: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
+def token_counts(stream: np.ndarray, vocab_size: int, chunk: int = 1 << 20) -> np.ndarray:
     """int64 ``[vocab_size]`` occurrences of each id, read ``chunk`` tokens at a time so that a
-    memory-mapped stream is never loaded whole."""
+    memory-mapped stream is never loaded whole (bincount copies a chunk to int64)."""
     counts = np.zeros(vocab_size, np.int64)
     for start in range(0, len(stream), chunk):
         counts += np.bincount(stream[start : start + chunk], minlength=vocab_size)[:vocab_size]

@@ -73,7 +73,8 @@ class ByteTokenizer:
         if not texts:
             return np.zeros(0, np.int32)
         joined = b"\xff".join(text.encode("utf-8") for text in texts) + b"\xff"
-        ids = np.frombuffer(joined, np.uint8).astype(np.int32) + self.offset
+        ids = np.frombuffer(joined, np.uint8).astype(np.int32)
+        ids += self.offset
         ids[ids == 0xFF + self.offset] = self.eos_id
         return ids
 
