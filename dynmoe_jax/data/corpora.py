@@ -215,17 +215,17 @@ def _decode_text(value: object) -> str:
     return str(value)
 
 
-def _read_examples(source: Sequence[dict], keys: range, chunk: int = 1024) -> Iterator[dict]:
-    """Examples ``keys`` of a data source, read in chunks since one-by-one is ~4x slower (and
-    never more than one chunk at a time, whatever the split's size)."""
-    for start in range(0, len(keys), chunk):
-        batch = list(keys[start : start + chunk])
-        try:
-            examples = source.__getitems__(batch)
-        except (AttributeError, TypeError):
-            # `tfds.testing.mock_data` sources only implement __getitem__ correctly.
-            examples = [source[key] for key in batch]
-        yield from examples
+def _read_examples(source: Sequence[dict], keys: range) -> Iterator[dict]:
+    """Examples ``keys`` of a data source, one at a time.
+
+    One at a time, not through ``__getitems__``: that path starts a thread pool per call, and
+    the per-thread malloc arenas kept growing the resident memory with the records read (by
+    77 MB over a 200 MB corpus, against flat reading one by one). The cost is read speed on
+    short records: kjv's 29,516 train verses read in 3.4 s instead of 0.7 s (4 KB paragraphs:
+    1.2x), once per corpus build.
+    """
+    for key in keys:
+        yield source[key]
 
 
 def records_from_source(
