@@ -231,16 +231,22 @@ def put_batch(task: Task, batch: Batch) -> dict[str, jax.Array]:
     ``process_rows``, in that order) or the whole global batch, the same on every process, of
     which each process keeps its own rows. Keys other than inputs/targets/weights (labels an
     experiment carries along) stay on the host."""
-    if jax.process_count() == 1:  # every row is local; the batch is the global array
-        local, size = batch, len(batch["inputs"])
-    else:
-        rows, size = process_rows(task), task.config.batch_size
-        local = batch
-        if len(batch["inputs"]) == size:
-            local = {k: batch[k][rows] for k in BATCH_KEYS}
-        elif len(batch["inputs"]) != len(rows):
-            raise ValueError(f"a batch of {len(batch['inputs'])} rows is neither the global "
-                             f"batch ({size}) nor this process's {len(rows)} rows")  # fmt: skip
+    if jax.process_count() == 1:  # every row is local: the batch is the global array
+        # make_array_from_callback: 0.2 ms against make_array_from_process_local_data's 0.65
+        # for make train's batch, for the same array.
+        return {
+            k: jax.make_array_from_callback(
+                batch[k].shape, task.batch_sharding, lambda idx, v=batch[k]: v[idx]
+            )
+            for k in BATCH_KEYS
+        }
+    rows, size = process_rows(task), task.config.batch_size
+    local = batch
+    if len(batch["inputs"]) == size:
+        local = {k: batch[k][rows] for k in BATCH_KEYS}
+    elif len(batch["inputs"]) != len(rows):
+        raise ValueError(f"a batch of {len(batch['inputs'])} rows is neither the global batch "
+                         f"({size}) nor this process's {len(rows)} rows")  # fmt: skip
     return {
         k: jax.make_array_from_process_local_data(
             task.batch_sharding, np.asarray(local[k]), (size, *local[k].shape[1:])

@@ -196,7 +196,8 @@ class Windows:
     """
 
     def __init__(self, stream: np.ndarray, seq_len: int, *, pad_tail: bool):
-        self._stream = stream
+        # A plain view of a memory map: slicing an np.memmap builds a memmap object each time.
+        self._stream = stream.view(np.ndarray)
         self._width = seq_len + 1
         self._num_full, self._tail = divmod(len(stream), self._width)
         self._padded_tail = pad_tail and self._tail > 1  # a 1-token tail has no target
