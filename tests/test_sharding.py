@@ -241,3 +241,12 @@ def test_two_processes_match_one(data_dir, tmp_path):
     expected = run_steps("data=2,expert=4", data_dir, num_steps=3)
     for o in outs:
         np.testing.assert_allclose(o["losses"], expected, rtol=1e-5)
+
+
+def test_one_process_reads_every_row_and_batch_size_splits_over_processes(data_dir):
+    task, _ = _task("data=2,expert=4", data_dir)
+    np.testing.assert_array_equal(train.process_rows(task), np.arange(task.config.batch_size))
+    with pytest.raises(ConfigError, match=r"^batch_size=6 is invalid: allowed a multiple of the "
+                       r"process count 4 \(each process reads an equal share\)$"):  # fmt: skip
+        train.check_batch_split(6, process_count=4)
+    train.check_batch_split(8, process_count=4)
