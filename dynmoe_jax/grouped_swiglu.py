@@ -20,8 +20,8 @@ compose three grouped matmuls. The ``blocks`` backend (CPU) fuses them into one 
   [D, F] carries. The three dW are the scan's per-expert outputs, so each [E, D, F] gradient is
   written once, slice by slice, and never zero-filled nor copied whole.
 
-Axis letters: R rows (sorted by expert), E experts, D model width, F expert hidden width, N rows
-of one chunk.
+Axis letters: R rows (sorted by expert), E experts, D model width, F expert hidden width; Z the
+rows of one chunk (this module's letter: the package's table has no letter for a chunk).
 """
 
 from __future__ import annotations
@@ -97,14 +97,14 @@ def _rows(a_RX: jax.Array, row: jax.Array, rows: int) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(a_RX, row, rows)
 
 
-def _put(a_RX: jax.Array, a_NX: jax.Array, row: jax.Array) -> jax.Array:
-    return jax.lax.dynamic_update_slice_in_dim(a_RX, a_NX, row, 0)
+def _put(a_RX: jax.Array, a_ZX: jax.Array, row: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(a_RX, a_ZX, row, 0)
 
 
-def _contract_rows(a_NX: jax.Array, b_NY: jax.Array) -> jax.Array:
+def _contract_rows(a_ZX: jax.Array, b_ZY: jax.Array) -> jax.Array:
     """a^T @ b in float32: one chunk's share of a weight gradient."""
     dims = (((0,), (0,)), ((), ()))
-    return jax.lax.dot_general(a_NX, b_NY, dims, preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(a_ZX, b_ZY, dims, preferred_element_type=jnp.float32)
 
 
 def _forward(sizes, x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, start_E, count_E, save: bool):
@@ -116,11 +116,11 @@ def _forward(sizes, x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, start_E, count_E, sa
         wg_DF, wu_DF, wd_FD, start, count = w
 
         def chunk(rows, row, c):
-            x_ND = _rows(x_RD, row, rows)
-            g_NF, u_NF = x_ND @ wg_DF, x_ND @ wu_DF
-            y_ND = (jax.nn.silu(g_NF) * u_NF) @ wd_FD
-            saved = (_put(c[1], g_NF, row), _put(c[2], u_NF, row)) if save else ()
-            return (_put(c[0], y_ND, row), *saved)
+            x_ZD = _rows(x_RD, row, rows)
+            g_ZF, u_ZF = x_ZD @ wg_DF, x_ZD @ wu_DF
+            y_ZD = (jax.nn.silu(g_ZF) * u_ZF) @ wd_FD
+            saved = (_put(c[1], g_ZF, row), _put(c[2], u_ZF, row)) if save else ()
+            return (_put(c[0], y_ZD, row), *saved)
 
         return for_chunks(sizes, block_size, start, count, chunk, carry), None
 
@@ -152,17 +152,17 @@ def _fused_bwd(sizes, res, dy_RD):
 
         def chunk(rows, row, c):
             dx_RD, dwg_DF, dwu_DF, dwd_FD = c
-            x_ND, dy_ND = _rows(x_RD, row, rows), _rows(dy_RD, row, rows)
-            g_NF, u_NF = _rows(g_RF, row, rows), _rows(u_RF, row, rows)
-            sig_NF = jax.nn.sigmoid(g_NF)
-            silu_NF = g_NF * sig_NF
-            dh_NF = contract_f(dy_ND, wd_FD)  # dy @ Wd^T
-            du_NF = dh_NF * silu_NF
-            dg_NF = dh_NF * u_NF * (sig_NF * (1 + g_NF * (1 - sig_NF)))  # silu'(g)
-            dx_ND = contract_f(dg_NF, wg_DF) + contract_f(du_NF, wu_DF)
-            return (_put(dx_RD, dx_ND.astype(dt), row),
-                    dwg_DF + _contract_rows(x_ND, dg_NF), dwu_DF + _contract_rows(x_ND, du_NF),
-                    dwd_FD + _contract_rows(silu_NF * u_NF, dy_ND))  # fmt: skip
+            x_ZD, dy_ZD = _rows(x_RD, row, rows), _rows(dy_RD, row, rows)
+            g_ZF, u_ZF = _rows(g_RF, row, rows), _rows(u_RF, row, rows)
+            sig_ZF = jax.nn.sigmoid(g_ZF)
+            silu_ZF = g_ZF * sig_ZF
+            dh_ZF = contract_f(dy_ZD, wd_FD)  # dy @ Wd^T
+            du_ZF = dh_ZF * silu_ZF
+            dg_ZF = dh_ZF * u_ZF * (sig_ZF * (1 + g_ZF * (1 - sig_ZF)))  # silu'(g)
+            dx_ZD = contract_f(dg_ZF, wg_DF) + contract_f(du_ZF, wu_DF)
+            return (_put(dx_RD, dx_ZD.astype(dt), row),
+                    dwg_DF + _contract_rows(x_ZD, dg_ZF), dwu_DF + _contract_rows(x_ZD, du_ZF),
+                    dwd_FD + _contract_rows(silu_ZF * u_ZF, dy_ZD))  # fmt: skip
 
         zeros = (jnp.zeros(wg_DF.shape, jnp.float32),) * 2 + (jnp.zeros(wd_FD.shape, jnp.float32),)
         dx_RD, *dws = for_chunks(sizes, block_size, start, count, chunk, (dx_RD, *zeros))
