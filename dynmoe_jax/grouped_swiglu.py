@@ -5,20 +5,20 @@ expert e, rows past their sum come out as zeros). The ``ragged_dot`` and ``megab
 compose three grouped matmuls. The ``blocks`` backend (CPU) fuses them into one loop:
 
 * **One pass per chunk of rows.** For each expert (a scan, which slices its three weights once)
-  a chunk of rows goes through gate, up, silu * up and down before the next chunk starts, so no
-  [R, F] activation round-trips through memory between three separate loops.
+  a chunk of rows goes through gate, up, silu * up and down before the next chunk starts: one
+  loop instead of three, and h = silu(gate) * up never exists as an [R, F] array.
 * **Chunks as big as the expert's rows allow.** Rows stay padded to the block size B (so the
   padding stays small), but an expert's n blocks are walked as big chunks first: as many chunks
-  of ``max_chunk`` rows as fit, then at most one each of the halved sizes down to B (the binary
-  digits of the remainder). A [64, 512] x [512, 1024] matmul and a weight-gradient contraction
-  over 64 rows run well below the rate of big ones on XLA:CPU; this way most rows go through
-  chunks of 512-1024 rows, and an expert of n blocks costs at most
-  ``n // max_chunk_blocks + log2(max_chunk_blocks) + 1`` loop steps.
+  of ``max_chunk_rows`` as fit, then at most one each of the halved sizes down to B (the binary
+  digits of the remainder), so an expert costs at most ``n // max_blocks + log2(max_blocks) + 1``
+  loop steps (``max_blocks = max_chunk_rows / B``) instead of n. Every step pays fixed costs
+  besides its matmuls (the three [D, F] weight-gradient accumulators read and written, the loop
+  itself), and a matmul of a few dozen rows runs below the rate of a big one.
 * **Backward.** A ``custom_vjp`` (a while loop cannot be reverse-differentiated). The forward
   saves gate and up pre-activations ([R, F] each); the backward recomputes silu and h from them
   (elementwise) and walks the same chunks: dX, and dW[e] of all three weights accumulated in
-  [D, F] carries. The three dW are the scan's per-expert outputs, so each [E, D, F] gradient is
-  written once, slice by slice, and never zero-filled nor copied whole.
+  float32 [D, F] carries. The three dW are the scan's per-expert outputs: each [E, D, F]
+  gradient is written slice by slice, once per expert, and no step of a chunk touches it.
 
 Axis letters: R rows (sorted by expert), E experts, D model width, F expert hidden width; Z the
 rows of one chunk (this module's letter: the package's table has no letter for a chunk).
