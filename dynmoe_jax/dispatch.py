@@ -19,7 +19,7 @@ Modes:
   may take any share of them); only an overflow of the whole group drops, lowest priority
   first. Every group's kept selections become rows of one buffer sorted by expert, each
   expert's rows padded to a multiple of the block size, and the experts run as grouped matmuls
-  (``grouped.py`` lays the buffer out, ``grouped_matmul.py`` multiplies).
+  (``grouped.py`` lays the buffer out, ``grouped_swiglu.py`` runs the experts).
 
 A selection that finds no room is dropped: it contributes nothing and the caller's residual
 carries the token.

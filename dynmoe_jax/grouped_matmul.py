@@ -1,7 +1,9 @@
 """One grouped matmul, ``y[r] = x[r] @ w[expert of row r]``, with a backend per platform.
 
 Rows come sorted by expert: ``group_sizes_E[e]`` consecutive rows belong to expert e, and rows
-past ``sum(group_sizes_E)`` come out as zeros. Backends (``Backend``; ``None`` picks by platform):
+past ``sum(group_sizes_E)`` come out as zeros. The MoE layer calls ``grouped_swiglu``, which on
+CPU fuses the experts' three matmuls into one loop of big chunks and otherwise composes three
+calls of this function. Backends (``Backend``; ``None`` picks by platform):
 
 * ``blocks`` (CPU default): a pure-JAX loop over blocks of ``block_size`` rows. The caller pads
   every expert's rows to a multiple of the block, so each block belongs to one expert and

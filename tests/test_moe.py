@@ -111,7 +111,10 @@ def test_grouped_without_budget_equals_index_and_loop_reference(router_kw):
     np.testing.assert_allclose(y_g, y_i, rtol=1e-5, atol=1e-6)
     for name in PARAMS:
         got, want = getattr(g_grouped, name)[...], getattr(g_index, name)[...]
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+        # top-1 renormalised: every weight is p / p = 1, so the router's gradient is exactly 0
+        # and both modes return rounding noise of sum(dy * y) terms (up to ~1e-6).
+        atol = 5e-6 if name == "router_DE" and router_kw.get("top_k") == 1 else 1e-6
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol, err_msg=name)
 
 
 @pytest.mark.parametrize("router_kw", ROUTERS)

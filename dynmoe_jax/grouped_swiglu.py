@@ -1,0 +1,176 @@
+"""Every expert's SwiGLU on its own rows: ``y[r] = (silu(x[r] @ Wg[e]) * (x[r] @ Wu[e])) @ Wd[e]``.
+
+Rows come sorted by expert as in ``grouped_matmul`` (``group_sizes_E[e]`` consecutive rows of
+expert e, rows past their sum come out as zeros). The ``ragged_dot`` and ``megablox`` backends
+compose three grouped matmuls. The ``blocks`` backend (CPU) fuses them into one loop:
+
+* **One pass per chunk of rows.** For each expert (a scan, which slices its three weights once)
+  a chunk of rows goes through gate, up, silu * up and down before the next chunk starts: one
+  loop instead of three, and h = silu(gate) * up never exists as an [R, F] array.
+* **Chunks as big as the expert's rows allow.** Rows stay padded to the block size B (so the
+  padding stays small), but an expert's n blocks are walked as big chunks first: as many chunks
+  of ``max_chunk_rows`` as fit, then at most one each of the halved sizes down to B (the binary
+  digits of the remainder), so an expert costs at most ``n // max_blocks + log2(max_blocks) + 1``
+  loop steps (``max_blocks = max_chunk_rows / B``) instead of n. Every step pays fixed costs
+  besides its matmuls (the three [D, F] weight-gradient accumulators read and written, the loop
+  itself), and a matmul of a few dozen rows runs below the rate of a big one.
+* **Backward.** A ``custom_vjp`` (a while loop cannot be reverse-differentiated). The forward
+  saves gate and up pre-activations ([R, F] each); the backward recomputes silu and h from them
+  (elementwise) and walks the same chunks: dX, and dW[e] of all three weights accumulated in
+  float32 [D, F] carries. The three dW are the scan's per-expert outputs: each [E, D, F]
+  gradient is written slice by slice, once per expert, and no step of a chunk touches it.
+
+Axis letters: R rows (sorted by expert), E experts, D model width, F expert hidden width; Z the
+rows of one chunk (this module's letter: the package's table has no letter for a chunk).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from dynmoe_jax.grouped_matmul import Backend, default_backend, expert_blocks, grouped_matmul
+
+MAX_CHUNK_ROWS = 1024
+
+
+def grouped_swiglu(
+    x_RD: jax.Array,
+    group_sizes_E: jax.Array,
+    w_gate_EDF: jax.Array,
+    w_up_EDF: jax.Array,
+    w_down_EFD: jax.Array,
+    *,
+    block_size: int,
+    backend: Backend | str | None = None,
+    max_chunk_rows: int = MAX_CHUNK_ROWS,
+) -> jax.Array:
+    """``x_RD`` [R, D] rows sorted by expert -> [R, D] in x's dtype (weights cast to it).
+
+    ``blocks`` needs R and every group size to be multiples of ``block_size``; its chunks are
+    ``block_size`` times powers of two up to ``max_chunk_rows``.
+    """
+    backend = default_backend() if backend is None else Backend(backend)
+    dt = x_RD.dtype
+    weights = tuple(w.astype(dt) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
+    if backend is not Backend.BLOCKS:
+        gmm = functools.partial(
+            grouped_matmul, group_sizes_E=group_sizes_E, block_size=block_size, backend=backend
+        )
+        h_RF = jax.nn.silu(gmm(x_RD, weights[0])) * gmm(x_RD, weights[1])
+        return gmm(h_RF, weights[2])
+    num_rows = x_RD.shape[0]
+    if num_rows % block_size:
+        raise ValueError(f"grouped_swiglu: {num_rows} rows are not a multiple of {block_size}")
+    first_E, count_E = expert_blocks(group_sizes_E, num_rows // block_size, block_size)
+    sizes = chunk_sizes(block_size, min(max_chunk_rows, num_rows))
+    return _fused(sizes, x_RD, *weights, first_E * block_size, count_E)
+
+
+def chunk_sizes(block_size: int, max_chunk_rows: int) -> tuple[int, ...]:
+    """Chunk sizes in rows, largest first: ``block_size * 2**j`` up to ``max_chunk_rows``."""
+    sizes = [block_size]
+    while sizes[-1] * 2 <= max_chunk_rows:
+        sizes.append(sizes[-1] * 2)
+    return tuple(reversed(sizes))
+
+
+def for_chunks(sizes, block_size, start, count, body, carry):
+    """``body(rows, row, carry)`` over chunks covering ``count`` blocks from row ``start``:
+    as many chunks of ``sizes[0]`` rows as fit, then one of each smaller size the remainder
+    holds (each size divides the one before, so the remainder needs at most one of each)."""
+    left = count * block_size
+    for rows in sizes:
+        n = left // rows
+
+        def step(i, c, rows=rows, at=start):
+            return body(rows, at + i * rows, c)
+
+        carry = jax.lax.fori_loop(0, n, step, carry)
+        start, left = start + n * rows, left - n * rows
+    return carry
+
+
+def _rows(a_RX: jax.Array, row: jax.Array, rows: int) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(a_RX, row, rows)
+
+
+def _put(a_RX: jax.Array, a_ZX: jax.Array, row: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_update_slice_in_dim(a_RX, a_ZX, row, 0)
+
+
+def _contract_rows(a_ZX: jax.Array, b_ZY: jax.Array) -> jax.Array:
+    """a^T @ b in float32: one chunk's share of a weight gradient."""
+    dims = (((0,), (0,)), ((), ()))
+    return jax.lax.dot_general(a_ZX, b_ZY, dims, preferred_element_type=jnp.float32)
+
+
+def _forward(sizes, x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, start_E, count_E, save: bool):
+    """y_RD, and (if ``save``) the gate and up pre-activations [R, F] for the backward."""
+    num_rows, f = x_RD.shape[0], w_gate_EDF.shape[2]
+    block_size = sizes[-1]
+
+    def expert(carry, w):
+        wg_DF, wu_DF, wd_FD, start, count = w
+
+        def chunk(rows, row, c):
+            x_ZD = _rows(x_RD, row, rows)
+            g_ZF, u_ZF = x_ZD @ wg_DF, x_ZD @ wu_DF
+            y_ZD = (jax.nn.silu(g_ZF) * u_ZF) @ wd_FD
+            saved = (_put(c[1], g_ZF, row), _put(c[2], u_ZF, row)) if save else ()
+            return (_put(c[0], y_ZD, row), *saved)
+
+        return for_chunks(sizes, block_size, start, count, chunk, carry), None
+
+    init = [jnp.zeros_like(x_RD)] + [jnp.zeros((num_rows, f), x_RD.dtype)] * (2 * save)
+    weights = (w_gate_EDF, w_up_EDF, w_down_EFD, start_E, count_E)
+    out, _ = jax.lax.scan(expert, tuple(init), weights)
+    return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(sizes, x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, start_E, count_E):
+    return _forward(sizes, x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, start_E, count_E, False)[0]
+
+
+def _fused_fwd(sizes, x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, start_E, count_E):
+    ws = (w_gate_EDF, w_up_EDF, w_down_EFD)
+    y_RD, g_RF, u_RF = _forward(sizes, x_RD, *ws, start_E, count_E, True)
+    return y_RD, (x_RD, *ws, g_RF, u_RF, start_E, count_E)
+
+
+def _fused_bwd(sizes, res, dy_RD):
+    x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, g_RF, u_RF, start_E, count_E = res
+    dy_RD = dy_RD.astype(x_RD.dtype)
+    block_size, dt = sizes[-1], x_RD.dtype
+    contract_f = functools.partial(jax.lax.dot_general, dimension_numbers=(((1,), (1,)), ((), ())))
+
+    def expert(dx_RD, w):
+        wg_DF, wu_DF, wd_FD, start, count = w
+
+        def chunk(rows, row, c):
+            dx_RD, dwg_DF, dwu_DF, dwd_FD = c
+            x_ZD, dy_ZD = _rows(x_RD, row, rows), _rows(dy_RD, row, rows)
+            g_ZF, u_ZF = _rows(g_RF, row, rows), _rows(u_RF, row, rows)
+            sig_ZF = jax.nn.sigmoid(g_ZF)
+            silu_ZF = g_ZF * sig_ZF
+            dh_ZF = contract_f(dy_ZD, wd_FD)  # dy @ Wd^T
+            du_ZF = dh_ZF * silu_ZF
+            dg_ZF = dh_ZF * u_ZF * (sig_ZF * (1 + g_ZF * (1 - sig_ZF)))  # silu'(g)
+            dx_ZD = contract_f(dg_ZF, wg_DF) + contract_f(du_ZF, wu_DF)
+            return (_put(dx_RD, dx_ZD.astype(dt), row),
+                    dwg_DF + _contract_rows(x_ZD, dg_ZF), dwu_DF + _contract_rows(x_ZD, du_ZF),
+                    dwd_FD + _contract_rows(silu_ZF * u_ZF, dy_ZD))  # fmt: skip
+
+        zeros = (jnp.zeros(wg_DF.shape, jnp.float32),) * 2 + (jnp.zeros(wd_FD.shape, jnp.float32),)
+        dx_RD, *dws = for_chunks(sizes, block_size, start, count, chunk, (dx_RD, *zeros))
+        return dx_RD, tuple(d.astype(dt) for d in dws)
+
+    weights = (w_gate_EDF, w_up_EDF, w_down_EFD, start_E, count_E)
+    dx_RD, (dwg_EDF, dwu_EDF, dwd_EFD) = jax.lax.scan(expert, jnp.zeros_like(x_RD), weights)
+    return dx_RD, dwg_EDF, dwu_EDF, dwd_EFD, None, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
