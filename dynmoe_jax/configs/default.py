@@ -64,7 +64,7 @@ def get_config() -> ConfigDict:
     c.moe.expected_k = 2.0
     c.moe.group_size = config_dict.placeholder(int)  # None = one group per sequence
     c.moe.dispatch = "index"  # index | einsum (per-expert capacity) | grouped (group budget)
-    c.moe.block_size = 64  # grouped: rows per block of the grouped matmul
+    c.moe.block_size = 32  # grouped: rows per block of the grouped matmul
     c.moe.matmul_backend = config_dict.placeholder(str)  # None: by platform | blocks | ragged_dot
     c.moe.drop_order = "rank"  # grouped: an overflowing group drops later ranks first | weight
     c.moe.renormalize = config_dict.placeholder(bool)  # None = paper (top-k only)
