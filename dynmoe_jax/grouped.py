@@ -145,22 +145,6 @@ def combine(y_RD: jax.Array, lay: Layout, num_tokens: int) -> jax.Array:
     return jnp.zeros((num_tokens, y_RD.shape[-1]), y_RD.dtype).at[lay.token_R].add(y_RD)
 
 
-def swiglu_experts(
-    x_RD: jax.Array,
-    group_sizes_E: jax.Array,
-    w_gate_EDF: jax.Array,
-    w_up_EDF: jax.Array,
-    w_down_EFD: jax.Array,
-    *,
-    block_size: int,
-    backend: Backend | None,
-) -> jax.Array:
-    """SwiGLU of each expert on its own rows of the buffer (``grouped_swiglu``: one fused
-    chunk loop on CPU, three grouped matmuls elsewhere)."""
-    weights = (w_gate_EDF, w_up_EDF, w_down_EFD)
-    return grouped_swiglu(x_RD, group_sizes_E, *weights, block_size=block_size, backend=backend)
-
-
 def experts_on_selections(
     x_GSD: jax.Array,
     sel: Selections,
@@ -181,6 +165,7 @@ def experts_on_selections(
     rows = num_rows(g * budget, num_local, block_size)
     lay = layout(sel, s, num_local, block_size, rows)
     x_RD = dispatch(x_GSD.reshape(g * s, d), lay)
-    y_RD = swiglu_experts(x_RD, lay.group_sizes_E, *weights, block_size=block_size, backend=backend)
+    # One fused chunk loop on CPU, three grouped matmuls elsewhere.
+    y_RD = grouped_swiglu(x_RD, lay.group_sizes_E, *weights, block_size=block_size, backend=backend)
     y_MD = combine(y_RD, lay, g * s)
     return y_MD.reshape(g, s, d), jnp.sum(lay.group_sizes_E, dtype=jnp.float32)

@@ -13,7 +13,7 @@ Caches (all under the cache folder, safe to delete; see :func:`cache_dir`):
   train stream ``...-train.counts.npy``, its token counts (the unigram baseline).
 
 Streaming: records are read by index from the split's random-access source (the ArrayRecord
-build, or ``tfds.data_source``) one chunk at a time, tokenized chunk by chunk and appended to
+build, or ``tfds.data_source``) one at a time, tokenized a chunk at a time and appended to
 the stream file; streams are then memory-mapped. Memory stays bounded by a chunk, not by the
 corpus; the tokenizer trains on at most ``TOKENIZER_RECORDS`` records spread evenly over the
 train split.
@@ -91,15 +91,14 @@ CHUNK_CHARS = 1 << 20
 def _load(config: DataConfig, requested_dataset: str | None = None) -> Data:
     corpus = _Corpus(config)
     tokenizer = _tokenizer(config, corpus)
+    paths = {s: packed_path(config.data_dir, corpus.key, tokenizer.fingerprint, s) for s in SPLITS}
     streams = {}
-    for split in SPLITS:
-        path = packed_path(config.data_dir, corpus.key, tokenizer.fingerprint, split)
+    for split, path in paths.items():
         if not path.exists():
             _write_stream(path, corpus, tokenizer, split)
         streams[split] = np.load(path, mmap_mode="r")
-    train_path = packed_path(config.data_dir, corpus.key, tokenizer.fingerprint, "train")
     counts = _cached_array(
-        train_path.with_suffix(".counts.npy"),
+        paths["train"].with_suffix(".counts.npy"),
         lambda: token_counts(streams["train"], tokenizer.vocab_size),
     )
     return Data(
@@ -176,7 +175,7 @@ class _Corpus:
         return count if limit is None else min(limit, count)
 
     def records(self, split: str, stride: int = 1) -> Iterator[str]:
-        """The split's records in order (every ``stride``-th), read chunk by chunk."""
+        """The split's records in order (every ``stride``-th), read one at a time."""
         return corpora.records_from_source(
             self.source(split), self._config.dataset, self.num_records(split), stride
         )

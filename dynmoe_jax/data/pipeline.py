@@ -182,11 +182,6 @@ def log_probs_from_counts(counts: np.ndarray) -> np.ndarray:
     return np.log((counts + 1.0) / (counts.sum() + len(counts))).astype(np.float32)
 
 
-def unigram_log_probs(train_stream: np.ndarray, vocab_size: int) -> np.ndarray:
-    """Add-one smoothed unigram log-probabilities ``[vocab_size]`` from train token counts."""
-    return log_probs_from_counts(token_counts(train_stream, vocab_size))
-
-
 class Windows:
     """The ``[seq_len + 1]`` windows of a token stream, read on access (what ``window_tokens``
     gives, without materialising it): window ``i`` is ``stream[i * (T + 1) : (i + 1) * (T + 1)]``,
