@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import statistics
 import sys
@@ -459,9 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.update(jax=jax.__version__, device=str(jax.devices()[0]), load_start=timing.load_average())
     run_sections(bench, scales, out)
     out["load_end"] = timing.load_average()
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(out, indent=1))
+    timing.write_json(a.json, out)
     return out
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import tempfile
@@ -196,9 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(rows)
     out = {"shapes": dict(B=B, S=S, D=D, F=F, E=E, K=K, capacity_factor=CF), "rows": rows}
     out["maxtext"] = "skipped: not importable" if args.maxtext and mt is None else "ran"
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
+    timing.write_json(args.json, out)
     return out
 
 

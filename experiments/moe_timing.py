@@ -9,10 +9,12 @@ Axis letters: T tokens, D model width, H dense hidden width.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -130,3 +132,10 @@ def swiglu_fwd_bwd_flops(tokens: int, d_model: int, hidden: float) -> float:
 def load_average() -> float:
     """1-minute load average (the machine is shared: note it beside every timing)."""
     return round(os.getloadavg()[0], 2)
+
+
+def write_json(path: Path | None, out: dict) -> None:
+    """Writes a benchmark's figures to ``path`` (nothing when it is None)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments import bench_moe
+from experiments import bench_moe, grouped_breakdown
 
 TINY = [
     *("--experts", "4", "--routers", "topp", "--dispatch", "index", "grouped"),
@@ -40,3 +40,19 @@ def test_bench_main_reports_positive_figures(tmp_path):
     assert 0 < orders["weight"]["output_lost"] <= orders["rank"]["output_lost"]
     assert [r["dispatch"] for r in out["memory"]] == ["index", "einsum", "grouped", "grouped"]
     assert all(r["temp_mib"] > 0 for r in out["memory"])
+
+
+@pytest.mark.slow
+def test_grouped_breakdown_rebuilds_the_layers_rows(tmp_path):
+    shapes = ["--tokens", "256", "--seq-len", "64", "--d-model", "16", "--d-ff", "32"]
+    path = tmp_path / "breakdown.json"
+    out = grouped_breakdown.main(["--experts", "4", "--reps", "1", "--json", str(path), *shapes])
+    assert path.exists() and [r["router"] for r in out["rows"]] == ["top2", "topp"]
+    for row in out["rows"]:
+        # Its experts-alone buffer has exactly the rows the layer says it computed.
+        assert row["rows_per_token"] == row["layer_rows_per_token"] > 0
+        assert set(row["ms"]) == {"layer", "experts alone", "dense ideal"}
+        assert all(v > 0 for v in row["ms"].values()) and row["x_dense"]["dense ideal"] == 1.0
+        assert all(v >= 0 for v in row["faults_k"].values())
+    assert out["fresh_write"]["mib"] == grouped_breakdown.FRESH_MIB
+    assert out["fresh_write"]["ms"] > 0
