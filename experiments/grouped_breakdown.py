@@ -87,20 +87,18 @@ def faults_per_call(compiled, args: tuple, calls: int = 3) -> float:
 def case(bench: bm.Bench, router: str, experts: int, scale: float) -> dict:
     a = bench.args
     layer = bm.make_layer(a, experts, router, "grouped", scale)
-    if router == "topp":  # the budget sized on top-p's measured mean, as bench_moe's `matched`
-        k = round(bench.useful_k(layer), 3)
-        kw = {"expected_k": k, "capacity_factor": a.budget_factor}
-        layer = bm.make_layer(a, experts, router, "grouped", scale, **kw)
     k = bench.useful_k(layer)
+    if router == "topp":  # the budget sized on top-p's measured mean, as bench_moe's `matched`
+        kw = {"expected_k": round(k, 3), "capacity_factor": a.budget_factor}
+        layer = bm.make_layer(a, experts, router, "grouped", scale, **kw)
     sizes_E, rows = jax.jit(functools.partial(layer_rows, layer))(bench.x)
     fn, params = bm.layer_fwd_bwd(layer)
-    parts = {
-        "layer": (timing.compile_fn(fn, (params, bench.x))[0], (params, bench.x)),
-        "experts alone": None,
-        "dense ideal": bench.dense(max(1, round(k * a.d_ff))),
+    programs = {
+        "layer": (fn, (params, bench.x)),
+        "experts alone": experts_alone(layer, sizes_E, rows),
     }
-    fn, args = experts_alone(layer, sizes_E, rows)
-    parts["experts alone"] = (timing.compile_fn(fn, args)[0], args)
+    parts = {name: (timing.compile_fn(fn, args)[0], args) for name, (fn, args) in programs.items()}
+    parts["dense ideal"] = bench.dense(max(1, round(k * a.d_ff)))
     times, _ = timing.time_interleaved(list(parts.values()), a.reps)
     ms = {name: statistics.median(t) for name, t in zip(parts, times, strict=True)}
     dense = ms["dense ideal"]
