@@ -13,8 +13,9 @@ programs timed in alternation, each with the minor page faults one call takes:
 * the dense SwiGLU of hidden k * F.
 
 The layer minus its experts is what routing and the buffer cost. Then one fresh write: a
-jitted program that fills a new buffer, for the machine's cost of touching fresh memory (XLA
-on CPU allocates every call's scratch and outputs anew, and each new 4 KiB page faults once).
+jitted program that fills a new buffer of --fresh-mib MiB, for the machine's cost of touching
+fresh memory (XLA on CPU allocates every call's scratch and outputs anew, and each new 4 KiB
+page faults once).
 
 Axis letters: G groups, S tokens per group, R buffer rows, D model width, E experts.
 """
@@ -35,8 +36,6 @@ from dynmoe_jax.grouped_swiglu import grouped_swiglu
 from experiments import bench_moe as bm
 from experiments import moe_timing as timing
 
-FRESH_MIB = 256
-
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """This script's flags, and the rest for ``bench_moe``'s parser (shapes, dtype, threshold)."""
@@ -46,6 +45,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--target-k", type=float, default=1.75)
     p.add_argument("--budget-factor", type=float, default=1.1)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--fresh-mib", type=int, default=256, help="size of the fresh write")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_known_args(argv)
 
@@ -99,14 +99,14 @@ def case(bench: bm.Bench, router: str, experts: int, scale: float) -> dict:
     }
     parts = {name: (timing.compile_fn(fn, args)[0], args) for name, (fn, args) in programs.items()}
     parts["dense ideal"] = bench.dense(max(1, round(k * a.d_ff)))
-    times, _ = timing.time_interleaved(list(parts.values()), a.reps)
+    times, (_, stats) = timing.time_interleaved(list(parts.values()), a.reps)
     ms = {name: statistics.median(t) for name, t in zip(parts, times, strict=True)}
     dense = ms["dense ideal"]
     row = {"experts": experts, "router": router, "k_mean": round(k, 3),
            "rows_per_token": round(float(jnp.sum(sizes_E)) / a.tokens, 3),
            "load": timing.load_average()}  # fmt: skip
     # The layer's own count of the rows it computed, to check layer_rows against.
-    row["layer_rows_per_token"] = round(float(layer(bench.x)[1]["slots_per_token"]), 3)
+    row["layer_rows_per_token"] = round(float(stats["slots_per_token"]), 3)
     row["ms"] = {name: round(v, 1) for name, v in ms.items()}
     row["x_dense"] = {name: round(v / dense, 3) for name, v in ms.items()}
     row["x_dense"]["layer - experts"] = round((ms["layer"] - ms["experts alone"]) / dense, 3)
@@ -115,14 +115,14 @@ def case(bench: bm.Bench, router: str, experts: int, scale: float) -> dict:
     return row
 
 
-def fresh_write() -> dict:
-    """ms and page faults of filling a new FRESH_MIB buffer (median of 7 calls)."""
-    n = FRESH_MIB * 2**20 // 4
+def fresh_write(mib: int) -> dict:
+    """ms and page faults of filling a new buffer of ``mib`` MiB (median of 7 calls)."""
+    n = mib * 2**20 // 4
     compiled = timing.compile_fn(lambda v: jnp.full((n,), v, jnp.float32), (jnp.float32(1),))[0]
     times, _ = timing.time_compiled(compiled, (jnp.float32(1),), 7)
     faults = faults_per_call(compiled, (jnp.float32(1),))
     ms = round(statistics.median(times), 1)
-    return {"mib": FRESH_MIB, "ms": ms, "faults_k": round(faults / 1e3, 1)}
+    return {"mib": mib, "ms": ms, "faults_k": round(faults / 1e3, 1)}
 
 
 def table(rows: list[dict], fresh: dict) -> str:
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     bench.args.reps, bench.args.budget_factor = a.reps, a.budget_factor
     scales = bm.calibrate_all(bench)
     rows = [case(bench, r, e, scales[e]) for e in a.experts for r in a.routers]
-    out = {"rows": rows, "fresh_write": fresh_write(), "jax": jax.__version__}
+    out = {"rows": rows, "fresh_write": fresh_write(a.fresh_mib), "jax": jax.__version__}
     print(table(rows, out["fresh_write"]), flush=True)
     timing.write_json(a.json, out)
     return out
