@@ -37,15 +37,28 @@ from experiments import bench_moe as bm
 from experiments import moe_timing as timing
 
 
+def _positive(kind: type):
+    """An argparse type: a number of ``kind`` above 0 (argparse names the flag in its error)."""
+
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} is not > 0")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's "invalid int value" message uses this name
+    return parse
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """This script's flags, and the rest for ``bench_moe``'s parser (shapes, dtype, threshold)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--experts", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--experts", type=_positive(int), nargs="+", default=[16, 64])
     p.add_argument("--routers", nargs="+", choices=["top2", "topp"], default=["top2", "topp"])
-    p.add_argument("--target-k", type=float, default=1.75)
-    p.add_argument("--budget-factor", type=float, default=1.1)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--fresh-mib", type=int, default=256, help="size of the fresh write")
+    p.add_argument("--target-k", type=_positive(float), default=1.75)
+    p.add_argument("--budget-factor", type=_positive(float), default=1.1)
+    p.add_argument("--reps", type=_positive(int), default=5)
+    p.add_argument("--fresh-mib", type=_positive(int), default=256, help="size of the fresh write")
     p.add_argument("--json", type=Path, default=None)
     return p.parse_known_args(argv)
 

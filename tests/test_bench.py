@@ -57,3 +57,14 @@ def test_grouped_breakdown_rebuilds_the_layers_rows(tmp_path):
         assert all(v >= 0 for v in row["faults_k"].values())
     assert out["fresh_write"]["mib"] == 8
     assert out["fresh_write"]["ms"] > 0
+
+
+@pytest.mark.parametrize(
+    "flag, value", [("--reps", "0"), ("--fresh-mib", "-8"), ("--experts", "x")]
+)
+def test_grouped_breakdown_refuses_bad_flags_in_one_line(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        grouped_breakdown.parse_args([flag, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}" in err and value in err, err
