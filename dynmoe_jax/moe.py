@@ -186,6 +186,19 @@ class MoELayer(nnx.Module):
         s = _group_size(cfg.group_size, b, t)
         x_GSD = constrain(x_BTD.reshape(-1, s, d).astype(cfg.dtype), GROUPED)
 
+        logits_GSE, probs_GSE, r = self.route(x_GSD)
+        if cfg.dispatch is Dispatch.GROUPED:
+            y_GSD, kept, slots_per_token = self._grouped(x_GSD, r)
+        else:
+            y_GSD, kept, slots_per_token = self._with_capacity(x_GSD, r)
+
+        aux = _routing_metrics(logits_GSE, probs_GSE, r, kept, slots_per_token)
+        aux["token_experts"] = jnp.sum(r.mask, axis=-1, dtype=jnp.int32).reshape(b, t)
+        return y_GSD.reshape(b, t, d).astype(x_BTD.dtype), aux
+
+    def route(self, x_GSD: jax.Array) -> tuple[jax.Array, jax.Array, routing.Routing]:
+        """(router logits, probabilities, routing) of every token, in float32."""
+        cfg = self.config
         logits_GSE = self.router_logits(x_GSD)
         probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
         r = routing.route(
@@ -196,14 +209,14 @@ class MoELayer(nnx.Module):
             max_k=cfg.max_k,
             renormalize=cfg.renormalize,
         )
-        if cfg.dispatch is Dispatch.GROUPED:
-            y_GSD, kept, slots_per_token = self._grouped(x_GSD, r)
-        else:
-            y_GSD, kept, slots_per_token = self._with_capacity(x_GSD, r)
+        return logits_GSE, probs_GSE, r
 
-        aux = _routing_metrics(logits_GSE, probs_GSE, r, kept, slots_per_token)
-        aux["token_experts"] = jnp.sum(r.mask, axis=-1, dtype=jnp.int32).reshape(b, t)
-        return y_GSD.reshape(b, t, d).astype(x_BTD.dtype), aux
+    def grouped_selections(self, r: routing.Routing, group_size: int) -> grouped.Selections:
+        """Grouped mode: each group's selections kept under its budget (fields [G, P])."""
+        cfg = self.config
+        select = functools.partial(grouped.select, budget=cfg.budget(group_size),
+                                   num_ranks=cfg.max_selections, order=cfg.drop_order)  # fmt: skip
+        return jax.vmap(select)(r.mask, r.rank, r.weights)
 
     def _with_capacity(self, x_GSD: jax.Array, r: routing.Routing) -> tuple:
         """Fixed capacity per group: returns (y_GSD, kept selections, slots per token)."""
@@ -230,9 +243,7 @@ class MoELayer(nnx.Module):
         cfg = self.config
         g, s, _ = x_GSD.shape
         budget = cfg.budget(s)
-        select = functools.partial(grouped.select, budget=budget, num_ranks=cfg.max_selections,
-                                   order=cfg.drop_order)  # fmt: skip
-        sel = jax.vmap(select)(r.mask, r.rank, r.weights)
+        sel = self.grouped_selections(r, s)
         weights = (self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...])
         kw = {"budget": budget, "block_size": cfg.block_size, "backend": cfg.matmul_backend}
         mesh = jax.sharding.get_abstract_mesh()

@@ -31,7 +31,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax import grouped, routing
+from dynmoe_jax import grouped
 from dynmoe_jax.grouped_swiglu import grouped_swiglu
 from experiments import bench_moe as bm
 from experiments import moe_timing as timing
@@ -64,14 +64,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def layer_rows(layer, x_BTD: jax.Array) -> tuple[jax.Array, int]:
-    """(rows per expert, buffer rows R) of the layer's grouped layout for x, as it computes them."""
+    """(rows per expert, buffer rows R) of the layer's grouped layout for x (one group per
+    sequence), from the layer's own routing and selections."""
     cfg = layer.config
     g, s = x_BTD.shape[0], x_BTD.shape[1]
-    probs_GSE = jax.nn.softmax(layer.router_logits(x_BTD), axis=-1)
-    r = routing.route(probs_GSE, cfg.router, threshold=cfg.threshold, top_k=cfg.top_k,
-                      max_k=cfg.max_k, renormalize=cfg.renormalize)  # fmt: skip
-    select = functools.partial(grouped.select, budget=cfg.budget(s), num_ranks=cfg.max_selections)
-    sel = jax.vmap(select)(r.mask, r.rank, r.weights)
+    sel = layer.grouped_selections(layer.route(x_BTD)[2], s)
     rows = grouped.num_rows(g * cfg.budget(s), cfg.num_experts, cfg.block_size)
     return grouped.layout(sel, s, cfg.num_experts, cfg.block_size, rows).group_sizes_E, rows
 
