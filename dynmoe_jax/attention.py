@@ -97,17 +97,19 @@ def cached_attention(
     q_BTNH: jax.Array, k_BUJH: jax.Array, v_BUJH: jax.Array, start: jax.Array
 ) -> jax.Array:
     """Attention of T queries at positions start .. start + T - 1 over a key/value cache of U
-    positions (decoding): query t sees the keys at positions <= start + t, so the cache's
-    unwritten tail never counts. Scores and softmax in float32; query head n reads key/value
-    head n // G, as ``causal_attention``."""
+    positions (decoding; ``start`` a scalar or one per row [B]): query t sees the keys at
+    positions <= start + t, so the cache's unwritten tail never counts. Scores and softmax in
+    float32; query head n reads key/value head n // G, as ``causal_attention``."""
     b, t, n, h = q_BTNH.shape
     u, j = k_BUJH.shape[1], k_BUJH.shape[2]
     q_BTJGH = q_BTNH.reshape(b, t, j, n // j, h)
     scores_BJGTU = jnp.einsum(
         "BTJGH,BUJH->BJGTU", q_BTJGH, k_BUJH, preferred_element_type=jnp.float32
     )
-    visible_TU = jnp.arange(u)[None, :] <= start + jnp.arange(t)[:, None]
-    scores_BJGTU = jnp.where(visible_TU, scores_BJGTU * (h**-0.5), jnp.finfo(jnp.float32).min)
+    start_B = jnp.broadcast_to(jnp.asarray(start), (b,))
+    last_BT = start_B[:, None] + jnp.arange(t)
+    visible_B11TU = (jnp.arange(u) <= last_BT[..., None])[:, None, None]
+    scores_BJGTU = jnp.where(visible_B11TU, scores_BJGTU * (h**-0.5), jnp.finfo(jnp.float32).min)
     probs_BJGTU = jax.nn.softmax(scores_BJGTU, axis=-1).astype(v_BUJH.dtype)
     out_BTJGH = jnp.einsum("BJGTU,BUJH->BTJGH", probs_BJGTU, v_BUJH)
     return out_BTJGH.reshape(b, t, n, h)

@@ -1,4 +1,5 @@
-"""The grouped mode, expert-parallel: a ring of experts under ``shard_map``.
+"""Expert parallelism under ``shard_map``: the grouped mode's ring of experts, and the decode
+path's local experts (``selected_experts``).
 
 Every device holds the routing groups of its (data, expert) coordinate and E / ep experts
 (ep = size of the ``expert`` axis). Inside ``shard_map``:
@@ -17,6 +18,9 @@ sized for the worst imbalance between devices or drop.
 
 Memory per device: the peers' tokens, ep * T_local rows of D, and a buffer of
 ``ep * G_local * budget`` rows plus block padding; never E x T rows.
+
+The decode path has few tokens: every device takes all of them (replicated), runs those of its
+own experts that some token selected, and the outputs are summed over ``expert``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import functools
 import jax
 from jax.sharding import PartitionSpec
 
-from dynmoe_jax import grouped
+from dynmoe_jax import decode_experts, grouped
 from dynmoe_jax.sharding import logical_to_spec
 
 EXPERT_AXIS = "expert"
@@ -72,3 +76,30 @@ def _local(x_gSD, sel_g, weights, *, group_axes, **kwargs):
     )
     y_gSD = jax.lax.psum_scatter(y_all, EXPERT_AXIS, scatter_dimension=0, tiled=True)
     return y_gSD, jax.lax.psum(rows, group_axes)
+
+
+def selected_experts(
+    mesh, x_ND: jax.Array, mask_NE: jax.Array, weights_NE: jax.Array, weights, max_used: int
+) -> tuple[jax.Array, jax.Array]:
+    """``decode_experts.selected_experts`` over the mesh: every device takes every token of
+    the call and its own E / ep experts, and the outputs are summed over ``expert``. The same
+    result as one device; u counts the experts computed on all devices."""
+    replicated, spec_w = PartitionSpec(), PartitionSpec(EXPERT_AXIS)
+
+    def local(x_ND, mask_NE, weights_NE, weights):
+        num_local = weights[0].shape[0]
+        offset = jax.lax.axis_index(EXPERT_AXIS) * num_local
+        mine = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=offset,
+                                 slice_size=num_local, axis=1)  # fmt: skip
+        y_ND, used = decode_experts.selected_experts(
+            x_ND, mine(mask_NE), mine(weights_NE), weights, min(max_used, num_local)
+        )
+        return jax.lax.psum(y_ND, EXPERT_AXIS), jax.lax.psum(used, EXPERT_AXIS)
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(replicated, replicated, replicated, (spec_w, spec_w, spec_w)),
+        out_specs=(replicated, replicated),
+        check_vma=False,
+    )(x_ND, mask_NE, weights_NE, weights)

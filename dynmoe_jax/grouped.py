@@ -34,6 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dynmoe_jax import experts
 from dynmoe_jax.dispatch import DropOrder, priority_list, sort_by_expert
 from dynmoe_jax.grouped_matmul import Backend
 from dynmoe_jax.grouped_swiglu import grouped_swiglu
@@ -156,9 +157,10 @@ def experts_on_selections(
     backend: Backend | None,
 ) -> tuple[jax.Array, jax.Array]:
     """y_GSD of the experts ``expert_offset .. expert_offset + E_local - 1`` (``weights`` hold
-    those E_local experts), and the buffer rows computed (block padding included)."""
+    those E_local experts, in either layout of ``experts.py``), and the buffer rows computed
+    (block padding included)."""
     g, s, d = x_GSD.shape
-    num_local = weights[0].shape[0]
+    num_local = experts.num_experts(weights[0])
     local_P = sel.expert_P - expert_offset
     mine_P = (local_P >= 0) & (local_P < num_local)
     sel = sel._replace(expert_P=jnp.where(mine_P, local_P, num_local))

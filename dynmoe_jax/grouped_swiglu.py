@@ -31,6 +31,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dynmoe_jax import experts
 from dynmoe_jax.grouped_matmul import Backend, default_backend, expert_blocks, grouped_matmul
 
 MAX_CHUNK_ROWS = 1024
@@ -53,9 +54,9 @@ def grouped_swiglu(
     ``block_size`` times powers of two up to ``max_chunk_rows``.
     """
     backend = default_backend() if backend is None else Backend(backend)
-    dt = x_RD.dtype
-    weights = tuple(w.astype(dt) for w in (w_gate_EDF, w_up_EDF, w_down_EFD))
+    weights = experts.cast((w_gate_EDF, w_up_EDF, w_down_EFD), x_RD.dtype)
     if backend is not Backend.BLOCKS:
+        weights = tuple(map(experts.stacked, weights))
         gmm = functools.partial(
             grouped_matmul, group_sizes_E=group_sizes_E, block_size=block_size, backend=backend
         )
@@ -66,6 +67,8 @@ def grouped_swiglu(
         raise ValueError(f"grouped_swiglu: {num_rows} rows are not a multiple of {block_size}")
     first_E, count_E = expert_blocks(group_sizes_E, num_rows // block_size, block_size)
     sizes = chunk_sizes(block_size, min(max_chunk_rows, num_rows))
+    if experts.is_split(weights[0]):  # the decode layout: forward only
+        return _forward(sizes, x_RD, weights, first_E * block_size, count_E, False)[0]
     return _fused(sizes, x_RD, *weights, first_E * block_size, count_E)
 
 
@@ -80,17 +83,23 @@ def chunk_sizes(block_size: int, max_chunk_rows: int) -> tuple[int, ...]:
 def for_chunks(sizes, block_size, start, count, body, carry):
     """``body(rows, row, carry)`` over chunks covering ``count`` blocks from row ``start``:
     as many chunks of ``sizes[0]`` rows as fit, then one of each smaller size the remainder
-    holds (each size divides the one before, so the remainder needs at most one of each)."""
-    left = count * block_size
-    for rows in sizes:
-        n = left // rows
+    holds (each size divides the one before, so the remainder needs at most one of each).
 
-        def step(i, c, rows=rows, at=start):
-            return body(rows, at + i * rows, c)
+    One while loop whose step picks its chunk size with a switch. A loop per size would hand
+    the expert's weights to each loop, and XLA on CPU copies a loop's operands into its state
+    when another loop reads them too: one weight-sized copy per size, even for a loop that
+    runs no step (at decode sizes, most of the layer's time).
+    """
+    sizes_Z = jnp.asarray(sizes, jnp.int32)
+    branches = [functools.partial(body, rows) for rows in sizes]
 
-        carry = jax.lax.fori_loop(0, n, step, carry)
-        start, left = start + n * rows, left - n * rows
-    return carry
+    def step(state):
+        row, left, c = state
+        size = jnp.argmax(sizes_Z <= left)  # the largest chunk that fits (sizes descend)
+        return row + sizes_Z[size], left - sizes_Z[size], jax.lax.switch(size, branches, row, c)
+
+    init = (jnp.asarray(start, jnp.int32), jnp.asarray(count * block_size, jnp.int32), carry)
+    return jax.lax.while_loop(lambda state: state[1] > 0, step, init)[2]
 
 
 def _rows(a_RX: jax.Array, row: jax.Array, rows: int) -> jax.Array:
@@ -107,37 +116,51 @@ def _contract_rows(a_ZX: jax.Array, b_ZY: jax.Array) -> jax.Array:
     return jax.lax.dot_general(a_ZX, b_ZY, dims, preferred_element_type=jnp.float32)
 
 
-def _forward(sizes, x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, start_E, count_E, save: bool):
-    """y_RD, and (if ``save``) the gate and up pre-activations [R, F] for the backward."""
-    num_rows, f = x_RD.shape[0], w_gate_EDF.shape[2]
+def _forward(sizes, x_RD, weights, start_E, count_E, save: bool):
+    """y_RD, and (if ``save``) the gate and up pre-activations [R, F] for the backward.
+
+    ``weights``: stacked, or per expert (``experts.is_split``). An expert with no rows is
+    skipped whole, its weights not even sliced: on CPU the slice is a weight-sized copy, and at
+    decode sizes most experts have no rows.
+    """
+    num_rows, f = x_RD.shape[0], experts.expert_shape(weights[0])[1]
     block_size = sizes[-1]
 
-    def expert(carry, w):
-        wg_DF, wu_DF, wd_FD, start, count = w
+    def expert(e, carry, expert_weights):
+        def run(c):
+            wg_DF, wu_DF, wd_FD = expert_weights()
 
-        def chunk(rows, row, c):
-            x_ZD = _rows(x_RD, row, rows)
-            g_ZF, u_ZF = x_ZD @ wg_DF, x_ZD @ wu_DF
-            y_ZD = (jax.nn.silu(g_ZF) * u_ZF) @ wd_FD
-            saved = (_put(c[1], g_ZF, row), _put(c[2], u_ZF, row)) if save else ()
-            return (_put(c[0], y_ZD, row), *saved)
+            def chunk(rows, row, c):
+                x_ZD = _rows(x_RD, row, rows)
+                g_ZF, u_ZF = x_ZD @ wg_DF, x_ZD @ wu_DF
+                y_ZD = (jax.nn.silu(g_ZF) * u_ZF) @ wd_FD
+                saved = (_put(c[1], g_ZF, row), _put(c[2], u_ZF, row)) if save else ()
+                return (_put(c[0], y_ZD, row), *saved)
 
-        return for_chunks(sizes, block_size, start, count, chunk, carry), None
+            return for_chunks(sizes, block_size, start_E[e], count_E[e], chunk, c)
+
+        return jax.lax.cond(count_E[e] > 0, run, lambda c: c, carry)
 
     init = [jnp.zeros_like(x_RD)] + [jnp.zeros((num_rows, f), x_RD.dtype)] * (2 * save)
-    weights = (w_gate_EDF, w_up_EDF, w_down_EFD, start_E, count_E)
-    out, _ = jax.lax.scan(expert, tuple(init), weights)
-    return out
+    carry = tuple(init)
+    if experts.is_split(weights[0]):
+        for e in range(experts.num_experts(weights[0])):
+            carry = expert(e, carry, lambda e=e: tuple(w[e] for w in weights))
+        return carry
+    return jax.lax.fori_loop(
+        0, start_E.shape[0], lambda e, c: expert(e, c, lambda: tuple(w[e] for w in weights)), carry
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _fused(sizes, x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, start_E, count_E):
-    return _forward(sizes, x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, start_E, count_E, False)[0]
+    weights = (w_gate_EDF, w_up_EDF, w_down_EFD)
+    return _forward(sizes, x_RD, weights, start_E, count_E, False)[0]
 
 
 def _fused_fwd(sizes, x_RD, w_gate_EDF, w_up_EDF, w_down_EFD, start_E, count_E):
     ws = (w_gate_EDF, w_up_EDF, w_down_EFD)
-    y_RD, g_RF, u_RF = _forward(sizes, x_RD, *ws, start_E, count_E, True)
+    y_RD, g_RF, u_RF = _forward(sizes, x_RD, ws, start_E, count_E, True)
     return y_RD, (x_RD, *ws, g_RF, u_RF, start_E, count_E)
 
 

@@ -4,19 +4,20 @@ token is routed.
 ``restore(config, workdir)`` gives the data, the task and the newest checkpoint's parameters
 (or, with ``init_from`` and no checkpoint, the imported ones);
 ``token_statistics`` gives per-token loss, entropy and experts of any batches. The notebooks
-and the experiments use these two. ``generate`` decodes from a key/value cache (the prompt
-run once, then one compiled step per token); ``generate_full_window``, the former method,
-is its reference.
+and the experiments use these two. ``sample_workdir`` and ``sample_file`` generate text in the
+decode layout (``generate.py``, whose ``generate`` and ``generate_full_window`` are
+re-exported here).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
+import json
+import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,14 @@ from dynmoe_jax import init_from as init_from_lib
 from dynmoe_jax import model as model_lib
 from dynmoe_jax import train as train_lib
 from dynmoe_jax.config import with_recorded_corpus
-from dynmoe_jax.sample_checks import check_max_new_tokens, check_temperature
+from dynmoe_jax.generate import (  # noqa: F401 (generate_full_window: re-exported)
+    Generation,
+    decode_layout,
+    generate,
+    generate_full_window,
+    no_capacity_config,
+)
+from dynmoe_jax.sample_checks import check_max_new_tokens, check_temperature, read_prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +98,7 @@ def _latest_params(task: train_lib.Task, workdir: str | Path) -> tuple[int, Any]
 def inference_graphdef(model_cfg: model_lib.ModelConfig):
     """``model_cfg``'s graph without capacity limits, so the experts counted are the router's
     own choice, as at inference in the paper."""
-    if model_cfg.moe is not None:
-        no_drops = dataclasses.replace(model_cfg.moe, capacity_factor=None, group_size=None)
-        model_cfg = dataclasses.replace(model_cfg, moe=no_drops)
-    return nnx.graphdef(model_lib.abstract_decoder(model_cfg))
+    return nnx.graphdef(model_lib.abstract_decoder(no_capacity_config(model_cfg)))
 
 
 def evaluate_workdir(config: ConfigDict, workdir: str | Path) -> dict:
@@ -172,6 +177,47 @@ def continuation_text(tokenizer, prompt_ids: list[int], new_ids: list[int]) -> s
     return tokenizer.decode(new_ids)  # a tokenizer whose decoding does not extend: no join
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """A workdir's model in the decode layout, with its tokenizer and mesh."""
+
+    tokenizer: Any
+    graphdef: Any
+    params: Any
+    mesh: Any
+    is_moe: bool
+    context: int  # the trained context: a prompt's last ``context`` tokens are kept
+
+
+def sampler(config: ConfigDict, workdir: str | Path) -> Sampler:
+    """The newest checkpoint of ``workdir`` (or its imported weights) ready to sample from; the
+    trained layout is dropped once the decode layout is made."""
+    run = restore(config, workdir)
+    graphdef, params = decode_layout(run.task.model_cfg, run.params)
+    return Sampler(run.data.tokenizer, graphdef, params, run.task.mesh,
+                   run.task.model_cfg.moe is not None, config.seq_len)  # fmt: skip
+
+
+def sample_batch(s: Sampler, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
+                 seed: int = 0) -> tuple[list[dict], Generation]:  # fmt: skip
+    """One batch of prompts through ``generate``: per prompt a record of its text, new token
+    ids, experts per new token and the batch's seconds (prefill and decode, compile excluded)."""
+    ids = [s.tokenizer.encode(p) or [s.tokenizer.eos_id] for p in prompts]
+    contexts = [p[-s.context :] for p in ids]
+    with jax.set_mesh(s.mesh):
+        gen = generate(s.graphdef, s.params, contexts, max_new_tokens, temperature=temperature,
+                       seed=seed, stop_id=s.tokenizer.eos_id)  # fmt: skip
+    seconds = round(gen.prefill_seconds + gen.decode_seconds, 4)
+    rows = zip(prompts, ids, contexts, gen.tokens, gen.experts, strict=True)
+    records = [
+        {"prompt": prompt, "text": continuation_text(s.tokenizer, p, new), "tokens": new,
+         "experts_per_token": [round(e, 4) for e in experts], "seconds": seconds,
+         "prompt_tokens": len(context)}
+        for prompt, p, context, new, experts in rows
+    ]  # fmt: skip
+    return records, gen
+
+
 def sample_workdir(
     config: ConfigDict,
     workdir: str | Path,
@@ -182,121 +228,45 @@ def sample_workdir(
 ) -> dict:
     """Generates text after ``prompt`` (greedy when temperature is 0, else sampled with the
     random ``seed``) and reports the mean number of experts each generated token used, over the
-    MoE layers, and the decode rate. Decoding runs without capacity limits
-    (``inference_graphdef``) from a key/value cache (``generate``); the prompt's last
-    ``seq_len`` tokens are its context, as in training."""
+    MoE layers, and the decode rate. Decoding runs in the decode layout (``generate.py``): no
+    capacity limits, a key/value cache, the loop on device; the prompt's last ``seq_len``
+    tokens are its context, as in training."""
     check_temperature(temperature)
     check_max_new_tokens(max_new_tokens)
-    run = restore(config, workdir)
-    tokenizer = run.data.tokenizer
-    prompt_ids = tokenizer.encode(prompt) or [tokenizer.eos_id]
-    context = prompt_ids[-config.seq_len :]
-    gen = generate(
-        run.inference_graphdef(), run.params, context, max_new_tokens,
-        temperature=temperature, seed=seed, stop_id=tokenizer.eos_id,
-    )  # fmt: skip
-    text = continuation_text(tokenizer, prompt_ids, gen.tokens)
-    mean = float(np.mean(gen.experts)) if gen.experts else 0.0
-    print(f"{prompt}{text}")
-    if run.task.model_cfg.moe is not None:
-        print(f"[{len(gen.tokens)} tokens, {mean:.2f} experts per token on average]")
+    s = sampler(config, workdir)
+    (record,), gen = sample_batch(s, [prompt], max_new_tokens, temperature, seed)
+    print(f"{prompt}{record['text']}")
+    experts = record["experts_per_token"]
+    mean = float(np.mean(experts)) if experts else 0.0
+    if not record["tokens"]:
+        print("[0 tokens: the first token the model chose was the end-of-text token]")
+    elif s.is_moe:
+        print(f"[{len(record['tokens'])} tokens, {mean:.2f} experts per token on average]")
     if gen.tokens_per_s is not None:
         print(f"decode: {gen.tokens_per_s:.1f} tokens/s over {gen.decode_steps} cached steps "
-              f"after a {len(context)}-token prefill")  # fmt: skip
-    return {"text": text, "tokens": gen.tokens, "experts_per_token": gen.experts,
-            "mean_experts": mean, "tokens_per_s": gen.tokens_per_s}  # fmt: skip
+              f"after a {record['prompt_tokens']}-token prefill")  # fmt: skip
+    return {**record, "mean_experts": mean, "tokens_per_s": gen.tokens_per_s}
 
 
-@dataclasses.dataclass(frozen=True)
-class Generation:
-    """What ``generate`` produced."""
-
-    tokens: list[int]  # the new tokens (the stop token excluded)
-    experts: list[float]  # per new token: experts of the position that chose it, mean over MoE
-    logits: list[np.ndarray]  # per new token: the float32 logits it was chosen from, if kept
-    decode_steps: int  # cached one-token steps run after the prefill
-    tokens_per_s: float | None  # their rate, compile excluded (None when there were none)
-
-
-def generate(
-    graphdef,
-    params,
-    prompt_ids: list[int],
-    max_new_tokens: int,
-    *,
-    temperature: float = 0.0,
-    seed: int = 0,
-    stop_id: int | None = None,
-    keep_logits: bool = False,
-) -> Generation:
-    """Up to ``max_new_tokens`` tokens after ``prompt_ids``: the prompt is run once (prefill)
-    into a key/value cache of len(prompt) + max_new_tokens positions, then each new token is
-    one compiled step of static shapes that writes its keys and values at its position.
-    Greedy when ``temperature`` is 0, else sampled with ``seed``; stops before ``stop_id``."""
-    cache = nnx.merge(graphdef, params).init_cache(1, len(prompt_ids) + max_new_tokens)
-    temp, key = jnp.float32(temperature), jax.random.key(seed)
-    key, sub = jax.random.split(key)
-    out = _decode(graphdef, params, cache, jnp.asarray([prompt_ids], jnp.int32), 0, sub, temp)
-    step = None
-    if max_new_tokens > 1:
-        one_11 = jnp.zeros((1, 1), jnp.int32)
-        step = _decode.lower(graphdef, params, out[3], one_11, 0, sub, temp).compile()
-    tokens, experts, logits = [], [], []
-    position, began = len(prompt_ids), None
-    for i in range(max_new_tokens):
-        token, used, logits_V, cache = out
-        token = int(token)
-        if token == stop_id:
-            break
-        tokens.append(token)
-        experts.append(float(used))
-        if keep_logits:
-            logits.append(np.asarray(logits_V))
-        if i == max_new_tokens - 1:
-            break
-        began = time.perf_counter() if began is None else began
-        key, sub = jax.random.split(key)
-        out = step(params, cache, jnp.full((1, 1), token, jnp.int32), position, sub, temp)
-        position += 1
-    steps = position - len(prompt_ids)
-    rate = steps / (time.perf_counter() - began) if steps else None
-    return Generation(tokens, experts, logits, steps, rate)
-
-
-def generate_full_window(
-    graphdef, params, prompt_ids: list[int], max_new_tokens: int
-) -> tuple[list[int], list[np.ndarray], float | None]:
-    """The reference for ``generate``: greedy tokens, each computed by running the whole
-    window of len(prompt) + max_new_tokens positions again (no cache), with their logits and
-    the rate of the calls after the first (which compiles)."""
-    window = len(prompt_ids) + max_new_tokens
-    tokens, logits = list(prompt_ids), []
-    began = None
-    for _ in range(max_new_tokens):
-        padded_1U = np.zeros((1, window), np.int32)
-        padded_1U[0, : len(tokens)] = tokens
-        logits.append(np.asarray(_logits_at(graphdef, params, padded_1U, len(tokens) - 1)))
-        tokens.append(int(np.argmax(logits[-1])))
-        began = time.perf_counter() if began is None else began
-    calls = max_new_tokens - 1
-    rate = calls / (time.perf_counter() - began) if calls else None
-    return tokens[len(prompt_ids) :], logits, rate
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _logits_at(graphdef, params, tokens_1U, position):
-    # The model is causal: the padding after `position` does not change its logits.
-    logits_1UV, _ = nnx.merge(graphdef, params)(tokens_1U)
-    return logits_1UV[0, position]
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _decode(graphdef, params, cache, tokens_1T, start, key, temperature):
-    """The next token after ``tokens_1T`` (at positions start..) and the cache they extend:
-    (token, mean experts of the last position over MoE layers, its logits, cache)."""
-    logits_1TV, experts_L1T, cache = nnx.merge(graphdef, params).decode(tokens_1T, cache, start)
-    last_V = logits_1TV[0, -1]
-    greedy = jnp.argmax(last_V)
-    sampled = jax.random.categorical(key, last_V / jnp.maximum(temperature, 1e-6))
-    used = jnp.mean(experts_L1T[:, 0, -1].astype(jnp.float32)) if experts_L1T.shape[0] else 0.0
-    return jnp.where(temperature > 0, sampled, greedy), used, last_V, cache
+def sample_file(config: ConfigDict, workdir: str | Path, path: str | Path, max_new_tokens: int,
+                temperature: float = 0.0, seed: int = 0, batch_size: int = 8,
+                out: TextIO | None = None) -> list[dict]:  # fmt: skip
+    """Samples every prompt of ``path`` (one per line, blank lines skipped), ``batch_size``
+    at a time, and writes one JSON object per prompt to ``out`` (default: standard output);
+    the decode rate of each batch goes to standard error."""
+    check_temperature(temperature)
+    check_max_new_tokens(max_new_tokens)
+    prompts = read_prompts(path)
+    s = sampler(config, workdir)
+    out = sys.stdout if out is None else out
+    records = []
+    for i in range(0, len(prompts), batch_size):
+        batch, gen = sample_batch(s, prompts[i : i + batch_size], max_new_tokens, temperature,
+                                  seed + i)  # fmt: skip
+        for record in batch:
+            out.write(json.dumps(record) + "\n")
+        out.flush()
+        rate = f"{gen.tokens_per_s:.1f} tokens/s" if gen.tokens_per_s else "no decode step"
+        print(f"batch of {len(batch)}: {rate}", file=sys.stderr)
+        records += batch
+    return records

@@ -2,6 +2,7 @@
 
     python -m dynmoe_jax.main --config=dynmoe_jax/configs/default.py --workdir=DIR \\
         [--mode=train|eval|sample] [--config.FIELD=VALUE ...]
+    python -m dynmoe_jax.main ... --mode=sample --prompts_file=FILE > samples.jsonl
     python -m dynmoe_jax.main --config=dynmoe_jax/configs/paper.py --mode=plan \\
         [--device_memory_bytes=80e9]
 
@@ -28,7 +29,7 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import ConfigDict, config_flags
 
-from dynmoe_jax.sample_checks import check_max_new_tokens, check_temperature
+from dynmoe_jax.sample_checks import check_max_new_tokens, check_temperature, read_prompts
 from dynmoe_jax.validation import ConfigError, check, invalid
 
 USAGE_ERROR = 2  # exit code of every command-line mistake
@@ -45,6 +46,13 @@ flags.DEFINE_float(
 flags.DEFINE_string("prompt", "And God said", "Prompt for --mode=sample.")
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate in --mode=sample.")
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).")
+flags.DEFINE_string(
+    "prompts_file",
+    None,
+    "--mode=sample: a text file of prompts, one per line; writes one JSON object per prompt "
+    "(text, tokens, experts per token, seconds) to standard output.",
+)
+flags.DEFINE_integer("sample_batch_size", 8, "--mode=sample --prompts_file: prompts per batch.")
 flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (auto-detects TPU pods, SLURM)."
 )
@@ -133,6 +141,10 @@ def parse_flags(argv: list[str]) -> list[str]:
         check_argv(argv[1:])
         rest = FLAGS(argv)
         check_sample_flags(FLAGS.prompt, FLAGS.max_new_tokens, FLAGS.temperature)
+        if FLAGS.prompts_file is not None:
+            read_prompts(FLAGS.prompts_file)
+        batch = FLAGS.sample_batch_size
+        check(batch >= 1, "--sample_batch_size", batch, "an integer >= 1")
         resolve_init_from(FLAGS.config)
         check_mode_flags(FLAGS.mode, FLAGS.workdir, FLAGS.device_memory_bytes)
     except ConfigError as e:
@@ -157,6 +169,17 @@ def init_distributed() -> None:
     )
 
 
+def _sample() -> None:
+    from dynmoe_jax import inference
+
+    args = (FLAGS.config, FLAGS.workdir)
+    if FLAGS.prompts_file is None:
+        inference.sample_workdir(*args, FLAGS.prompt, FLAGS.max_new_tokens, FLAGS.temperature)
+        return
+    inference.sample_file(*args, FLAGS.prompts_file, FLAGS.max_new_tokens, FLAGS.temperature,
+                          batch_size=FLAGS.sample_batch_size)  # fmt: skip
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
@@ -166,9 +189,7 @@ def main(argv):
     modes = {
         "train": lambda: train.train_and_evaluate(FLAGS.config, FLAGS.workdir),
         "eval": lambda: inference.evaluate_workdir(FLAGS.config, FLAGS.workdir),
-        "sample": lambda: inference.sample_workdir(
-            FLAGS.config, FLAGS.workdir, FLAGS.prompt, FLAGS.max_new_tokens, FLAGS.temperature
-        ),
+        "sample": _sample,
         "plan": lambda: plan.print_plan(FLAGS.config, FLAGS.device_memory_bytes),
     }
     try:

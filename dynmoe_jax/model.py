@@ -26,6 +26,7 @@ from flax import nnx
 
 from dynmoe_jax import layer_stack
 from dynmoe_jax.attention import cached_attention, causal_attention
+from dynmoe_jax.experts import swiglu
 from dynmoe_jax.layer_stack import Remat, remat_value
 from dynmoe_jax.moe import MoEConfig, MoELayer
 from dynmoe_jax.validation import check, is_int
@@ -161,16 +162,18 @@ class RMSNorm(nnx.Module):
         return (x32 * self.scale_D[...]).astype(x.dtype)
 
 
-def rope(x_BTNH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding on the two halves of each head, frequencies theta^(-2i/H).
+def rope(x_BTNH: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding on the two halves of each head, frequencies theta^(-2i/H), at
+    ``positions`` [T] (every row alike) or [B, T] (a position per row and token).
 
     The convention of Hugging Face's ``rotate_half`` (LLaMA, Mixtral, OLMoE, Qwen2-MoE), so
     their checkpoints' q and k projections load unpermuted.
     """
     half = x_BTNH.shape[-1] // 2
     freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle_TH = positions_T[:, None].astype(jnp.float32) * freq[None, :]
-    sin, cos = jnp.sin(angle_TH)[:, None, :], jnp.cos(angle_TH)[:, None, :]
+    angle = positions.astype(jnp.float32)[..., None] * freq  # [T, H/2] or [B, T, H/2]
+    angle_BTH = angle.reshape((-1,) + angle.shape[-2:])
+    sin, cos = jnp.sin(angle_BTH)[:, :, None, :], jnp.cos(angle_BTH)[:, :, None, :]
     x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BTNH.dtype)
@@ -229,13 +232,16 @@ class Attention(nnx.Module):
         return self._out(causal_attention(q_BTNH, k_BUJH, v_BUJH))
 
     def decode(self, x_BTD, k_BUJH, v_BUJH, start):
-        """The tokens x at positions start .. start + T - 1, their keys and values first
-        written into the cache (k, v over U positions); returns (output, k, v)."""
-        q_BTNH, k_BTJH, v_BTJH = self._qkv(x_BTD, start + jnp.arange(x_BTD.shape[1]))
-        at = (0, start, 0, 0)
-        k_BUJH = jax.lax.dynamic_update_slice(k_BUJH, k_BTJH.astype(k_BUJH.dtype), at)
-        v_BUJH = jax.lax.dynamic_update_slice(v_BUJH, v_BTJH.astype(v_BUJH.dtype), at)
-        return self._out(cached_attention(q_BTNH, k_BUJH, v_BUJH, start)), k_BUJH, v_BUJH
+        """The tokens x of row b at positions start[b] .. start[b] + T - 1 (``start``: a
+        scalar for every row, or [B]), their keys and values first written into the cache
+        (k, v over U positions); returns (output, k, v)."""
+        b, t = x_BTD.shape[:2]
+        start_B = jnp.broadcast_to(jnp.asarray(start, jnp.int32), (b,))
+        q_BTNH, k_BTJH, v_BTJH = self._qkv(x_BTD, start_B[:, None] + jnp.arange(t))
+        write = jax.vmap(lambda c_UJH, new_TJH, at: jax.lax.dynamic_update_slice_in_dim(
+            c_UJH, new_TJH.astype(c_UJH.dtype), at, 0))  # fmt: skip
+        k_BUJH, v_BUJH = write(k_BUJH, k_BTJH, start_B), write(v_BUJH, v_BTJH, start_B)
+        return self._out(cached_attention(q_BTNH, k_BUJH, v_BUJH, start_B)), k_BUJH, v_BUJH
 
 
 class DenseFFN(nnx.Module):
@@ -248,10 +254,8 @@ class DenseFFN(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x_BTD):
-        dt = self.dtype
-        gate = x_BTD @ self.w_gate_DF[...].astype(dt)
-        up = x_BTD @ self.w_up_DF[...].astype(dt)
-        return (jax.nn.silu(gate) * up) @ self.w_down_FD[...].astype(dt), None
+        weights = (self.w_gate_DF, self.w_up_DF, self.w_down_FD)
+        return swiglu(x_BTD, *(w[...].astype(self.dtype) for w in weights)), None
 
 
 class Block(nnx.Module):
@@ -377,9 +381,10 @@ class Decoder(nnx.Module):
         self, tokens_BT: jax.Array, cache: KVCache, start: jax.Array
     ) -> tuple[jax.Array, jax.Array, KVCache]:
         """The tokens at positions start .. start + T - 1 of sequences whose earlier positions
-        are in ``cache``: float32 logits [B, T, V], the experts each token used per MoE layer
-        [L_moe, B, T], and the cache with these tokens' keys and values written. The same
-        numbers as ``__call__`` on the whole sequence (no capacity limit assumed)."""
+        are in ``cache`` (``start``: a scalar, or [B] for rows at different positions): float32
+        logits [B, T, V], the experts each token used per MoE layer [L_moe, B, T], and the
+        cache with these tokens' keys and values written. The same numbers as ``__call__`` on
+        the whole sequence (no capacity limit assumed)."""
         cfg = self.cfg
         x_BTD = self.embed_VD[...].astype(cfg.dtype)[tokens_BT]
         k_LBUJH, v_LBUJH = cache

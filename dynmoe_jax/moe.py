@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dynmoe_jax import decode_experts, expert_parallel, experts, grouped, routing
 from dynmoe_jax import dispatch as dispatch_lib
-from dynmoe_jax import expert_parallel, grouped, routing
 from dynmoe_jax.dispatch import Dispatch, DropOrder
 from dynmoe_jax.grouped_matmul import Backend
 from dynmoe_jax.routing import Router
@@ -58,6 +58,9 @@ class MoEConfig:
       (later ranks, then later tokens) | 'weight' (smallest combine weight).
     renormalize: combine weights renormalised over the chosen experts; None picks the paper's
       choice (top-k renormalises, top-p uses raw probabilities).
+    decode_tokens: calls of at most this many tokens take the decode path, which reads only
+      the experts some token of the call selected (``decode_experts.py``); None = the rule of
+      ``auto_decode_tokens``, 0 = never. Only where the dispatch could drop nothing either.
     """
 
     num_experts: int
@@ -75,6 +78,7 @@ class MoEConfig:
     block_size: int = 32
     matmul_backend: Backend | None = None
     drop_order: DropOrder = DropOrder.RANK
+    decode_tokens: int | None = None
     dtype: Any = jnp.float32
 
     def __post_init__(self):
@@ -104,6 +108,9 @@ class MoEConfig:
         check(0 < ek <= n, "moe.expected_k", ek, f"0 < expected_k <= {n}")
         gs = self.group_size
         check(gs is None or (is_int(gs) and gs >= 1), "moe.group_size", gs, "None or >= 1")
+        dt = self.decode_tokens
+        allowed = "None (by the rule) or an integer >= 0 (0 = never)"
+        check(dt is None or (is_int(dt) and dt >= 0), "moe.decode_tokens", dt, allowed)
 
     @property
     def capacity_k(self) -> float:
@@ -120,6 +127,36 @@ class MoEConfig:
         return grouped.budget(
             group_size, self.capacity_k, self.capacity_factor, self.max_selections
         )
+
+    def can_drop(self, group_size: int) -> bool:
+        """Whether the configured dispatch could drop a selection in groups of this size."""
+        if self.dispatch is Dispatch.GROUPED:
+            return self.budget(group_size) < group_size * self.max_selections
+        return self.capacity(group_size) < group_size
+
+    @property
+    def auto_decode_tokens(self) -> int:
+        """The most tokens a call may have for the decode path when ``decode_tokens`` is None.
+
+        The decode path runs each of the call's N tokens through each of the u = min(E,
+        ceil(N * k)) experts it may select (k: ``capacity_k``); the grouped buffer computes
+        about N * k rows plus up to one block of padding per expert in use. The rule: the
+        largest N with N * u <= N * k + u * block_size. Every N up to the block size passes.
+        """
+        e, k, block = self.num_experts, self.capacity_k, self.block_size
+        n = 1
+        while n < e * block:
+            u = min(e, math.ceil((n + 1) * k))
+            if (n + 1) * u > (n + 1) * k + u * block:
+                break
+            n += 1
+        return n
+
+    def takes_decode_path(self, num_tokens: int, group_size: int) -> bool:
+        """Whether a call of ``num_tokens`` tokens in groups of ``group_size`` reads only the
+        experts its tokens selected: few enough tokens, and nothing the dispatch could drop."""
+        limit = self.auto_decode_tokens if self.decode_tokens is None else self.decode_tokens
+        return num_tokens <= limit and not self.can_drop(group_size)
 
     @property
     def max_selections(self) -> int:
@@ -168,17 +205,25 @@ class MoELayer(nnx.Module):
         x_TD = x_GSD.reshape(-1, x_GSD.shape[-1]).astype(jnp.float32)  # 2-D: see experts()
         return (x_TD @ self.router_DE[...]).reshape(x_GSD.shape[:-1] + (-1,))
 
+    def expert_weights(self) -> experts.ExpertWeights:
+        """(gate, up, down) in either layout (``experts.py``), unconverted."""
+        return tuple(getattr(self, name).get_value() for name in experts.NAMES)
+
+    def split_experts(self) -> None:
+        """Puts the expert weights in the per-expert decode layout, in the compute dtype
+        (``experts.py``): for inference only, made once, outside ``jit``."""
+        for name in experts.NAMES:
+            var = getattr(self, name)
+            var.set_value(experts.split(var.get_value(), self.config.dtype))
+
     def experts(self, x_EXD: jax.Array) -> jax.Array:
         """SwiGLU of every expert on its own rows: x [E, ..., D] -> [E, ..., D]."""
         dt = self.config.dtype
         # One row axis N: XLA on CPU ran [E, G, C, D] x [E, D, F] (and [B, T, D] x [D, F])
         # about 2x slower than the same matmul written [E, N, D] x [E, D, F] ([T, D] x [D, F]).
         x_END = x_EXD.reshape(x_EXD.shape[0], -1, x_EXD.shape[-1]).astype(dt)
-        gate_ENF = jnp.einsum("END,EDF->ENF", x_END, self.w_gate_EDF[...].astype(dt))
-        up_ENF = jnp.einsum("END,EDF->ENF", x_END, self.w_up_EDF[...].astype(dt))
-        h_ENF = jax.nn.silu(gate_ENF) * up_ENF
-        y_END = jnp.einsum("ENF,EFD->END", h_ENF, self.w_down_EFD[...].astype(dt))
-        return y_END.reshape(x_EXD.shape)
+        weights = experts.cast(self.expert_weights(), dt)
+        return experts.per_expert_swiglu(x_END, weights).reshape(x_EXD.shape)
 
     def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         cfg = self.config
@@ -187,7 +232,9 @@ class MoELayer(nnx.Module):
         x_GSD = constrain(x_BTD.reshape(-1, s, d).astype(cfg.dtype), GROUPED)
 
         logits_GSE, probs_GSE, r = self.route(x_GSD)
-        if cfg.dispatch is Dispatch.GROUPED:
+        if cfg.takes_decode_path(b * t, s):
+            y_GSD, kept, slots_per_token = self._selected(x_GSD, r)
+        elif cfg.dispatch is Dispatch.GROUPED:
             y_GSD, kept, slots_per_token = self._grouped(x_GSD, r)
         else:
             y_GSD, kept, slots_per_token = self._with_capacity(x_GSD, r)
@@ -237,6 +284,25 @@ class MoELayer(nnx.Module):
         kept = jnp.sum(slots.valid_EC, dtype=jnp.float32)
         return y_GSD, kept, jnp.float32(num_experts * num_slots / num_tokens)
 
+    def _selected(self, x_GSD: jax.Array, r: routing.Routing) -> tuple:
+        """The decode path: only the experts some token selected, every token through each;
+        returns (y_GSD, kept selections, expert rows computed per token)."""
+        cfg = self.config
+        g, s, d = x_GSD.shape
+        n, e = g * s, cfg.num_experts
+        x_ND = x_GSD.reshape(n, d)
+        mask_NE, weights_NE = r.mask.reshape(n, e), r.weights.reshape(n, e)
+        weights = experts.cast(self.expert_weights(), cfg.dtype)
+        max_used = min(e, n * cfg.max_selections)
+        mesh = jax.sharding.get_abstract_mesh()
+        if expert_parallel.expert_axis_size(mesh) > 1 and not experts.is_split(weights[0]):
+            fn = functools.partial(expert_parallel.selected_experts, mesh)
+        else:
+            fn = decode_experts.selected_experts
+        y_ND, used = fn(x_ND, mask_NE, weights_NE, weights, max_used)
+        kept = jnp.sum(r.mask, dtype=jnp.float32)
+        return y_ND.reshape(g, s, d), kept, used.astype(jnp.float32)
+
     def _grouped(self, x_GSD: jax.Array, r: routing.Routing) -> tuple:
         """One budget per group, every group's kept selections in one block-padded buffer
         sorted by expert, grouped matmuls; a ring of experts under an ``expert`` mesh axis."""
@@ -244,11 +310,12 @@ class MoELayer(nnx.Module):
         g, s, _ = x_GSD.shape
         budget = cfg.budget(s)
         sel = self.grouped_selections(r, s)
-        weights = (self.w_gate_EDF[...], self.w_up_EDF[...], self.w_down_EFD[...])
+        weights = self.expert_weights()
         kw = {"budget": budget, "block_size": cfg.block_size, "backend": cfg.matmul_backend}
         mesh = jax.sharding.get_abstract_mesh()
         if expert_parallel.expert_axis_size(mesh) > 1:
             _check_groups_fit(mesh, g, cfg.group_size)
+            weights = tuple(map(experts.stacked, weights))  # sharded over `expert`
             y_GSD, rows = expert_parallel.ring_experts(mesh, x_GSD, sel, weights, **kw)
         else:
             y_GSD, rows = grouped.experts_on_selections(x_GSD, sel, weights, expert_offset=0, **kw)

@@ -115,6 +115,25 @@ def test_eval_and_sample_modes(trained, data_dir, capsys):
     assert "experts per token" in capsys.readouterr().out
 
 
+def test_a_prompts_file_samples_every_prompt_as_jsonl(trained, data_dir, tmp_path):
+    workdir, _, _ = trained
+    config = _config(data_dir)
+    prompts = ["The ", "And it came to pass that", "In"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts[:2]) + "\n\n" + prompts[2] + "\n")
+    written = io.StringIO()
+    records = inference.sample_file(config, workdir, tmp_path / "prompts.txt", 6, batch_size=2,
+                                    out=written)  # fmt: skip
+    lines = [json.loads(line) for line in written.getvalue().splitlines()]
+    assert lines == records and [r["prompt"] for r in lines] == prompts
+    for record in lines:
+        assert set(record) >= {"text", "tokens", "experts_per_token", "seconds"}
+        assert len(record["tokens"]) == len(record["experts_per_token"]) <= 6
+        assert record["seconds"] > 0
+        # Greedy: each row of a batch is what the prompt alone gives.
+        alone = inference.sample_workdir(config, workdir, record["prompt"], 6)
+        assert alone["tokens"] == record["tokens"] and alone["text"] == record["text"]
+
+
 def test_sampling_with_temperature_is_seeded(trained, data_dir):
     workdir, _, _ = trained
     config = _config(data_dir)

@@ -1,0 +1,68 @@
+"""The decode path: a call with few tokens reads only the experts that its tokens selected.
+
+With a few tokens per call (decode steps, small batches) an MoE layer is bound by reading
+expert weights, not by arithmetic. This path lists the u experts that some token of the call
+selected and runs every token of the call through each of them, adding each output with the
+token's combine weight (zero where the token did not select that expert): u weight reads and
+u * N rows. u is a traced count, so one compiled program serves every k and every p; the loop
+has a static length U (at most every expert the call could select) and its steps past u do
+nothing.
+
+Weights in the per-expert layout (``experts.split``) are reached through a switch over the E
+experts, each branch reading its own arrays where they lie. Stacked weights are indexed by
+the expert id: on GPU and TPU the slice feeds the matmul, on CPU it is a copy per expert
+(hence the decode layout). Nothing is ever dropped, so the path serves only calls whose
+configured dispatch could drop nothing either (``MoEConfig.takes_decode_path``).
+
+Axis letters: N tokens of the call, E experts, U the loop's length, D model width.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from dynmoe_jax import experts
+from dynmoe_jax.experts import ExpertWeights
+
+
+def selected_experts(
+    x_ND: jax.Array,
+    mask_NE: jax.Array,
+    weights_NE: jax.Array,
+    weights: ExpertWeights,
+    max_used: int,
+) -> tuple[jax.Array, jax.Array]:
+    """(y_ND, u): the sum over each token's selected experts of weight * SwiGLU, and the number
+    of experts computed. ``weights`` hold the experts of ``mask_NE``'s columns; ``max_used``
+    bounds how many of them one call selects (the loop's length)."""
+    used_E = jnp.any(mask_NE, axis=0)
+    used = jnp.sum(used_E, dtype=jnp.int32)
+    ids_U = jnp.nonzero(used_E, size=max_used, fill_value=0)[0].astype(jnp.int32)
+    run = _expert_fn(weights)
+
+    def step(i, y_ND):
+        def add(y_ND):
+            e = ids_U[i]
+            took_N1 = jax.lax.dynamic_index_in_dim(mask_NE, e, axis=1)
+            w_N1 = jax.lax.dynamic_index_in_dim(weights_NE, e, axis=1).astype(y_ND.dtype)
+            # `where`: a token that did not select e adds nothing, whatever e computes for it.
+            return y_ND + jnp.where(took_N1, w_N1 * run(e, x_ND), 0)
+
+        return jax.lax.cond(i < used, add, lambda y_ND: y_ND, y_ND)
+
+    return jax.lax.fori_loop(0, max_used, step, jnp.zeros_like(x_ND)), used
+
+
+def _expert_fn(weights: ExpertWeights):
+    """(e, x_ND) -> expert e's SwiGLU of x, for either layout."""
+    if experts.is_split(weights[0]):
+
+        def branch(j, x_ND):
+            return experts.swiglu(x_ND, *(w[j] for w in weights))
+
+        branches = [functools.partial(branch, j) for j in range(len(weights[0]))]
+        return lambda e, x_ND: jax.lax.switch(e, branches, x_ND)
+    return lambda e, x_ND: experts.swiglu(x_ND, *(w[e] for w in weights))

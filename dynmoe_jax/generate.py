@@ -1,0 +1,221 @@
+"""Batched generation on device, and the decode layout it runs on.
+
+* ``decode_layout(model_cfg, params)`` rearranges a model's parameters once for decoding: no
+  capacity limits (every selected expert computes), the blocks one per layer (a scanned
+  model's stacked [L, ...] parameters unstacked, since a step would otherwise slice every
+  layer's weights out of them), and each MoE layer's experts in the per-expert layout in the
+  compute dtype (``experts.py``), unless they are sharded over an ``expert`` mesh axis.
+* ``generate(graphdef, params, prompts, max_new_tokens)`` runs a batch of prompts of different
+  lengths: one prefill of the right-padded prompts into a key/value cache, then a
+  ``lax.while_loop`` of one-token steps on device, each row at its own position, until every
+  row has met the stop token or the budget of new tokens. A padded prompt position writes its
+  keys and values at positions the row overwrites before any of its queries can see them.
+* ``generate_full_window`` recomputes the whole window for every token: the reference.
+
+Axis letters: B rows, P prompt positions (padded), N new tokens, V vocabulary, L MoE layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dynmoe_jax import layer_stack
+from dynmoe_jax import model as model_lib
+from dynmoe_jax.moe import MoELayer
+
+
+def no_capacity_config(model_cfg: model_lib.ModelConfig) -> model_lib.ModelConfig:
+    """``model_cfg`` without capacity limits or routing groups, so the experts counted are the
+    router's own choice, as at inference in the paper."""
+    if model_cfg.moe is None:
+        return model_cfg
+    no_drops = dataclasses.replace(model_cfg.moe, capacity_factor=None, group_size=None)
+    return dataclasses.replace(model_cfg, moe=no_drops)
+
+
+def decode_layout(model_cfg: model_lib.ModelConfig, params: Any) -> tuple[Any, nnx.State]:
+    """(graphdef, params) of the model in the layout decoding reads (the module docstring);
+    ``params`` as trained (a pure dict or a State), per layer or scanned."""
+    if isinstance(params, nnx.State):
+        params = nnx.to_pure_dict(params)
+    if model_cfg.scan_layers:
+        params = layer_stack.unstack_layers(params, lambda x, k: x[k])
+    cfg = dataclasses.replace(no_capacity_config(model_cfg), scan_layers=False)
+    model = nnx.merge(nnx.graphdef(model_lib.abstract_decoder(cfg)), params)
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, MoELayer) and module.w_gate_EDF.get_value().is_fully_replicated:
+            module.split_experts()
+    return nnx.split(model)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What ``generate`` produced, row by row."""
+
+    tokens: list[list[int]]  # the new tokens of each row (its stop token excluded)
+    experts: list[list[float]]  # per new token: experts of the position that chose it, mean
+    logits: list[np.ndarray]  # per row, [n, V] float32 logits its tokens came from, if kept
+    decode_steps: int  # one-token steps after the prefill, all rows together
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """The decode loop's rate: rows x steps per second (None when it ran no step)."""
+        if not self.decode_steps:
+            return None
+        return len(self.tokens) * self.decode_steps / self.decode_seconds
+
+
+def generate(
+    graphdef,
+    params,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    seed: int = 0,
+    stop_id: int | None = None,
+    keep_logits: bool = False,
+) -> Generation:
+    """Up to ``max_new_tokens`` new tokens after each prompt (lists of token ids, any
+    lengths). Greedy when ``temperature`` is 0, else sampled: row b's draw at step i uses the
+    key ``fold_in(fold_in(key(seed), i), b)``, so a seeded run repeats. A row stops before
+    ``stop_id``. Prefill and loop are compiled before the clock starts."""
+    if not prompts or not all(len(p) for p in prompts):
+        raise ValueError("generate needs at least one prompt, each of at least one token")
+    lengths_B = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    prompt_BP = np.zeros((len(prompts), int(lengths_B.max())), np.int32)
+    for b, p in enumerate(prompts):
+        prompt_BP[b, : len(p)] = p
+    cache = nnx.merge(graphdef, params).init_cache(
+        len(prompts), prompt_BP.shape[1] + max_new_tokens
+    )
+    args = (jnp.float32(temperature), jax.random.key(seed))
+    prefill = _prefill.lower(graphdef, params, prompt_BP, lengths_B, cache, *args).compile()
+    began = time.perf_counter()
+    first = jax.block_until_ready(prefill(params, prompt_BP, lengths_B, cache, *args))
+    prefill_seconds = time.perf_counter() - began
+    token_B, experts_B, logits_BV, cache = first
+    stop = jnp.int32(-1 if stop_id is None else stop_id)
+    loop_args = (graphdef, params, cache, token_B, lengths_B, experts_B, logits_BV, stop, *args)
+    statics = {"steps": max_new_tokens - 1, "keep_logits": keep_logits}
+    loop = _decode_loop.lower(*loop_args, **statics).compile()
+    began = time.perf_counter()
+    out = jax.block_until_ready(loop(*loop_args[1:]))
+    decode_seconds = time.perf_counter() - began
+    tokens_BN, experts_BN, logits_BNV, steps = jax.device_get(out)
+    return _rows(tokens_BN, experts_BN, logits_BNV if keep_logits else None, stop_id,
+                 int(steps), prefill_seconds, decode_seconds)  # fmt: skip
+
+
+def _rows(tokens_BN, experts_BN, logits_BNV, stop_id, steps, prefill_s, decode_s) -> Generation:
+    """The per-row lists: each row cut before its first stop token."""
+    tokens, experts, logits = [], [], []
+    for b, row in enumerate(tokens_BN[:, : steps + 1].tolist()):
+        n = row.index(stop_id) if stop_id in row else len(row)
+        tokens.append(row[:n])
+        experts.append(experts_BN[b, :n].tolist())
+        if logits_BNV is not None:
+            logits.append(np.asarray(logits_BNV[b, :n], np.float32))
+    return Generation(tokens, experts, logits, steps, prefill_s, decode_s)
+
+
+def _choose(logits_BV, key, step, temperature):
+    """Each row's next token: argmax, or a draw at ``temperature`` with its own key."""
+    keys_B = jax.vmap(jax.random.fold_in, (None, 0))(
+        jax.random.fold_in(key, step), jnp.arange(logits_BV.shape[0])
+    )
+    scaled_BV = logits_BV / jnp.maximum(temperature, 1e-6)
+    sampled_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BV)
+    return jnp.where(temperature > 0, sampled_B, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
+
+
+def _mean_experts(experts_LBT, at_B) -> jax.Array:
+    """Experts of row b's position at_B[b], mean over the MoE layers ([B]; 0 if dense)."""
+    if not experts_LBT.shape[0]:
+        return jnp.zeros(at_B.shape, jnp.float32)
+    picked_LB = jnp.take_along_axis(experts_LBT, at_B[None, :, None], axis=2)[..., 0]
+    return jnp.mean(picked_LB.astype(jnp.float32), axis=0)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
+def _prefill(graphdef, params, prompt_BP, lengths_B, cache, temperature, key):
+    """Every prompt into the cache; each row's first new token, its experts and logits."""
+    logits_BPV, experts_LBP, cache = nnx.merge(graphdef, params).decode(prompt_BP, cache, 0)
+    last_B = lengths_B - 1
+    logits_BV = jnp.take_along_axis(logits_BPV, last_B[:, None, None], axis=1)[:, 0]
+    token_B = _choose(logits_BV, key, 0, temperature)
+    return token_B, _mean_experts(experts_LBP, last_B), logits_BV, cache
+
+
+@functools.partial(jax.jit, static_argnums=0, static_argnames=("steps", "keep_logits"))
+def _decode_loop(graphdef, params, cache, token_B, position_B, experts_B, logits_BV, stop,
+                 temperature, key, *, steps: int, keep_logits: bool):  # fmt: skip
+    """Up to ``steps`` one-token steps of every row; stops early once every row has produced
+    ``stop``. Returns (tokens [B, steps + 1], experts [B, steps + 1], logits, steps run)."""
+    model = nnx.merge(graphdef, params)
+    b, v = logits_BV.shape
+    tokens_BN = jnp.zeros((b, steps + 1), jnp.int32).at[:, 0].set(token_B)
+    experts_BN = jnp.zeros((b, steps + 1), jnp.float32).at[:, 0].set(experts_B)
+    kept = (b, steps + 1, v) if keep_logits else (b, 1, v)
+    logits_BNV = jnp.zeros(kept, jnp.float32).at[:, 0].set(logits_BV)
+
+    def running(state):
+        i, done_B = state[0], state[3]
+        return (i < steps) & ~jnp.all(done_B)
+
+    def step(state):
+        i, cache, token_B, done_B, position_B, tokens_BN, experts_BN, logits_BNV = state
+        logits_B1V, experts_LB1, cache = model.decode(token_B[:, None], cache, position_B)
+        logits_BV = logits_B1V[:, 0]
+        token_B = _choose(logits_BV, key, i + 1, temperature)
+        tokens_BN = tokens_BN.at[:, i + 1].set(token_B)
+        experts_BN = experts_BN.at[:, i + 1].set(
+            _mean_experts(experts_LB1, jnp.zeros_like(token_B))
+        )
+        if keep_logits:
+            logits_BNV = logits_BNV.at[:, i + 1].set(logits_BV)
+        done_B = done_B | (token_B == stop)
+        return i + 1, cache, token_B, done_B, position_B + 1, tokens_BN, experts_BN, logits_BNV
+
+    init = (jnp.int32(0), cache, token_B, token_B == stop, position_B, tokens_BN, experts_BN,
+            logits_BNV)  # fmt: skip
+    i, _, _, _, _, tokens_BN, experts_BN, logits_BNV = jax.lax.while_loop(running, step, init)
+    return tokens_BN, experts_BN, logits_BNV, i
+
+
+def generate_full_window(
+    graphdef, params, prompt_ids: list[int], max_new_tokens: int
+) -> tuple[list[int], list[np.ndarray], float | None]:
+    """The reference for ``generate``: greedy tokens after one prompt, each computed by
+    running the whole window of len(prompt) + max_new_tokens positions again (no cache), with
+    their logits and the rate of the calls after the first (which compiles)."""
+    window = len(prompt_ids) + max_new_tokens
+    tokens, logits = list(prompt_ids), []
+    began = None
+    for _ in range(max_new_tokens):
+        padded_1U = np.zeros((1, window), np.int32)
+        padded_1U[0, : len(tokens)] = tokens
+        logits.append(np.asarray(_logits_at(graphdef, params, padded_1U, len(tokens) - 1)))
+        tokens.append(int(np.argmax(logits[-1])))
+        began = time.perf_counter() if began is None else began
+    calls = max_new_tokens - 1
+    rate = calls / (time.perf_counter() - began) if calls else None
+    return tokens[len(prompt_ids) :], logits, rate
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits_at(graphdef, params, tokens_1U, position):
+    # The model is causal: the padding after `position` does not change its logits.
+    logits_1UV, _ = nnx.merge(graphdef, params)(tokens_1U)
+    return logits_1UV[0, position]
