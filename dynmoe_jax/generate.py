@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dynmoe_jax import layer_stack
+from dynmoe_jax import experts, layer_stack
 from dynmoe_jax import model as model_lib
 from dynmoe_jax.moe import MoELayer
 
@@ -42,6 +42,14 @@ def no_capacity_config(model_cfg: model_lib.ModelConfig) -> model_lib.ModelConfi
     return dataclasses.replace(model_cfg, moe=no_drops)
 
 
+def decode_graphdef(model_cfg: model_lib.ModelConfig):
+    """The graph that decoding runs: no capacity limits, one block per layer. Its parameters
+    are ``decode_layout``'s; a config that differs only in routing (router, threshold, top_k,
+    ...) shares them, so one decode layout serves every routing setting."""
+    cfg = dataclasses.replace(no_capacity_config(model_cfg), scan_layers=False)
+    return nnx.graphdef(model_lib.abstract_decoder(cfg))
+
+
 def decode_layout(model_cfg: model_lib.ModelConfig, params: Any) -> tuple[Any, nnx.State]:
     """(graphdef, params) of the model in the layout decoding reads (the module docstring);
     ``params`` as trained (a pure dict or a State), per layer or scanned."""
@@ -49,12 +57,16 @@ def decode_layout(model_cfg: model_lib.ModelConfig, params: Any) -> tuple[Any, n
         params = nnx.to_pure_dict(params)
     if model_cfg.scan_layers:
         params = layer_stack.unstack_layers(params, lambda x, k: x[k])
-    cfg = dataclasses.replace(no_capacity_config(model_cfg), scan_layers=False)
-    model = nnx.merge(nnx.graphdef(model_lib.abstract_decoder(cfg)), params)
+    model = nnx.merge(decode_graphdef(model_cfg), params)
     for _, module in nnx.iter_graph(model):
-        if isinstance(module, MoELayer) and module.w_gate_EDF.get_value().is_fully_replicated:
+        if isinstance(module, MoELayer) and _unsharded(module.w_gate_EDF.get_value()):
             module.split_experts()
     return nnx.split(model)
+
+
+def _unsharded(w: Any) -> bool:
+    """Expert weights held whole by every device (not split over an ``expert`` mesh axis)."""
+    return experts.is_split(w) or w.is_fully_replicated
 
 
 @dataclasses.dataclass(frozen=True)

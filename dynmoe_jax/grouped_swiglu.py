@@ -85,21 +85,21 @@ def for_chunks(sizes, block_size, start, count, body, carry):
     as many chunks of ``sizes[0]`` rows as fit, then one of each smaller size the remainder
     holds (each size divides the one before, so the remainder needs at most one of each).
 
-    One while loop whose step picks its chunk size with a switch. A loop per size would hand
-    the expert's weights to each loop, and XLA on CPU copies a loop's operands into its state
-    when another loop reads them too: one weight-sized copy per size, even for a loop that
-    runs no step (at decode sizes, most of the layer's time).
+    A size with no chunk is skipped by a ``cond``, not entered as a loop of no step: XLA on CPU
+    copies the weights a loop reads into its state on entry, whether or not a step runs, and at
+    decode sizes most sizes have no chunk. (One loop whose step switches between the sizes
+    avoids those copies too, but trained slower: each switch copied the carry.)
     """
-    sizes_Z = jnp.asarray(sizes, jnp.int32)
-    branches = [functools.partial(body, rows) for rows in sizes]
+    left = count * block_size
+    for rows in sizes:
+        n = left // rows
 
-    def step(state):
-        row, left, c = state
-        size = jnp.argmax(sizes_Z <= left)  # the largest chunk that fits (sizes descend)
-        return row + sizes_Z[size], left - sizes_Z[size], jax.lax.switch(size, branches, row, c)
+        def loop(c, n=n, rows=rows, at=start):
+            return jax.lax.fori_loop(0, n, lambda i, c: body(rows, at + i * rows, c), c)
 
-    init = (jnp.asarray(start, jnp.int32), jnp.asarray(count * block_size, jnp.int32), carry)
-    return jax.lax.while_loop(lambda state: state[1] > 0, step, init)[2]
+        carry = jax.lax.cond(n > 0, loop, lambda c: c, carry)
+        start, left = start + n * rows, left - n * rows
+    return carry
 
 
 def _rows(a_RX: jax.Array, row: jax.Array, rows: int) -> jax.Array:

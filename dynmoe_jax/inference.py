@@ -33,6 +33,7 @@ from dynmoe_jax import train as train_lib
 from dynmoe_jax.config import with_recorded_corpus
 from dynmoe_jax.generate import (  # noqa: F401 (generate_full_window: re-exported)
     Generation,
+    decode_graphdef,
     decode_layout,
     generate,
     generate_full_window,
