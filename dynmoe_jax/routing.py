@@ -9,7 +9,8 @@ Definitions follow Huang et al., "Harder Tasks Need More Experts: Dynamic Routin
 Models" (ACL 2024):
 
 * top-p: sort P descending, select the smallest prefix whose sum reaches the threshold; the
-  expert that makes the sum cross the threshold is included; at least one expert.
+  expert that makes the sum cross the threshold is included; at least one expert; threshold 1
+  selects every expert (the dense mixture).
 * combine weights: top-p uses the raw probabilities, top-k renormalises over its choices.
 * load balance ``N * sum_i f_i Q_i`` with f_i the fraction of tokens whose selected set holds
   expert i, and dynamic loss = router entropy.
@@ -98,7 +99,9 @@ def _top_p_by_rank(probs: jax.Array, threshold: float, max_k: int | None) -> tup
     # when the sum before r is 1 ulp below it, which left the crossing expert out.
     mass_before = _exclusive_cumsum(sorted_probs)
     positions = jnp.arange(probs.shape[-1])
-    selected_by_rank = (mass_before < threshold) | (positions == 0)
+    # threshold 1 is the whole mixture: in float32 the prefix sum reaches 1 before the last
+    # experts whenever they hold less than its rounding error, which would leave them out.
+    selected_by_rank = (mass_before < threshold) | (positions == 0) | (threshold >= 1.0)
     if max_k is not None:
         selected_by_rank &= positions < max_k
     mask = jnp.take_along_axis(selected_by_rank, rank, axis=-1)

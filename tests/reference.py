@@ -17,6 +17,8 @@ def descending(p: np.ndarray) -> list[int]:
 
 
 def top_p_set(p: np.ndarray, threshold: float, max_k: int | None = None) -> list[int]:
+    if threshold >= 1.0:  # the whole mixture, by definition (exact softmax has no zero)
+        return descending(p)[: max_k or len(p)]
     chosen, total = [], 0.0
     for e in descending(np.asarray(p, np.float64)):
         if chosen and (total >= threshold or (max_k is not None and len(chosen) >= max_k)):
