@@ -57,21 +57,26 @@ def _rematted(fn: Callable, remat: Remat, prevent_cse: bool = True) -> Callable:
     return jax.checkpoint(fn, policy=_POLICIES[remat], prevent_cse=prevent_cse)
 
 
-def apply_block(block: nnx.Module, x: jax.Array, remat: Remat) -> tuple[jax.Array, Any]:
-    """``block(x)``, its activations kept as ``remat`` says."""
+def apply_block(
+    block: nnx.Module, x: jax.Array, remat: Remat, valid: jax.Array | None = None
+) -> tuple[jax.Array, Any]:
+    """``block(x, valid)``, its activations kept as ``remat`` says."""
     if remat is Remat.NONE:
-        return block(x)
+        return block(x, valid)
     graphdef, state = nnx.split(block)
-    return _rematted(lambda st, y: nnx.merge(graphdef, st)(y), remat)(state, x)
+    return _rematted(lambda st, y, v: nnx.merge(graphdef, st)(y, v), remat)(state, x, valid)
 
 
-def scan_stack(stacked: nnx.Module, x: jax.Array, remat: Remat) -> tuple[jax.Array, Any]:
+def scan_stack(
+    stacked: nnx.Module, x: jax.Array, remat: Remat, valid: jax.Array | None = None
+) -> tuple[jax.Array, Any]:
     """Runs the module whose parameters are stacked on a leading axis once per slice, in order
-    (``jax.lax.scan``); returns the last output and the stacked per-slice aux values."""
+    (``jax.lax.scan``), each call given ``valid`` too; returns the last output and the stacked
+    per-slice aux values."""
     graphdef, state = nnx.split(stacked)
 
     def body(y, st):
-        return nnx.merge(graphdef, st)(y)
+        return nnx.merge(graphdef, st)(y, valid)
 
     # Inside a scan the recomputation cannot be merged with the forward pass: no CSE guard.
     return jax.lax.scan(_rematted(body, remat, prevent_cse=False), x, state)

@@ -253,7 +253,8 @@ class DenseFFN(nnx.Module):
         self.w_down_FD = _param(rngs, (f, d), (0,), ("mlp", "embed"))
         self.dtype = dtype
 
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, valid_BT=None):
+        del valid_BT  # every token passes, padding or not: only the MoE layer routes
         weights = (self.w_gate_DF, self.w_up_DF, self.w_down_FD)
         return swiglu(x_BTD, *(w[...].astype(self.dtype) for w in weights)), None
 
@@ -274,8 +275,9 @@ class Block(nnx.Module):
         if self.has_shared_gate:
             self.shared_gate_D = _param(rngs, (cfg.d_model,), (0,), ("embed",))
 
-    def __call__(self, x_BTD):
-        return self._feed_forward(x_BTD + self.attn(self.attn_norm(x_BTD)))
+    def __call__(self, x_BTD, valid_BT=None):
+        """(x, the MoE layer's aux or None); ``valid_BT``: the tokens that are not padding."""
+        return self._feed_forward(x_BTD + self.attn(self.attn_norm(x_BTD)), valid_BT)
 
     def decode(self, x_BTD, k_BUJH, v_BUJH, start):
         """``__call__`` for tokens at positions start.. with a key/value cache (see
@@ -283,9 +285,9 @@ class Block(nnx.Module):
         a_BTD, k_BUJH, v_BUJH = self.attn.decode(self.attn_norm(x_BTD), k_BUJH, v_BUJH, start)
         return *self._feed_forward(x_BTD + a_BTD), k_BUJH, v_BUJH
 
-    def _feed_forward(self, h_BTD):
+    def _feed_forward(self, h_BTD, valid_BT=None):
         normed_BTD = self.ffn_norm(h_BTD)
-        y_BTD, aux = self.ffn(normed_BTD)
+        y_BTD, aux = self.ffn(normed_BTD, valid_BT)
         if self.has_shared:
             y_BTD = y_BTD + self._shared_expert(normed_BTD)
         return h_BTD + y_BTD, aux
@@ -307,10 +309,10 @@ class SuperBlock(nnx.Module):
         layers = range(first_layer, first_layer + cfg.moe_every)
         self.blocks = nnx.List([Block(cfg, i, rngs) for i in layers])
 
-    def __call__(self, x_BTD):
+    def __call__(self, x_BTD, valid_BT=None):
         aux = None
         for block in self.blocks:
-            x_BTD, layer_aux = block(x_BTD)
+            x_BTD, layer_aux = block(x_BTD, valid_BT)
             aux = layer_aux if layer_aux is not None else aux
         return x_BTD, aux
 
@@ -353,19 +355,23 @@ class Decoder(nnx.Module):
         if not cfg.tie_embeddings:
             self.head_DV = _param(rngs, (d, v), (0,), ("embed", "vocab"))
 
-    def __call__(self, tokens_BT: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(
+        self, tokens_BT: jax.Array, valid_BT: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``valid_BT``: the positions that are not padding (None: all). Padding routes to no
+        expert and is left out of the MoE layers' aux losses and metrics."""
         cfg = self.cfg
         x_BTD = self.embed_VD[...].astype(cfg.dtype)[tokens_BT]
         metrics = {}
         if cfg.scan_layers:
-            x_BTD, aux = layer_stack.scan_stack(self.scan_blocks, x_BTD, cfg.remat)
+            x_BTD, aux = layer_stack.scan_stack(self.scan_blocks, x_BTD, cfg.remat, valid_BT)
             metrics = {k: aux[k] for k in LAYER_METRICS} if aux is not None else {}
             unscanned = self.tail_blocks  # dense layers only: no metrics
         else:
             unscanned = self.blocks
         layer_aux = []
         for block in unscanned:
-            x_BTD, aux = layer_stack.apply_block(block, x_BTD, cfg.remat)
+            x_BTD, aux = layer_stack.apply_block(block, x_BTD, cfg.remat, valid_BT)
             if aux is not None:
                 layer_aux.append(aux)
         metrics = metrics or _stack_layer_metrics(layer_aux)

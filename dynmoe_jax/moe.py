@@ -225,13 +225,18 @@ class MoELayer(nnx.Module):
         weights = experts.cast(self.expert_weights(), dt)
         return experts.per_expert_swiglu(x_END, weights).reshape(x_EXD.shape)
 
-    def __call__(self, x_BTD: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(
+        self, x_BTD: jax.Array, valid_BT: jax.Array | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """``valid_BT``: the tokens that count (None: all). A padding token selects no expert,
+        takes no capacity and is left out of the aux losses and metrics; its output is 0."""
         cfg = self.config
         b, t, d = x_BTD.shape
         s = _group_size(cfg.group_size, b, t)
         x_GSD = constrain(x_BTD.reshape(-1, s, d).astype(cfg.dtype), GROUPED)
+        valid_GS = None if valid_BT is None else valid_BT.reshape(-1, s)
 
-        logits_GSE, probs_GSE, r = self.route(x_GSD)
+        logits_GSE, probs_GSE, r = self.route(x_GSD, valid_GS)
         if cfg.takes_decode_path(b * t, s):
             y_GSD, kept, slots_per_token = self._selected(x_GSD, r)
         elif cfg.dispatch is Dispatch.GROUPED:
@@ -239,12 +244,15 @@ class MoELayer(nnx.Module):
         else:
             y_GSD, kept, slots_per_token = self._with_capacity(x_GSD, r)
 
-        aux = _routing_metrics(logits_GSE, probs_GSE, r, kept, slots_per_token)
+        aux = _routing_metrics(logits_GSE, probs_GSE, r, kept, slots_per_token, valid_GS)
         aux["token_experts"] = jnp.sum(r.mask, axis=-1, dtype=jnp.int32).reshape(b, t)
         return y_GSD.reshape(b, t, d).astype(x_BTD.dtype), aux
 
-    def route(self, x_GSD: jax.Array) -> tuple[jax.Array, jax.Array, routing.Routing]:
-        """(router logits, probabilities, routing) of every token, in float32."""
+    def route(
+        self, x_GSD: jax.Array, valid_GS: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array, routing.Routing]:
+        """(router logits, probabilities, routing) of every token, in float32; tokens not
+        ``valid`` select nothing."""
         cfg = self.config
         logits_GSE = self.router_logits(x_GSD)
         probs_GSE = jax.nn.softmax(logits_GSE, axis=-1)
@@ -256,6 +264,9 @@ class MoELayer(nnx.Module):
             max_k=cfg.max_k,
             renormalize=cfg.renormalize,
         )
+        if valid_GS is not None:
+            keep_GS1 = valid_GS[..., None]
+            r = r._replace(mask=r.mask & keep_GS1, weights=jnp.where(keep_GS1, r.weights, 0.0))
         return logits_GSE, probs_GSE, r
 
     def grouped_selections(self, r: routing.Routing, group_size: int) -> grouped.Selections:
@@ -344,8 +355,9 @@ def _group_size(group_size: int | None, batch: int, seq_len: int) -> int:
     return s
 
 
-def _routing_metrics(logits, probs, r: routing.Routing, kept, slots_per_token) -> dict:
-    """Named aux losses and routing statistics of one layer call (means over all tokens).
+def _routing_metrics(logits, probs, r: routing.Routing, kept, slots_per_token, valid) -> dict:
+    """Named aux losses and routing statistics of one layer call: means over the valid
+    tokens (all when ``valid`` is None).
 
     kept: selections that were computed; slots_per_token: expert rows computed per token
     (E*C/S with capacity; grouped: rows in use, block padding included, per token).
@@ -353,16 +365,19 @@ def _routing_metrics(logits, probs, r: routing.Routing, kept, slots_per_token) -
     num_experts = probs.shape[-1]
     mask_f = r.mask.astype(jnp.float32)
     per_token = jnp.sum(mask_f, axis=-1)
-    selections = jnp.sum(per_token)
+    total = jnp.sum(per_token)
+    selections = jnp.maximum(total, 1.0)  # 0 only when every token is padding
+    counts = jnp.ones_like(per_token, bool) if valid is None else valid
+    mean = lambda x: routing.token_mean(x[..., None], valid)[0]  # noqa: E731
     return {
-        "load_balance_loss": routing.load_balance_loss(probs, r.mask),
-        "dynamic_loss": routing.dynamic_loss(logits),
-        "z_loss": routing.z_loss(logits),
-        "experts_per_token": jnp.mean(per_token),
-        "experts_per_token_max": jnp.max(per_token),
-        "experts_per_token_min": jnp.min(per_token),
+        "load_balance_loss": routing.load_balance_loss(probs, r.mask, valid),
+        "dynamic_loss": routing.dynamic_loss(logits, valid),
+        "z_loss": routing.z_loss(logits, valid),
+        "experts_per_token": mean(per_token),
+        "experts_per_token_max": jnp.max(jnp.where(counts, per_token, 0.0)),
+        "experts_per_token_min": jnp.min(jnp.where(counts, per_token, num_experts)),
         "slots_per_token": jnp.asarray(slots_per_token, jnp.float32),
-        "dropped_fraction": 1.0 - kept / selections,
+        "dropped_fraction": (total - kept) / selections,
         "expert_load": jnp.sum(mask_f.reshape(-1, num_experts), axis=0) / selections,
-        "router_confidence": jnp.mean(jnp.max(probs, axis=-1)),
+        "router_confidence": mean(jnp.max(probs, axis=-1)),
     }

@@ -164,31 +164,41 @@ def route(
     return Routing(mask, rank, combine_weights(probs, mask, renormalize))
 
 
-def _token_mean(x: jax.Array) -> jax.Array:
-    """Mean over every axis but the last (all tokens of the batch)."""
-    return jnp.mean(x.reshape(-1, x.shape[-1]), axis=0)
+def token_mean(x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """Mean over the tokens (every axis but the last) of x [..., X], over the tokens where
+    ``valid`` [...] holds when given (padding left out); 0 when no token is valid."""
+    x_NX = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    if valid is None:
+        return jnp.mean(x_NX, axis=0)
+    w_N1 = valid.reshape(-1, 1).astype(jnp.float32)
+    return jnp.sum(x_NX * w_N1, axis=0) / jnp.maximum(jnp.sum(w_N1), 1.0)
 
 
-def load_balance_loss(probs: jax.Array, mask: jax.Array) -> jax.Array:
+def load_balance_loss(
+    probs: jax.Array, mask: jax.Array, valid: jax.Array | None = None
+) -> jax.Array:
     """``N * sum_i f_i * Q_i``: f_i the fraction of tokens whose selected set holds expert i,
-    Q_i the mean router probability of expert i, both over all tokens given.
+    Q_i the mean router probability of expert i, both over the tokens given (the ``valid``
+    ones, when given).
 
     f is a count and carries no gradient; the router learns through Q. Because
     ``sum_i f_i`` is the mean number of selected experts, the loss also grows with it.
     """
     num_experts = probs.shape[-1]
-    f = jax.lax.stop_gradient(_token_mean(mask.astype(jnp.float32)))
-    q = _token_mean(probs.astype(jnp.float32))
+    f = jax.lax.stop_gradient(token_mean(mask, valid))
+    q = token_mean(probs, valid)
     return num_experts * jnp.sum(f * q)
 
 
-def dynamic_loss(logits: jax.Array) -> jax.Array:
-    """Router entropy ``-sum_i P_i log P_i``, averaged over tokens (the paper's L_d)."""
-    logits = logits.astype(jnp.float32)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1))
+def dynamic_loss(logits: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """Router entropy ``-sum_i P_i log P_i``, averaged over the (valid) tokens: the paper's
+    L_d."""
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1, keepdims=True)
+    return token_mean(entropy, valid)[0]
 
 
-def z_loss(logits: jax.Array) -> jax.Array:
-    """Router z-loss (ST-MoE): mean of ``logsumexp(logits)^2`` over tokens."""
-    return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
+def z_loss(logits: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """Router z-loss (ST-MoE): mean of ``logsumexp(logits)^2`` over the (valid) tokens."""
+    lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1, keepdims=True)
+    return token_mean(jnp.square(lse), valid)[0]

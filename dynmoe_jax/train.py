@@ -281,7 +281,7 @@ def forward(task: Task, params, batch: Batch) -> tuple[jax.Array, dict[str, jax.
     """Loss and metrics of one batch: lm loss plus the weighted aux losses, each averaged over
     the MoE layers (the paper leaves the reduction open; a mean keeps weights depth-free)."""
     model = nnx.merge(task.graphdef, params)
-    logits, layer = model(batch["inputs"])
+    logits, layer = model(batch["inputs"], batch["weights"] > 0)
     nll, count = cross_entropy(logits, batch["targets"], batch["weights"])
     lm_loss = nll / jnp.maximum(count, 1.0)
     w = task.config.loss
@@ -363,12 +363,12 @@ def make_train_step(task: Task) -> TrainStep:
 def make_eval_step(task: Task) -> Callable[[Any, Batch], dict]:
     def eval_step(params, batch: Batch):
         model = nnx.merge(task.graphdef, params)
-        logits, layer = model(batch["inputs"])
         weights_BT = batch["weights"]
+        logits, layer = model(batch["inputs"], weights_BT > 0)
         nll, count = cross_entropy(logits, batch["targets"], weights_BT)
         out = {"nll": nll, "tokens": count}
         if layer:
-            # Sums over weighted positions only: the layer's own means count padding too.
+            # Weighted sums, so that batches add up by tokens (evaluate divides by the total).
             experts_LBT = layer["token_experts"].astype(jnp.float32)
             out["experts_per_layer"] = jnp.sum(experts_LBT * weights_BT, axis=(1, 2))
             out["dropped_fraction"] = jnp.mean(layer["dropped_fraction"]) * count

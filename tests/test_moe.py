@@ -282,3 +282,31 @@ def test_top_p_at_threshold_one_with_raw_weights_is_the_dense_mixture(dispatch):
     y, aux = nnx.jit(lambda m, v: m(v))(layer, x)
     assert float(aux["experts_per_token_min"]) == E and float(aux["dropped_fraction"]) == 0.0
     np.testing.assert_allclose(y, _dense_mixture_ref(layer, x), rtol=1e-5, atol=1e-5)
+
+
+def test_padding_routes_nowhere_and_leaves_the_aux_losses():
+    layer = _layer(capacity_factor=None, threshold=0.6)
+    x = _x((2, 16, D), seed=3)
+    valid = np.ones((2, 16), bool)
+    valid[1, 10:] = False  # the second row's last 6 positions are padding
+    y, aux = nnx.jit(lambda m, v, ok: m(v, ok))(layer, x, jnp.asarray(valid))
+    y_all, _ = nnx.jit(lambda m, v: m(v))(layer, x)
+    np.testing.assert_allclose(np.asarray(y)[valid], np.asarray(y_all)[valid], rtol=1e-6)
+    assert not np.any(np.asarray(y)[~valid]) and not np.any(
+        np.asarray(aux["token_experts"])[~valid]
+    )
+    # The losses over the 26 valid tokens alone, float64.
+    x_MD = np.asarray(x, np.float64)[valid]
+    logits = x_MD @ np.asarray(layer.router_DE[...], np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    mask = np.zeros_like(probs)
+    for m, p in enumerate(probs):
+        mask[m, ref.top_p_set(p, 0.6)] = 1
+    want_lb = E * np.sum(mask.mean(0) * probs.mean(0))
+    want_entropy = -np.mean(np.sum(probs * np.log(probs), -1))
+    assert float(aux["load_balance_loss"]) == pytest.approx(want_lb, rel=1e-5)
+    assert float(aux["dynamic_loss"]) == pytest.approx(want_entropy, rel=1e-5)
+    assert float(aux["experts_per_token"]) == pytest.approx(mask.sum(1).mean(), rel=1e-6)
+    assert float(aux["experts_per_token_min"]) == mask.sum(1).min()
+    assert float(aux["dropped_fraction"]) == 0.0
