@@ -1,4 +1,4 @@
-"""Reads safetensors checkpoints one tensor at a time, with numpy only.
+"""Reads and writes safetensors checkpoints one tensor at a time, with numpy only.
 
 The format (documented with the ``safetensors`` package): an 8-byte little-endian header
 length, a JSON header mapping each tensor name to ``dtype``, ``shape`` and ``data_offsets``
@@ -16,6 +16,9 @@ heap (its mmap threshold rises after each large free) and the same import grew b
 
 A checkpoint is ``model.safetensors`` or shards listed by ``model.safetensors.index.json``
 (``weight_map``: tensor name -> shard file).
+
+``write_safetensors`` writes the same format without torch or the ``safetensors`` package, a
+tensor at a time from a producer function, so a checkpoint larger than memory can be made.
 """
 
 from __future__ import annotations
@@ -24,11 +27,14 @@ import dataclasses
 import json
 import math
 import mmap
+import os
 import struct
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from numpy.typing import DTypeLike
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -125,3 +131,92 @@ def checkpoint_tensors(directory: Path) -> dict[str, TensorInfo]:
                                    f"{tensors[tensor].file.name}")  # fmt: skip
         tensors.update(file_tensors)
     return tensors
+
+
+# ----------------------------------------------------------------------------- writing
+
+DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+HEADER_ALIGNMENT = 8  # the header is padded with spaces so the data starts 8-byte aligned
+
+Spec = tuple[Sequence[int], DTypeLike]  # a tensor's shape and dtype, as the caller gives them
+Announced = dict[str, tuple[tuple[int, ...], np.dtype]]  # the same, as the header states them
+
+
+def write_safetensors(
+    path: str | Path,
+    specs: Mapping[str, Spec],
+    produce: Callable[[str], np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Writes a safetensors file of the tensors ``specs`` announces (name -> (shape, dtype)),
+    in that order, calling ``produce(name)`` for each one's values only when its turn comes,
+    so a checkpoint larger than memory can be written: the writer holds one tensor at a time.
+
+    The header is written first, from ``specs`` alone; each produced array must then match its
+    announced shape and dtype (a ``SafetensorsError`` otherwise). The file is written under a
+    temporary name in the same folder and renamed at the end, so an error or a crash never
+    leaves a partial file under ``path``. Returns ``path``.
+    """
+    path = Path(path)
+    header, expected = _header(specs, metadata)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(temporary, "wb") as f:
+            f.write(struct.pack("<Q", len(header)))
+            f.write(header)
+            for name, (shape, dtype) in expected.items():
+                f.write(_checked(name, produce(name), shape, dtype).reshape(-1).view(np.uint8))
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the name points at it
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _header(
+    specs: Mapping[str, Spec], metadata: Mapping[str, str] | None
+) -> tuple[bytes, Announced]:
+    """The padded JSON header, and each tensor's (shape, dtype) as normalised."""
+    header: dict = {}
+    if metadata:
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise SafetensorsError(f"metadata {key!r}: {value!r} (keys and values must be "
+                                       "strings)")  # fmt: skip
+        header["__metadata__"] = dict(metadata)
+    expected, offset = {}, 0
+    for name, (shape, dtype) in specs.items():
+        shape, dtype = _spec(name, shape, dtype)
+        end = offset + math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
+                        "data_offsets": [offset, end]}  # fmt: skip
+        expected[name], offset = (shape, dtype), end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % HEADER_ALIGNMENT), expected
+
+
+def _spec(name: str, shape: Sequence[int], dtype) -> tuple[tuple[int, ...], np.dtype]:
+    if not isinstance(name, str) or name == "__metadata__":
+        raise SafetensorsError(f"tensor name {name!r} (a string other than '__metadata__')")
+    dims = tuple(shape)
+    if not all(isinstance(d, (int, np.integer)) and d >= 0 for d in dims):
+        raise SafetensorsError(f"tensor {name}: shape {dims} (integers >= 0)")
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        dtype = None
+    if dtype not in DTYPE_NAMES:
+        allowed = ", ".join(str(d) for d in DTYPE_NAMES)
+        raise SafetensorsError(f"tensor {name}: dtype {dtype} (writable: {allowed})")
+    return tuple(int(d) for d in dims), dtype
+
+
+def _checked(name: str, array: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``array`` contiguous, if it is what the header announced for ``name``."""
+    got = np.asarray(array)
+    if got.shape != shape or got.dtype != dtype:
+        raise SafetensorsError(f"tensor {name}: produced {got.dtype} {got.shape}, but the "
+                               f"header announced {dtype} {shape}")  # fmt: skip
+    return np.ascontiguousarray(got)

@@ -13,8 +13,17 @@ tokenizer.json) under each router setting:
 Combine weights follow the checkpoint's ``norm_topk_prob``. No token is dropped (the grouped
 dispatch with no budget), so the experts counted are the router's own choice.
 
-Writes ``experiments/results/NAME.{md,json}`` and ``NAME.png`` (perplexity against mean
-experts per token, and experts per token by layer), printing a line per setting.
+Each setting's decode rate at batch size 1 comes beside its perplexity: the weights are put in
+the decode layout once (``generate.decode_layout``, after every setting is evaluated, so the
+two layouts of the experts are not held together for long), and each setting decodes with its
+own graph over them (``generate.decode_graphdef``): ``--decode-tokens`` new tokens, greedy,
+after the first 16 tokens of the first validation sequence. One untimed round over the
+settings compiles and warms up; the next is timed (tokens per second of the decode steps,
+compile and prefill excluded).
+
+Writes ``experiments/results/NAME.{md,json}``, ``NAME.png`` (perplexity against mean experts
+per token, and experts per token by layer) and ``NAME_frontier.png`` (perplexity against
+decode tokens/s: the speed-quality frontier), printing a line per setting.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from dynmoe_jax import data as data_lib
+from dynmoe_jax import generate as generate_lib
 from dynmoe_jax import init_from as init_from_lib
 from dynmoe_jax import train as train_lib
 from dynmoe_jax.configs import pretrained
@@ -39,6 +49,7 @@ from experiments import report
 
 MODULE = "experiments.pretrained_top_p"
 DEFAULT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+DECODE_PROMPT_TOKENS = 16
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -61,7 +72,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mesh-shape", default="", help="e.g. 'data=2,expert=4' ('' = one device)")
     p.add_argument("--name", default=None, help="results file stem (default: from PATH)")
     p.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
-    return p.parse_args(argv)  # fmt: skip
+    p.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=32,
+        help="new tokens of each setting's timed greedy decode (B=1), >= 2",
+    )
+    args = p.parse_args(argv)
+    if args.decode_tokens < 2:  # the first token comes from the prefill: no step to time
+        p.error(f"argument --decode-tokens: {args.decode_tokens} is not >= 2")
+    return args
 
 
 def base_config(args: argparse.Namespace) -> ConfigDict:
@@ -110,6 +130,31 @@ def evaluate_setting(config: ConfigDict, setting: dict, data, params) -> dict:
         return train_lib.evaluate(eval_step, params, data.eval_batches(c.eval_batches))
 
 
+def decode_rates(config: ConfigDict, todo: Sequence[dict], task, decode_params,
+                 prompt: list[int], new_tokens: int) -> list[tuple[float, float]]:  # fmt: skip
+    """(decode tokens/s, experts per new token) of each setting at B=1 over one decode layout
+    (``decode_params``), with a graph per setting: an untimed round, then a timed one."""
+    graphdefs = [
+        generate_lib.decode_graphdef(init_from_lib.model_config(with_setting(config, setting)))
+        for setting in todo
+    ]
+    out = []
+    with jax.set_mesh(task.mesh):
+        for timed in (False, True):
+            for graphdef in graphdefs:
+                gen = generate_lib.generate(graphdef, decode_params, [prompt], new_tokens)
+                if timed:
+                    # Its first token came from the prefill: the decode steps made the rest.
+                    out.append((gen.tokens_per_s, float(np.mean(gen.experts[0][1:]))))
+    return out
+
+
+def decode_prompt(data) -> list[int]:
+    """The first tokens of the first validation sequence: text the tokenizer produced."""
+    inputs_BT = next(iter(data.eval_batches(1)))["inputs"]
+    return inputs_BT[0, :DECODE_PROMPT_TOKENS].tolist()
+
+
 def run(args: argparse.Namespace) -> dict:
     config = base_config(args)
     init_from_lib.check_config(config)  # every one-line error before the corpus is read
@@ -131,22 +176,75 @@ def run(args: argparse.Namespace) -> dict:
         print(f"[{i}/{len(todo)}] {label(setting, native_k)}: perplexity "
               f"{result['perplexity']:.3f}, experts per token {result['experts_per_token']:.2f} "
               f"({wall:.1f} s)", flush=True)  # fmt: skip
+    _, decode_params = generate_lib.decode_layout(task.model_cfg, params)
+    del params  # nothing reads the imported layout again: its experts are freed
+    prompt = decode_prompt(data)
+    rates = decode_rates(config, todo, task, decode_params, prompt, args.decode_tokens)
+    for i, (row, (rate, k)) in enumerate(zip(rows, rates, strict=True), 1):
+        row["decode_tokens_per_s"], row["decode_experts_per_token"] = rate, k
+        print(f"[{i}/{len(todo)}] {row['label']}: decode {rate:.1f} tokens/s at B=1 "
+              f"({k:.2f} experts per new token)", flush=True)  # fmt: skip
     architecture = json.loads((Path(args.path) / "config.json").read_text())["architectures"][0]
     return {"checkpoint": args.path, "architecture": architecture, "num_experts": experts,
             "native_top_k": native_k, "dataset": data.config.dataset,
-            "tokens": rows[0]["tokens"], "settings": rows}  # fmt: skip
+            "tokens": rows[0]["tokens"], "decode_tokens": args.decode_tokens,
+            "settings": rows}  # fmt: skip
 
 
 def tables(raw: dict) -> dict:
-    header = ["router", "experts / token", "perplexity", "loss", "experts / token by layer"]
+    header = ["router", "experts / token", "perplexity", "loss", "decode tokens/s (B=1)",
+              "experts / token by layer"]  # fmt: skip
     body = [
         [r["label"], f"{r['experts_per_token']:.2f}", f"{r['perplexity']:.3f}",
-         f"{r['loss']:.4f}", ", ".join(f"{x:.2f}" for x in r["experts_per_layer"])]
+         f"{r['loss']:.4f}", _rate(r.get("decode_tokens_per_s")),
+         ", ".join(f"{x:.2f}" for x in r["experts_per_layer"])]
         for r in raw["settings"]
     ]  # fmt: skip
     title = (f"{raw['architecture']}, {raw['num_experts']} experts, own top-{raw['native_top_k']};"
              f" {raw['tokens']:,.0f} validation tokens of {raw['dataset']}")  # fmt: skip
     return {title: (header, body)}
+
+
+def _rate(tokens_per_s: float | None) -> str:
+    return "-" if tokens_per_s is None else f"{tokens_per_s:.1f}"
+
+
+def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the (tokens/s, perplexity) points no other point beats on both (faster and
+    no worse, or as fast and better), slowest first: the frontier."""
+    order = sorted(range(len(points)), key=lambda i: (-points[i][0], points[i][1]))
+    frontier, best = [], float("inf")
+    for i in order:
+        if points[i][1] < best:
+            frontier.append(i)
+            best = points[i][1]
+    return frontier[::-1]
+
+
+def plot_frontier(raw: dict, path: Path) -> Path:
+    """Perplexity against decode tokens/s (B=1), each setting labelled; the settings no other
+    beats on both joined by a line."""
+    plt = report.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    timed = [s for s in raw["settings"] if s.get("decode_tokens_per_s")]
+    for router, marker, color in (("top_k", "s", "tab:orange"), ("top_p", "o", "tab:green")):
+        x = [s["decode_tokens_per_s"] for s in timed if s["router"] == router]
+        y = [s["perplexity"] for s in timed if s["router"] == router]
+        ax.scatter(x, y, marker=marker, color=color, label=router.replace("_", "-"), zorder=3)
+    for s in timed:
+        ax.annotate(s["label"], (s["decode_tokens_per_s"], s["perplexity"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")  # fmt: skip
+    front = [timed[i] for i in pareto([(s["decode_tokens_per_s"], s["perplexity"]) for s in timed])]
+    ax.plot([s["decode_tokens_per_s"] for s in front], [s["perplexity"] for s in front], "--",
+            color="gray", alpha=0.7, label="frontier", zorder=2)  # fmt: skip
+    ax.margins(x=0.15, y=0.1)  # room for the labels of the outermost points
+    ax.set_xlabel("decode tokens/s (batch 1, greedy)")
+    ax.set_ylabel("perplexity (validation)")
+    ax.set_title("Speed against quality: each router setting")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{raw['architecture']} ({raw['checkpoint']})", fontsize=9)
+    return report.save_figure(fig, path)
 
 
 def plot(raw: dict, path: Path) -> Path:
@@ -195,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     raw["plot"] = plot(raw, args.results_dir / f"{name}.png").name
+    raw["frontier_plot"] = plot_frontier(raw, args.results_dir / f"{name}_frontier.png").name
     title = "Top-p against top-k on an imported checkpoint (no fine-tuning)"
     command = " ".join([".venv/bin/python", "-m", MODULE, *argv])
     md, _ = report.write_results(name, title, tables(raw), raw, command, args.results_dir)

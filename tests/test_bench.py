@@ -68,3 +68,161 @@ def test_grouped_breakdown_refuses_bad_flags_in_one_line(flag, value, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"argument {flag}" in err and value in err, err
+
+
+DECODE_TINY = [
+    *("--d-model", "16", "--d-ff", "32", "--experts", "4", "--batch", "1", "4"),
+    *("--ks", "1", "2", "--top-p-means", "1.5", "--calib-tokens", "512", "--reps", "1"),
+]
+
+
+@pytest.mark.slow
+def test_bench_decode_layer_reports_every_figure_and_matching_paths(tmp_path):
+    from experiments import bench_decode_layer
+
+    path = tmp_path / "decode_layer.json"
+    out = bench_decode_layer.main([*DECODE_TINY, "--json", str(path)])
+    assert path.exists() and out["load_before"] >= 0 and out["load_after"] >= 0
+    routers = ["top-1", "top-2", "top-p 1.5"]
+    got = [(r["batch"], r["router"]) for r in out["rows"]]
+    assert got == [(b, r) for b in (1, 4) for r in routers]
+    for row in out["rows"]:
+        assert set(row["ms"]) == {"default", "decode", "grouped", "index", "ideal", "one expert"}
+        assert set(row["x_ideal"]) == {"default", "decode", "grouped", "index"}
+        assert all(v > 0 for v in [*row["ms"].values(), *row["x_ideal"].values()]), row
+        assert row["decode_gbps"] > 0 and row["ideal_gbps"] > 0 and row["scale"] > 0
+        assert 1 <= row["k_mean"] <= row["union"] == len(row["union_ids"]) <= 4
+        assert row["default_path"] == "decode"  # few tokens: the rule picks the decode path
+        # The decode path computes what the forced grouped buffer computes.
+        assert row["max_abs_diff_to_decode"]["grouped"] < 1e-5, row
+    assert abs(out["rows"][2]["k_calib"] - 1.5) < 0.05  # top-p calibrated to its target
+    for ratios in out["scaling"].values():
+        assert ratios["top8_over_top1"] is None  # top-8 not timed
+        assert ratios["top2_over_top1"] > 0 and ratios["top1_over_one_expert"] > 0
+
+
+@pytest.mark.parametrize(
+    "flags, flag, value",
+    [
+        (["--experts", "4", "--ks", "5"], "--ks", "5"),
+        (["--top-p-means", "0.5"], "--top-p-means", "0.5"),
+        (["--dtype", "float16"], "--dtype", "float16"),
+        (["--batch", "0"], "--batch", "0"),
+    ],
+)
+def test_bench_decode_layer_refuses_bad_flags_in_one_line(flags, flag, value, capsys):
+    from experiments import bench_decode_layer
+
+    with pytest.raises(SystemExit) as exit_:
+        bench_decode_layer.parse_args(flags)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}" in err and value in err, err
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+TINY_SHAPE = dict(d_model=32, d_ff=48, experts=4, top_k=2, layers=2, heads=4, kv_heads=2,
+                  vocab=64, router_scale=2.0)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from experiments import make_checkpoint
+
+    shape = make_checkpoint.CheckpointShape(**TINY_SHAPE)
+    return make_checkpoint.write_checkpoint(tmp_path_factory.mktemp("ckpt"), shape)
+
+
+def test_made_checkpoint_imports_with_finite_logits(tiny_checkpoint):
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from dynmoe_jax.pretrained import from_hf
+    from experiments import make_checkpoint
+
+    model = from_hf(tiny_checkpoint)  # every tensor named, shaped and used as Mixtral's
+    cfg = model.cfg
+    assert (cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.kv_heads, cfg.vocab_size) == (
+        32, 2, 4, 2, 64
+    )  # fmt: skip
+    assert (cfg.moe.num_experts, cfg.moe.d_ff, cfg.moe.top_k) == (4, 48, 2)
+    forward = nnx.jit(lambda m, tokens_BT: m(tokens_BT))  # one compile, not one per op
+    logits_BTV, _ = forward(model, jnp.arange(12, dtype=jnp.int32).reshape(2, 6))
+    assert logits_BTV.shape == (2, 6, 64) and bool(jnp.all(jnp.isfinite(logits_BTV)))
+    # The router alone carries the scale: the same seed gives the same experts.
+    produce = make_checkpoint.producer(make_checkpoint.CheckpointShape(**TINY_SHAPE))
+    sharp = make_checkpoint.CheckpointShape(**{**TINY_SHAPE, "router_scale": 4.0})
+    name = "model.layers.1.block_sparse_moe.gate.weight"
+    np.testing.assert_allclose(make_checkpoint.producer(sharp)(name), 2 * produce(name))
+    expert = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
+    np.testing.assert_array_equal(make_checkpoint.producer(sharp)(expert), produce(expert))
+    np.testing.assert_array_equal(model.blocks[1].ffn.w_down_EFD[...][3], produce(expert).T)
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [(["--heads", "5"], "--d-model"), (["--kv-heads", "3"], "--kv-heads"),
+     (["--router-scale", "0"], "--router-scale"), (["--top-k", "9"], "--top-k"),
+     (["--layers", "0"], "--layers"), (["--experts", "x"], "--experts")],
+)  # fmt: skip
+def test_make_checkpoint_refuses_bad_values_in_one_line(argv, flag, tmp_path, capsys):
+    from experiments import make_checkpoint
+
+    with pytest.raises(SystemExit) as exit_:
+        make_checkpoint.main([str(tmp_path / "out"), *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}" in err and argv[1] in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_bench_decode_reports_positive_figures(tiny_checkpoint, tmp_path):
+    import json
+
+    from experiments import bench_decode
+
+    path = tmp_path / "decode.json"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--thresholds", "0.5", "--batch", "1", "2",
+            "--new", "6", "--repeats", "2", "--copy-mib", "4", "--json", str(path)]  # fmt: skip
+    out = bench_decode.main(argv)
+    assert json.loads(path.read_text())["rows"] == out["rows"]
+    assert out["copy_gib_per_s"] > 0 and out["num_experts"] == 4 and out["moe_layers"] == 2
+    assert all(v > 0 for v in out["weights_mib"].values())
+    rows = {(r["setting"], r["batch"]): r for r in out["rows"]}
+    assert list(rows) == [("top-2 (own)", 1), ("top-2 (own)", 2), ("top-p 0.5", 1),
+                          ("top-p 0.5", 2)]  # fmt: skip
+    for row in out["rows"]:
+        for field in ("tokens_per_s", "experts_per_token", "union_experts", "step_mib",
+                      "bound_tokens_per_s", "of_bound"):  # fmt: skip
+            assert row[field] > 0, (field, row)
+        assert len(row["all_tokens_per_s"]) == 2
+        assert 1 <= row["experts_per_token"] <= row["union_experts"] <= 4
+    assert rows[("top-2 (own)", 1)]["experts_per_token"] == 2.0
+    assert rows[("top-2 (own)", 1)]["union_experts"] == 2.0
+    assert rows[("top-2 (own)", 2)]["union_experts"] == 3.0  # 4 * (1 - (1 - 2/4)^2)
+    assert rows[("top-p 0.5", 1)]["step_mib"] < rows[("top-2 (own)", 1)]["step_mib"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--batch", "2"], "argument --batch: only with --checkpoint"),
+     (["--new", "1"], "argument --new: 1 is not"), (["--repeats", "0"], "argument --repeats: 0"),
+     (["--config", "nope"], "argument --config: nope"),
+     (["--checkpoint", "missing"], "argument --checkpoint: path='missing'"),
+     (["--checkpoint", "CKPT", "--thresholds", "1.5"], "argument --thresholds: 1.5"),
+     (["--checkpoint", "CKPT", "--new", "8,16"], "argument --new: 8,16 is not one number"),
+     (["--checkpoint", "CKPT", "--full_window"], "argument --full_window: only in config")],
+)  # fmt: skip
+def test_bench_decode_refuses_bad_flags_in_one_line(argv, message, tiny_checkpoint, capsys):
+    from experiments import bench_decode
+
+    argv = [str(tiny_checkpoint) if a == "CKPT" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        bench_decode.parse_args(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err, err

@@ -371,14 +371,18 @@ def test_pretrained_top_p_on_a_fixture(tmp_path, capsys):
     fixture = "tests/fixtures/hf/mixtral"
     argv = [fixture, "--data-dir", str(tmp_path / "cache"), "--seq-len", "32", "--batch-size",
             "4", "--eval-batches", "2", "--ks", "1", "2", "4", "--thresholds", "0.5", "1.0",
-            "--results-dir", str(tmp_path), "--name", "demo"]  # fmt: skip
+            "--results-dir", str(tmp_path), "--name", "demo", "--decode-tokens", "6"]  # fmt: skip
     raw = exp.main(argv)
     out = capsys.readouterr().out
     assert "[1/5] top-1: perplexity" in out and "[5/5] top-p 1: perplexity" in out
+    assert "[1/5] top-1: decode " in out and "[5/5] top-p 1: decode " in out
     rows = {r["label"]: r for r in raw["settings"]}
     assert list(rows) == ["top-1", "top-2 (checkpoint's own)", "top-4", "top-p 0.5", "top-p 1"]
     for k, name in ((1, "top-1"), (2, "top-2 (checkpoint's own)"), (4, "top-4")):
         np.testing.assert_array_equal(rows[name]["experts_per_layer"], [k, k])
+        assert rows[name]["decode_experts_per_token"] == k  # the decode graph routes alike
+    assert all(r["decode_tokens_per_s"] > 0 for r in raw["settings"])
+    assert raw["decode_tokens"] == 6
     assert 1.0 <= rows["top-p 0.5"]["experts_per_token"] < 4.0
     # p = 1 keeps every expert with its softmax weight, the same mixture as top-4
     # renormalised; only an expert whose weight is below float32 rounding of the running sum
@@ -390,4 +394,28 @@ def test_pretrained_top_p_on_a_fixture(tmp_path, capsys):
     assert saved["native_top_k"] == 2 and saved["architecture"] == "MixtralForCausalLM"
     table = (tmp_path / "demo.md").read_text()
     assert "| top-p 0.5 | " in table and table.count("\n| top-") == 5
+    assert "| decode tokens/s (B=1) |" in table
+    rate = f"{rows['top-p 0.5']['decode_tokens_per_s']:.1f}"
+    assert f"| {rows['top-p 0.5']['loss']:.4f} | {rate} | " in table
     assert (tmp_path / "demo.png").stat().st_size > 10_000
+    assert saved["frontier_plot"] == "demo_frontier.png"
+    assert (tmp_path / "demo_frontier.png").stat().st_size > 10_000
+
+
+def test_pretrained_top_p_frontier_keeps_the_settings_no_other_beats():
+    from experiments import pretrained_top_p as exp
+
+    # (tokens/s, perplexity): 1 is slower and worse than 0; 3 is as fast as 2 but worse.
+    points = [(100.0, 5.0), (90.0, 6.0), (120.0, 7.0), (120.0, 7.5), (60.0, 4.0)]
+    assert exp.pareto(points) == [4, 0, 2]
+    assert exp.pareto([]) == []
+
+
+def test_pretrained_top_p_refuses_a_decode_without_steps_in_one_line(capsys):
+    from experiments import pretrained_top_p as exp
+
+    with pytest.raises(SystemExit) as exit_info:
+        exp.parse_args(["tests/fixtures/hf/mixtral", "--decode-tokens", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "argument --decode-tokens: 1 is not >= 2" in err, err

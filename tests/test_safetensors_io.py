@@ -1,0 +1,134 @@
+"""The streaming safetensors writer against the ``safetensors`` package and our own reader."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+from dynmoe_jax.safetensors_io import (
+    SINGLE_FILE,
+    SafetensorsError,
+    checkpoint_tensors,
+    write_safetensors,
+)
+
+
+def _arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "w_float32": rng.standard_normal((3, 5), np.float32),
+        "w_bfloat16": rng.standard_normal((2, 3, 4)).astype(ml_dtypes.bfloat16),
+        "w_float16": rng.standard_normal(7).astype(np.float16),
+        "ids_int64": rng.integers(-(2**40), 2**40, (4,), np.int64),
+        "ids_int32": rng.integers(-5, 5, (2, 2), np.int32),
+        "bytes_uint8": rng.integers(0, 255, (9,), np.uint8),
+        "mask_bool": rng.random((3,)) > 0.5,
+        "scalar": np.array(2.5, np.float32),
+        "empty": np.zeros((0, 4), np.float32),
+    }
+
+
+def _write(path, arrays, metadata=None, produce=None):
+    specs = {name: (a.shape, a.dtype) for name, a in arrays.items()}
+    return write_safetensors(path, specs, produce or arrays.__getitem__, metadata)
+
+
+def test_round_trip_through_the_safetensors_package(tmp_path):
+    arrays = _arrays()
+    path = _write(tmp_path / "t.safetensors", arrays, {"format": "np", "note": "made here"})
+    loaded = load_file(path)
+    assert set(loaded) == set(arrays)
+    for name, want in arrays.items():
+        assert loaded[name].dtype == want.dtype and loaded[name].shape == want.shape, name
+        np.testing.assert_array_equal(loaded[name], want)
+    with safe_open(path, "np") as f:
+        assert f.metadata() == {"format": "np", "note": "made here"}
+    # The header is padded to 8 bytes and the data follows it back to back.
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    assert length % 8 == 0
+    assert len(raw) == 8 + length + sum(a.nbytes for a in arrays.values())
+    header = json.loads(raw[8 : 8 + length])
+    begin = sum(a.nbytes for a in list(arrays.values())[: list(arrays).index("scalar")])
+    assert header["scalar"] == {"dtype": "F32", "shape": [], "data_offsets": [begin, begin + 4]}
+    assert header["w_bfloat16"]["dtype"] == "BF16" and header["mask_bool"]["dtype"] == "BOOL"
+
+
+def test_read_back_through_our_reader(tmp_path):
+    arrays = _arrays()
+    _write(tmp_path / SINGLE_FILE, arrays)
+    tensors = checkpoint_tensors(tmp_path)
+    assert list(tensors) == list(arrays)
+    for name, want in arrays.items():
+        got = tensors[name].read()
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        np.testing.assert_array_equal(got, want)
+
+
+def test_producer_is_called_once_per_tensor_in_header_order(tmp_path):
+    arrays = _arrays()
+    calls = []
+
+    def produce(name):
+        calls.append(name)
+        return arrays[name]
+
+    _write(tmp_path / "t.safetensors", arrays, produce=produce)
+    assert calls == list(arrays)
+
+
+SHAPE_ERROR = "produced float32 (3, 4), but the header announced float32 (3, 5)"
+
+
+@pytest.mark.parametrize(
+    "wrong, message",
+    [
+        (np.zeros((3, 4), np.float32), SHAPE_ERROR),
+        (np.zeros((3, 5), np.float64), "produced float64 (3, 5)"),
+    ],
+)
+def test_a_wrong_tensor_raises_and_leaves_no_file(tmp_path, wrong, message):
+    arrays = _arrays()
+    path = tmp_path / "t.safetensors"
+
+    def produce(name):
+        return wrong if name == "w_float32" else arrays[name]
+
+    with pytest.raises(SafetensorsError, match=re.escape("tensor w_float32: " + message)):
+        _write(path, arrays, produce=produce)
+    assert list(tmp_path.iterdir()) == []  # neither the final file nor the temporary one
+
+
+def test_a_producer_error_leaves_an_older_file_in_place(tmp_path):
+    path = _write(tmp_path / "t.safetensors", {"a": np.ones(2, np.float32)})
+    before = path.read_bytes()
+
+    def fail(name):
+        raise RuntimeError("producer died")
+
+    with pytest.raises(RuntimeError, match="producer died"):
+        write_safetensors(path, {"a": ((2,), np.float32)}, fail)
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
+@pytest.mark.parametrize(
+    "specs, metadata, message",
+    [
+        ({"c": ((2,), np.complex64)}, None, "tensor c: dtype complex64 \\(writable: float64"),
+        ({"c": ((2,), "no such dtype")}, None, "tensor c: dtype None"),
+        ({"c": ((2, -1), np.float32)}, None, "tensor c: shape \\(2, -1\\)"),
+        ({"__metadata__": ((2,), np.float32)}, None, "tensor name '__metadata__'"),
+        ({"c": ((2,), np.float32)}, {"step": 3}, "metadata 'step': 3"),
+    ],
+)
+def test_bad_specs_are_refused_before_anything_is_written(tmp_path, specs, metadata, message):
+    with pytest.raises(SafetensorsError, match=message):
+        write_safetensors(tmp_path / "t.safetensors", specs, lambda n: 1 / 0, metadata)
+    assert list(tmp_path.iterdir()) == []
