@@ -6,7 +6,7 @@ selected and runs every token of the call through each of them, adding each outp
 token's combine weight (zero where the token did not select that expert): u weight reads and
 u * N rows. u is a traced count, so one compiled program serves every k and every p; the loop
 has a static length U (at most every expert the call could select) and its steps past u do
-nothing.
+nothing. When every expert is in use the loop gives way to a plain sum over all of them.
 
 Weights in the per-expert layout (``experts.split``) are reached through a switch over the E
 experts, each branch reading its own arrays where they lie. Stacked weights are indexed by
@@ -38,22 +38,34 @@ def selected_experts(
     """(y_ND, u): the sum over each token's selected experts of weight * SwiGLU, and the number
     of experts computed. ``weights`` hold the experts of ``mask_NE``'s columns; ``max_used``
     bounds how many of them one call selects (the loop's length)."""
+    num_experts = mask_NE.shape[1]
     used_E = jnp.any(mask_NE, axis=0)
     used = jnp.sum(used_E, dtype=jnp.int32)
-    ids_U = jnp.nonzero(used_E, size=max_used, fill_value=0)[0].astype(jnp.int32)
-    run = _expert_fn(weights)
 
-    def step(i, y_ND):
-        def add(y_ND):
-            e = ids_U[i]
-            took_N1 = jax.lax.dynamic_index_in_dim(mask_NE, e, axis=1)
-            w_N1 = jax.lax.dynamic_index_in_dim(weights_NE, e, axis=1).astype(y_ND.dtype)
-            # `where`: a token that did not select e adds nothing, whatever e computes for it.
-            return y_ND + jnp.where(took_N1, w_N1 * run(e, x_ND), 0)
+    def weighted(e, out_ND):
+        # `where`: a token that did not select e adds nothing, whatever e computes for it.
+        took_N1 = jax.lax.dynamic_index_in_dim(mask_NE, e, axis=1)
+        w_N1 = jax.lax.dynamic_index_in_dim(weights_NE, e, axis=1).astype(out_ND.dtype)
+        return jnp.where(took_N1, w_N1 * out_ND, 0)
 
-        return jax.lax.cond(i < used, add, lambda y_ND: y_ND, y_ND)
+    def some():
+        ids_U = jnp.nonzero(used_E, size=max_used, fill_value=0)[0].astype(jnp.int32)
+        run = _expert_fn(weights)
 
-    return jax.lax.fori_loop(0, max_used, step, jnp.zeros_like(x_ND)), used
+        def step(i, y_ND):
+            add = lambda y_ND: y_ND + weighted(ids_U[i], run(ids_U[i], x_ND))  # noqa: E731
+            return jax.lax.cond(i < used, add, lambda y_ND: y_ND, y_ND)
+
+        return jax.lax.fori_loop(0, max_used, step, jnp.zeros_like(x_ND))
+
+    def every():
+        # Every expert in use: no loop and no branch, so XLA may run the experts side by side.
+        each = [experts.swiglu(x_ND, *(w[e] for w in weights)) for e in range(num_experts)]
+        return sum(weighted(e, out_ND) for e, out_ND in enumerate(each))
+
+    if max_used < num_experts:  # the call cannot select every expert
+        return some(), used
+    return jax.lax.cond(used == num_experts, every, some), used
 
 
 def _expert_fn(weights: ExpertWeights):

@@ -18,6 +18,7 @@ ROUTERS = [
     {"router": "top_p", "threshold": 0.9, "max_k": 3},
     {"router": "top_k", "top_k": 1},
     {"router": "top_k", "top_k": 2},
+    {"router": "top_p", "threshold": 1.0},  # every expert: the path's plain sum over all
 ]
 
 
@@ -52,6 +53,8 @@ def test_decode_path_equals_grouped_index_and_loop_reference(router_kw, shape):
     x = _x(shape)
     y, aux = _forward(_layer(**router_kw), x)
     assert float(aux["slots_per_token"]) <= E  # experts computed, each on every token
+    if router_kw.get("threshold") == 1.0:
+        assert float(aux["slots_per_token"]) == E
     for dispatch in ("grouped", "index"):
         y_mode, aux_mode = _forward(_layer(dispatch=dispatch, decode_tokens=0, **router_kw), x)
         np.testing.assert_allclose(y, y_mode, rtol=1e-5, atol=1e-6, err_msg=dispatch)
@@ -68,7 +71,7 @@ def test_decode_path_computes_only_the_selected_experts():
     assert float(aux["slots_per_token"]) == len(used) < E
 
 
-@pytest.mark.parametrize("router_kw", ROUTERS[:3])
+@pytest.mark.parametrize("router_kw", ROUTERS[:3] + ROUTERS[-1:])
 def test_per_expert_layout_gives_the_same_outputs_in_every_mode(router_kw):
     for dispatch, shape in [("grouped", (1, 1, D)), ("grouped", (2, 40, D)), ("index", (2, 9, D))]:
         layer = _layer(dispatch=dispatch, block_size=4, **router_kw)
