@@ -8,7 +8,7 @@ u * N rows. u is a traced count, so one compiled program serves every k and ever
 has a static length U (at most every expert the call could select) and its steps past u do
 nothing. When every expert is in use the loop gives way to a plain sum over all of them.
 
-Weights in the per-expert layout (``experts.split``) are reached through a switch over the E
+Weights in the per-expert layout (``experts.split_weights``) are reached through a switch over the E
 experts, each branch reading its own arrays where they lie. Stacked weights are indexed by
 the expert id: on GPU and TPU the slice feeds the matmul, on CPU it is a copy per expert
 (hence the decode layout). Nothing is ever dropped, so the path serves only calls whose
@@ -60,7 +60,7 @@ def selected_experts(
 
     def every():
         # Every expert in use: no loop and no branch, so XLA may run the experts side by side.
-        each = [experts.swiglu(x_ND, *(w[e] for w in weights)) for e in range(num_experts)]
+        each = [experts.expert_swiglu(x_ND, weights, e) for e in range(num_experts)]
         return sum(weighted(e, out_ND) for e, out_ND in enumerate(each))
 
     if max_used < num_experts:  # the call cannot select every expert
@@ -71,10 +71,9 @@ def selected_experts(
 def _expert_fn(weights: ExpertWeights):
     """(e, x_ND) -> expert e's SwiGLU of x, for either layout."""
     if experts.is_split(weights[0]):
-
-        def branch(j, x_ND):
-            return experts.swiglu(x_ND, *(w[j] for w in weights))
-
-        branches = [functools.partial(branch, j) for j in range(len(weights[0]))]
+        branches = [
+            functools.partial(experts.expert_swiglu, weights=weights, e=j)
+            for j in range(len(weights[0]))
+        ]
         return lambda e, x_ND: jax.lax.switch(e, branches, x_ND)
-    return lambda e, x_ND: experts.swiglu(x_ND, *(w[e] for w in weights))
+    return lambda e, x_ND: experts.expert_swiglu(x_ND, weights, e)

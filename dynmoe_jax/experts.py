@@ -8,11 +8,15 @@ An MoE layer's three weights come in one of two layouts (``ExpertWeights``):
 
 * **stacked**: one array per weight with a leading expert axis, [E, D, F], [E, D, F],
   [E, F, D]. Training, checkpoints, imports and sharding over the ``expert`` mesh axis use it.
-* **per expert**: a tuple of E arrays per weight, [D, F], [D, F], [F, D] each, in the compute
-  dtype. The decode layout (``split``), made once outside ``jit``: XLA on CPU copies a slice of
-  a stacked parameter before a matmul reads it, even a static one, so a decode step that reads
-  only its tokens' experts pays a copy of each; separate arrays are read where they lie. The
-  layer's paths take either layout, forward only for the per-expert one.
+* **per expert**: a tuple of E arrays per weight, in the compute dtype, the down projection
+  stored transposed: [D, F], [D, F] and [D, F]. The decode layout (``split_weights``), made
+  once outside ``jit``, for two measured reasons on XLA's CPU backend: a slice of a stacked
+  parameter is copied before a matmul reads it, even a static one, so a decode step that
+  reads only its tokens' experts would pay a copy of each, while separate arrays are read
+  where they lie; and a product with few rows reads a weight faster when the contraction
+  runs along its contiguous axis, which for the down projection means [D, F]
+  (experiments/RESULTS.md). The layer's paths take either layout, forward only for the
+  per-expert one.
 
 Axis letters: E experts, N rows (tokens), D model width, F hidden width.
 """
@@ -24,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-# (gate, up, down): stacked arrays, or tuples of E per-expert arrays.
+# (gate, up, down): stacked arrays, or tuples of E per-expert arrays (down transposed).
 ExpertWeights = tuple[Any, Any, Any]
 NAMES = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")  # the MoE layer's parameters, in that order
 
@@ -32,6 +36,20 @@ NAMES = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")  # the MoE layer's parameters, 
 def swiglu(x_ND: jax.Array, w_gate_DF, w_up_DF, w_down_FD) -> jax.Array:
     """SwiGLU of rows x [..., D] through one expert's (or a dense layer's) weights."""
     return (jax.nn.silu(x_ND @ w_gate_DF) * (x_ND @ w_up_DF)) @ w_down_FD
+
+
+def down(h_NF: jax.Array, w_down: jax.Array, split: bool) -> jax.Array:
+    """h @ W_down for one expert's down weight: [F, D] when stacked, [D, F] per expert."""
+    if not split:
+        return h_NF @ w_down
+    return jax.lax.dot_general(h_NF, w_down, (((h_NF.ndim - 1,), (1,)), ((), ())))
+
+
+def expert_swiglu(x_ND: jax.Array, weights: ExpertWeights, e) -> jax.Array:
+    """Expert e's SwiGLU of rows x, either layout (``e`` a Python int for the per-expert one)."""
+    w_gate, w_up, w_down = (w[e] for w in weights)
+    h_NF = jax.nn.silu(x_ND @ w_gate) * (x_ND @ w_up)
+    return down(h_NF, w_down, is_split(weights[0]))
 
 
 def is_split(w: Any) -> bool:
@@ -55,23 +73,28 @@ def cast(weights: ExpertWeights, dtype) -> ExpertWeights:
     )
 
 
-def stacked(w: Any) -> jax.Array:
-    """One weight in the stacked layout (a copy when it is split)."""
-    return jnp.stack(w) if is_split(w) else w
+def split_weights(weights: ExpertWeights, dtype=None) -> ExpertWeights:
+    """The per-expert layout of (gate, up, down), in ``dtype`` (default: their own); eager."""
+    if is_split(weights[0]):
+        return weights if dtype is None else cast(weights, dtype)
+    per_expert = [[w[e] for e in range(w.shape[0])] for w in weights]
+    per_expert[2] = [w.T for w in per_expert[2]]  # a transpose outside jit: a new array
+    dt = weights[0].dtype if dtype is None else dtype
+    return tuple(tuple(jnp.asarray(a, dt) for a in w) for w in per_expert)
 
 
-def split(w_EXY: jax.Array, dtype=None) -> tuple[jax.Array, ...]:
-    """One stacked weight as E separate arrays, in ``dtype`` (default: its own)."""
-    if is_split(w_EXY):
-        return tuple(a if dtype is None else a.astype(dtype) for a in w_EXY)
-    dtype = w_EXY.dtype if dtype is None else dtype
-    return tuple(w_EXY[e].astype(dtype) for e in range(w_EXY.shape[0]))
+def stacked_weights(weights: ExpertWeights) -> ExpertWeights:
+    """The stacked layout of (gate, up, down) (a copy when they are per expert)."""
+    if not is_split(weights[0]):
+        return weights
+    gate, up, down_DF = weights
+    return jnp.stack(gate), jnp.stack(up), jnp.stack([w.T for w in down_DF])
 
 
 def per_expert_swiglu(x_END: jax.Array, weights: ExpertWeights) -> jax.Array:
     """Every expert's SwiGLU on its own rows: x [E, N, D] -> [E, N, D] (capacity modes)."""
     if is_split(weights[0]):
-        return jnp.stack([swiglu(x_END[e], *(w[e] for w in weights)) for e in range(len(x_END))])
+        return jnp.stack([expert_swiglu(x_END[e], weights, e) for e in range(len(x_END))])
     w_gate_EDF, w_up_EDF, w_down_EFD = weights
     gate_ENF = jnp.einsum("END,EDF->ENF", x_END, w_gate_EDF)
     up_ENF = jnp.einsum("END,EDF->ENF", x_END, w_up_EDF)

@@ -56,7 +56,7 @@ def grouped_swiglu(
     backend = default_backend() if backend is None else Backend(backend)
     weights = experts.cast((w_gate_EDF, w_up_EDF, w_down_EFD), x_RD.dtype)
     if backend is not Backend.BLOCKS:
-        weights = tuple(map(experts.stacked, weights))
+        weights = experts.stacked_weights(weights)
         gmm = functools.partial(
             grouped_matmul, group_sizes_E=group_sizes_E, block_size=block_size, backend=backend
         )
@@ -124,16 +124,16 @@ def _forward(sizes, x_RD, weights, start_E, count_E, save: bool):
     decode sizes most experts have no rows.
     """
     num_rows, f = x_RD.shape[0], experts.expert_shape(weights[0])[1]
-    block_size = sizes[-1]
+    block_size, split = sizes[-1], experts.is_split(weights[0])
 
     def expert(e, carry, expert_weights):
         def run(c):
-            wg_DF, wu_DF, wd_FD = expert_weights()
+            wg_DF, wu_DF, w_down = expert_weights()  # down: [F, D], or [D, F] when split
 
             def chunk(rows, row, c):
                 x_ZD = _rows(x_RD, row, rows)
                 g_ZF, u_ZF = x_ZD @ wg_DF, x_ZD @ wu_DF
-                y_ZD = (jax.nn.silu(g_ZF) * u_ZF) @ wd_FD
+                y_ZD = experts.down(jax.nn.silu(g_ZF) * u_ZF, w_down, split)
                 saved = (_put(c[1], g_ZF, row), _put(c[2], u_ZF, row)) if save else ()
                 return (_put(c[0], y_ZD, row), *saved)
 
@@ -143,7 +143,7 @@ def _forward(sizes, x_RD, weights, start_E, count_E, save: bool):
 
     init = [jnp.zeros_like(x_RD)] + [jnp.zeros((num_rows, f), x_RD.dtype)] * (2 * save)
     carry = tuple(init)
-    if experts.is_split(weights[0]):
+    if split:
         for e in range(experts.num_experts(weights[0])):
             carry = expert(e, carry, lambda e=e: tuple(w[e] for w in weights))
         return carry

@@ -212,9 +212,9 @@ class MoELayer(nnx.Module):
     def split_experts(self) -> None:
         """Puts the expert weights in the per-expert decode layout, in the compute dtype
         (``experts.py``): for inference only, made once, outside ``jit``."""
-        for name in experts.NAMES:
-            var = getattr(self, name)
-            var.set_value(experts.split(var.get_value(), self.config.dtype))
+        split = experts.split_weights(self.expert_weights(), self.config.dtype)
+        for name, weight in zip(experts.NAMES, split, strict=True):
+            getattr(self, name).set_value(weight)
 
     def experts(self, x_EXD: jax.Array) -> jax.Array:
         """SwiGLU of every expert on its own rows: x [E, ..., D] -> [E, ..., D]."""
@@ -326,7 +326,7 @@ class MoELayer(nnx.Module):
         mesh = jax.sharding.get_abstract_mesh()
         if expert_parallel.expert_axis_size(mesh) > 1:
             _check_groups_fit(mesh, g, cfg.group_size)
-            weights = tuple(map(experts.stacked, weights))  # sharded over `expert`
+            weights = experts.stacked_weights(weights)  # sharded over `expert`
             y_GSD, rows = expert_parallel.ring_experts(mesh, x_GSD, sel, weights, **kw)
         else:
             y_GSD, rows = grouped.experts_on_selections(x_GSD, sel, weights, expert_offset=0, **kw)

@@ -7,8 +7,8 @@ Run from the repository root:
 
 With one token per row a decode step is bound by reading expert weights, so its floor is the
 cost of reading exactly the experts the batch selected. The ideal here is that floor as XLA
-can reach it: a jitted dense SwiGLU (``experts.swiglu``) of all B tokens through each of the U
-experts that some token selected (found from the layer's own routing of x), every expert's
+can reach it: a jitted dense SwiGLU (``experts.expert_swiglu``) of all B tokens through each of
+the U experts that some token selected (found from the layer's own routing of x), every expert's
 weights their own arrays, outputs summed: no router, no combine weights, no gathering. Every
 figure is a ratio to it, measured in the same process, in alternation with it.
 
@@ -177,8 +177,8 @@ def with_router(params: dict, scale: float) -> dict:
 
 
 def dense_sum(x_ND: jax.Array, weights_U: tuple) -> jax.Array:
-    """The ideal: every token through each given expert, outputs summed."""
-    return sum(experts.swiglu(x_ND, *w) for w in weights_U)
+    """The ideal: every token through each given expert (per-expert layout), outputs summed."""
+    return sum(experts.expert_swiglu(x_ND, weights_U, u) for u in range(len(weights_U[0])))
 
 
 def union(cfg: MoEConfig, params: dict, x_BTD: jax.Array) -> tuple[float, list[int]]:
@@ -189,9 +189,9 @@ def union(cfg: MoEConfig, params: dict, x_BTD: jax.Array) -> tuple[float, list[i
     return float(aux["experts_per_token"]), [int(i) for i in ids]
 
 
-def expert_weights(params: dict, e: int) -> tuple[jax.Array, ...]:
-    """Expert e's (gate, up, down) arrays in the decode layout."""
-    return tuple(params[name][e] for name in experts.NAMES)
+def expert_weights(params: dict, ids: list[int]) -> experts.ExpertWeights:
+    """The experts ``ids``' (gate, up, down) arrays, in the decode layout."""
+    return tuple(tuple(params[name][e] for e in ids) for name in experts.NAMES)
 
 
 def batch_cases(a, cfg: MoEConfig, params: dict, rts: list[Router], b: int) -> tuple:
@@ -199,7 +199,7 @@ def batch_cases(a, cfg: MoEConfig, params: dict, rts: list[Router], b: int) -> t
     x_BTD = jax.random.normal(jax.random.key(1), (b, 1, a.d_model), jnp.float32).astype(a.dtype)
     x_ND = x_BTD.reshape(b, a.d_model)
     split = params["split"]
-    programs = {"one expert": (dense_sum, (x_ND, (expert_weights(split, 0),)))}
+    programs = {"one expert": (dense_sum, (x_ND, expert_weights(split, [0])))}
     rows = []
     for rt in rts:
         rcfg = dataclasses.replace(cfg, **rt.changes)
@@ -213,7 +213,7 @@ def batch_cases(a, cfg: MoEConfig, params: dict, rts: list[Router], b: int) -> t
         for name, (changes, layout) in variants.items():
             fn = output_only(layer_fn(dataclasses.replace(rcfg, **changes)))
             programs[f"{rt.label}/{name}"] = (fn, (with_router(params[layout], rt.scale), x_BTD))
-        weights_U = tuple(expert_weights(split, e) for e in ids)
+        weights_U = expert_weights(split, ids)
         programs[f"{rt.label}/ideal"] = (dense_sum, (x_ND, weights_U))
         path = "decode" if on_decode else "grouped"
         rows.append({"batch": b, "router": rt.label, "scale": round(rt.scale, 4),

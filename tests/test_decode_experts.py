@@ -38,8 +38,8 @@ def _forward(layer, x):
 def _reference(layer, x):
     cfg = layer.config
     params = {"router": layer.router_DE[...]}
-    for key, name in zip(("gate", "up", "down"), experts.NAMES, strict=True):
-        params[key] = experts.stacked(getattr(layer, name).get_value())
+    stacked = experts.stacked_weights(layer.expert_weights())
+    params.update(zip(("gate", "up", "down"), stacked, strict=True))
     y, _, _ = ref.moe_loop(np.asarray(x), {k: np.asarray(v) for k, v in params.items()},
                            router=cfg.router.value, threshold=cfg.threshold, top_k=cfg.top_k,
                            max_k=cfg.max_k, group_size=x.shape[1], capacity=None,
@@ -80,6 +80,7 @@ def test_per_expert_layout_gives_the_same_outputs_in_every_mode(router_kw):
         layer.split_experts()
         assert experts.is_split(layer.w_gate_EDF.get_value())
         assert len(layer.w_down_EFD.get_value()) == E
+        assert layer.w_down_EFD.get_value()[0].shape == (D, F)  # the down weight transposed
         y_split, _ = _forward(layer, x)
         np.testing.assert_allclose(y_split, y_stacked, rtol=1e-6, atol=1e-6, err_msg=dispatch)
 
