@@ -30,9 +30,9 @@ Y   output width of a grouped matmul (F, 2F or D)
 A literal ``2`` in a name is the stacked gate and up projections of SwiGLU (``w_ED2F``).
 """
 
-from dynmoe_jax.dispatch import Dispatch
-from dynmoe_jax.moe import MoEConfig, MoELayer
-from dynmoe_jax.routing import Router, top_k_mask, top_p_mask
+from dynmoe_jax.moe.config import Dispatch, MoEConfig
+from dynmoe_jax.moe.layer import MoELayer
+from dynmoe_jax.moe.routing import Router, top_k_mask, top_p_mask
 
 __all__ = ["Dispatch", "MoEConfig", "MoELayer", "Router", "top_k_mask", "top_p_mask"]
 __version__ = "0.1.0"

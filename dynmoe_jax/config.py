@@ -29,8 +29,8 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from dynmoe_jax import sharding
-from dynmoe_jax.model import ModelConfig
-from dynmoe_jax.moe import MoEConfig
+from dynmoe_jax.model.config import ModelConfig
+from dynmoe_jax.moe.config import MoEConfig
 from dynmoe_jax.validation import ConfigError, check, invalid, is_int
 
 __all__ = [

@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dynmoe_jax import experts, layer_stack
 from dynmoe_jax import model as model_lib
-from dynmoe_jax.moe import MoELayer
+from dynmoe_jax.model import layer_stack
+from dynmoe_jax.moe import experts
+from dynmoe_jax.moe.layer import MoELayer
 
 
 def no_capacity_config(model_cfg: model_lib.ModelConfig) -> model_lib.ModelConfig:

@@ -25,9 +25,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from dynmoe_jax import checkpoint as ckpt_lib
 from dynmoe_jax import data as data_lib
-from dynmoe_jax import init_from as init_from_lib
 from dynmoe_jax import model as model_lib
 from dynmoe_jax import train as train_lib
 from dynmoe_jax.config import with_recorded_corpus
@@ -39,7 +37,9 @@ from dynmoe_jax.generate import (  # noqa: F401 (generate_full_window: re-export
     generate_full_window,
     no_capacity_config,
 )
+from dynmoe_jax.pretrained import init_from as init_from_lib
 from dynmoe_jax.sample_checks import check_max_new_tokens, check_temperature, read_prompts
+from dynmoe_jax.train import checkpoint as ckpt_lib
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ reading anything, and prints the plan as one JSON object on its last line (``pla
 
 ``--config.init_from=PATH`` starts from a Hugging Face MoE checkpoint folder: training
 fine-tunes it, eval and sample use its weights while the workdir holds no checkpoint
-(``init_from.py``; ``configs/pretrained.py`` holds fine-tuning defaults).
+(``pretrained/init_from.py``; ``configs/pretrained.py`` holds fine-tuning defaults).
 
 Every mistake on the command line (a missing config file, a misspelt field, a bad value,
 a bad sampling flag) ends in one ``error: ...`` line and exit code 2, before any data is read
@@ -123,7 +123,7 @@ def check_mode_flags(mode: str, workdir: str | None, device_memory_bytes: float)
 def resolve_init_from(config: ConfigDict) -> None:
     """Checks ``init_from`` (a folder with config.json, or '') and makes it absolute, so that
     the run's config.json records where the weights came from."""
-    from dynmoe_jax import init_from
+    from dynmoe_jax.pretrained import init_from
 
     folder = init_from.check_path(config)
     if folder:
@@ -180,14 +180,17 @@ def _sample() -> None:
                           batch_size=FLAGS.sample_batch_size)  # fmt: skip
 
 
-def main(argv):
-    del argv
+def run_mode(make_step=None) -> None:
+    """Runs ``--mode`` with the parsed flags; every expected failure ends in one line, exit 2.
+    ``make_step``: the train step factory (None: the library's; a test may poison it)."""
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     init_distributed()
-    from dynmoe_jax import checkpoint, inference, plan, train
+    from dynmoe_jax import inference, plan, train
+    from dynmoe_jax.train import checkpoint
 
+    step = {} if make_step is None else {"make_step": make_step}
     modes = {
-        "train": lambda: train.train_and_evaluate(FLAGS.config, FLAGS.workdir),
+        "train": lambda: train.train_and_evaluate(FLAGS.config, FLAGS.workdir, **step),
         "eval": lambda: inference.evaluate_workdir(FLAGS.config, FLAGS.workdir),
         "sample": _sample,
         "plan": lambda: plan.print_plan(FLAGS.config, FLAGS.device_memory_bytes),
@@ -201,6 +204,11 @@ def main(argv):
         train.NonFiniteError,
     ) as e:
         _exit(str(e))
+
+
+def main(argv):
+    del argv
+    run_mode()
 
 
 if __name__ == "__main__":

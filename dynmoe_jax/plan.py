@@ -26,9 +26,9 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
-from dynmoe_jax import init_from as init_from_lib
 from dynmoe_jax import model as model_lib
 from dynmoe_jax import train as train_lib
+from dynmoe_jax.pretrained import init_from as init_from_lib
 from dynmoe_jax.validation import invalid
 
 DEVICE_MEMORY_BYTES = 80e9  # an 80 GB card (A100/H100 80GB)

@@ -8,7 +8,7 @@ it, and the batch too, so no device idles), ``model`` (tensor parallel, optional
 In the capacity modes the MoE layer's tokens move between layouts by an all-to-all (GShard):
 groups are spread over every device (``groups`` -> data x expert) before dispatch, and the
 dispatched buffer x_EGCD puts experts over ``expert`` and groups over ``data``. The grouped
-mode instead runs a ring of experts under ``shard_map`` (``expert_parallel.py``): all-gather
+mode instead runs a ring of experts under ``shard_map`` (``moe/expert_parallel.py``): all-gather
 over ``expert``, local experts only, ``psum_scatter`` back.
 """
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dynmoe_jax import config as config_lib
-from dynmoe_jax.model import Decoder
+from dynmoe_jax.model.decoder import Decoder
 
 
 def _loss_fn(graphdef, config):

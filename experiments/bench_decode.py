@@ -64,11 +64,11 @@ import numpy as np
 from flax import nnx
 
 from dynmoe_jax import config as config_lib
-from dynmoe_jax import experts as experts_lib
 from dynmoe_jax import generate as generate_lib
 from dynmoe_jax import model as model_lib
 from dynmoe_jax import pretrained
-from dynmoe_jax.routing import Router
+from dynmoe_jax.moe import experts as experts_lib
+from dynmoe_jax.moe.routing import Router
 from dynmoe_jax.validation import ConfigError
 from experiments import moe_timing as timing
 from experiments import report

@@ -59,7 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dynmoe_jax import MoEConfig, MoELayer, experts
+from dynmoe_jax import MoEConfig, MoELayer
+from dynmoe_jax.moe import experts
 from experiments import bench_moe, report
 from experiments import moe_timing as timing
 

@@ -44,7 +44,8 @@ try:
 except ImportError:  # run as a script: python experiments/bench_moe.py
     import moe_timing as timing
 
-from dynmoe_jax import MoELayer, routing
+from dynmoe_jax import MoELayer
+from dynmoe_jax.moe import routing
 
 ROUTERS = {
     "top1": {"router": "top_k", "top_k": 1},

@@ -201,7 +201,7 @@ def same_config(saved: dict, current: dict) -> bool:
 
 
 def _read_run(workdir: Path, config: ConfigDict, summary: dict) -> RunResult:
-    from dynmoe_jax import metrics as metrics_lib
+    from dynmoe_jax.train import metrics as metrics_lib
 
     records = metrics_lib.read_metrics(workdir)
     return RunResult(
@@ -265,7 +265,7 @@ def run_or_load(
     start = time.perf_counter()
     final = train(config, workdir)
     wall_s = time.perf_counter() - start
-    from dynmoe_jax import metrics as metrics_lib
+    from dynmoe_jax.train import metrics as metrics_lib
 
     train_records = [r for r in metrics_lib.read_metrics(workdir) if r.get("split") == "train"]
     summary = {

@@ -31,8 +31,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax import grouped
-from dynmoe_jax.grouped_swiglu import grouped_swiglu
+from dynmoe_jax.moe import grouped
+from dynmoe_jax.moe.kernels.grouped_swiglu import grouped_swiglu
 from experiments import bench_moe as bm
 from experiments import moe_timing as timing
 

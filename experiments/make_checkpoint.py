@@ -33,7 +33,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from dynmoe_jax.safetensors_io import SINGLE_FILE, Spec, write_safetensors
+from dynmoe_jax.pretrained.safetensors_io import SINGLE_FILE, Spec, write_safetensors
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 

@@ -41,9 +41,9 @@ from ml_collections import ConfigDict
 
 from dynmoe_jax import data as data_lib
 from dynmoe_jax import generate as generate_lib
-from dynmoe_jax import init_from as init_from_lib
 from dynmoe_jax import train as train_lib
 from dynmoe_jax.configs import pretrained
+from dynmoe_jax.pretrained import init_from as init_from_lib
 from dynmoe_jax.validation import ConfigError
 from experiments import report
 

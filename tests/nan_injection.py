@@ -2,6 +2,7 @@
 
 The library's step knows nothing of this: the wrapper gives the step a batch whose weights are
 NaN, so the loss and every gradient of that step are NaN, as a real overflow would make them.
+``train_and_evaluate`` takes the wrapped step factory (``make_step``).
 
     python -m tests.nan_injection STEP --config=... --workdir=...   # the CLI, poisoned at STEP
 """
@@ -15,11 +16,12 @@ import jax.numpy as jnp
 from dynmoe_jax import train
 
 
-def nan_at(step: int, make_train_step=train.make_train_step):
-    """A drop-in for ``train.make_train_step`` whose step number ``step`` (1-based) is NaN."""
+def nan_at(step: int):
+    """A step factory like ``train.make_train_step`` whose step number ``step`` (1-based) is
+    NaN."""
 
     def make(task):
-        train_step = make_train_step(task)
+        train_step = train.make_train_step(task)
 
         def poisoned(state, batch):
             if int(state.step) + 1 == step:
@@ -36,5 +38,10 @@ if __name__ == "__main__":
 
     from dynmoe_jax import main
 
-    train.make_train_step = nan_at(int(sys.argv.pop(1)))
-    app.run(main.main)
+    poisoned_step = int(sys.argv.pop(1))
+
+    def run(argv):
+        del argv
+        main.run_mode(make_step=nan_at(poisoned_step))
+
+    app.run(run, flags_parser=main.parse_flags)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dynmoe_jax import checkpoint as ckpt_lib
+from dynmoe_jax.train import checkpoint as ckpt_lib
 
 DTYPES = [np.float32, jnp.bfloat16, np.int32, np.uint8, np.bool_]
 
@@ -149,8 +149,9 @@ def _model_state(scan: bool, abstract: bool = False):
     import optax
     from flax import nnx
 
-    from dynmoe_jax.model import Decoder, ModelConfig
-    from dynmoe_jax.moe import MoEConfig
+    from dynmoe_jax.model.config import ModelConfig
+    from dynmoe_jax.model.decoder import Decoder
+    from dynmoe_jax.moe.config import MoEConfig
 
     moe = MoEConfig(num_experts=2, d_model=8, d_ff=8)
     cfg = ModelConfig(vocab_size=16, d_model=8, num_layers=5, num_heads=2, d_ff=8, moe=moe,
@@ -167,7 +168,7 @@ def _model_state(scan: bool, abstract: bool = False):
 
 @pytest.mark.parametrize("old_names", [False, True], ids=["today", "with_old_kv_names"])
 def test_a_per_layer_checkpoint_restores_into_scanned_layers_stacked(tmp_path, old_names):
-    from dynmoe_jax import layer_stack
+    from dynmoe_jax.model import layer_stack
 
     state = _model_state(scan=False)
     renamed = {"wk_DJH": "wk_DNH", "wv_DJH": "wv_DNH"} if old_names else {}

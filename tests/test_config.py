@@ -15,7 +15,7 @@ from dynmoe_jax import config as config_lib
 from dynmoe_jax import data as data_lib
 from dynmoe_jax.configs import default, paper, tiny
 from dynmoe_jax.data import corpora
-from dynmoe_jax.layer_stack import Remat
+from dynmoe_jax.model.layer_stack import Remat
 from dynmoe_jax.validation import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dynmoe_jax import MoEConfig, MoELayer, decode_experts, experts, sharding
+from dynmoe_jax import MoEConfig, MoELayer, sharding
+from dynmoe_jax.moe import decode as decode_experts
+from dynmoe_jax.moe import experts
 from tests import reference as ref
 
 E, D, F = 8, 16, 32

@@ -5,15 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynmoe_jax import dispatch, grouped, routing
+from dynmoe_jax.moe import capacity, grouped, priority, routing
 
 
 def test_capacity_formula_and_bounds():
-    assert dispatch.capacity(64, 8, 2.0, 1.25) == 20  # ceil(1.25 * 64 * 2 / 8)
-    assert dispatch.capacity(64, 8, 1.5, 1.0) == 12
-    assert dispatch.capacity(4, 64, 1.0, 0.01) == 1  # never zero slots
-    assert dispatch.capacity(8, 2, 2.0, 4.0) == 8  # never more than the group
-    assert dispatch.capacity(8, 2, 2.0, None) == 8  # no dropping
+    assert capacity.capacity(64, 8, 2.0, 1.25) == 20  # ceil(1.25 * 64 * 2 / 8)
+    assert capacity.capacity(64, 8, 1.5, 1.0) == 12
+    assert capacity.capacity(4, 64, 1.0, 0.01) == 1  # never zero slots
+    assert capacity.capacity(8, 2, 2.0, 4.0) == 8  # never more than the group
+    assert capacity.capacity(8, 2, 2.0, None) == 8  # no dropping
 
 
 def test_priority_rank_before_token_order():
@@ -21,7 +21,7 @@ def test_priority_rank_before_token_order():
     # choice. With two slots, the first choices win although token 0 comes first.
     mask = jnp.asarray([[1, 1], [1, 0], [1, 0], [1, 1]], bool)
     rank = jnp.asarray([[1, 0], [0, 1], [0, 1], [1, 0]], jnp.int32)
-    slots = dispatch.assign_slots(mask, rank, num_slots=2)
+    slots = capacity.assign_slots(mask, rank, num_slots=2)
     np.testing.assert_array_equal(slots.kept_SE[:, 0], [False, True, True, False])
     np.testing.assert_array_equal(slots.token_EC[0], [1, 2])
     np.testing.assert_array_equal(slots.valid_EC[0], [True, True])
@@ -33,20 +33,20 @@ def test_priority_rank_before_token_order():
 def test_empty_slots_are_marked_invalid():
     mask = jnp.asarray([[1, 0], [1, 0], [0, 1]], bool)
     rank = jnp.asarray([[0, 1], [0, 1], [1, 0]], jnp.int32)
-    slots = dispatch.assign_slots(mask, rank, num_slots=3)
+    slots = capacity.assign_slots(mask, rank, num_slots=3)
     np.testing.assert_array_equal(slots.valid_EC, [[True, True, False], [True, False, False]])
     np.testing.assert_array_equal(slots.kept_SE, mask)
 
 
-@pytest.mark.parametrize("mode", list(dispatch.DISPATCH_FNS))
+@pytest.mark.parametrize("mode", list(capacity.DISPATCH_FNS))
 def test_dispatch_then_combine_hand_worked(mode):
     # Three tokens, two experts, one slot each: token 2's choice of expert 0 is dropped.
     x = jnp.asarray([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
     mask = jnp.asarray([[1, 0], [0, 1], [1, 0]], bool)
     rank = jnp.zeros((3, 2), jnp.int32).at[:, 1].set(1).at[1].set(jnp.asarray([1, 0]))
     weights = jnp.asarray([[0.5, 0.0], [0.0, 0.25], [0.9, 0.0]])
-    slots = dispatch.assign_slots(mask, rank, num_slots=1)
-    fns = dispatch.DISPATCH_FNS[mode]
+    slots = capacity.assign_slots(mask, rank, num_slots=1)
+    fns = capacity.DISPATCH_FNS[mode]
     x_ECD = fns.dispatch(x, slots, 1)
     np.testing.assert_array_equal(x_ECD, [[[1.0, 0.0]], [[0.0, 2.0]]])
     y_ECD = x_ECD * jnp.asarray([10.0, 100.0])[:, None, None]  # expert e scales by 10^(e+1)
@@ -59,10 +59,10 @@ def test_modes_agree_on_random_groups_with_drops():
     x = jax.random.normal(key_x, (32, 4))
     probs = jax.nn.softmax(2 * jax.random.normal(key_p, (32, 8)))
     r = routing.route(probs, "top_p", threshold=0.6)
-    slots = dispatch.assign_slots(r.mask, r.rank, num_slots=3)
+    slots = capacity.assign_slots(r.mask, r.rank, num_slots=3)
     assert int(jnp.sum(r.mask)) > int(jnp.sum(slots.kept_SE))  # some drops happen
     outs = []
-    for fns in dispatch.DISPATCH_FNS.values():
+    for fns in capacity.DISPATCH_FNS.values():
         x_ECD = fns.dispatch(x, slots, 3)
         outs.append(fns.combine(jnp.tanh(x_ECD), r.weights, slots, 3))
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-6)
@@ -72,9 +72,9 @@ def test_sort_by_expert_keeps_priority_order():
     # Priority list of 3 tokens x 2 ranks, rank-major: entries (rank 0: t0 t1 t2, rank 1: ...).
     mask = jnp.asarray([[1, 1, 0], [1, 0, 0], [0, 1, 1]], bool)
     rank = jnp.asarray([[1, 0, 2], [0, 1, 2], [2, 0, 1]], jnp.int32)
-    key = dispatch.priority_list(mask, rank, num_ranks=2)
+    key = priority.priority_list(mask, rank, num_ranks=2)
     np.testing.assert_array_equal(key, [1, 0, 1, 0, 3, 2])  # 3 = no rank-1 choice for t1
-    by = dispatch.sort_by_expert(key, num_experts=3)
+    by = priority.sort_by_expert(key, num_experts=3)
     np.testing.assert_array_equal(by.counts_E, [2, 2, 1])
     np.testing.assert_array_equal(by.starts_E, [0, 2, 4])
     # Expert 0: t1 (rank 0) then t0 (rank 1); expert 1: t0, t2 (rank 0); expert 2: t2 (rank 1).
@@ -85,8 +85,8 @@ def test_sort_by_expert_keeps_priority_order():
 def test_rank_bound_gives_same_slots():
     probs = jax.nn.softmax(3 * jax.random.normal(jax.random.key(4), (64, 8)))
     r = routing.route(probs, "top_k", top_k=2)
-    full = dispatch.assign_slots(r.mask, r.rank, num_slots=12)
-    bounded = dispatch.assign_slots(r.mask, r.rank, num_slots=12, num_ranks=2)
+    full = capacity.assign_slots(r.mask, r.rank, num_slots=12)
+    bounded = capacity.assign_slots(r.mask, r.rank, num_slots=12, num_ranks=2)
     jax.tree.map(np.testing.assert_array_equal, full, bounded)
 
 
@@ -94,7 +94,7 @@ def test_slot_assignment_never_builds_S_E_E():
     s, e = 128, 16
     probs = jax.nn.softmax(jax.random.normal(jax.random.key(5), (s, e)))
     r = routing.route(probs, "top_p", threshold=0.9)
-    jaxpr = jax.make_jaxpr(lambda m, k: dispatch.assign_slots(m, k, num_slots=20))(r.mask, r.rank)
+    jaxpr = jax.make_jaxpr(lambda m, k: capacity.assign_slots(m, k, num_slots=20))(r.mask, r.rank)
     sizes = [v.aval.size for eqn in jaxpr.eqns for v in eqn.outvars if hasattr(v.aval, "size")]
     assert max(sizes) <= s * e  # S*E priority-list entries at most, never S*E*E
 
@@ -136,7 +136,7 @@ def test_grouped_drop_orders_differ_as_worked():
     # Budget 2. By rank: t0->e0 and t1->e1 (the first two entries). By weight: t2->e0 (1.0)
     # and t1->e1 (0.75).
     by_rank = grouped.select(MASK, RANK, WEIGHTS, budget=2, num_ranks=2)
-    by_weight = grouped.select(MASK, RANK, WEIGHTS, 2, 2, dispatch.DropOrder.WEIGHT)
+    by_weight = grouped.select(MASK, RANK, WEIGHTS, 2, 2, grouped.DropOrder.WEIGHT)
     np.testing.assert_array_equal(by_rank.expert_P, [0, 1, 2, 2, 2, 2])
     np.testing.assert_array_equal(by_weight.expert_P, [2, 1, 0, 2, 2, 2])
 

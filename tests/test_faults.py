@@ -16,11 +16,11 @@ import jax
 import numpy as np
 import pytest
 
-from dynmoe_jax import checkpoint as ckpt_lib
 from dynmoe_jax import data as data_lib
 from dynmoe_jax import inference, train
 from dynmoe_jax.configs import tiny
 from dynmoe_jax.data import corpora
+from dynmoe_jax.train import checkpoint as ckpt_lib
 from dynmoe_jax.validation import ConfigError
 from tests.nan_injection import nan_at
 
@@ -172,9 +172,8 @@ def test_restore_loop_stays_open_for_reads_still_in_flight():
     assert errors == [] and late.result() == 7 and loop.is_closed()
 
 
-def test_nan_is_skipped_and_counted(data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "make_train_step", nan_at(2))
-    final = train.train_and_evaluate(_config(data_dir), tmp_path / "bad")
+def test_nan_is_skipped_and_counted(data_dir, tmp_path):
+    final = train.train_and_evaluate(_config(data_dir), tmp_path / "bad", make_step=nan_at(2))
     records = [r for r in _records(tmp_path / "bad") if r["split"] == "train"]
     assert [r["nonfinite_steps"] for r in records] == [1.0, 1.0, 1.0]
     assert np.isfinite(final["loss"])
@@ -182,7 +181,7 @@ def test_nan_is_skipped_and_counted(data_dir, tmp_path, monkeypatch):
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
-def test_skipped_step_leaves_the_state_unchanged(data_dir, monkeypatch):
+def test_skipped_step_leaves_the_state_unchanged(data_dir):
     task = train.build_task(_config(data_dir), 512)
     data = data_lib.from_config(_config(data_dir))
     batch = train.put_batch(task, data.train_batch(0))

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynmoe_jax import grouped_matmul as gm
-from dynmoe_jax import grouped_swiglu as gs
+from dynmoe_jax.moe.kernels import grouped_matmul as gm
+from dynmoe_jax.moe.kernels import grouped_swiglu as gs
 
 SIZES = [8, 0, 4, 12]  # multiples of the block size 4; expert 1 has no rows
 ROWS = 32  # 8 rows past the last group

@@ -14,10 +14,12 @@ import pytest
 from flax import nnx
 
 from dynmoe_jax import config as config_lib
-from dynmoe_jax import experts, inference, sample_checks
+from dynmoe_jax import inference, sample_checks
 from dynmoe_jax.configs import tiny
-from dynmoe_jax.model import Decoder, ModelConfig
-from dynmoe_jax.moe import MoEConfig
+from dynmoe_jax.model.config import ModelConfig
+from dynmoe_jax.model.decoder import Decoder
+from dynmoe_jax.moe import experts
+from dynmoe_jax.moe.config import MoEConfig
 from dynmoe_jax.pretrained import from_hf
 from dynmoe_jax.sample_checks import MAX_NEW_TOKENS
 from dynmoe_jax.validation import ConfigError

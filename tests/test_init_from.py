@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from dynmoe_jax import data as data_lib
-from dynmoe_jax import inference, init_from, pretrained, train
+from dynmoe_jax import inference, pretrained, train
 from dynmoe_jax.configs import pretrained as pretrained_config
 from dynmoe_jax.data import corpora
+from dynmoe_jax.pretrained import init_from
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
 FAMILIES = ("mixtral", "olmoe", "qwen2_moe")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dynmoe_jax import init_from, main
+from dynmoe_jax import main
+from dynmoe_jax.pretrained import init_from
 from dynmoe_jax.validation import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,10 +13,13 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from dynmoe_jax import attention, layer_stack, sharding
-from dynmoe_jax.layer_stack import Remat
-from dynmoe_jax.model import Attention, Decoder, DenseFFN, ModelConfig, abstract_decoder, rope
-from dynmoe_jax.moe import MoEConfig, MoELayer
+from dynmoe_jax import sharding
+from dynmoe_jax.model import attention, layer_stack
+from dynmoe_jax.model.config import ModelConfig
+from dynmoe_jax.model.decoder import Attention, Decoder, DenseFFN, abstract_decoder, rope
+from dynmoe_jax.model.layer_stack import Remat
+from dynmoe_jax.moe.config import MoEConfig
+from dynmoe_jax.moe.layer import MoELayer
 from tests import reference as ref
 
 V, D, T = 64, 32, 12

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dynmoe_jax import MoEConfig, MoELayer, routing
+from dynmoe_jax import MoEConfig, MoELayer
+from dynmoe_jax.moe import routing
 from tests import reference as ref
 
 E, D, F = 8, 16, 32

@@ -15,7 +15,7 @@ from flax import nnx
 from dynmoe_jax import plan as plan_lib
 from dynmoe_jax.config import model_config
 from dynmoe_jax.configs import tiny
-from dynmoe_jax.model import Decoder
+from dynmoe_jax.model.decoder import Decoder
 from dynmoe_jax.validation import ConfigError
 
 # The tiny config by hand: V=512, D=32, 2 layers, 4 experts of width 32, top-p (expected_k 2).

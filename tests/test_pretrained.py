@@ -23,10 +23,10 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from dynmoe_jax import sharding
-from dynmoe_jax.layer_stack import Remat
-from dynmoe_jax.moe import MoELayer
+from dynmoe_jax.model.layer_stack import Remat
+from dynmoe_jax.moe.layer import MoELayer
 from dynmoe_jax.pretrained import PretrainedError, from_hf, hf_model_config
-from dynmoe_jax.safetensors_io import checkpoint_tensors
+from dynmoe_jax.pretrained.safetensors_io import checkpoint_tensors
 from dynmoe_jax.validation import ConfigError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dynmoe_jax import routing
+from dynmoe_jax.moe import routing
 from tests import reference as ref
 
 

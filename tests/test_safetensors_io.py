@@ -12,7 +12,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from dynmoe_jax.safetensors_io import (
+from dynmoe_jax.pretrained.safetensors_io import (
     SINGLE_FILE,
     SafetensorsError,
     checkpoint_tensors,

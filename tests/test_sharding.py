@@ -18,9 +18,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from dynmoe_jax import MoELayer, sharding, train
-from dynmoe_jax import checkpoint as ckpt_lib
 from dynmoe_jax import data as data_lib
 from dynmoe_jax.config import check_config
+from dynmoe_jax.train import checkpoint as ckpt_lib
 from dynmoe_jax.validation import ConfigError
 from tests.sharding_steps import run_steps, tiny_config
 

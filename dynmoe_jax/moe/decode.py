@@ -24,8 +24,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax import experts
-from dynmoe_jax.experts import ExpertWeights
+from dynmoe_jax.moe import experts
+from dynmoe_jax.moe.experts import ExpertWeights
 
 
 def selected_experts(

@@ -19,8 +19,10 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from dynmoe_jax import hf_layout, sharding
-from dynmoe_jax.hf_config import (
+from dynmoe_jax import sharding
+from dynmoe_jax.model.decoder import Decoder, abstract_decoder
+from dynmoe_jax.pretrained import hf_layout
+from dynmoe_jax.pretrained.hf_config import (
     FAMILIES,
     Family,
     PretrainedError,
@@ -28,8 +30,7 @@ from dynmoe_jax.hf_config import (
     hf_model_config,
     read_config,
 )
-from dynmoe_jax.model import Decoder, abstract_decoder
-from dynmoe_jax.safetensors_io import (
+from dynmoe_jax.pretrained.safetensors_io import (
     INDEX_FILE,
     SINGLE_FILE,
     SafetensorsError,

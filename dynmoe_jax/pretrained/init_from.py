@@ -1,7 +1,7 @@
 """Runs that start from a pretrained checkpoint: ``--config.init_from=PATH``.
 
 PATH is a Hugging Face model folder (config.json, *.safetensors, tokenizer.json; see
-``pretrained.py``). The checkpoint gives the architecture (widths, layers, experts, vocabulary)
+``load.py``). The checkpoint gives the architecture (widths, layers, experts, vocabulary)
 and the weights; the config gives the training, the data and the routing: its ``moe`` fields
 named in ``MOE_OVERRIDES`` replace the checkpoint's router, and ``model.dtype`` and
 ``model.remat`` apply as for any run. ``moe.top_k`` and ``moe.renormalize`` set to None keep the
@@ -22,7 +22,7 @@ from ml_collections import ConfigDict
 from dynmoe_jax.validation import check, invalid
 
 if TYPE_CHECKING:  # the command line imports this module before JAX is needed
-    from dynmoe_jax.model import ModelConfig
+    from dynmoe_jax.model.config import ModelConfig
     from dynmoe_jax.train import Task
 
 FIELD = "init_from"

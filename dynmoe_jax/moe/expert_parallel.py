@@ -30,7 +30,8 @@ import functools
 import jax
 from jax.sharding import PartitionSpec
 
-from dynmoe_jax import decode_experts, grouped
+from dynmoe_jax.moe import decode as decode_experts
+from dynmoe_jax.moe import grouped
 from dynmoe_jax.sharding import logical_to_spec
 
 EXPERT_AXIS = "expert"

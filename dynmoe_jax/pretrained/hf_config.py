@@ -17,9 +17,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from dynmoe_jax.model import ModelConfig
-from dynmoe_jax.moe import MoEConfig
-from dynmoe_jax.routing import Router
+from dynmoe_jax.model.config import ModelConfig
+from dynmoe_jax.moe.config import MoEConfig
+from dynmoe_jax.moe.routing import Router
 from dynmoe_jax.validation import ConfigError, invalid
 
 __all__ = [

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from dynmoe_jax.safetensors_io import TensorInfo, host_empty
+from dynmoe_jax.pretrained.safetensors_io import TensorInfo, host_empty
 
 Shape = tuple[int, ...]
 

@@ -31,8 +31,13 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax import experts
-from dynmoe_jax.grouped_matmul import Backend, default_backend, expert_blocks, grouped_matmul
+from dynmoe_jax.moe import experts
+from dynmoe_jax.moe.kernels.grouped_matmul import (
+    Backend,
+    default_backend,
+    expert_blocks,
+    grouped_matmul,
+)
 
 MAX_CHUNK_ROWS = 1024
 

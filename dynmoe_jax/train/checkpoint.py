@@ -37,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dynmoe_jax import layer_stack
+from dynmoe_jax.model import layer_stack
 
 
 class CorruptCheckpointError(RuntimeError):

@@ -28,16 +28,24 @@ one group, Q = G * P entries of every group, R rows of the buffer, D model width
 
 from __future__ import annotations
 
+import enum
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax import experts
-from dynmoe_jax.dispatch import DropOrder, priority_list, sort_by_expert
-from dynmoe_jax.grouped_matmul import Backend
-from dynmoe_jax.grouped_swiglu import grouped_swiglu
+from dynmoe_jax.moe import experts
+from dynmoe_jax.moe.kernels.grouped_matmul import Backend
+from dynmoe_jax.moe.kernels.grouped_swiglu import grouped_swiglu
+from dynmoe_jax.moe.priority import priority_list, sort_by_expert
+
+
+class DropOrder(str, enum.Enum):
+    """Which of a group's selections the grouped mode drops first when they exceed its budget."""
+
+    RANK = "rank"  # the priority list's order: later ranks, then later tokens
+    WEIGHT = "weight"  # the smallest combine weights
 
 
 def budget(group_size: int, k: float, capacity_factor: float | None, num_ranks: int) -> int:

@@ -1,0 +1,197 @@
+"""The training run: ``train_and_evaluate(config, workdir)`` trains on the configured corpus;
+``train_with_data`` is the same loop on any object with the ``RunData`` methods (the
+experiments' synthetic tasks).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from ml_collections import ConfigDict
+
+from dynmoe_jax import data as data_lib
+from dynmoe_jax.config import save_run_config
+from dynmoe_jax.pretrained import init_from as init_from_lib
+from dynmoe_jax.train import checkpoint as ckpt_lib
+from dynmoe_jax.train import metrics as metrics_lib
+from dynmoe_jax.train.batches import (
+    RunData,
+    process_rows,
+    put_batch,
+    read_eval_batches,
+    read_train_batch,
+)
+from dynmoe_jax.train.evaluation import describe_validation, evaluate
+from dynmoe_jax.train.step import TrainStep, make_eval_step, make_train_step
+from dynmoe_jax.train.task import Task, TrainState, build_task, restore_or_init, save_state
+
+
+class NonFiniteError(FloatingPointError):
+    """Training met a non-finite loss or gradient with ``nonfinite='stop'``."""
+
+
+StepFactory = Callable[[Task], TrainStep]
+
+
+def train_and_evaluate(
+    config: ConfigDict, workdir: str | Path, make_step: StepFactory = make_train_step
+) -> dict:
+    """Trains (resuming from the workdir's latest checkpoint) and returns the final validation
+    metrics. Writes metrics.jsonl, TensorBoard events, checkpoints and the experts plot.
+    ``make_step`` builds the train step from the task (a test may wrap it)."""
+    init_from_lib.check_config(config)  # every data-free check, before reading or compiling
+    workdir = Path(workdir)
+    data = data_lib.from_config(config)
+    dataset = data.config.dataset  # the fallback corpus, if the config named one and used it
+    save_run_config(config, workdir, dataset)
+    print(data.summary())
+    return train_with_data(config, workdir, data, dataset, make_step=make_step)
+
+
+ValidationExtras = Callable[[Task, Any], dict]
+
+
+def train_with_data(
+    config: ConfigDict,
+    workdir: str | Path,
+    data: RunData,
+    dataset: str,
+    validation_extras: ValidationExtras | None = None,
+    make_step: StepFactory = make_train_step,
+) -> dict:
+    """``train_and_evaluate`` on ``data`` (named ``dataset`` in the logs). Each validation
+    record also holds ``validation_extras(task, params)``, if given (JSON-able values).
+
+    The config's corpus fields are not read, and only the checks of ``build_task`` run here:
+    a caller with its own data checks the rest of its config itself."""
+    workdir = Path(workdir)
+    task = build_task(config, data.vocab_size)
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+    state = restore_or_init(task, checkpointer)
+    start = int(state.step)
+    lead = jax.process_index() == 0  # one process writes the logs of a multi-host run
+    writer = metrics_lib.MetricsWriter(workdir, resume_step=start, enabled=lead)
+    loop = _Loop(task, data, checkpointer, writer, validation_extras, make_step)
+    try:
+        with jax.set_mesh(task.mesh):  # the layer's sharding constraints read this mesh
+            state, final = loop.run(state, start)
+    finally:
+        checkpointer.close()
+        writer.close()
+    if lead:
+        plot = metrics_lib.plot_experts_per_layer(workdir)
+        unigram = data.unigram_cross_entropy(config.eval_batches)
+        _print_summary(workdir, dataset, final, unigram, plot)
+    return final
+
+
+class _Loop:
+    """The step loop with its progress bar, periodic logging, validation and checkpointing."""
+
+    def __init__(self, task, data, checkpointer, writer, validation_extras, make_step):
+        self.task, self.data = task, data
+        self.checkpointer, self.writer = checkpointer, writer
+        self.validation_extras = validation_extras
+        self.train_step = make_step(task)
+        self.eval_step = make_eval_step(task)
+        self.tokens_per_step = task.config.batch_size * task.config.seq_len
+        self.rows = process_rows(task)  # the rows of each batch this process reads
+        self.bar = None
+
+    def run(self, state: TrainState, start: int) -> tuple[TrainState, dict]:
+        from tqdm.auto import tqdm
+
+        cfg = self.task.config
+        total = cfg.num_train_steps
+        final = {}
+        lead = jax.process_index() == 0
+        self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True,
+                        mininterval=1.0, disable=not lead)  # fmt: skip
+        window_start, window_steps = time.perf_counter(), 0
+        previous = None  # metrics of the step dispatched before this one
+        for step in range(start + 1, total + 1):
+            batch = put_batch(self.task, read_train_batch(self.data, step - 1, self.rows))
+            state, metrics = self.train_step(state, batch)
+            window_steps += 1
+            if previous is not None:
+                self._advance(previous)
+            previous = metrics
+            if step % cfg.log_every_steps == 0 or step == total:
+                self._check_finite(state)
+                host = _host_metrics(metrics)  # waits for the step, so the timing is real
+                elapsed = time.perf_counter() - window_start
+                host["tokens_per_sec"] = window_steps * self.tokens_per_step / elapsed
+                self.writer.write({"step": step, "split": "train", **host})
+                window_start, window_steps = time.perf_counter(), 0
+            if step % cfg.eval_every_steps == 0 or step == total:
+                self._advance(previous)
+                previous = None
+                final = self.validate(state, step)
+            if step % cfg.checkpoint_every_steps == 0 or step == total:
+                self._check_finite(state)  # never save past a non-finite step in stop mode
+                save_state(self.checkpointer, step, state)
+        if previous is not None:
+            self._advance(previous)
+        self.bar.close()
+        if not final:  # resumed after the last step: report the restored model
+            final = evaluate(self.eval_step, state.params, self._eval_batches())
+        return state, final
+
+    def _advance(self, metrics: dict) -> None:
+        """Moves the bar one step once the step of ``metrics`` has finished. Waiting on the
+        step before the one just dispatched keeps the bar true while the device always has
+        work queued; the postfix costs two scalar transfers."""
+        fields = {"loss": f"{float(metrics['loss']):.3f}"}
+        if "experts_per_token" in metrics:
+            fields["experts/tok"] = f"{float(metrics['experts_per_token']):.2f}"
+        self.bar.set_postfix(fields, refresh=False)
+        self.bar.update(1)
+
+    def _check_finite(self, state: TrainState) -> None:
+        if self.task.config.nonfinite == "stop" and int(state.nonfinite_steps) > 0:
+            first = int(state.first_nonfinite_step)
+            raise NonFiniteError(
+                f"non-finite loss or gradients at step {first} (nonfinite=stop); the last "
+                f"checkpoint before it is intact in {self.checkpointer.directory}. Set "
+                "--config.nonfinite=skip to skip such updates instead."
+            )
+
+    def _eval_batches(self):
+        return read_eval_batches(self.data, self.task.config.eval_batches, self.rows)
+
+    def validate(self, state: TrainState, step: int) -> dict:
+        result = evaluate(self.eval_step, state.params, self._eval_batches())
+        if self.validation_extras is not None:
+            result.update(self.validation_extras(self.task, state.params))
+        self.writer.write({"step": step, "split": "validation", **result})
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(f"step {step}: {describe_validation(result)}")
+        return result
+
+
+def _print_summary(workdir: Path, dataset: str, final: dict, unigram: float, plot) -> None:
+    lines = [f"dataset: {dataset}", f"final {describe_validation(final, unigram)}"]
+    if "experts_per_layer" in final:
+        per_layer = ", ".join(f"{v:.2f}" for v in np.atleast_1d(final["experts_per_layer"]))
+        lines.append(f"experts per token by layer (validation): {per_layer}")
+    lines += [
+        f"metrics: {workdir / metrics_lib.METRICS_FILE}",
+        f"tensorboard: {workdir / 'tensorboard'}",
+        f"checkpoints: {workdir / 'checkpoints'}",
+    ]
+    if plot is not None:
+        lines.append(f"plot: {plot}")
+    print("\n".join(lines))
+
+
+def _host_metrics(metrics: dict) -> dict:
+    out = {}
+    for k, v in jax.device_get(metrics).items():
+        v = np.asarray(v)
+        out[k] = v.tolist() if v.ndim else float(v)
+    return out

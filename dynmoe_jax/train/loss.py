@@ -1,0 +1,46 @@
+"""The training loss: the language model's cross-entropy plus the weighted auxiliary losses."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dynmoe_jax.train.batches import Batch
+from dynmoe_jax.train.task import Task
+
+# Per-layer metrics averaged into one number for the log.
+LAYER_MEANS = ("experts_per_token", "slots_per_token", "dropped_fraction", "router_confidence")
+
+
+def cross_entropy(logits_BTV, targets_BT, weights_BT) -> tuple[jax.Array, jax.Array]:
+    """Sum of weighted token negative log-likelihoods (float32) and the weight sum."""
+    logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    nll_BT = -jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll_BT * weights_BT), jnp.sum(weights_BT)
+
+
+def forward(task: Task, params, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Loss and metrics of one batch: lm loss plus the weighted aux losses, each averaged over
+    the MoE layers (the paper leaves the reduction open; a mean keeps weights depth-free)."""
+    model = nnx.merge(task.graphdef, params)
+    logits, layer = model(batch["inputs"], batch["weights"] > 0)
+    nll, count = cross_entropy(logits, batch["targets"], batch["weights"])
+    lm_loss = nll / jnp.maximum(count, 1.0)
+    w = task.config.loss
+    metrics = {"lm_loss": lm_loss}
+    loss = lm_loss
+    for name, weight in (
+        ("load_balance_loss", w.load_balance_weight),
+        ("dynamic_loss", w.dynamic_weight),
+        ("z_loss", w.z_loss_weight),
+    ):
+        value = jnp.mean(layer[name]) if layer else jnp.zeros(())
+        metrics[name] = value
+        loss = loss + weight * value
+    metrics["loss"] = loss
+    if layer:
+        metrics.update({k: jnp.mean(layer[k]) for k in LAYER_MEANS})
+        metrics["experts_per_layer"] = layer["experts_per_token"]
+        metrics["experts_per_token_max"] = jnp.max(layer["experts_per_token_max"])
+    return loss, metrics

@@ -1,0 +1,90 @@
+"""The jitted train and eval steps."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dynmoe_jax.train.batches import Batch, put_batch
+from dynmoe_jax.train.loss import cross_entropy, forward
+from dynmoe_jax.train.task import Task, TrainState
+
+
+def _accumulated_grads(task: Task, params, batch: Batch):
+    """Gradients of the mean loss over ``grad_accum_steps`` micro-batches (a scan)."""
+    grad_fn = jax.value_and_grad(lambda p, b: forward(task, p, b), has_aux=True)
+    n = task.config.grad_accum_steps
+    if n == 1:
+        (_, metrics), grads = grad_fn(params, batch)
+        return grads, metrics
+    micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+
+    def body(acc, mb):
+        (_, m), g = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, acc, (g, m)), None
+
+    (_, metrics_shape), grads_shape = jax.eval_shape(
+        grad_fn, params, jax.tree.map(lambda x: x[0], micro)
+    )
+    zeros = jax.tree.map(jnp.zeros_like, (grads_shape, metrics_shape))
+    (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+    return jax.tree.map(lambda x: x / n, (grads, metrics))
+
+
+TrainStep = Callable[[TrainState, Batch], tuple[TrainState, dict]]
+
+
+def make_train_step(task: Task) -> TrainStep:
+    """A jitted step. A non-finite loss or gradient leaves params and optimizer state as they
+    were and is counted in the state (``nonfinite_steps``, ``first_nonfinite_step``)."""
+
+    def train_step(state: TrainState, batch: Batch):
+        grads, metrics = _accumulated_grads(task, state.params, batch)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        updates, opt_state = task.optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep_if_bad = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        first_bad = (state.first_nonfinite_step < 0) & ~finite
+        new_state = TrainState(
+            step=state.step + 1,
+            params=jax.tree.map(keep_if_bad, params, state.params),
+            opt_state=jax.tree.map(keep_if_bad, opt_state, state.opt_state),
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+            first_nonfinite_step=jnp.where(first_bad, state.step + 1, state.first_nonfinite_step),
+        )
+        metrics["grad_norm"] = grad_norm
+        metrics["learning_rate"] = task.schedule(state.step)
+        metrics["nonfinite_steps"] = new_state.nonfinite_steps
+        return new_state, metrics
+
+    shardings = task.state_shardings
+    return jax.jit(
+        train_step,
+        in_shardings=(shardings, task.batch_sharding),
+        out_shardings=(shardings, None),
+        donate_argnums=0,
+    )
+
+
+def make_eval_step(task: Task) -> Callable[[Any, Batch], dict]:
+    def eval_step(params, batch: Batch):
+        model = nnx.merge(task.graphdef, params)
+        weights_BT = batch["weights"]
+        logits, layer = model(batch["inputs"], weights_BT > 0)
+        nll, count = cross_entropy(logits, batch["targets"], weights_BT)
+        out = {"nll": nll, "tokens": count}
+        if layer:
+            # Weighted sums, so that batches add up by tokens (evaluate divides by the total).
+            experts_LBT = layer["token_experts"].astype(jnp.float32)
+            out["experts_per_layer"] = jnp.sum(experts_LBT * weights_BT, axis=(1, 2))
+            out["dropped_fraction"] = jnp.mean(layer["dropped_fraction"]) * count
+        return out
+
+    jitted = jax.jit(eval_step, in_shardings=(task.state_shardings.params, task.batch_sharding))
+    return lambda params, batch: jitted(params, put_batch(task, batch))

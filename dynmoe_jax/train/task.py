@@ -1,0 +1,194 @@
+"""The task of a run: model, optimizer, mesh and shardings built once from the config, and the
+train state (create, restore, save).
+
+The state is a ``TrainState`` (params as a pure dict of arrays); the model is rebuilt from its
+graph definition inside the jitted steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from ml_collections import ConfigDict
+
+from dynmoe_jax import sharding as sharding_lib
+from dynmoe_jax.config import mesh_for, model_config
+from dynmoe_jax.model.config import ModelConfig
+from dynmoe_jax.model.decoder import Decoder, abstract_decoder
+from dynmoe_jax.pretrained import init_from as init_from_lib
+from dynmoe_jax.train import checkpoint as ckpt_lib
+from dynmoe_jax.train.batches import check_batch_split
+
+
+class TrainState(NamedTuple):
+    """Everything a step changes. Checkpoints store it as a dict of these fields."""
+
+    step: jax.Array  # int32 scalar: optimizer updates taken (skipped ones included)
+    params: Any  # pure dict of arrays, as nnx.to_pure_dict gives it
+    opt_state: Any
+    nonfinite_steps: jax.Array  # int32 scalar: steps whose update was skipped
+    first_nonfinite_step: jax.Array  # int32 scalar, -1 while every step was finite
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """Everything a run needs besides its state: built once from the config."""
+
+    config: ConfigDict
+    model_cfg: ModelConfig
+    graphdef: Any
+    optimizer: optax.GradientTransformation
+    schedule: Callable[[int], float]
+    mesh: Mesh
+    state_shardings: Any  # NamedShardings, same tree as the state
+    batch_sharding: NamedSharding
+
+
+def learning_rate_schedule(config: ConfigDict) -> optax.Schedule:
+    """Linear warm-up, then cosine decay to ``min_learning_rate_ratio`` of the peak."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=max(config.num_train_steps, config.warmup_steps + 1),
+        end_value=config.learning_rate * config.min_learning_rate_ratio,
+    )
+
+
+def make_optimizer(config: ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+    def decay_mask(params):
+        # Norm scales stay undecayed, as in LLaMA-style training.
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "scale" not in jax.tree_util.keystr(path), params
+        )
+
+    adamw = optax.adamw(
+        schedule,
+        b1=config.adam_b1,
+        b2=config.adam_b2,
+        weight_decay=config.weight_decay,
+        mask=decay_mask,
+    )
+    if config.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+    return adamw
+
+
+def build_task(config: ConfigDict, vocab_size: int, devices=None) -> Task:
+    """Model, optimizer, mesh and shardings; every check here runs before any compilation.
+    With ``init_from`` the model is the checkpoint's, with the config's routing."""
+    check_batch_split(config.batch_size)
+    if init_from_lib.path_of(config):
+        model_cfg = init_from_lib.model_config(config, vocab_size)
+    else:
+        model_cfg = model_config(config, vocab_size)
+    mesh = mesh_for(config, model_cfg, devices)
+    abstract_model = abstract_decoder(model_cfg)
+    schedule = learning_rate_schedule(config)
+    optimizer = make_optimizer(config, schedule)
+    param_specs = sharding_lib.param_specs(abstract_model)
+    abstract_params = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
+    opt_specs = optax.tree_map_params(
+        optimizer,
+        lambda _, spec: spec,
+        jax.eval_shape(optimizer.init, abstract_params),
+        param_specs,
+        transform_non_params=lambda _: PartitionSpec(),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+    scalar = PartitionSpec()
+    specs = TrainState(
+        step=scalar,
+        params=param_specs,
+        opt_state=opt_specs,
+        nonfinite_steps=scalar,
+        first_nonfinite_step=scalar,
+    )
+    return Task(
+        config=config,
+        model_cfg=model_cfg,
+        graphdef=nnx.graphdef(abstract_model),
+        optimizer=optimizer,
+        schedule=schedule,
+        mesh=mesh,
+        state_shardings=sharding_lib.named(mesh, specs),
+        batch_sharding=NamedSharding(mesh, sharding_lib.batch_spec()),
+    )
+
+
+def _step_zero(task: Task, params) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=task.optimizer.init(params),
+        nonfinite_steps=jnp.zeros((), jnp.int32),
+        first_nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
+
+
+def _init_fn(task: Task) -> Callable[[], TrainState]:
+    def init():
+        model = Decoder(task.model_cfg, rngs=nnx.Rngs(task.config.seed))
+        return _step_zero(task, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+    return init
+
+
+def init_state(task: Task) -> TrainState:
+    """A fresh state, created directly in its sharded layout: random weights, or those of
+    the config's ``init_from`` checkpoint."""
+    if init_from_lib.path_of(task.config):
+        return _imported_state(task)
+    with jax.set_mesh(task.mesh):
+        return jax.jit(_init_fn(task), out_shardings=task.state_shardings)()
+
+
+def _imported_state(task: Task) -> TrainState:
+    """Step 0 with the imported weights and a fresh optimizer state."""
+    params = init_from_lib.load_params(task)
+    shardings = task.state_shardings
+    init = jax.jit(
+        lambda p: _step_zero(task, p), in_shardings=(shardings.params,), out_shardings=shardings
+    )
+    with jax.set_mesh(task.mesh):
+        return init(params)
+
+
+def abstract_state(task: Task) -> TrainState:
+    """Shapes, dtypes and target shardings of the state (what checkpoints restore onto)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(_init_fn(task)),
+        task.state_shardings,
+    )
+
+
+def restore_or_init(task: Task, checkpointer: ckpt_lib.Checkpointer) -> TrainState:
+    """The newest readable checkpoint (resharded onto this task's mesh), or a fresh state."""
+    restored = restore_state(task, checkpointer)
+    if restored is None:
+        return init_state(task)
+    step, state = restored
+    print(f"resumed from {checkpointer.directory}/{step}")
+    return state
+
+
+def restore_state(task: Task, checkpointer: ckpt_lib.Checkpointer) -> tuple[int, TrainState] | None:
+    """(step, state) of the newest readable checkpoint, or None when there is none."""
+    restored = checkpointer.restore_latest(abstract_state(task)._asdict())
+    if restored is None:
+        return None
+    step, saved = restored
+    return step, TrainState(**saved)
+
+
+def save_state(checkpointer: ckpt_lib.Checkpointer, step: int, state: TrainState) -> None:
+    # Stored as a plain dict, so a checkpoint does not depend on this class's definition.
+    checkpointer.save(step, state._asdict())
