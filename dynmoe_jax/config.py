@@ -1,181 +1,140 @@
-"""The training config: an ml_collections ConfigDict, checked, then turned into frozen objects.
+"""The training configuration: every field declared once, beside the frozen config it belongs
+to (``validation.declared``); this module derives the rest from those declarations.
 
-* ``check_config(config)`` runs every check that needs no data, before anything is read or
-  compiled; it only checks.
-* ``model_config(config, vocab_size)`` and ``mesh_for(config, model_cfg)`` build the frozen
-  ``ModelConfig`` (with its ``MoEConfig``) and the device mesh.
-* ``check_overrides(config, overrides)`` backs the command line's one-line error for a misspelt
-  ``--config.FIELD``.
-* ``save_run_config`` / ``load_run_config`` keep ``workdir/config.json``: the config of a run
-  and the corpus it actually trained on; ``with_recorded_corpus`` makes evaluation and
-  sampling read that corpus (and its tokenizer), never a fallback.
+The layout of a config (an ml_collections ConfigDict, what ``configs/*.py`` return and the
+command line's ``--config.FIELD=VALUE`` sets), by section, and the frozen config of each:
 
-Every message goes through :mod:`dynmoe_jax.validation` (``field=value is invalid: allowed``).
+* top level: ``DataConfig`` (``data/pipeline.py``) and ``TrainConfig`` (``train/config.py``)
+* ``model.*``: ``ModelConfig`` (``model/config.py``)
+* ``moe.*``: ``MoEConfig`` (``moe/config.py``)
+* ``loss.*``: ``LossConfig`` (``train/loss.py``)
+
+Derived here: ``defaults()`` (the ConfigDict every config file starts from), ``set_fields``
+(the command line's overrides, ``None`` included), ``resolve`` (ConfigDict -> the typed,
+frozen ``RunConfig`` that the library takes, every check run), ``check_config`` (the one entry
+point for every data-free check, the mesh included), ``routing_overrides`` (what replaces an
+imported checkpoint's router) and ``configuration_table`` (docs/configuration.md, tested).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import os
-from collections.abc import Callable, Iterable
-from pathlib import Path
+import enum
+import functools
+import types
+import typing
+from collections.abc import Mapping
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from dynmoe_jax import sharding
-from dynmoe_jax.model.config import ModelConfig
+from dynmoe_jax import sharding, validation
+from dynmoe_jax.data.pipeline import DataConfig
+from dynmoe_jax.model.config import FFN, ModelConfig
 from dynmoe_jax.moe.config import MoEConfig
-from dynmoe_jax.validation import ConfigError, check, invalid, is_int
+from dynmoe_jax.train.config import LossConfig, TrainConfig
+from dynmoe_jax.validation import ConfigError, enum_value, invalid
 
-__all__ = [
-    "RUN_CONFIG_FILE",
-    "ConfigError",
-    "RunConfig",
-    "check_config",
-    "check_overrides",
-    "field_paths",
-    "load_run_config",
-    "mesh_for",
-    "model_config",
-    "moe_config",
-    "save_run_config",
-    "with_recorded_corpus",
-]
-
-RUN_CONFIG_FILE = "config.json"
+SECTIONS: tuple[tuple[str, type], ...] = (
+    ("", DataConfig),
+    ("", TrainConfig),
+    ("model", ModelConfig),
+    ("moe", MoEConfig),
+    ("loss", LossConfig),
+)
+# Names a newcomer may type for a field of another name.
+ALIASES = {"moe.top_p": "moe.threshold", "moe.p": "moe.threshold", "moe.k": "moe.top_k",
+           "moe.experts": "moe.num_experts", "lr": "learning_rate"}  # fmt: skip
+# Routing fields whose None means "as the imported checkpoint has it".
+CHECKPOINT_DEFAULTS = ("top_k", "renormalize")
 
 
-def _int_at_least(low: int) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: is_int(v) and v >= low), f"an integer >= {low}"
+@dataclasses.dataclass(frozen=True)
+class Declaration:
+    """One field of the training config: its dotted path and its declaration."""
+
+    path: str
+    owner: type
+    field: dataclasses.Field
+
+    @property
+    def name(self) -> str:
+        return self.field.name
+
+    @property
+    def doc(self) -> str:
+        return self.field.metadata["doc"]
+
+    @property
+    def default(self) -> Any:
+        value = self.field.default
+        return value.value if isinstance(value, enum.Enum) else value
+
+    @property
+    def allowed(self) -> str:
+        """The allowed range as the docs state it (a string enum's values when undeclared)."""
+        allowed = self.field.metadata["allowed"]
+        if callable(allowed):
+            return allowed(_Placeholder())
+        if (
+            not allowed
+            and isinstance(self.value_type, type)
+            and issubclass(self.value_type, enum.Enum)
+        ):
+            return " | ".join(repr(m.value) for m in self.value_type)
+        return allowed
+
+    @property
+    def value_type(self) -> type:
+        """The field's type without None (``int | None`` -> int)."""
+        hint = typing.get_type_hints(self.owner)[self.name]
+        members = [t for t in typing.get_args(hint) if t is not type(None)]
+        is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        return members[0] if is_union else hint
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+@functools.cache
+def declarations() -> tuple[Declaration, ...]:
+    """Every field the training config exposes, in section and field order."""
+    out = []
+    for section, owner in SECTIONS:
+        for field in dataclasses.fields(owner):
+            if field.metadata.get("cli", False):
+                path = f"{section}.{field.name}" if section else field.name
+                out.append(Declaration(path, owner, field))
+    return tuple(out)
 
 
-_POSITIVE = _int_at_least(1)
-_NON_NEGATIVE = _int_at_least(0)
-
-# field -> (predicate, allowed): one table holds the top-level rules.
-RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": _NON_NEGATIVE,
-    "dataset": (
-        lambda v: isinstance(v, str) and bool(v),
-        "kjv | pydoc | text_dir:PATH | a TFDS name",
-    ),
-    "fallback_dataset": (
-        lambda v: isinstance(v, str),
-        "'' (none) or a corpus name such as 'pydoc'",
-    ),
-    "data_dir": (lambda v: isinstance(v, str), "'' (the default cache) or a folder"),
-    "seq_len": _POSITIVE,
-    "batch_size": _POSITIVE,
-    "num_train_steps": _POSITIVE,
-    "warmup_steps": _NON_NEGATIVE,
-    "learning_rate": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "min_learning_rate_ratio": (lambda v: _number(v) and 0 <= v <= 1, "0 <= ratio <= 1"),
-    "weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "adam_b1": (lambda v: _number(v) and 0 <= v < 1, "0 <= b1 < 1"),
-    "adam_b2": (lambda v: _number(v) and 0 <= v < 1, "0 <= b2 < 1"),
-    "grad_clip_norm": (lambda v: _number(v) and v >= 0, "a number >= 0 (0 = no clipping)"),
-    "grad_accum_steps": (_POSITIVE[0], "an integer >= 1 dividing batch_size"),
-    "log_every_steps": _POSITIVE,
-    "eval_every_steps": _POSITIVE,
-    "eval_batches": _POSITIVE,
-    "checkpoint_every_steps": _POSITIVE,
-    "keep_checkpoints": _POSITIVE,
-    "vocab_size": (lambda v: is_int(v) and 16 <= v <= 1_000_000, "16..1000000"),
-    "tokenizer": (lambda v: v in ("sentencepiece", "bytes"), "'sentencepiece' | 'bytes'"),
-    "nonfinite": (lambda v: v in ("skip", "stop"), "'skip' | 'stop'"),
-    "mesh_shape": (lambda v: isinstance(v, str), "a string such as 'data=2,expert=4'"),
-}
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-FFN_KINDS = ("moe", "dense")
+def by_path() -> dict[str, Declaration]:
+    return {d.path: d for d in declarations()}
 
 
-def check_top_level(config: ConfigDict) -> None:
-    """The rules on the training fields (``RULES``), shared by every run and ``init_from``."""
-    for field, (ok, allowed) in RULES.items():
-        value = config.get(field)
-        check(ok(value), field, value, allowed)
-    if config.batch_size % config.grad_accum_steps:
-        invalid("grad_accum_steps", config.grad_accum_steps, f"a divisor of {config.batch_size}")
+def defaults() -> ConfigDict:
+    """The config with every field at its declared default (``make train``'s run)."""
+    config = ConfigDict({s: {} for s, _ in SECTIONS if s}, type_safe=False)
+    for d in declarations():
+        _put(config, d.path, d.default)
+    return config
 
 
-def _choice(table: Iterable[str], field: str, value: Any) -> None:
-    check(value in table, field, value, " | ".join(map(repr, table)))
+def _put(config: ConfigDict, path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
 
 
-def moe_config(config: ConfigDict) -> MoEConfig | None:
-    """The MoE layer's frozen config (None for the dense baseline)."""
-    m = config.model
-    _choice(FFN_KINDS, "model.ffn", m.ffn)
-    _choice(DTYPES, "model.dtype", m.dtype)
-    if m.ffn != "moe":
-        return None
-    return MoEConfig(d_model=m.d_model, dtype=DTYPES[m.dtype], **config.moe.to_dict())
+def _get(config: Mapping | ConfigDict, path: str) -> Any:
+    node = config
+    for p in path.split("."):
+        node = node[p]
+    return node
 
 
-def model_config(config: ConfigDict, vocab_size: int) -> ModelConfig:
-    """Builds (and so validates) the frozen model config, with ``vocab_size`` from the data."""
-    m = config.model
-    try:
-        return ModelConfig(
-            vocab_size=vocab_size,
-            d_model=m.d_model,
-            num_layers=m.num_layers,
-            num_heads=m.num_heads,
-            d_ff=m.d_ff,
-            moe=moe_config(config),
-            moe_every=m.moe_every,
-            dtype=DTYPES[m.dtype],
-            remat=m.remat,
-            # Configs saved before scanning existed have no such field: they ran per layer.
-            scan_layers=m.get("scan_layers", False),
-        )
-    except ConfigError:
-        raise
-    except TypeError as e:  # a comparison of a value of the wrong type, e.g. a str threshold
-        raise ConfigError(f"model or moe config has a value of the wrong type: {e}") from None
-
-
-def mesh_for(config: ConfigDict, model_cfg: ModelConfig, devices=None) -> Mesh:
-    """The configured mesh, checked against the devices present and the model's sizes."""
-    moe = model_cfg.moe
-    try:
-        mesh = sharding.make_mesh(config.mesh_shape, devices)
-        sharding.check_fits(
-            mesh,
-            batch_size=config.batch_size,
-            grad_accum_steps=config.grad_accum_steps,
-            num_experts=moe.num_experts if moe else None,
-            num_heads=model_cfg.num_heads,
-            num_kv_heads=model_cfg.num_kv_heads,
-            d_ff=model_cfg.d_ff,
-            expert_d_ff=moe.d_ff if moe else None,
-        )
-    except sharding.MeshError as e:
-        raise ConfigError(str(e)) from None
-    return mesh
-
-
-def check_config(config: ConfigDict, devices=None) -> None:
-    """Every check that needs no data (the vocabulary size is checked as configured).
-
-    ``devices``: what the mesh must fit (default: every device of this process's runtime).
-    """
-    check_top_level(config)
-    mesh_for(config, model_config(config, config.vocab_size), devices)
-
-
-# ----------------------------------------------------------------------------- field names
+# ----------------------------------------------------------------------------- command line
 
 
 def field_paths(config: ConfigDict, prefix: str = "") -> list[str]:
@@ -187,70 +146,216 @@ def field_paths(config: ConfigDict, prefix: str = "") -> list[str]:
     return paths
 
 
-def check_overrides(config: ConfigDict, overrides: dict[str, str]) -> None:
-    """One-line error for the first override (dotted path -> value as typed) naming no field,
-    with the nearest field name as a suggestion."""
-    known = field_paths(config)
-    groups = {p.rsplit(".", 1)[0] for p in known if "." in p}
-    for path, value in overrides.items():
-        if path in known or path in groups:
-            continue
-        near = difflib.get_close_matches(path, known, n=1, cutoff=0.6)
-        hint = f" (did you mean {near[0]}?)" if near else " (see the config file for them all)"
-        invalid(path, value, f"a field of the config{hint}")
+def unknown_field(path: str, value: str) -> None:
+    """The one-line error for ``--config.PATH`` naming no field, with the nearest name."""
+    known = [d.path for d in declarations()]
+    near = ALIASES.get(path) or next(iter(difflib.get_close_matches(path, known, 1, 0.6)), None)
+    hint = f" (did you mean {near}?)" if near else " (see docs/configuration.md for them all)"
+    invalid(path, value, f"a field of the config{hint}")
 
 
-# ----------------------------------------------------------------------------- run record
+_KINDS = {bool: "True | False", int: "an integer", float: "a number"}
+
+
+def parse_value(d: Declaration, text: str) -> Any:
+    """A command-line value as the field's type; ``None`` for 'None' (the field's check then
+    says whether None is allowed)."""
+    if text == "None":
+        return None
+    kind = d.value_type
+    try:
+        if kind is bool:
+            return {"true": True, "false": False, "1": True, "0": False}[text.lower()]
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+    except (KeyError, ValueError):
+        static = not callable(d.field.metadata["allowed"])
+        invalid(d.path, text, _KINDS[kind] + (f" ({d.allowed})" if static else ""))
+    return text  # str and the string enums: the configs check their values
+
+
+def set_fields(config: ConfigDict, overrides: Mapping[str, str]) -> ConfigDict:
+    """A copy of ``config`` with ``overrides`` ({'moe.threshold': '0.3', ...}, values as
+    typed) set; a name that is no field, or a value that does not parse, is a one-line
+    ConfigError."""
+    out = ConfigDict(config.to_dict(), type_safe=False)
+    table = by_path()
+    for path, text in overrides.items():
+        if path not in table:
+            unknown_field(path, text)
+        _put(out, path, parse_value(table[path], text))
+    return out
+
+
+# ----------------------------------------------------------------------------- resolving
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """What ``workdir/config.json`` records: the run's config and the corpus it trained on.
+    """A training run's typed, frozen config. The top-level fields (``batch_size``,
+    ``learning_rate``, ...) read through to ``data`` and ``train``; ``moe`` is the model's."""
 
-    ``corpus`` differs from ``config.dataset`` when ``config.fallback_dataset`` was used.
-    """
+    data: DataConfig
+    train: TrainConfig
+    model: ModelConfig
+    loss: LossConfig
 
-    config: ConfigDict
-    corpus: str
+    def __post_init__(self):
+        accum, batch = self.train.grad_accum_steps, self.data.batch_size
+        validation.check(
+            batch % accum == 0, "grad_accum_steps", accum, f"a divisor of batch_size={batch}"
+        )
 
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        for section in (self.data, self.train):
+            if hasattr(section, name):
+                return getattr(section, name)
+        raise AttributeError(f"RunConfig has no field {name!r}")
 
-def save_run_config(config: ConfigDict, workdir: str | os.PathLike, corpus: str) -> Path:
-    """Writes ``workdir/config.json`` (process 0 only) and returns its path.
-
-    A workdir records one corpus: continuing a run on another corpus is refused, since its
-    checkpoints, tokenizer ids and metrics belong to the first one.
-    """
-    path = Path(workdir) / RUN_CONFIG_FILE
-    previous = load_run_config(workdir)
-    if previous is not None and previous.corpus != corpus:
-        invalid("dataset", corpus, f"{previous.corpus!r}, the corpus {path} records for this run")
-    if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        record = {"corpus": corpus, "config": json.loads(config.to_json())}
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)  # never a half-written record
-    return path
-
-
-def load_run_config(workdir: str | os.PathLike) -> RunConfig | None:
-    """The config and corpus a run recorded, or None when ``workdir`` holds no config.json."""
-    path = Path(workdir) / RUN_CONFIG_FILE
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    return RunConfig(config=ConfigDict(record["config"]), corpus=record["corpus"])
+    @property
+    def moe(self) -> MoEConfig | None:
+        return self.model.moe
 
 
-def with_recorded_corpus(config: ConfigDict, workdir: str | os.PathLike) -> ConfigDict:
-    """``config`` with ``dataset`` set to the corpus the run in ``workdir`` trained on and no
-    fallback, so that evaluating or sampling it reads that corpus and its tokenizer (or fails
-    saying how to install it). Unchanged when the workdir records no run."""
-    run = load_run_config(workdir)
-    if run is None:
-        return config
-    out = config.copy_and_resolve_references()
-    if run.corpus != config.dataset:
-        print(f"note: using corpus={run.corpus}, the one this run trained on ({RUN_CONFIG_FILE})")
-    out.dataset, out.fallback_dataset = run.corpus, ""
+def _section(config: ConfigDict, section: str, owner: type) -> dict[str, Any]:
+    """The config's values of ``owner``'s exposed fields (absent ones keep their defaults)."""
+    node = config[section] if section else config
+    return {d.name: node[d.name] for d in declarations() if d.owner is owner and d.name in node}
+
+
+def resolve(config: ConfigDict) -> RunConfig:
+    """The typed config of ``config``, every field and every rule between fields checked; the
+    first failure is a one-line ConfigError naming the field."""
+    known = {d.path for d in declarations()}
+    for path in field_paths(config):
+        if path not in known:
+            unknown_field(path, _get(config, path))
+    from dynmoe_jax.pretrained import init_from
+
+    folder = init_from.check_path(config.get("init_from", ""))  # absolute, or ''
+    try:
+        data = DataConfig(**{**_section(config, "", DataConfig), "init_from": folder})
+        train = TrainConfig(**_section(config, "", TrainConfig))
+        loss = LossConfig(**_section(config, "loss", LossConfig))
+        model = _model_config(config, data)
+    except TypeError as e:  # a comparison of a value of the wrong type
+        raise ConfigError(f"a config value has the wrong type: {e}") from None
+    return RunConfig(data=data, train=train, model=model, loss=loss)
+
+
+def routing_overrides(config: ConfigDict) -> dict[str, Any]:
+    """The ``moe`` fields that replace an imported checkpoint's (None in
+    ``CHECKPOINT_DEFAULTS``: keep the checkpoint's)."""
+    moe = config.moe
+    out = {}
+    for d in declarations():
+        routing = d.owner is MoEConfig and d.field.metadata["override"] and d.name in moe
+        keep_checkpoints = d.name in CHECKPOINT_DEFAULTS and moe.get(d.name) is None
+        if routing and not keep_checkpoints:
+            out[d.name] = moe[d.name]
     return out
+
+
+def _model_config(config: ConfigDict, data: DataConfig) -> ModelConfig:
+    """The model: the config's own, or an imported checkpoint's with the config's routing."""
+    model = _section(config, "model", ModelConfig)
+    if data.init_from:
+        from dynmoe_jax.pretrained import init_from
+
+        extras = {"dtype": model.get("dtype", "float32"), "remat": model.get("remat", "none")}
+        return init_from.model_config(data.init_from, {**routing_overrides(config), **extras})
+    # The model's own fields first, so that an error names model.d_model, not moe.d_model.
+    ffn = enum_value(FFN, "model.ffn", model.pop("ffn", FFN.MOE))
+    shape = ModelConfig(vocab_size=data.vocab_size, ffn=FFN.DENSE, **model)
+    if ffn is FFN.DENSE:
+        return shape
+    moe = MoEConfig(d_model=shape.d_model, dtype=shape.dtype, **_section(config, "moe", MoEConfig))
+    return dataclasses.replace(shape, ffn=ffn, moe=moe)
+
+
+def as_dict(run: RunConfig) -> ConfigDict:
+    """The ConfigDict of a typed config (what ``workdir/config.json`` records): each field as
+    the run has it; a dense model records the declared defaults for ``moe.*``."""
+    owners = {DataConfig: run.data, TrainConfig: run.train, ModelConfig: run.model,
+              MoEConfig: run.moe, LossConfig: run.loss}  # fmt: skip
+    config = defaults()
+    for d in declarations():
+        source = owners[d.owner]
+        if source is not None:
+            value = getattr(source, d.name)
+            _put(config, d.path, value.value if isinstance(value, enum.Enum) else value)
+    return config
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def mesh_for(run: RunConfig, devices=None) -> Mesh:
+    """The configured mesh, checked against the devices present and the model's sizes."""
+    moe, model = run.moe, run.model
+    try:
+        mesh = sharding.make_mesh(run.mesh_shape, devices)
+        sharding.check_fits(
+            mesh,
+            batch_size=run.batch_size,
+            grad_accum_steps=run.grad_accum_steps,
+            num_experts=moe.num_experts if moe else None,
+            num_heads=model.num_heads,
+            num_kv_heads=model.num_kv_heads,
+            d_ff=model.d_ff,
+            expert_d_ff=moe.d_ff if moe else None,
+        )
+    except sharding.MeshError as e:
+        raise ConfigError(str(e)) from None
+    return mesh
+
+
+def check_config(config: ConfigDict | RunConfig, devices=None) -> RunConfig:
+    """Every check that needs no data, before anything is read or compiled: the fields, the
+    rules between them, an imported checkpoint's architecture and the mesh (``devices``:
+    what it must fit; default every device of this process's runtime)."""
+    run = config if isinstance(config, RunConfig) else resolve(config)
+    mesh_for(run, devices)
+    return run
+
+
+# ----------------------------------------------------------------------------- docs
+
+
+def _cell(value: Any) -> str:
+    return f"`{value!r}`" if isinstance(value, str) else f"`{value}`"
+
+
+def configuration_table() -> str:
+    """docs/configuration.md: one row per field, from the declarations."""
+    lines = [
+        "# Configuration",
+        "",
+        "Every field of the training config, generated from the declarations in the code",
+        "(`python -m dynmoe_jax.config > docs/configuration.md`; a test fails when this file",
+        "and the code disagree). Set any of them on the command line with",
+        "`--config.FIELD=VALUE`; `None` is written `None`.",
+        "",
+        "| field | default | allowed | meaning |",
+        "|---|---|---|---|",
+    ]
+    defaults_ = defaults()
+    for d in declarations():
+        cells = [f"`{d.path}`", _cell(_get(defaults_, d.path)), d.allowed, d.doc]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+class _Placeholder:
+    """Stands for the config in an allowed range that names another field's value."""
+
+    def __getattr__(self, name: str) -> str:
+        return f"<{name}>"
+
+
+if __name__ == "__main__":
+    print(configuration_table(), end="")

@@ -23,12 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from ml_collections import ConfigDict
 
 from dynmoe_jax import data as data_lib
 from dynmoe_jax import model as model_lib
 from dynmoe_jax import train as train_lib
-from dynmoe_jax.config import with_recorded_corpus
+from dynmoe_jax.config import RunConfig, check_config
 from dynmoe_jax.generate import (  # noqa: F401 (generate_full_window: re-exported)
     Generation,
     decode_graphdef,
@@ -40,6 +39,7 @@ from dynmoe_jax.generate import (  # noqa: F401 (generate_full_window: re-export
 from dynmoe_jax.pretrained import init_from as init_from_lib
 from dynmoe_jax.sample_checks import check_max_new_tokens, check_temperature, read_prompts
 from dynmoe_jax.train import checkpoint as ckpt_lib
+from dynmoe_jax.train import run_record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,21 +65,21 @@ class Restored:
         return inference_graphdef(self.task.model_cfg)
 
 
-def restore(config: ConfigDict, workdir: str | Path) -> Restored:
+def restore(config: RunConfig, workdir: str | Path) -> Restored:
     """The newest checkpoint of ``workdir``, trained with ``config``. A workdir without
     checkpoints is a FileNotFoundError, and nothing is created in it, unless the config has
     ``init_from``: then the checkpoint's imported weights stand in (step 0)."""
-    init_from_lib.check_config(config)
-    data = data_lib.from_config(with_recorded_corpus(config, workdir))
+    config = run_record.with_recorded_corpus(check_config(config), workdir)
+    data = data_lib.from_config(config.data)
     dataset = data.config.dataset
     task = train_lib.build_task(config, data.vocab_size)
     try:
         step, params = _latest_params(task, workdir)
     except FileNotFoundError:
-        if not init_from_lib.path_of(config):
+        if not config.init_from:
             raise
         params = init_from_lib.load_params(task)
-        return Restored(data, dataset, task, 0, params, init_from_lib.path_of(config))
+        return Restored(data, dataset, task, 0, params, config.init_from)
     return Restored(data, dataset, task, step, params)
 
 
@@ -102,7 +102,7 @@ def inference_graphdef(model_cfg: model_lib.ModelConfig):
     return nnx.graphdef(model_lib.abstract_decoder(no_capacity_config(model_cfg)))
 
 
-def evaluate_workdir(config: ConfigDict, workdir: str | Path) -> dict:
+def evaluate_workdir(config: RunConfig, workdir: str | Path) -> dict:
     """Validation loss, perplexity and experts per token per layer of the latest checkpoint."""
     run = restore(config, workdir)
     eval_step = train_lib.make_eval_step(run.task)
@@ -190,7 +190,7 @@ class Sampler:
     context: int  # the trained context: a prompt's last ``context`` tokens are kept
 
 
-def sampler(config: ConfigDict, workdir: str | Path) -> Sampler:
+def sampler(config: RunConfig, workdir: str | Path) -> Sampler:
     """The newest checkpoint of ``workdir`` (or its imported weights) ready to sample from; the
     trained layout is dropped once the decode layout is made."""
     run = restore(config, workdir)
@@ -220,7 +220,7 @@ def sample_batch(s: Sampler, prompts: list[str], max_new_tokens: int, temperatur
 
 
 def sample_workdir(
-    config: ConfigDict,
+    config: RunConfig,
     workdir: str | Path,
     prompt: str,
     max_new_tokens: int = 64,
@@ -249,7 +249,7 @@ def sample_workdir(
     return {**record, "mean_experts": mean, "tokens_per_s": gen.tokens_per_s}
 
 
-def sample_file(config: ConfigDict, workdir: str | Path, path: str | Path, max_new_tokens: int,
+def sample_file(config: RunConfig, workdir: str | Path, path: str | Path, max_new_tokens: int,
                 temperature: float = 0.0, seed: int = 0, batch_size: int = 8,
                 out: TextIO | None = None) -> list[dict]:  # fmt: skip
     """Samples every prompt of ``path`` (one per line, blank lines skipped), ``batch_size``

@@ -25,17 +25,28 @@ import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from absl import app, flags, logging
-from ml_collections import ConfigDict, config_flags
 
 from dynmoe_jax.sample_checks import check_max_new_tokens, check_temperature, read_prompts
 from dynmoe_jax.validation import ConfigError, check, invalid
 
+if TYPE_CHECKING:
+    from ml_collections import ConfigDict
+
+    from dynmoe_jax.config import RunConfig
+
 USAGE_ERROR = 2  # exit code of every command-line mistake
+INTERRUPTED = 130  # exit code after Ctrl-C, as a shell reports it
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.")
+flags.DEFINE_string(
+    "config",
+    None,
+    "A config file (its get_config()), e.g. dynmoe_jax/configs/default.py; "
+    "--config.FIELD=VALUE sets a field.",
+)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and plots.")
 flags.DEFINE_enum(
     "mode", "train", ["train", "eval", "sample", "plan"], "What to do with the workdir."
@@ -61,27 +72,20 @@ flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-host run.")
 flags.mark_flags_as_required(["config"])
 NEEDS_WORKDIR = ("train", "eval", "sample")  # plan writes nothing
+READS_RUN = ("eval", "sample")  # modes that evaluate the run the workdir records
 
 
-def _flag_values(argv: Sequence[str], name: str) -> list[str]:
-    """Values given to ``--name=V`` or ``--name V`` in argv (absl's two spellings)."""
-    values = []
-    for i, arg in enumerate(argv):
-        if arg.startswith(f"--{name}="):
-            values.append(arg.split("=", 1)[1])
-        elif arg == f"--{name}" and i + 1 < len(argv):
-            values.append(argv[i + 1])
-    return values
-
-
-def _overrides(argv: Sequence[str]) -> dict[str, str]:
-    """``--config.a.b=V`` arguments as {'a.b': 'V'} (booleans may be given bare)."""
-    out = {}
+def split_config_args(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """(``--config.a.b=V`` arguments as {'a.b': 'V'}, the other arguments). The config's fields
+    are parsed here, from their declarations (``dynmoe_jax.config``), not by absl."""
+    overrides, rest = {}, []
     for arg in argv:
         if arg.startswith("--config."):
             path, _, value = arg[len("--config.") :].partition("=")
-            out[path] = value
-    return out
+            overrides[path] = value
+        else:
+            rest.append(arg)
+    return overrides, rest
 
 
 def load_config_file(path: str) -> ConfigDict:
@@ -94,14 +98,18 @@ def load_config_file(path: str) -> ConfigDict:
     return module.get_config()
 
 
-def check_argv(argv: Sequence[str]) -> None:
-    """The mistakes that absl and ml_collections report as tracebacks: a config file that does
-    not exist, and ``--config.FIELD`` naming no field (the nearest field name is suggested)."""
-    from dynmoe_jax.config import check_overrides
+def run_config(argv: Sequence[str], mode: str, workdir: str | None) -> RunConfig:
+    """The typed config of a command line: the ``--config`` file with its ``--config.FIELD``
+    values set, every field checked. In eval and sample modes, the run the workdir records
+    (its routing, its corpus), with only the fields set on this command line changed."""
+    from dynmoe_jax import config as config_lib
+    from dynmoe_jax.train import run_record
 
-    paths = _flag_values(argv, "config")
-    if paths:
-        check_overrides(load_config_file(paths[-1]), _overrides(argv))
+    overrides, _ = split_config_args(argv)
+    config = config_lib.set_fields(load_config_file(FLAGS.config), overrides)
+    if mode in READS_RUN and workdir:
+        config = run_record.config_for(workdir, config, overrides)
+    return config_lib.resolve(config)
 
 
 def check_sample_flags(prompt: str, max_new_tokens: int, temperature: float) -> None:
@@ -113,40 +121,34 @@ def check_sample_flags(prompt: str, max_new_tokens: int, temperature: float) -> 
 
 
 def check_mode_flags(mode: str, workdir: str | None, device_memory_bytes: float) -> None:
-    """A workdir for the modes that write or read one; a positive memory for plan."""
+    """A workdir for the modes that write or read one (a folder, not a file); a positive
+    memory for plan."""
     if mode in NEEDS_WORKDIR:
         check(bool(workdir), "--workdir", workdir, f"a folder (--mode={mode} needs one)")
+        check(not Path(workdir).is_file(), "--workdir", workdir,
+              "a folder (a file of that name exists)")  # fmt: skip
     allowed = "a number of bytes > 0, e.g. 80e9"
     check(device_memory_bytes > 0, "--device_memory_bytes", device_memory_bytes, allowed)
 
 
-def resolve_init_from(config: ConfigDict) -> None:
-    """Checks ``init_from`` (a folder with config.json, or '') and makes it absolute, so that
-    the run's config.json records where the weights came from."""
-    from dynmoe_jax.pretrained import init_from
-
-    folder = init_from.check_path(config)
-    if folder:
-        config.init_from = folder
-
-
-def _exit(message: str) -> None:
+def _exit(message: str, code: int = USAGE_ERROR) -> None:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(USAGE_ERROR)
+    sys.exit(code)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with every mistake reported in one line and exit code 2."""
+    """absl's flag parsing and the config's, with every mistake reported in one line and exit
+    code 2, before any data is read or anything is compiled."""
+    _, rest = split_config_args(argv[1:])
     try:
-        check_argv(argv[1:])
-        rest = FLAGS(argv)
+        rest = FLAGS([argv[0], *rest])
         check_sample_flags(FLAGS.prompt, FLAGS.max_new_tokens, FLAGS.temperature)
         if FLAGS.prompts_file is not None:
             read_prompts(FLAGS.prompts_file)
         batch = FLAGS.sample_batch_size
         check(batch >= 1, "--sample_batch_size", batch, "an integer >= 1")
-        resolve_init_from(FLAGS.config)
         check_mode_flags(FLAGS.mode, FLAGS.workdir, FLAGS.device_memory_bytes)
+        run_config(argv[1:], FLAGS.mode, FLAGS.workdir)
     except ConfigError as e:
         _exit(str(e))
     except flags.Error as e:  # a value of the wrong type, a missing required flag, ...
@@ -169,10 +171,10 @@ def init_distributed() -> None:
     )
 
 
-def _sample() -> None:
+def _sample(run: RunConfig) -> None:
     from dynmoe_jax import inference
 
-    args = (FLAGS.config, FLAGS.workdir)
+    args = (run, FLAGS.workdir)
     if FLAGS.prompts_file is None:
         inference.sample_workdir(*args, FLAGS.prompt, FLAGS.max_new_tokens, FLAGS.temperature)
         return
@@ -180,9 +182,21 @@ def _sample() -> None:
                           batch_size=FLAGS.sample_batch_size)  # fmt: skip
 
 
+def interrupted_message(mode: str, workdir: str | None) -> str:
+    """One line after Ctrl-C: where a rerun of the same command resumes."""
+    if mode != "train":
+        return f"interrupted (--mode={mode}); nothing was written"
+    steps = [int(p.name) for p in (Path(workdir) / "checkpoints").glob("*") if p.name.isdigit()]
+    if not steps:
+        return "interrupted before the first checkpoint; rerunning the command starts over"
+    return (f"interrupted; rerunning the same command resumes from the checkpoint of step "
+            f"{max(steps)} in {Path(workdir) / 'checkpoints'}")  # fmt: skip
+
+
 def run_mode(make_step=None) -> None:
-    """Runs ``--mode`` with the parsed flags; every expected failure ends in one line, exit 2.
-    ``make_step``: the train step factory (None: the library's; a test may poison it)."""
+    """Runs ``--mode`` with the parsed flags; every expected failure ends in one line, exit 2,
+    and Ctrl-C in one line saying where a rerun resumes. ``make_step``: the train step
+    factory (None: the library's; a test may poison it)."""
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     init_distributed()
     from dynmoe_jax import inference, plan, train
@@ -190,13 +204,13 @@ def run_mode(make_step=None) -> None:
 
     step = {} if make_step is None else {"make_step": make_step}
     modes = {
-        "train": lambda: train.train_and_evaluate(FLAGS.config, FLAGS.workdir, **step),
-        "eval": lambda: inference.evaluate_workdir(FLAGS.config, FLAGS.workdir),
+        "train": lambda run: train.train_and_evaluate(run, FLAGS.workdir, **step),
+        "eval": lambda run: inference.evaluate_workdir(run, FLAGS.workdir),
         "sample": _sample,
-        "plan": lambda: plan.print_plan(FLAGS.config, FLAGS.device_memory_bytes),
+        "plan": lambda run: plan.print_plan(run, FLAGS.device_memory_bytes),
     }
     try:
-        modes[FLAGS.mode]()
+        modes[FLAGS.mode](run_config(sys.argv[1:], FLAGS.mode, FLAGS.workdir))
     except (
         ConfigError,
         FileNotFoundError,
@@ -204,6 +218,8 @@ def run_mode(make_step=None) -> None:
         train.NonFiniteError,
     ) as e:
         _exit(str(e))
+    except KeyboardInterrupt:
+        _exit(interrupted_message(FLAGS.mode, FLAGS.workdir), INTERRUPTED)
 
 
 def main(argv):

@@ -24,11 +24,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from ml_collections import ConfigDict
 
 from dynmoe_jax import model as model_lib
 from dynmoe_jax import train as train_lib
-from dynmoe_jax.pretrained import init_from as init_from_lib
+from dynmoe_jax.config import RunConfig, check_config
 from dynmoe_jax.validation import invalid
 
 DEVICE_MEMORY_BYTES = 80e9  # an 80 GB card (A100/H100 80GB)
@@ -122,7 +121,7 @@ def check_fits_memory(total: int, parts: dict[str, int], device_memory_bytes: fl
     )
 
 
-def plan(config: ConfigDict, device_memory_bytes: float = DEVICE_MEMORY_BYTES, devices=None,
+def plan(config: RunConfig, device_memory_bytes: float = DEVICE_MEMORY_BYTES, devices=None,
          log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:  # fmt: skip
     """AOT-compiles the train step for ``config`` on ``devices`` (default: all present).
 
@@ -133,9 +132,8 @@ def plan(config: ConfigDict, device_memory_bytes: float = DEVICE_MEMORY_BYTES, d
     and compile_s. Raises ConfigError (one line) for a bad config, a mesh that does not
     divide, or a plan that does not fit ``device_memory_bytes``. ``log`` gets progress lines.
     """
-    init_from_lib.check_config(config, devices)
-    vocab_size = None if init_from_lib.path_of(config) else config.vocab_size
-    task = train_lib.build_task(config, vocab_size, devices)
+    check_config(config, devices)
+    task = train_lib.build_task(config, None, devices)
     abstract = model_lib.abstract_decoder(task.model_cfg)
     total, experts = count_params(abstract)
     active = active_params(task.model_cfg, total, experts)
@@ -166,7 +164,7 @@ def plan(config: ConfigDict, device_memory_bytes: float = DEVICE_MEMORY_BYTES, d
     }
 
 
-def print_plan(config: ConfigDict, device_memory_bytes: float = DEVICE_MEMORY_BYTES) -> dict:
+def print_plan(config: RunConfig, device_memory_bytes: float = DEVICE_MEMORY_BYTES) -> dict:
     """``--mode=plan``: progress lines, then the plan as one JSON object on the last line."""
     result = plan(config, device_memory_bytes, log=lambda line: print(line, flush=True))
     total = sum(result[k] for k in BYTES_KEYS)

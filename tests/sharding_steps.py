@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 
+from dynmoe_jax import config as config_lib
 from dynmoe_jax import data as data_lib
 from dynmoe_jax import train
 from dynmoe_jax.configs import tiny
@@ -17,7 +18,7 @@ def tiny_config(mesh_shape: str, data_dir: str):
     c.warmup_steps = 0  # so that the first update already moves the parameters
     c.moe.num_experts = 8  # divisible by every expert axis the tests use
     c.moe.dispatch = "grouped"  # the expert-parallel ring; the layer tests cover the others
-    return c
+    return config_lib.resolve(c)
 
 
 def run_steps(

@@ -1,5 +1,6 @@
-"""The config module: rules and their one-line messages, the frozen configs, the field-name
-check behind the command line, the run record in workdir/config.json, and configs/paper.py."""
+"""The training config: each field declared once, and what comes from the declarations: the
+defaults, the command line's parsing (None included), the checks and their one-line messages,
+the typed RunConfig, the routing overrides of imported checkpoints and the docs' table."""
 
 import dataclasses
 import json
@@ -8,17 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
 import pytest
 
 from dynmoe_jax import config as config_lib
-from dynmoe_jax import data as data_lib
-from dynmoe_jax.configs import default, paper, tiny
-from dynmoe_jax.data import corpora
+from dynmoe_jax.configs import default, paper, pretrained, tiny
+from dynmoe_jax.model.config import FFN
 from dynmoe_jax.model.layer_stack import Remat
+from dynmoe_jax.moe.config import MoEConfig
+from dynmoe_jax.pretrained.hf_config import allowed_overrides
 from dynmoe_jax.validation import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "hf"
 
 
 def _set(config, key, value):
@@ -34,10 +36,11 @@ def _set(config, key, value):
     "key, value, message",
     [
         ("seq_len", 0, "seq_len=0 is invalid: allowed an integer >= 1"),
-        ("grad_accum_steps", 3, "grad_accum_steps=3 is invalid: allowed a divisor of 8"),
+        ("grad_accum_steps", 3, "grad_accum_steps=3 is invalid: allowed a divisor of batch_size=8"),
         ("learning_rate", 0.0, "learning_rate=0.0 is invalid: allowed a number > 0"),
         ("nonfinite", "ignore", "nonfinite='ignore' is invalid: allowed 'skip' | 'stop'"),
-        ("dataset", "", "dataset='' is invalid: allowed kjv | pydoc | text_dir:PATH | a TFDS name"),
+        ("dataset", "", "dataset='' is invalid: allowed 'kjv' | 'pydoc' | 'text_dir:PATH' | a TFDS "
+         "text dataset with a 'text' feature (e.g. 'lm1b')"),
         ("model.dtype", "float16",
          "model.dtype='float16' is invalid: allowed 'float32' | 'bfloat16'"),
         ("model.ffn", "rnn", "model.ffn='rnn' is invalid: allowed 'moe' | 'dense'"),
@@ -48,65 +51,151 @@ def _set(config, key, value):
          "head width"),
         ("model.moe_every", 3, "model.moe_every=3 is invalid: allowed 1..model.num_layers=2"),
         ("model.remat", "dot", "model.remat='dot' is invalid: allowed 'none' | 'full' | 'dots'"),
-        ("model.remat", 1, "model.remat=1 is invalid: allowed 'none' | 'full' | 'dots'"),
+        ("model.remat", True, "model.remat=True is invalid: allowed 'none' | 'full' | 'dots'"),
         ("moe.router", "top_q", "moe.router='top_q' is invalid: allowed 'top_p' | 'top_k'"),
         ("moe.threshold", 1.5, "moe.threshold=1.5 is invalid: allowed 0 < threshold <= 1"),
+        ("moe.top_k", 5, "moe.top_k=5 is invalid: allowed 1..moe.num_experts=4"),
+        ("moe.capacity_factor", 0.0, "moe.capacity_factor=0.0 is invalid: allowed None (no "
+         "dropping) or a number > 0"),
+        ("loss.dynamic_weight", -1.0,
+         "loss.dynamic_weight=-1.0 is invalid: allowed a number >= 0"),
+        ("vocab_size", 8, "vocab_size=8 is invalid: allowed 16..1000000"),
     ],
 )  # fmt: skip
 def test_each_rule_reports_one_line_in_the_one_format(key, value, message):
     config = _set(tiny.get_config(), key, value)
     with pytest.raises(ConfigError) as err:
-        config_lib.check_config(config)
+        config_lib.resolve(config)
     assert str(err.value) == message
 
 
+def test_every_field_is_declared_once_with_a_doc_and_passes_its_own_check():
+    declarations = config_lib.declarations()
+    paths = [d.path for d in declarations]
+    assert len(paths) == len(set(paths)) > 45
+    assert all(d.doc for d in declarations)
+    # The contract of the names users type.
+    for name in ("seed", "dataset", "seq_len", "batch_size", "num_train_steps", "mesh_shape",
+                 "learning_rate", "moe.router", "moe.threshold", "moe.top_k", "moe.max_k",
+                 "moe.num_experts", "moe.capacity_factor", "moe.expected_k", "moe.group_size",
+                 "moe.dispatch"):  # fmt: skip
+        assert name in paths, name
+    run = config_lib.resolve(config_lib.defaults())  # every default passes its check
+    assert run.moe.threshold == 0.4 and run.model.d_ff == 1024 and run.batch_size == 16
+    assert sorted(config_lib.field_paths(default.get_config())) == sorted(paths)
+
+
+def test_the_typed_config_is_frozen_and_reads_through_its_sections():
+    run = config_lib.resolve(tiny.get_config())
+    assert (run.batch_size, run.learning_rate, run.mesh_shape) == (8, 1e-2, "")
+    assert run.data.batch_size == 8 and run.train.learning_rate == 1e-2
+    assert run.moe is run.model.moe and run.moe.d_model == run.model.d_model == 32
+    assert run.model.remat is Remat.NONE and run.model.dtype == "float32"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.data = None
+    with pytest.raises(AttributeError, match="has no field 'nope'"):
+        _ = run.nope
+    dense = config_lib.resolve(_set(tiny.get_config(), "model.ffn", "dense"))
+    assert dense.moe is None and dense.model.ffn is FFN.DENSE
+    # The record of a run (as_dict) resolves to the same typed config.
+    assert config_lib.resolve(config_lib.as_dict(run)) == run
+
+
 @pytest.mark.parametrize(
-    "value, want", [(False, Remat.NONE), (True, Remat.FULL), ("none", Remat.NONE),
-                    ("full", Remat.FULL), ("dots", Remat.DOTS)],
+    "path, text, want",
+    [
+        ("moe.capacity_factor", "None", None),
+        ("moe.capacity_factor", "1.5", 1.5),
+        ("moe.max_k", "None", None),
+        ("moe.max_k", "3", 3),
+        ("moe.group_size", "None", None),
+        ("moe.decode_tokens", "None", None),
+        ("moe.renormalize", "None", None),
+        ("moe.renormalize", "true", True),
+        ("eval_batches", "None", None),
+        ("model.scan_layers", "True", True),
+        ("learning_rate", "2e-4", 2e-4),
+        ("moe.router", "top_k", "top_k"),
+        ("mesh_shape", "data=2", "data=2"),
+    ],
+)
+def test_the_command_line_sets_every_field_none_included(path, text, want):
+    config = config_lib.set_fields(tiny.get_config(), {path: text})
+    node = config
+    for part in path.split("."):
+        node = node[part]
+    assert node == want and type(node) is type(want)
+    config_lib.resolve(config)  # and the result is a valid config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"moe.treshold": "0.3"},
+         "moe.treshold='0.3' is invalid: allowed a field of the config (did you mean "
+         "moe.threshold?)"),
+        ({"moe.top_p": "1.5"},
+         "moe.top_p='1.5' is invalid: allowed a field of the config (did you mean "
+         "moe.threshold?)"),
+        ({"zzz": "1"},
+         "zzz='1' is invalid: allowed a field of the config (see docs/configuration.md for them "
+         "all)"),
+        ({"moe.max_k": "x"}, "moe.max_k='x' is invalid: allowed an integer"),
+        ({"moe.threshold": "high"},
+         "moe.threshold='high' is invalid: allowed a number (0 < threshold <= 1)"),
+        ({"model.scan_layers": "maybe"},
+         "model.scan_layers='maybe' is invalid: allowed True | False (True | False)"),
+    ],
 )  # fmt: skip
-def test_remat_policies_and_the_booleans_of_earlier_configs(value, want):
-    config = _set(tiny.get_config(), "model.remat", value)
-    config_lib.check_config(config)
-    assert config_lib.model_config(config, 64).remat is want
+def test_a_bad_name_or_value_on_the_command_line_is_one_line(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        config_lib.set_fields(tiny.get_config(), overrides)
+    assert str(err.value) == message
 
 
-def test_scan_layers_reaches_the_model_and_older_configs_run_per_layer():
-    config = _set(tiny.get_config(), "model.scan_layers", True)
-    assert config_lib.model_config(config, 64).scan_layers is True
-    del config.model["scan_layers"]  # a config.json recorded before the field existed
-    assert config_lib.model_config(config, 64).scan_layers is False
-    assert paper.get_config().model.scan_layers is True
+def test_routing_overrides_come_from_the_declarations():
+    declared = {f.name for f in dataclasses.fields(MoEConfig) if f.metadata.get("override")}
+    assert declared >= {"router", "threshold", "top_k", "max_k", "capacity_factor", "dispatch"}
+    assert not declared & {"num_experts", "d_model", "d_ff", "dtype"}  # the checkpoint's
+    assert set(allowed_overrides()) == declared | {"dtype", "remat"}
+    config = pretrained.get_config()
+    overrides = config_lib.routing_overrides(config)
+    assert "top_k" not in overrides and "renormalize" not in overrides  # None: the checkpoint's
+    assert overrides["threshold"] == 0.5 and overrides["capacity_factor"] is None
 
 
-def test_check_config_only_checks_and_builders_give_frozen_configs():
-    config = tiny.get_config()
-    assert config_lib.check_config(config) is None
-    model_cfg = config_lib.model_config(config, vocab_size=300)
-    assert (model_cfg.vocab_size, model_cfg.d_model, model_cfg.dtype) == (300, 32, jnp.float32)
-    assert model_cfg.moe.num_experts == 4 and model_cfg.moe.threshold == 0.4
-    with pytest.raises(AttributeError):
-        model_cfg.moe.threshold = 0.5  # frozen
-    dense = _set(tiny.get_config(), "model.ffn", "dense")
-    assert config_lib.moe_config(dense) is None
-    assert config_lib.model_config(dense, 300).moe is None
+def test_a_config_that_needs_a_checkpoint_says_so_and_an_imported_one_keeps_its_shape():
+    with pytest.raises(ConfigError, match=r"^init_from=None is invalid: .*needs --config"):
+        config_lib.resolve(pretrained.get_config())
+    config = _set(pretrained.get_config(), "init_from", str(FIXTURES / "olmoe"))
+    _set(config, "model.d_model", 12345)  # not read: the checkpoint gives the architecture
+    run = config_lib.resolve(config)
+    assert run.init_from == str(FIXTURES / "olmoe") and run.model.d_model != 12345
+    own_k = json.loads((FIXTURES / "olmoe" / "config.json").read_text())["num_experts_per_tok"]
+    assert run.moe.router.value == "top_p" and run.moe.top_k == own_k  # the checkpoint's k
+    assert run.model.remat is Remat.FULL
+
+
+def test_the_docs_table_is_generated_from_the_declarations():
+    table = config_lib.configuration_table()
+    assert table == (ROOT / "docs" / "configuration.md").read_text(), (
+        "docs/configuration.md drifted: python -m dynmoe_jax.config > docs/configuration.md"
+    )
+    for d in config_lib.declarations():
+        assert f"| `{d.path}` |" in table
 
 
 def test_kv_heads_must_fit_the_model_axis_of_the_mesh():
     # Grouped-query attention splits its key/value heads over `model` like the query heads.
-    config = _set(tiny.get_config(), "mesh_shape", "model=2")
-    model_cfg = config_lib.model_config(config, vocab_size=300)
-    assert config_lib.mesh_for(config, model_cfg).shape["model"] == 2
+    run = config_lib.resolve(_set(tiny.get_config(), "mesh_shape", "model=2"))
+    assert config_lib.mesh_for(run).shape["model"] == 2
+    narrow = dataclasses.replace(run, model=dataclasses.replace(run.model, num_kv_heads=1))
     with pytest.raises(ConfigError) as err:
-        config_lib.mesh_for(config, dataclasses.replace(model_cfg, num_kv_heads=1))
+        config_lib.mesh_for(narrow)
     assert str(err.value) == (
         "model.num_kv_heads=1 is invalid: allowed a multiple of model=2, to fit the mesh "
         "{'data': 1, 'expert': 1, 'model': 2}"
     )
-
-
-def test_test_hooks_are_not_config_fields():
-    assert "inject_nan_at_step" not in default.get_config()
-    assert "inject_nan_at_step" not in config_lib.RULES
 
 
 def test_paper_config_on_8_devices_names_the_mesh_it_needs():
@@ -124,78 +213,11 @@ def test_paper_config_passes_check_config_on_the_devices_its_mesh_needs():
     script = (
         "import jax; from dynmoe_jax.config import check_config; "
         "from dynmoe_jax.configs import paper; "
-        "assert jax.device_count() == 32; print(check_config(paper.get_config()))"
+        "assert jax.device_count() == 32; print(check_config(paper.get_config()).model.num_layers)"
     )
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=32",
                JAX_PLATFORMS="cpu")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "None"
-
-
-def test_unknown_field_suggests_the_nearest_name():
-    config = default.get_config()
-    config_lib.check_overrides(config, {"moe.threshold": "0.3", "model.remat": ""})
-    with pytest.raises(ConfigError) as err:
-        config_lib.check_overrides(config, {"seed": "1", "moe.treshold": "0.3"})
-    assert str(err.value) == (
-        "moe.treshold='0.3' is invalid: allowed a field of the config (did you mean moe.threshold?)"
-    )
-    with pytest.raises(ConfigError) as err:
-        config_lib.check_overrides(config, {"zzz": "1"})
-    assert str(err.value) == (
-        "zzz='1' is invalid: allowed a field of the config (see the config file for them all)"
-    )
-    assert "moe.threshold" in config_lib.field_paths(config)
-
-
-def test_run_record_round_trip_and_corpus_guard(tmp_path):
-    assert config_lib.load_run_config(tmp_path) is None
-    config = tiny.get_config()
-    path = config_lib.save_run_config(config, tmp_path, "pydoc")
-    assert path == tmp_path / "config.json"
-    record = json.loads(path.read_text())
-    assert record["corpus"] == "pydoc" and record["config"]["moe"]["threshold"] == 0.4
-    run = config_lib.load_run_config(tmp_path)
-    assert run.corpus == "pydoc" and run.config.to_dict() == json.loads(config.to_json())
-    config_lib.save_run_config(config, tmp_path, "pydoc")  # resuming on the same corpus
-    with pytest.raises(ConfigError) as err:
-        config_lib.save_run_config(config, tmp_path, "kjv")
-    assert str(err.value) == (
-        f"dataset='kjv' is invalid: allowed 'pydoc', the corpus {path} records for this run"
-    )
-
-
-def test_fallback_corpus_is_recorded_in_config_json(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(corpora.shutil, "which", lambda name: None)  # no `bible` command
-    config = tiny.get_config()
-    config.update(dict(dataset="kjv", fallback_dataset="pydoc", tokenizer="bytes",
-                       data_dir=str(tmp_path / "cache")))  # fmt: skip
-    data = data_lib.from_config(config)
-    assert (data.config.dataset, data.requested_dataset) == ("pydoc", "kjv")
-    # The warning's text is checked in test_data; here, that the fallback is recorded.
-    assert "fallback_dataset=pydoc" in capsys.readouterr().out
-    assert "corpus=pydoc (fallback_dataset: dataset=kjv is not installed)" in data.summary()
-    config_lib.save_run_config(config, tmp_path / "run", data.config.dataset)
-    run = config_lib.load_run_config(tmp_path / "run")
-    assert (run.corpus, run.config.dataset, run.config.fallback_dataset) == (
-        "pydoc",
-        "kjv",
-        "pydoc",
-    )
-
-
-def test_evaluation_reads_the_recorded_corpus_without_fallback(tmp_path, capsys):
-    config = default.get_config()  # dataset=kjv, fallback_dataset=pydoc
-    assert config_lib.with_recorded_corpus(config, tmp_path) is config  # no record yet
-    config_lib.save_run_config(config, tmp_path, "pydoc")
-    used = config_lib.with_recorded_corpus(config, tmp_path)
-    assert (used.dataset, used.fallback_dataset) == ("pydoc", "")
-    assert (config.dataset, config.fallback_dataset) == ("kjv", "pydoc")  # not modified
-    assert capsys.readouterr().out == (
-        "note: using corpus=pydoc, the one this run trained on (config.json)\n"
-    )
-    config_lib.save_run_config(config, tmp_path / "kjv_run", "kjv")
-    used = config_lib.with_recorded_corpus(config, tmp_path / "kjv_run")
-    assert (used.dataset, used.fallback_dataset) == ("kjv", "")  # never a silent pydoc
+    assert proc.stdout.strip() == "24"

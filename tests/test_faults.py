@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from dynmoe_jax import config as config_lib
 from dynmoe_jax import data as data_lib
 from dynmoe_jax import inference, train
 from dynmoe_jax.configs import tiny
@@ -41,7 +42,7 @@ def _config(data_dir, **overrides):
     c.data_dir = data_dir
     for k, v in overrides.items():
         c[k] = v
-    return c
+    return config_lib.resolve(c)
 
 
 def _cli(workdir, data_dir, overrides):

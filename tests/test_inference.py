@@ -4,6 +4,7 @@ tokens and, per step, the same logits, for the tiny config, a scanned model mixi
 MoE layers, a model with the imported checkpoints' features and imported fixtures. Then
 stopping, seeding, the dispatch modes, bfloat16 and the sample flags' checks."""
 
+import dataclasses
 import functools
 from pathlib import Path
 
@@ -31,7 +32,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 
 
 def _tiny() -> ModelConfig:
-    return config_lib.model_config(tiny.get_config(), V)
+    return dataclasses.replace(config_lib.resolve(tiny.get_config()).model, vocab_size=V)
 
 
 def _cfg(moe_kw=None, **kw) -> ModelConfig:

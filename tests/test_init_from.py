@@ -2,12 +2,14 @@
 tests/fixtures/hf: fine-tuning with a checkpoint round trip, and evaluation of the imported
 weights against a float64 reference computed from the model's own outputs."""
 
+import dataclasses
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from dynmoe_jax import config as config_lib
 from dynmoe_jax import data as data_lib
 from dynmoe_jax import inference, pretrained, train
 from dynmoe_jax.configs import pretrained as pretrained_config
@@ -35,14 +37,14 @@ def _config(family, corpus_and_cache, **overrides):
     c.seq_len, c.batch_size, c.eval_batches = 32, 4, 2
     c.num_train_steps, c.warmup_steps, c.learning_rate = 2, 1, 1e-3
     c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 2
-    c.model.dtype, c.model.remat = "float32", False
+    c.model.dtype, c.model.remat = "float32", "none"
     for path, value in overrides.items():
         node = c
         *parents, leaf = path.split(".")
         for name in parents:
             node = node[name]
         node[leaf] = value
-    return c
+    return config_lib.resolve(c)
 
 
 @pytest.mark.slow
@@ -65,8 +67,8 @@ def test_fine_tune_saves_restores_and_resumes(corpus_and_cache, tmp_path, capsys
     assert again["loss"] == pytest.approx(final["loss"], rel=1e-6)
 
     capsys.readouterr()
-    config.num_train_steps = 3  # resumes from step 2 instead of re-importing
-    train.train_and_evaluate(config, tmp_path)
+    longer = dataclasses.replace(config.train, num_train_steps=3)
+    train.train_and_evaluate(dataclasses.replace(config, train=longer), tmp_path)  # resumes
     out = capsys.readouterr().out
     assert f"resumed from {tmp_path / 'checkpoints'}/2" in out
     assert "initialised from" not in out
@@ -84,7 +86,7 @@ def test_eval_of_imported_weights_matches_a_float64_reference(
 
     # The reference: the imported model called directly on the same batches, the loss and
     # the experts per layer summed in float64 over the weighted positions only.
-    model = pretrained.from_hf(FIXTURES / family, **init_from.moe_overrides(config))
+    model = pretrained.from_hf(FIXTURES / family, router="top_k")
     data = data_lib.from_config(config)
     nll, tokens, experts = 0.0, 0.0, 0.0
     for batch in data.eval_batches(config.eval_batches):

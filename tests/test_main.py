@@ -63,22 +63,6 @@ def test_cli_mistakes_print_exactly_one_line(tmp_path, args, line):
     assert not (tmp_path / "run").exists()
 
 
-def test_check_argv_finds_unknown_fields_and_missing_files():
-    main.check_argv([f"--config={TINY}", "--config.moe.threshold=0.3", "--workdir=x"])
-    main.check_argv(["--config", TINY, "--config.model.remat"])  # absl's spaced form, bare bool
-    with pytest.raises(ConfigError) as err:
-        main.check_argv(["--config", TINY, "--config.model.d_modle=64"])
-    assert str(err.value) == (
-        "model.d_modle='64' is invalid: allowed a field of the config (did you mean model.d_model?)"
-    )
-    with pytest.raises(ConfigError) as err:
-        main.check_argv(["--config=no/such/config.py"])
-    assert str(err.value) == (
-        "--config='no/such/config.py' is invalid: allowed a config file that exists, "
-        "e.g. dynmoe_jax/configs/default.py"
-    )
-
-
 @pytest.mark.parametrize(
     "prompt, max_new_tokens, temperature, message",
     [
@@ -126,37 +110,41 @@ def test_parse_flags_exits_2_with_one_line(capsys):
     main.FLAGS.unparse_flags()
 
 
-def test_init_from_is_checked_and_made_absolute(tmp_path, monkeypatch):
-    from ml_collections import ConfigDict
-
-    folder = tmp_path / "ckpt"
-    folder.mkdir()
-    config = ConfigDict({"init_from": str(folder)})
-    with pytest.raises(ConfigError, match="init_from='.*ckpt' is invalid"):
-        main.resolve_init_from(config)  # a folder without config.json
-    (folder / "config.json").write_text("{}")
-    monkeypatch.chdir(tmp_path)
-    config.init_from = "ckpt"
-    main.resolve_init_from(config)
-    assert config.init_from == str(folder.resolve())
-    empty = ConfigDict({"init_from": ""})
-    main.resolve_init_from(empty)
-    assert empty.init_from == ""
+def test_split_config_args_and_the_run_config_of_a_command_line(tmp_path):
+    overrides, rest = main.split_config_args(
+        [f"--config={TINY}", "--config.moe.threshold=0.3", "--config.moe.max_k=None", "--x=1"]
+    )
+    assert overrides == {"moe.threshold": "0.3", "moe.max_k": "None"}
+    assert rest == [f"--config={TINY}", "--x=1"]
+    main.FLAGS.unparse_flags()
+    main.FLAGS(["main", f"--config={TINY}"])
+    run = main.run_config(["--config.moe.max_k=None", "--config.moe.threshold=0.3"], "train",
+                          str(tmp_path))  # fmt: skip
+    assert (run.moe.max_k, run.moe.threshold) == (None, 0.3)
+    main.FLAGS.unparse_flags()
 
 
-def test_config_router_fields_override_the_checkpoint():
-    from dynmoe_jax.configs import default, pretrained
+def test_ctrl_c_names_where_a_rerun_resumes(tmp_path):
+    assert main.interrupted_message("train", str(tmp_path)) == (
+        "interrupted before the first checkpoint; rerunning the command starts over"
+    )
+    for step in ("3", "6", "tmp"):
+        (tmp_path / "checkpoints" / step).mkdir(parents=True)
+    assert main.interrupted_message("train", str(tmp_path)) == (
+        "interrupted; rerunning the same command resumes from the checkpoint of step 6 in "
+        f"{tmp_path / 'checkpoints'}"
+    )
+    assert main.interrupted_message("eval", str(tmp_path)) == (
+        "interrupted (--mode=eval); nothing was written"
+    )
 
-    c = pretrained.get_config()
-    overrides = init_from.moe_overrides(c)
-    # None keeps the checkpoint's own top-k and renormalisation; every other field applies.
-    assert set(overrides) == set(init_from.MOE_OVERRIDES) - {"top_k", "renormalize"}
-    assert overrides["router"] == "top_p" and overrides["capacity_factor"] is None
-    c.moe.top_k, c.moe.renormalize = 3, False
-    got = init_from.moe_overrides(c)
-    assert (got["top_k"], got["renormalize"]) == (3, False)
-    assert default.get_config().init_from == ""
-    assert "num_experts" not in init_from.moe_overrides(default.get_config())
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = _cli(f"--config={TINY}", f"--workdir={tmp_path / 'file'}")
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == (f"error: --workdir='{tmp_path / 'file'}' is invalid: allowed a folder "
+                           "(a file of that name exists)\n")  # fmt: skip
 
 
 FIXTURES = ROOT / "tests" / "fixtures" / "hf"

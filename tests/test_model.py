@@ -201,7 +201,7 @@ def test_scanned_parameters_carry_the_layers_axis_replicated():
 
 
 def test_remat_policy_values():
-    assert _cfg(remat=False).remat is Remat.NONE and _cfg(remat=True).remat is Remat.FULL
+    assert _cfg(remat="none").remat is Remat.NONE and _cfg(remat="full").remat is Remat.FULL
     assert _cfg(remat="dots").remat is Remat.DOTS
     with pytest.raises(ValueError, match=re.escape(
         "model.remat='some' is invalid: allowed 'none' | 'full' | 'dots'"

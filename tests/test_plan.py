@@ -1,6 +1,7 @@
 """Plan mode: counts against a real model and a hand count, bytes per device against the
 sharding, the analytic FLOPs by hand, and the one-line errors."""
 
+import dataclasses
 import json
 import math
 import os
@@ -13,7 +14,7 @@ import pytest
 from flax import nnx
 
 from dynmoe_jax import plan as plan_lib
-from dynmoe_jax.config import model_config
+from dynmoe_jax.config import resolve
 from dynmoe_jax.configs import tiny
 from dynmoe_jax.model.decoder import Decoder
 from dynmoe_jax.validation import ConfigError
@@ -30,9 +31,13 @@ NON_EXPERT = EMBED + HEAD + L * (ATTENTION + NORMS + ROUTER) + D  # + final norm
 TOTAL = NON_EXPERT + L * EXPERTS
 
 
+def _tiny_model():
+    return dataclasses.replace(resolve(tiny.get_config()).model, vocab_size=V)
+
+
 @pytest.fixture(scope="module")
 def one_device():
-    return plan_lib.plan(tiny.get_config(), devices=jax.devices()[:1])
+    return plan_lib.plan(resolve(tiny.get_config()), devices=jax.devices()[:1])
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +45,13 @@ def eight_devices():
     c = tiny.get_config()
     c.mesh_shape = "data=2,expert=4"
     c.batch_size, c.grad_accum_steps = 16, 2  # a loop in the step: cost analysis counts it once
-    return plan_lib.plan(c)
+    return plan_lib.plan(resolve(c))
 
 
 def test_param_counts_match_the_model_and_a_hand_count(one_device):
-    model = Decoder(model_config(tiny.get_config(), V), rngs=nnx.Rngs(0))
+    model = Decoder(
+        dataclasses.replace(resolve(tiny.get_config()).model, vocab_size=V), rngs=nnx.Rngs(0)
+    )
     real = sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     assert one_device["params"] == real == TOTAL == 65952
     assert one_device["active_params"] == NON_EXPERT + L * EXPERTS * 2.0 / E == 53664
@@ -53,7 +60,7 @@ def test_param_counts_match_the_model_and_a_hand_count(one_device):
 def test_top_k_active_params_use_top_k():
     c = tiny.get_config()
     c.moe.router, c.moe.top_k = "top_k", 1
-    cfg = model_config(c, V)
+    cfg = dataclasses.replace(resolve(c).model, vocab_size=V)
     assert plan_lib.active_params(cfg, TOTAL, L * EXPERTS) == NON_EXPERT + L * EXPERTS / E
 
 
@@ -77,14 +84,16 @@ def test_experts_split_over_the_expert_axis(eight_devices):
 
 
 def test_analytic_flops_by_hand():
-    cfg = model_config(tiny.get_config(), V)
+    cfg = _tiny_model()
     matmul = 53664 - EMBED  # active, less the input lookup
     per_token = 6 * matmul + 12 * L * 2 * 16 * 32  # 2 heads of width 16, window 32
     assert plan_lib.analytic_flops(cfg, matmul, 256, 32) == per_token * 256
 
 
 def test_flops_are_the_compiled_count_unless_a_loop_hides_work(one_device, eight_devices):
-    analytic = plan_lib.analytic_flops(model_config(tiny.get_config(), V), 53664 - EMBED, 256, 32)
+    analytic = plan_lib.analytic_flops(
+        dataclasses.replace(resolve(tiny.get_config()).model, vocab_size=V), 53664 - EMBED, 256, 32
+    )
     assert one_device["flops_source"] == "cost_analysis"
     # Capacity padding and the non-matmul work add to the matmuls, never subtract.
     assert analytic <= one_device["flops_per_step"] < 2 * analytic
@@ -115,10 +124,10 @@ def test_a_mesh_that_does_not_divide_fails_before_compiling():
     c = tiny.get_config()
     c.mesh_shape = "data=-1,expert=3"
     with pytest.raises(ConfigError, match=r"^mesh_shape='data=-1,expert=3' is invalid"):
-        plan_lib.plan(c)
+        plan_lib.plan(resolve(c))
     c.mesh_shape, c.moe.num_experts = "expert=8", 4
     with pytest.raises(ConfigError, match=r"^moe.num_experts=4 is invalid: allowed a multiple"):
-        plan_lib.plan(c)
+        plan_lib.plan(resolve(c))
 
 
 def test_plan_mode_prints_progress_then_the_json_last():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dynmoe_jax import config as config_lib
 from dynmoe_jax import train
 from dynmoe_jax.configs import tiny
 
@@ -18,7 +19,7 @@ def _config(dtype: str, scan: bool = False):
     c.model.dtype = dtype
     c.model.scan_layers = scan
     c.num_train_steps, c.warmup_steps = STEPS, 2
-    return c
+    return config_lib.resolve(c)
 
 
 def _batch(step: int, batch: int = 8, length: int = 32) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 
 from dynmoe_jax import MoELayer, sharding, train
 from dynmoe_jax import data as data_lib
-from dynmoe_jax.config import check_config
+from dynmoe_jax.config import as_dict, check_config, resolve
 from dynmoe_jax.train import checkpoint as ckpt_lib
 from dynmoe_jax.validation import ConfigError
 from tests.sharding_steps import run_steps, tiny_config
@@ -36,10 +36,11 @@ def data_dir(tmp_path_factory):
 
 
 def _task(mesh_shape, data_dir, devices=None, **overrides):
-    config = tiny_config(mesh_shape, data_dir)
+    config = as_dict(tiny_config(mesh_shape, data_dir))
     for k, v in overrides.items():
         *parents, name = k.split(".")
         functools.reduce(lambda c, p: c[p], parents, config)[name] = v
+    config = resolve(config)
     data = data_lib.from_config(config)
     return train.build_task(config, data.vocab_size, devices), data
 
@@ -193,7 +194,7 @@ def test_checkpoint_restores_onto_other_meshes(data_dir, tmp_path):
     ],
 )
 def test_mesh_errors_before_compiling(overrides, message):
-    config = tiny_config("", "unused")
+    config = as_dict(tiny_config("", "unused"))
     for k, v in overrides.items():
         config[k] = v
     with pytest.raises(ConfigError, match=message):

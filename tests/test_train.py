@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dynmoe_jax import config as config_lib
 from dynmoe_jax import data as data_lib
 from dynmoe_jax import inference, train
 from dynmoe_jax.configs import tiny
@@ -35,7 +36,7 @@ def _config(data_dir, **overrides):
         for p in parents:
             node = node[p]
         node[leaf] = value
-    return c
+    return config_lib.resolve(c)
 
 
 def _records(workdir):

@@ -13,9 +13,8 @@ def get_config() -> ConfigDict:
     c.vocab_size = 32000
     c.seq_len = 2048
     c.batch_size = 1024  # ~2M tokens per step
-    # 32 micro-batches of 32 sequences: 2 per device on 16 devices. The plan (16 simulated CPU
-    # devices) measured about 0.75 GB of temporaries per sequence per layer on a device: 8
-    # sequences per device needed 175 GB, 2 keep the step under an 80 GB card.
+    # 32 micro-batches of 32 sequences: 2 per device on 16 devices, what the plan fits in an
+    # 80 GB card (experiments/RESULTS.md).
     c.grad_accum_steps = 32
     c.num_train_steps = 48_000  # ~100B tokens
     c.warmup_steps = 2000
@@ -35,7 +34,6 @@ def get_config() -> ConfigDict:
     c.moe.num_experts = 16
     c.moe.d_ff = 2816
     c.moe.group_size = 4096
-    # The plan in experiments/results/plan.md was compiled with per-expert capacity; the grouped
-    # mode has not been planned at this size.
+    # The plan (experiments/results/plan.md) was compiled with per-expert capacity.
     c.moe.dispatch = "index"
     return c

@@ -8,14 +8,14 @@ than ``dtype`` and ``remat``, ``vocab_size`` and ``tokenizer`` are not read. ``i
 default: a run without it stops with a one-line error.
 """
 
-from ml_collections import ConfigDict, config_dict
+from ml_collections import ConfigDict
 
 from dynmoe_jax.configs import default
 
 
 def get_config() -> ConfigDict:
     c = default.get_config()
-    c.init_from = config_dict.placeholder(str)  # required: a Hugging Face model folder
+    c.init_from = None  # required: a Hugging Face model folder
     c.dataset = "pydoc"  # always installed; point it at your own text with text_dir:PATH
     c.fallback_dataset = ""
     c.seq_len = 1024
@@ -37,15 +37,15 @@ def get_config() -> ConfigDict:
     c.keep_checkpoints = 2
 
     c.model.dtype = "bfloat16"  # activations; parameters and the router stay float32
-    c.model.remat = True  # these models are wide: recompute activations in the backward pass
+    c.model.remat = "full"  # these models are wide: recompute activations in the backward pass
 
     # The router the fine-tune adapts to. The paper's p = 0.4 is for models trained from
     # scratch with top-p; a router pretrained for top-k spreads its mass differently, so start
     # at 0.5 and choose p with experiments/pretrained_top_p.py on the checkpoint first.
     c.moe.router = "top_p"
     c.moe.threshold = 0.5
-    c.moe.top_k = config_dict.placeholder(int)  # None: the checkpoint's num_experts_per_tok
-    c.moe.renormalize = config_dict.placeholder(bool)  # None: the checkpoint's norm_topk_prob
+    c.moe.top_k = None  # the checkpoint's num_experts_per_tok
+    c.moe.renormalize = None  # the checkpoint's norm_topk_prob
     # No token is dropped: the pretrained experts never saw drops, and a fine-tune should not
     # learn to work around them. The grouped dispatch keeps that affordable: its buffer holds
     # S * K rows, K = min(max_k, ceil(E * p)), where the index dispatch would hold E * S. On a

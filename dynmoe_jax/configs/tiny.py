@@ -1,4 +1,5 @@
-"""A model small enough for unit tests: trains a few steps in seconds on the pydoc corpus."""
+"""A model small enough for unit tests: trains a few steps in seconds on the pydoc corpus, with
+the shipped dispatch (grouped, and the decode path at sampling) like `make train`."""
 
 from ml_collections import ConfigDict
 
@@ -23,13 +24,6 @@ def get_config() -> ConfigDict:
     c.model.num_layers = 2
     c.model.num_heads = 2
     c.model.d_ff = 64
-    # Per layer: at 2 layers scanning compiled slower (20.1 s vs 16.4 s) and stepped slower
-    # (fwd+bwd 7.4 vs 7.1 ms, medians of 10 alternating calls on 2 loaded CPU cores)
-    # (experiments/bench_compile.py --config tiny --layers 2,16).
-    c.model.scan_layers = False
     c.moe.num_experts = 4
-    # The unit tests' model keeps the index mode they were written against; the grouped mode
-    # has its own tests against the index mode and a per-expert loop.
-    c.moe.dispatch = "index"
     c.moe.d_ff = 32
     return c

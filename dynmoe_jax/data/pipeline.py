@@ -34,63 +34,84 @@ import numpy as np
 from dynmoe_jax.data import builder as builder_lib
 from dynmoe_jax.data import corpora
 from dynmoe_jax.data import tokenizer as tokenizer_lib
-from dynmoe_jax.validation import check, invalid
+from dynmoe_jax.validation import (
+    check,
+    check_declared,
+    declared,
+    int_at_least,
+    invalid,
+    is_int,
+    optional,
+)
 
 SPLITS = ("train", "validation")
 PADDING = -1  # a padded window position (no tokenizer produces a negative id)
 Batch = dict[str, np.ndarray]
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+def _dataset_ok(v, _) -> bool:
+    return isinstance(v, str) and bool(v)
+
+
+def _string(v, _) -> bool:
+    return isinstance(v, str)
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Everything that determines the data a run sees.
+    """Everything that determines the data a run sees; each field declared once
+    (``validation.declared``)."""
 
-    Attributes:
-      dataset: 'kjv', 'pydoc', 'text_dir:PATH' or a TFDS text dataset name.
-      fallback_dataset: corpus used instead when ``dataset`` is not installed on this machine
-        ('' = none: a missing corpus is an error). ``Data.requested_dataset`` records the switch.
-      data_dir: folder for the TFDS build and all caches ('' = ``loading.cache_dir()``).
-      seq_len: tokens per training sequence (inputs and targets each have this length).
-      batch_size: sequences per batch.
-      seed: seeds the per-epoch shuffles of the training sequences.
-      tokenizer: 'sentencepiece' or 'bytes'.
-      vocab_size: SentencePiece vocabulary size (a tiny corpus may get fewer pieces).
-      init_from: a pretrained checkpoint's folder; when set, its tokenizer.json tokenizes the
-        corpus and ``tokenizer`` and ``vocab_size`` are not used ('' = none).
-      eval_batches: validation batches that evaluation uses (None: all of them).
-      validation_percent: share of a local corpus's records held out for validation.
-      max_records: read at most this many records per split of a TFDS dataset (None: all).
-    """
-
-    dataset: str = corpora.PYDOC
-    fallback_dataset: str = ""
-    data_dir: str = ""
-    seq_len: int
-    batch_size: int
-    seed: int = 0
-    tokenizer: str = "sentencepiece"
-    vocab_size: int = 2048
-    eval_batches: int | None = None
-    validation_percent: int = builder_lib.DEFAULT_VALIDATION_PERCENT
-    max_records: int | None = None
-    init_from: str = ""
+    dataset: str = declared(
+        corpora.KJV, "kjv (the Bible), pydoc, text_dir:PATH (your .txt files) or a TFDS text "
+        "dataset name (needs internet)", corpora.VALID_CHOICES, _dataset_ok,
+    )  # fmt: skip
+    fallback_dataset: str = declared(
+        corpora.PYDOC, "trained on instead when dataset is not installed, said at start-up "
+        "and recorded ('' = a missing corpus is an error)",
+        "'' (none) or a corpus name such as 'pydoc'", _string,
+    )  # fmt: skip
+    data_dir: str = declared(
+        "", "cache of corpora, tokenizers and tokens ('' = $DYNMOE_DATA_DIR or "
+        "~/.cache/dynmoe_jax)", "'' (the default cache) or a folder", _string,
+    )  # fmt: skip
+    seq_len: int = declared(128, "tokens per sequence", "an integer >= 1", int_at_least(1))
+    batch_size: int = declared(16, "sequences per step", "an integer >= 1", int_at_least(1))
+    seed: int = declared(0, "parameter initialisation and data order", "an integer >= 0",
+                         int_at_least(0))  # fmt: skip
+    tokenizer: str = declared(
+        "sentencepiece", "sentencepiece | bytes (not read with init_from: the checkpoint's "
+        "tokenizer.json)", " | ".join(map(repr, tokenizer_lib.TOKENIZERS)),
+        lambda v, _: v in tokenizer_lib.TOKENIZERS,
+    )  # fmt: skip
+    vocab_size: int = declared(
+        2048,
+        "SentencePiece vocabulary (a tiny corpus may get fewer)",
+        "16..1000000",
+        lambda v, _: is_int(v) and 16 <= v <= 1_000_000,
+    )
+    eval_batches: int | None = declared(
+        16,
+        "validation batches per evaluation (None: all)",
+        "None or an integer >= 1",
+        optional(int_at_least(1)),
+    )
+    init_from: str = declared(
+        "", "a Hugging Face MoE folder to start from; its tokenizer.json tokenizes the corpus "
+        "('' = this config's own model)",
+        "'' (none) or a Hugging Face model folder holding config.json", _string,
+    )  # fmt: skip
+    validation_percent: int = declared(
+        builder_lib.DEFAULT_VALIDATION_PERCENT, "share of a local corpus held out",
+        "1..99 (both splits non-empty)", lambda v, _: is_int(v) and 1 <= v <= 99, cli=False,
+    )  # fmt: skip
+    max_records: int | None = declared(
+        None, "read at most this many records per split of a TFDS dataset (None: all)",
+        "None or an integer >= 1", optional(int_at_least(1)), cli=False,
+    )  # fmt: skip
 
     def __post_init__(self):
-        check(isinstance(self.dataset, str) and bool(self.dataset), "dataset", self.dataset,
-              corpora.VALID_CHOICES)  # fmt: skip
-        for name in ("fallback_dataset", "data_dir", "init_from"):
-            check(isinstance(getattr(self, name), str), name, getattr(self, name), "a string")
-        for name in ("seq_len", "batch_size", "vocab_size"):
-            value = getattr(self, name)
-            check(_is_int(value) and value >= 1, name, value, "an integer >= 1")
-        check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
-        check(self.tokenizer in tokenizer_lib.TOKENIZERS, "tokenizer", self.tokenizer,
-              " | ".join(map(repr, tokenizer_lib.TOKENIZERS)))  # fmt: skip
-        builder_lib.check_validation_percent(self.validation_percent)
-        for name in ("eval_batches", "max_records"):
-            value = getattr(self, name)
-            ok = value is None or (_is_int(value) and value >= 1)
-            check(ok, name, value, "None or an integer >= 1")
+        check_declared(self)
 
     @classmethod
     def from_config(cls, config: Any) -> DataConfig:
@@ -109,10 +130,6 @@ class DataConfig:
             if isinstance(values.get(name), os.PathLike):
                 values[name] = os.fspath(values[name])
         return cls(**values)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -341,7 +358,7 @@ class Data:
         A pure function of (seed, step), for any step >= 0. ``rows``: only these rows of the
         global batch, in this order (a process reads the rows its devices hold); None: all.
         """
-        check(_is_int(step) and step >= 0, "step", step, "an integer >= 0")
+        check(is_int(step) and step >= 0, "step", step, "an integer >= 0")
         start = int(step) * self.config.batch_size
         windows = [self._train_sequences[start + row] for row in self._rows(rows)]
         return windows_to_batch(np.stack(windows), self.pad_id)

@@ -21,8 +21,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dynmoe_jax.validation import enum_value
-
 LAYERS_AXIS = "layers"
 SCANNED, TAIL, BLOCKS = "scan_blocks", "tail_blocks", "blocks"
 
@@ -40,15 +38,6 @@ _POLICIES: dict[Remat, Callable | None] = {
     Remat.FULL: None,
     Remat.DOTS: jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-def remat_value(value: Any) -> Remat:
-    """The remat policy of a config value; the booleans of earlier configs mean none / full."""
-    if isinstance(value, bool):
-        return Remat.FULL if value else Remat.NONE
-    if isinstance(value, Remat):
-        return value
-    return enum_value(Remat, "model.remat", value)
 
 
 def _rematted(fn: Callable, remat: Remat, prevent_cse: bool = True) -> Callable:

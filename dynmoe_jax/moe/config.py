@@ -19,7 +19,16 @@ from dynmoe_jax.moe import grouped
 from dynmoe_jax.moe.grouped import DropOrder
 from dynmoe_jax.moe.kernels.grouped_matmul import Backend
 from dynmoe_jax.moe.routing import Router
-from dynmoe_jax.validation import check, enum_value, invalid, is_int
+from dynmoe_jax.validation import (
+    check,
+    check_declared,
+    declared,
+    enum_value,
+    int_at_least,
+    is_int,
+    number,
+    optional,
+)
 
 
 class Dispatch(str, enum.Enum):
@@ -28,80 +37,105 @@ class Dispatch(str, enum.Enum):
     GROUPED = "grouped"
 
 
+DTYPES = ("float32", "bfloat16")  # compute dtypes: activations and matmuls
+
+
+def dtype_name(field: str, value: Any) -> str:
+    """A compute dtype's canonical name (``jnp.bfloat16`` or ``'bfloat16'`` -> 'bfloat16');
+    the one-line error for anything else."""
+    try:
+        name = jnp.dtype(value).name
+    except TypeError:
+        name = None
+    check(name in DTYPES, field, value, " | ".join(map(repr, DTYPES)))
+    return name
+
+
+def _top_k_ok(v, c) -> bool:
+    return is_int(v) and 1 <= v <= c.num_experts
+
+
+def _expert_count(v, c) -> bool:
+    return v is None or (is_int(v) and 1 <= v <= c.num_experts)
+
+
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
-    """Hyper-parameters of one MoE layer; validated on construction, before any tracing.
+    """Hyper-parameters of one MoE layer; each field declared once (``validation.declared``),
+    validated on construction, before any tracing."""
 
-    capacity_factor: None means no dropping (capacity = group size; grouped: budget = S * K).
-    expected_k: mean experts per token that top-p's capacity or budget is sized for (top-k
-      uses k).
-    group_size: tokens per routing group (None: one group per sequence).
-    dispatch: 'grouped' (the default: one budget per group, ``ceil(capacity_factor * k * S)``
-      selections, any expert taking any share; faster than 'index' and with fewer temporaries
-      in the CPU layer benchmark, experiments/RESULTS.md) | 'index' | 'einsum' (per-expert
-      capacity); see ``capacity.py`` and ``grouped.py``.
-    block_size: grouped mode: rows per block; each expert's rows are padded to multiples. 32:
-      with the fused chunk loop on CPU, 16, 32 and 64 ran alike at E=16 and E=64, and 32 pads
-      less than 64 (2.12 against 2.22 rows per token for top-2 at E=64, temporaries 372 against
-      412 MiB); 16 adds more small chunks for less padding.
-    matmul_backend: grouped mode: None (by platform) | 'blocks' | 'ragged_dot' | 'megablox'.
-    drop_order: grouped mode: which selections an overflowing group drops first, 'rank'
-      (later ranks, then later tokens) | 'weight' (smallest combine weight).
-    renormalize: combine weights renormalised over the chosen experts; None picks the paper's
-      choice (top-k renormalises, top-p uses raw probabilities).
-    decode_tokens: calls of at most this many tokens take the decode path, which reads only
-      the experts some token of the call selected (``decode.py``); None = the rule of
-      ``auto_decode_tokens``, 0 = never. Only where the dispatch could drop nothing either.
-    """
-
-    num_experts: int
-    d_model: int
-    d_ff: int
-    router: Router = Router.TOP_P
-    threshold: float = 0.4
-    top_k: int = 2
-    max_k: int | None = None
-    capacity_factor: float | None = 1.25
-    expected_k: float = 2.0
-    group_size: int | None = None
-    dispatch: Dispatch = Dispatch.GROUPED
-    renormalize: bool | None = None
-    block_size: int = 32
-    matmul_backend: Backend | None = None
-    drop_order: DropOrder = DropOrder.RANK
-    decode_tokens: int | None = None
-    dtype: Any = jnp.float32
+    num_experts: int = declared(8, "experts per MoE layer", "an integer >= 1", int_at_least(1))
+    d_model: int = declared(256, "the layer's input and output width (from model.d_model)",
+                            "an integer >= 1", int_at_least(1), cli=False)  # fmt: skip
+    d_ff: int = declared(512, "hidden width of each expert", "an integer >= 1", int_at_least(1))
+    router: Router = declared(
+        Router.TOP_P, "top_p: each token takes experts until their probability reaches the "
+        "threshold (the paper) | top_k: a fixed k", override=True,
+    )  # fmt: skip
+    threshold: float = declared(
+        0.4, "top-p: the probability mass a token's experts must reach (the paper: 0.4)",
+        "0 < threshold <= 1", lambda v, _: number(v) and 0 < v <= 1, override=True,
+    )  # fmt: skip
+    top_k: int = declared(
+        2, "top-k: experts per token", lambda c: f"1..moe.num_experts={c.num_experts}",
+        _top_k_ok, override=True,
+    )  # fmt: skip
+    max_k: int | None = declared(
+        None, "top-p: at most this many experts per token (None: no cap, as in the paper)",
+        lambda c: f"None or 1..moe.num_experts={c.num_experts}", _expert_count, override=True,
+    )  # fmt: skip
+    capacity_factor: float | None = declared(
+        1.25, "capacity (index, einsum) or budget (grouped) over k tokens' worth; None: nothing "
+        "is ever dropped", "None (no dropping) or a number > 0",
+        optional(lambda v, _: number(v) and v > 0), override=True,
+    )  # fmt: skip
+    expected_k: float = declared(
+        2.0, "the experts per token that top-p's capacity or budget is sized for (top-k: k)",
+        lambda c: f"0 < expected_k <= moe.num_experts={c.num_experts}",
+        lambda v, c: number(v) and 0 < v <= c.num_experts, override=True,
+    )  # fmt: skip
+    group_size: int | None = declared(
+        None, "tokens per routing group (None: one group per sequence)",
+        "None or an integer >= 1", optional(int_at_least(1)), override=True,
+    )  # fmt: skip
+    dispatch: Dispatch = declared(
+        Dispatch.GROUPED, "grouped: one budget per group, any expert any share | index, "
+        "einsum: per-expert capacity (capacity.py, grouped.py)", override=True,
+    )  # fmt: skip
+    renormalize: bool | None = declared(
+        None, "combine weights renormalised over the chosen experts (None: the paper's "
+        "choice, top-k renormalises and top-p does not)", "None | True | False",
+        lambda v, _: v is None or isinstance(v, bool), override=True,
+    )  # fmt: skip
+    block_size: int = declared(
+        32, "grouped: rows per block of the grouped matmul (each expert's rows are padded to "
+        "a multiple)", "an integer >= 1", int_at_least(1), override=True,
+    )  # fmt: skip
+    matmul_backend: Backend | None = declared(
+        None, "grouped: None (by platform) | blocks | ragged_dot | megablox", override=True
+    )
+    drop_order: DropOrder = declared(
+        DropOrder.RANK, "grouped: what an overflowing group drops first: rank (later ranks, "
+        "then later tokens) | weight (the smallest combine weights)", override=True,
+    )  # fmt: skip
+    decode_tokens: int | None = declared(
+        None, "calls of at most this many tokens take the decode path (only the experts some "
+        "token selected); None: by the rule of auto_decode_tokens, 0: never",
+        "None (by the rule) or an integer >= 0 (0 = never)", optional(int_at_least(0)),
+        override=True,
+    )  # fmt: skip
+    dtype: str = declared("float32", "activations and expert matmuls (from model.dtype)",
+                          cli=False)  # fmt: skip
 
     def __post_init__(self):
         set_ = functools.partial(object.__setattr__, self)
         set_("router", enum_value(Router, "moe.router", self.router))
-        if self.dispatch == "dropless":
-            invalid("moe.dispatch", self.dispatch, "'grouped' (it replaces 'dropless'), "
-                    "'index' or 'einsum'")  # fmt: skip
         set_("dispatch", enum_value(Dispatch, "moe.dispatch", self.dispatch))
         set_("drop_order", enum_value(DropOrder, "moe.drop_order", self.drop_order))
         if self.matmul_backend is not None:
             set_("matmul_backend", enum_value(Backend, "moe.matmul_backend", self.matmul_backend))
-        bs = self.block_size
-        check(is_int(bs) and bs >= 1, "moe.block_size", bs, "an integer >= 1")
-        n = self.num_experts
-        check(is_int(n) and n >= 1, "moe.num_experts", n, "an integer >= 1")
-        for field in ("d_model", "d_ff"):
-            v = getattr(self, field)
-            check(is_int(v) and v >= 1, f"moe.{field}", v, "an integer >= 1")
-        check(0.0 < self.threshold <= 1.0, "moe.threshold", self.threshold, "0 < threshold <= 1")
-        check(is_int(self.top_k) and 1 <= self.top_k <= n, "moe.top_k", self.top_k, f"1..{n}")
-        mk = self.max_k
-        check(mk is None or (is_int(mk) and 1 <= mk <= n), "moe.max_k", mk, f"None or 1..{n}")
-        cf = self.capacity_factor
-        check(cf is None or cf > 0, "moe.capacity_factor", cf, "None (no dropping) or > 0")
-        ek = self.expected_k
-        check(0 < ek <= n, "moe.expected_k", ek, f"0 < expected_k <= {n}")
-        gs = self.group_size
-        check(gs is None or (is_int(gs) and gs >= 1), "moe.group_size", gs, "None or >= 1")
-        dt = self.decode_tokens
-        allowed = "None (by the rule) or an integer >= 0 (0 = never)"
-        check(dt is None or (is_int(dt) and dt >= 0), "moe.decode_tokens", dt, allowed)
+        set_("dtype", dtype_name("moe.dtype", self.dtype))
+        check_declared(self, "moe.")
 
     @property
     def capacity_k(self) -> float:

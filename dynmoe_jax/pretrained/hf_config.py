@@ -15,8 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
-
 from dynmoe_jax.model.config import ModelConfig
 from dynmoe_jax.moe.config import MoEConfig
 from dynmoe_jax.moe.routing import Router
@@ -108,14 +106,13 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
-# MoEConfig fields the checkpoint fixes; every other field may be overridden.
-_FROM_CHECKPOINT = {"num_experts", "d_model", "d_ff"}
 _MODEL_OVERRIDES = {"dtype", "remat"}
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def allowed_overrides() -> list[str]:
-    moe = [f.name for f in dataclasses.fields(MoEConfig) if f.name not in _FROM_CHECKPOINT]
+    """The MoEConfig fields declared as routing overrides (the checkpoint fixes the rest:
+    experts and widths), and the model's dtype and remat."""
+    moe = [f.name for f in dataclasses.fields(MoEConfig) if f.metadata.get("override")]
     return sorted({*moe, *_MODEL_OVERRIDES})
 
 
@@ -200,12 +197,7 @@ def _split_overrides(overrides: dict) -> tuple[dict, dict]:
     model = {k: v for k, v in overrides.items() if k in _MODEL_OVERRIDES}
     moe = {k: v for k, v in overrides.items() if k not in _MODEL_OVERRIDES}
     if "dtype" in model:
-        dtype = model["dtype"]
-        if isinstance(dtype, str):
-            if dtype not in _DTYPES:
-                invalid("dtype", dtype, " | ".join(map(repr, _DTYPES)), PretrainedError)
-            model["dtype"] = dtype = _DTYPES[dtype]
-        moe["dtype"] = dtype
+        moe["dtype"] = model["dtype"]  # the configs name the dtype's field in their error
     return model, moe
 
 

@@ -1,11 +1,12 @@
 """Runs that start from a pretrained checkpoint: ``--config.init_from=PATH``.
 
 PATH is a Hugging Face model folder (config.json, *.safetensors, tokenizer.json; see
-``load.py``). The checkpoint gives the architecture (widths, layers, experts, vocabulary)
-and the weights; the config gives the training, the data and the routing: its ``moe`` fields
-named in ``MOE_OVERRIDES`` replace the checkpoint's router, and ``model.dtype`` and
-``model.remat`` apply as for any run. ``moe.top_k`` and ``moe.renormalize`` set to None keep the
-checkpoint's own ``num_experts_per_tok`` and ``norm_topk_prob``.
+``load.py``). The checkpoint gives the architecture (widths, layers, experts, vocabulary) and
+the weights; the config gives the training, the data and the routing: its ``moe`` fields
+declared as overrides (``config.routing_overrides``) replace the checkpoint's router, and
+``model.dtype`` and ``model.remat`` apply as for any run. ``moe.top_k`` and
+``moe.renormalize`` set to None keep the checkpoint's own ``num_experts_per_tok`` and
+``norm_topk_prob``.
 
 Training from PATH starts from the imported weights unless the workdir already holds
 checkpoints (then it resumes as usual); eval and sample use the imported weights directly when
@@ -17,36 +18,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ml_collections import ConfigDict
-
 from dynmoe_jax.validation import check, invalid
 
 if TYPE_CHECKING:  # the command line imports this module before JAX is needed
     from dynmoe_jax.model.config import ModelConfig
-    from dynmoe_jax.train import Task
+    from dynmoe_jax.train.task import Task
 
 FIELD = "init_from"
 CHECKPOINT_CONFIG = "config.json"
-MOE_OVERRIDES = (
-    "router", "threshold", "top_k", "max_k", "capacity_factor", "expected_k", "group_size",
-    "dispatch", "block_size", "matmul_backend", "drop_order", "renormalize",
-)  # fmt: skip
-# None in these config fields means "as the checkpoint has it".
-CHECKPOINT_DEFAULTS = ("top_k", "renormalize")
 ALLOWED = f"a Hugging Face model folder holding {CHECKPOINT_CONFIG}, *.safetensors, tokenizer.json"
 
 
-def path_of(config: ConfigDict) -> str:
-    """The checkpoint folder the config starts from ('' = none: a run of its own model)."""
-    value = config.get(FIELD, "")
-    return value if isinstance(value, str) else ""
-
-
-def check_path(config: ConfigDict) -> str:
-    """One-line error unless ``init_from`` is '' or a folder with config.json; returns the
-    folder as an absolute path ('' when unset). None (what a config that needs a checkpoint
-    sets) asks for one."""
-    value = config.get(FIELD, "")
+def check_path(value: Any) -> str:
+    """One-line error unless ``value`` is '' or a folder with config.json; returns the folder
+    as an absolute path ('' when unset). None (what a config that needs a checkpoint sets)
+    asks for one."""
     if value is None:
         invalid(FIELD, value, f"{ALLOWED}: this config needs --config.{FIELD}=PATH")
     check(isinstance(value, str), FIELD, value, f"'' (none) or {ALLOWED}")
@@ -57,45 +43,19 @@ def check_path(config: ConfigDict) -> str:
     return str(folder.resolve())
 
 
-def moe_overrides(config: ConfigDict) -> dict[str, Any]:
-    """The config's router fields that replace the checkpoint's."""
-    moe = config.moe
-    out = {name: moe[name] for name in MOE_OVERRIDES if name in moe}
-    return {k: v for k, v in out.items() if not (k in CHECKPOINT_DEFAULTS and v is None)}
+def model_config(folder: str, overrides: dict[str, Any]) -> ModelConfig:
+    """The checkpoint's ModelConfig with ``overrides`` (routing fields, dtype, remat)."""
+    from dynmoe_jax.pretrained.hf_config import hf_model_config
+
+    return hf_model_config(folder, **overrides)
 
 
-def overrides(config: ConfigDict) -> dict[str, Any]:
-    """What ``pretrained.from_hf`` takes from the config: the router, dtype and remat."""
-    return {**moe_overrides(config), "dtype": config.model.dtype, "remat": config.model.remat}
-
-
-def model_config(config: ConfigDict, vocab_size: int | None = None) -> ModelConfig:
-    """The checkpoint's ModelConfig with the config's routing, dtype and remat. ``vocab_size``:
-    the tokenizer's vocabulary, which the checkpoint's embedding must cover."""
-    from dynmoe_jax import pretrained
-
-    folder = path_of(config)
-    model_cfg = pretrained.hf_model_config(folder, **overrides(config))
-    if vocab_size is not None and vocab_size > model_cfg.vocab_size:
+def check_vocabulary(folder: str, model_cfg: ModelConfig, vocab_size: int) -> None:
+    """The checkpoint's embedding must cover the ``vocab_size`` ids of its tokenizer."""
+    if vocab_size > model_cfg.vocab_size:
         allowed = (f"a checkpoint whose vocab_size ({model_cfg.vocab_size}) covers the "
                    f"{vocab_size} ids of its tokenizer.json")  # fmt: skip
         invalid(FIELD, folder, allowed)
-    return model_cfg
-
-
-def check_config(config: ConfigDict, devices=None) -> None:
-    """Every check of a run's config that needs no data, before anything is compiled.
-
-    Without ``init_from``: ``config.check_config``. With it, the config's own model fields are
-    not read; instead: the training fields, the folder, the checkpoint's architecture, the
-    router fields against it and the mesh against its sizes."""
-    from dynmoe_jax import config as config_lib
-
-    if not check_path(config):
-        config_lib.check_config(config, devices)
-        return
-    config_lib.check_top_level(config)  # the training fields' rules, shared with any run
-    config_lib.mesh_for(config, model_config(config), devices)
 
 
 def load_params(task: Task) -> Any:
@@ -103,16 +63,19 @@ def load_params(task: Task) -> Any:
     import jax
     from flax import nnx
 
-    from dynmoe_jax import pretrained
+    from dynmoe_jax.pretrained.hf_config import PretrainedError, allowed_overrides
+    from dynmoe_jax.pretrained.load import from_hf
 
-    config = task.config
-    model = pretrained.from_hf(path_of(config), mesh=task.mesh, **overrides(config))
+    folder, cfg = task.config.init_from, task.model_cfg
+    routing = {k: getattr(cfg.moe, k) for k in allowed_overrides() if hasattr(cfg.moe, k)}
+    model = from_hf(folder, mesh=task.mesh, **{**routing, "dtype": cfg.dtype,
+                                               "remat": cfg.remat})  # fmt: skip
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     wanted = task.state_shardings.params
     if jax.tree.structure(params) != jax.tree.structure(wanted):
-        raise pretrained.PretrainedError(
-            f"{FIELD}={path_of(config)!r}: the imported parameters do not form the tree of "
-            "the configured model"
+        raise PretrainedError(
+            f"{FIELD}={folder!r}: the imported parameters do not form the tree of the "
+            "configured model"
         )
-    print(f"initialised from {path_of(config)} (imported weights)")
+    print(f"initialised from {folder} (imported weights)")
     return jax.device_put(params, wanted)

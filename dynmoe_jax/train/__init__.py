@@ -1,35 +1,29 @@
-"""Training: ``task`` (model, optimizer, mesh, state), ``batches`` (rows onto the mesh),
-``loss``, ``step`` (jitted train and eval steps), ``evaluation``, ``loop``
-(``train_and_evaluate``), ``checkpoint`` and ``metrics``."""
+"""Training: ``config`` (TrainConfig, LossConfig), ``task`` (model, optimizer, mesh, state),
+``batches`` (rows onto the mesh), ``loss``, ``step`` (jitted train and eval steps),
+``evaluation``, ``loop`` (``train_and_evaluate``), ``run_record``, ``checkpoint`` and
+``metrics``.
 
-from dynmoe_jax.train.batches import (
-    Batch,
-    RunData,
-    check_batch_split,
-    process_rows,
-    put_batch,
-    read_eval_batches,
-    read_train_batch,
-)
-from dynmoe_jax.train.evaluation import describe_validation, evaluate
-from dynmoe_jax.train.loop import NonFiniteError, train_and_evaluate, train_with_data
-from dynmoe_jax.train.loss import cross_entropy, forward
-from dynmoe_jax.train.step import make_eval_step, make_train_step
-from dynmoe_jax.train.task import (
-    Task,
-    TrainState,
-    abstract_state,
-    build_task,
-    init_state,
-    restore_or_init,
-    restore_state,
-    save_state,
-)
+The names below are importable from the package; each loads its module on first use, so that
+importing one module of the package (its config, say) does not import all of them.
+"""
 
-__all__ = [
-    "Batch", "NonFiniteError", "RunData", "Task", "TrainState", "abstract_state", "build_task",
-    "check_batch_split", "cross_entropy", "describe_validation", "evaluate", "forward",
-    "init_state", "make_eval_step", "make_train_step", "process_rows", "put_batch",
-    "read_eval_batches", "read_train_batch", "restore_or_init", "restore_state", "save_state",
-    "train_and_evaluate", "train_with_data",
-]  # fmt: skip
+import importlib
+
+_HOMES = {
+    "batches": ("Batch", "RunData", "check_batch_split", "process_rows", "put_batch",
+                "read_eval_batches", "read_train_batch"),
+    "evaluation": ("describe_validation", "evaluate"),
+    "loop": ("NonFiniteError", "train_and_evaluate", "train_with_data"),
+    "loss": ("cross_entropy", "forward"),
+    "step": ("make_eval_step", "make_train_step"),
+    "task": ("Task", "TrainState", "abstract_state", "build_task", "init_state",
+             "restore_or_init", "restore_state", "save_state"),
+}  # fmt: skip
+_MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -12,13 +12,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from ml_collections import ConfigDict
 
 from dynmoe_jax import data as data_lib
-from dynmoe_jax.config import save_run_config
-from dynmoe_jax.pretrained import init_from as init_from_lib
+from dynmoe_jax.config import RunConfig, check_config
 from dynmoe_jax.train import checkpoint as ckpt_lib
 from dynmoe_jax.train import metrics as metrics_lib
+from dynmoe_jax.train import run_record
 from dynmoe_jax.train.batches import (
     RunData,
     process_rows,
@@ -39,16 +38,16 @@ StepFactory = Callable[[Task], TrainStep]
 
 
 def train_and_evaluate(
-    config: ConfigDict, workdir: str | Path, make_step: StepFactory = make_train_step
+    config: RunConfig, workdir: str | Path, make_step: StepFactory = make_train_step
 ) -> dict:
     """Trains (resuming from the workdir's latest checkpoint) and returns the final validation
     metrics. Writes metrics.jsonl, TensorBoard events, checkpoints and the experts plot.
     ``make_step`` builds the train step from the task (a test may wrap it)."""
-    init_from_lib.check_config(config)  # every data-free check, before reading or compiling
+    check_config(config)  # every data-free check, before reading or compiling
     workdir = Path(workdir)
-    data = data_lib.from_config(config)
+    data = data_lib.from_config(config.data)
     dataset = data.config.dataset  # the fallback corpus, if the config named one and used it
-    save_run_config(config, workdir, dataset)
+    run_record.check_corpus(workdir, dataset)
     print(data.summary())
     return train_with_data(config, workdir, data, dataset, make_step=make_step)
 
@@ -57,7 +56,7 @@ ValidationExtras = Callable[[Task, Any], dict]
 
 
 def train_with_data(
-    config: ConfigDict,
+    config: RunConfig,
     workdir: str | Path,
     data: RunData,
     dataset: str,
@@ -68,11 +67,13 @@ def train_with_data(
     record also holds ``validation_extras(task, params)``, if given (JSON-able values).
 
     The config's corpus fields are not read, and only the checks of ``build_task`` run here:
-    a caller with its own data checks the rest of its config itself."""
+    a caller with its own data checks the rest of its config itself. ``workdir/config.json``
+    records the run once its state is restored or made (a refused run writes nothing)."""
     workdir = Path(workdir)
     task = build_task(config, data.vocab_size)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
     state = restore_or_init(task, checkpointer)
+    run_record.save(config, workdir, dataset)
     start = int(state.step)
     lead = jax.process_index() == 0  # one process writes the logs of a multi-host run
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start, enabled=lead)

@@ -16,10 +16,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from ml_collections import ConfigDict
 
 from dynmoe_jax import sharding as sharding_lib
-from dynmoe_jax.config import mesh_for, model_config
+from dynmoe_jax.config import RunConfig, mesh_for
 from dynmoe_jax.model.config import ModelConfig
 from dynmoe_jax.model.decoder import Decoder, abstract_decoder
 from dynmoe_jax.pretrained import init_from as init_from_lib
@@ -41,7 +40,7 @@ class TrainState(NamedTuple):
 class Task:
     """Everything a run needs besides its state: built once from the config."""
 
-    config: ConfigDict
+    config: RunConfig
     model_cfg: ModelConfig
     graphdef: Any
     optimizer: optax.GradientTransformation
@@ -51,7 +50,7 @@ class Task:
     batch_sharding: NamedSharding
 
 
-def learning_rate_schedule(config: ConfigDict) -> optax.Schedule:
+def learning_rate_schedule(config: RunConfig) -> optax.Schedule:
     """Linear warm-up, then cosine decay to ``min_learning_rate_ratio`` of the peak."""
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
@@ -62,7 +61,7 @@ def learning_rate_schedule(config: ConfigDict) -> optax.Schedule:
     )
 
 
-def make_optimizer(config: ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+def make_optimizer(config: RunConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
     def decay_mask(params):
         # Norm scales stay undecayed, as in LLaMA-style training.
         return jax.tree_util.tree_map_with_path(
@@ -81,15 +80,19 @@ def make_optimizer(config: ConfigDict, schedule: optax.Schedule) -> optax.Gradie
     return adamw
 
 
-def build_task(config: ConfigDict, vocab_size: int, devices=None) -> Task:
+def build_task(config: RunConfig, vocab_size: int | None, devices=None) -> Task:
     """Model, optimizer, mesh and shardings; every check here runs before any compilation.
-    With ``init_from`` the model is the checkpoint's, with the config's routing."""
+    ``vocab_size``: the data's (None: the configured one). With ``init_from`` the model is the
+    checkpoint's, with the config's routing."""
     check_batch_split(config.batch_size)
-    if init_from_lib.path_of(config):
-        model_cfg = init_from_lib.model_config(config, vocab_size)
+    if config.init_from:
+        if vocab_size is not None:
+            init_from_lib.check_vocabulary(config.init_from, config.model, vocab_size)
+        model_cfg = config.model  # the checkpoint's vocabulary: its embedding's rows
     else:
-        model_cfg = model_config(config, vocab_size)
-    mesh = mesh_for(config, model_cfg, devices)
+        vocab = config.vocab_size if vocab_size is None else vocab_size
+        model_cfg = dataclasses.replace(config.model, vocab_size=vocab)
+    mesh = mesh_for(config, devices)
     abstract_model = abstract_decoder(model_cfg)
     schedule = learning_rate_schedule(config)
     optimizer = make_optimizer(config, schedule)
@@ -144,7 +147,7 @@ def _init_fn(task: Task) -> Callable[[], TrainState]:
 def init_state(task: Task) -> TrainState:
     """A fresh state, created directly in its sharded layout: random weights, or those of
     the config's ``init_from`` checkpoint."""
-    if init_from_lib.path_of(task.config):
+    if task.config.init_from:
         return _imported_state(task)
     with jax.set_mesh(task.mesh):
         return jax.jit(_init_fn(task), out_shardings=task.state_shardings)()
