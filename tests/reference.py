@@ -96,3 +96,24 @@ def budget(capacity_factor, group_size, k, max_selections):
     if capacity_factor is None:
         return None
     return max(1, min(group_size * max_selections, math.ceil(capacity_factor * k * group_size)))
+
+
+def biased_order(p: np.ndarray, bias: np.ndarray) -> list[int]:
+    """Expert ids by descending log p + bias (float64), ties to the lower index."""
+    score = np.log(np.asarray(p, np.float64)) + np.asarray(bias, np.float64)
+    return sorted(range(len(p)), key=lambda e: (-float(score[e]), e))
+
+
+def top_p_set_biased(p: np.ndarray, threshold: float, bias: np.ndarray) -> list[int]:
+    """Top-p walking the biased order and summing the unbiased probabilities."""
+    chosen, total = [], 0.0
+    for e in biased_order(p, bias):
+        if chosen and total >= threshold:
+            break
+        chosen.append(e)
+        total += float(p[e])
+    return chosen
+
+
+def top_k_set_biased(p: np.ndarray, k: int, bias: np.ndarray) -> list[int]:
+    return biased_order(p, bias)[:k]

@@ -387,7 +387,8 @@ def test_head_dim_frees_the_head_width_from_d_model():
         ("num_kv_heads", 3, "model.num_kv_heads=3 is invalid: allowed None (model.num_heads) "
                             "or an integer >= 1 dividing model.num_heads=4"),
         ("num_kv_heads", 0, "model.num_kv_heads=0 is invalid"),
-        ("num_kv_heads", 2.0, "model.num_kv_heads=2.0 is invalid: allowed None or an integer"),
+        ("num_kv_heads", 2.0, "model.num_kv_heads=2.0 is invalid: allowed None (model.num_heads) "
+                              "or an integer >= 1 dividing model.num_heads=4"),
         ("head_dim", 5, "model.head_dim=5 is invalid: allowed None (model.d_model // "
                         "model.num_heads) or an even integer >= 2"),
         ("qkv_bias", 1, "model.qkv_bias=1 is invalid: allowed True | False"),

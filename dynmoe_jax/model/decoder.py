@@ -40,6 +40,9 @@ LAYER_METRICS = (
     "dropped_fraction",
     "router_confidence",
     "token_experts",
+    "expert_load",
+    "max_load_ratio",
+    "threshold",
 )
 
 
@@ -287,6 +290,13 @@ class Decoder(nnx.Module):
                 layer_aux.append(aux)
         metrics = metrics or _stack_layer_metrics(layer_aux)
         return self.logits(self.final_norm(x_BTD)), metrics
+
+    def moe_layers(self) -> list[MoELayer]:
+        """The MoE layers in the order of the per-layer metrics: one module per layer, or the
+        scanned stack's one module whose variables carry every layer on a leading axis."""
+        if self.cfg.scan_layers:
+            return [b.ffn for b in self.scan_blocks.blocks if isinstance(b.ffn, MoELayer)]
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         """An empty key/value cache of ``length`` positions for ``batch`` sequences."""

@@ -89,10 +89,23 @@ class MoEConfig:
         "is ever dropped", "None (no dropping) or a number > 0",
         optional(lambda v, _: number(v) and v > 0), override=True,
     )  # fmt: skip
-    expected_k: float = declared(
-        2.0, "the experts per token that top-p's capacity or budget is sized for (top-k: k)",
-        lambda c: f"0 < expected_k <= moe.num_experts={c.num_experts}",
-        lambda v, c: number(v) and 0 < v <= c.num_experts, override=True,
+    expected_k: float | None = declared(
+        None, "the experts per token that top-p's capacity or budget is sized for (None: "
+        "target_k when set, else 2; top-k: k)",
+        lambda c: f"None or 0 < expected_k <= moe.num_experts={c.num_experts}",
+        lambda v, c: v is None or (number(v) and 0 < v <= c.num_experts), override=True,
+    )  # fmt: skip
+    target_k: float | None = declared(
+        None, "top-p: a target mean of experts per token; each layer's threshold is then "
+        "state that a PI controller steers after every step (None: the fixed threshold)",
+        lambda c: f"None or 1 <= target_k <= moe.num_experts={c.num_experts}, with "
+        "moe.router='top_p'", lambda v, c: v is None or (number(v) and 1 <= v <= c.num_experts
+        and c.router is Router.TOP_P), override=True,
+    )  # fmt: skip
+    bias_balance: float = declared(
+        0.0, "aux-loss-free balancing: the step of a per-expert bias that moves experts in the "
+        "order of selection, never in the combine weights (0 = off)", "a number >= 0",
+        lambda v, _: number(v) and v >= 0, override=True,
     )  # fmt: skip
     group_size: int | None = declared(
         None, "tokens per routing group (None: one group per sequence)",
@@ -140,7 +153,11 @@ class MoEConfig:
     @property
     def capacity_k(self) -> float:
         """The number of experts per token that capacity is sized for."""
-        return float(self.top_k) if self.router is Router.TOP_K else self.expected_k
+        if self.router is Router.TOP_K:
+            return float(self.top_k)
+        if self.expected_k is not None:
+            return self.expected_k
+        return 2.0 if self.target_k is None else float(self.target_k)
 
     def capacity(self, group_size: int) -> int:
         return capacity_lib.capacity(
@@ -189,9 +206,12 @@ class MoEConfig:
 
         top-p selects rank r only while the r more probable experts hold less than the
         threshold; they hold at least r/E of the mass, so r < threshold * E. The 1e-3 covers
-        float32 rounding of the cumulative sum (a few ulp per expert).
+        float32 rounding of the cumulative sum (a few ulp per expert). With a steered threshold
+        or a biased order the bound is E (or max_k).
         """
         if self.router is Router.TOP_K:
             return self.top_k
-        bound = math.ceil(self.num_experts * (self.threshold + 1e-3))
-        return min(self.max_k or self.num_experts, bound)
+        cap = self.max_k or self.num_experts
+        if self.target_k is not None or self.bias_balance:
+            return cap  # a steered threshold, or an order that is not by probability
+        return min(cap, math.ceil(self.num_experts * (self.threshold + 1e-3)))

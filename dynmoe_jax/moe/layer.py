@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dynmoe_jax.moe import balance, decode, expert_parallel, experts, grouped, routing
 from dynmoe_jax.moe import capacity as capacity_lib
-from dynmoe_jax.moe import decode, expert_parallel, experts, grouped, routing
+from dynmoe_jax.moe.balance import RoutingState
 from dynmoe_jax.moe.config import Dispatch, MoEConfig
 from dynmoe_jax.sharding import constrain
 from dynmoe_jax.validation import invalid
@@ -62,6 +63,40 @@ class MoELayer(nnx.Module):
         self.w_gate_EDF = _param(rngs, _expert_init(1, 2), (e, d, f), ("expert", "embed", "mlp"))
         self.w_up_EDF = _param(rngs, _expert_init(1, 2), (e, d, f), ("expert", "embed", "mlp"))
         self.w_down_EFD = _param(rngs, _expert_init(1, 2), (e, f, d), ("expert", "mlp", "embed"))
+        # Routing state that the rules of balance.py update after each step (not trained).
+        if cfg.target_k is not None:
+            self.router_threshold = RoutingState(jnp.float32(cfg.threshold), logical_axes=())
+            self.router_integral = RoutingState(jnp.float32(0.0), logical_axes=())
+        if cfg.bias_balance:
+            self.router_bias_E = RoutingState(jnp.zeros((e,), jnp.float32), logical_axes=(None,))
+
+    def threshold(self) -> jax.Array | float:
+        """Top-p's threshold: the controller's state when a target is set, else the config's."""
+        if self.config.target_k is None:
+            return self.config.threshold
+        return jax.lax.stop_gradient(self.router_threshold[...])
+
+    def selection_bias(self) -> jax.Array | None:
+        """The per-expert bias of the order of selection (None without bias balance)."""
+        if not self.config.bias_balance:
+            return None
+        return jax.lax.stop_gradient(self.router_bias_E[...])
+
+    def update_routing(self, k: jax.Array, load_E: jax.Array) -> None:
+        """After a step: the controller and the bias balance from the step's mean experts per
+        token ``k`` and expert load ``load_E`` of this layer ([] and [E]; with a leading axis
+        for a scanned layer's stack)."""
+        cfg = self.config
+        if cfg.target_k is not None:
+            new, integral = balance.threshold_step(self.router_threshold[...],
+                                                   self.router_integral[...], k, cfg.target_k,
+                                                   cfg.threshold)  # fmt: skip
+            self.router_threshold.set_value(new)
+            self.router_integral.set_value(integral)
+        if cfg.bias_balance:
+            self.router_bias_E.set_value(
+                balance.bias_step(self.router_bias_E[...], load_E, cfg.bias_balance)
+            )
 
     def router_logits(self, x_GSD: jax.Array) -> jax.Array:
         """Router logits in float32 whatever the activation dtype."""
@@ -109,6 +144,7 @@ class MoELayer(nnx.Module):
 
         aux = _routing_metrics(logits_GSE, probs_GSE, r, kept, slots_per_token, valid_GS)
         aux["token_experts"] = jnp.sum(r.mask, axis=-1, dtype=jnp.int32).reshape(b, t)
+        aux["threshold"] = jnp.asarray(self.threshold(), jnp.float32)
         return y_GSD.reshape(b, t, d).astype(x_BTD.dtype), aux
 
     def route(
@@ -122,10 +158,11 @@ class MoELayer(nnx.Module):
         r = routing.route(
             probs_GSE,
             cfg.router,
-            threshold=cfg.threshold,
+            threshold=self.threshold(),
             top_k=cfg.top_k,
             max_k=cfg.max_k,
             renormalize=cfg.renormalize,
+            bias=self.selection_bias(),
         )
         if valid_GS is not None:
             keep_GS1 = valid_GS[..., None]
@@ -230,6 +267,7 @@ def _routing_metrics(logits, probs, r: routing.Routing, kept, slots_per_token, v
     per_token = jnp.sum(mask_f, axis=-1)
     total = jnp.sum(per_token)
     selections = jnp.maximum(total, 1.0)  # 0 only when every token is padding
+    load_E = jnp.sum(mask_f.reshape(-1, num_experts), axis=0) / selections
     counts = jnp.ones_like(per_token, bool) if valid is None else valid
     mean = lambda x: routing.token_mean(x[..., None], valid)[0]  # noqa: E731
     return {
@@ -241,6 +279,7 @@ def _routing_metrics(logits, probs, r: routing.Routing, kept, slots_per_token, v
         "experts_per_token_min": jnp.min(jnp.where(counts, per_token, num_experts)),
         "slots_per_token": jnp.asarray(slots_per_token, jnp.float32),
         "dropped_fraction": (total - kept) / selections,
-        "expert_load": jnp.sum(mask_f.reshape(-1, num_experts), axis=0) / selections,
+        "expert_load": load_E,
+        "max_load_ratio": num_experts * jnp.max(load_E),
         "router_confidence": mean(jnp.max(probs, axis=-1)),
     }

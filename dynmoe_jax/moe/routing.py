@@ -89,8 +89,10 @@ def _inverse_permutation(rank: jax.Array) -> jax.Array:
     return order_NE.reshape(rank.shape)
 
 
-def _top_p_by_rank(probs: jax.Array, threshold: float, max_k: int | None) -> tuple:
-    order, rank = descending_order(probs)
+def _top_p_by_rank(
+    probs: jax.Array, threshold: float | jax.Array, max_k: int | None, scores: jax.Array
+) -> tuple:
+    order, rank = descending_order(scores)
     sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
     # Rank r is selected while the mass of the ranks before it is still below the threshold:
     # this includes the expert whose probability crosses it, and always rank 0. The mass before
@@ -121,7 +123,7 @@ def top_p_mask(probs: jax.Array, threshold: float, max_k: int | None = None) -> 
 
     ``max_k`` caps the number selected (None: no cap, as in the paper).
     """
-    return _top_p_by_rank(probs, threshold, max_k)[0]
+    return _top_p_by_rank(probs, threshold, max_k, probs)[0]
 
 
 def top_k_mask(probs: jax.Array, k: int) -> jax.Array:
@@ -147,17 +149,23 @@ def route(
     top_k: int = 2,
     max_k: int | None = None,
     renormalize: bool | None = None,
+    bias: jax.Array | None = None,
 ) -> Routing:
     """Applies a routing rule to float32 probabilities.
 
     ``renormalize=None`` picks the paper's choice: raw probabilities for top-p, renormalised for
-    top-k.
+    top-k. ``threshold`` may be a traced scalar (a controller's). ``bias`` [E] (aux-loss-free
+    balancing) moves experts in the order of selection only: experts are ranked by
+    ``log P + bias``, top-k takes the first k of that order, and top-p walks it summing the
+    unbiased probabilities until they reach the threshold; the combine weights stay the
+    unbiased probabilities.
     """
     router = Router(router)
+    scores = probs if bias is None else jnp.log(probs) + bias
     if router is Router.TOP_P:
-        mask, rank = _top_p_by_rank(probs, threshold, max_k)
+        mask, rank = _top_p_by_rank(probs, threshold, max_k, scores)
     else:
-        rank = descending_order(probs)[1]
+        rank = descending_order(scores)[1]
         mask = rank < top_k
     if renormalize is None:
         renormalize = router is Router.TOP_K

@@ -10,7 +10,8 @@ from dynmoe_jax.train.batches import Batch
 from dynmoe_jax.train.task import Task
 
 # Per-layer metrics averaged into one number for the log.
-LAYER_MEANS = ("experts_per_token", "slots_per_token", "dropped_fraction", "router_confidence")
+LAYER_MEANS = ("experts_per_token", "slots_per_token", "dropped_fraction", "router_confidence",
+               "max_load_ratio")  # fmt: skip
 
 
 def cross_entropy(logits_BTV, targets_BT, weights_BT) -> tuple[jax.Array, jax.Array]:
@@ -42,5 +43,7 @@ def forward(task: Task, params, batch: Batch) -> tuple[jax.Array, dict[str, jax.
     if layer:
         metrics.update({k: jnp.mean(layer[k]) for k in LAYER_MEANS})
         metrics["experts_per_layer"] = layer["experts_per_token"]
+        metrics["threshold_per_layer"] = layer["threshold"]
+        metrics["expert_load_per_layer"] = layer["expert_load"]
         metrics["experts_per_token_max"] = jnp.max(layer["experts_per_token_max"])
     return loss, metrics

@@ -48,7 +48,8 @@ def make_train_step(task: Task) -> TrainStep:
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, opt_state = task.optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params = update_routing(task, optax.apply_updates(state.params, updates), metrics)
+        metrics.pop("expert_load_per_layer", None)  # read by the update; [L, E] stays out of logs
         keep_if_bad = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         first_bad = (state.first_nonfinite_step < 0) & ~finite
         new_state = TrainState(
@@ -70,6 +71,23 @@ def make_train_step(task: Task) -> TrainStep:
         out_shardings=(shardings, None),
         donate_argnums=0,
     )
+
+
+def update_routing(task: Task, params: Any, metrics: dict) -> Any:
+    """``params`` with each MoE layer's routing state moved by the rules of ``moe/balance.py``
+    from this step's metrics (means over the global batch, and over its micro-batches)."""
+    moe = task.model_cfg.moe
+    if moe is None or (moe.target_k is None and not moe.bias_balance):
+        return params
+    model = nnx.merge(task.graphdef, params)
+    k_L, load_LE = metrics["experts_per_layer"], metrics["expert_load_per_layer"]
+    first = 0
+    for layer in model.moe_layers():
+        count = task.model_cfg.num_moe_layers if task.model_cfg.scan_layers else 1
+        at = slice(first, first + count) if task.model_cfg.scan_layers else first
+        layer.update_routing(k_L[at], load_LE[at])
+        first += count
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def make_eval_step(task: Task) -> Callable[[Any, Batch], dict]:

@@ -21,6 +21,7 @@ from dynmoe_jax import sharding as sharding_lib
 from dynmoe_jax.config import RunConfig, mesh_for
 from dynmoe_jax.model.config import ModelConfig
 from dynmoe_jax.model.decoder import Decoder, abstract_decoder
+from dynmoe_jax.moe import balance
 from dynmoe_jax.pretrained import init_from as init_from_lib
 from dynmoe_jax.train import checkpoint as ckpt_lib
 from dynmoe_jax.train.batches import check_batch_split
@@ -63,10 +64,13 @@ def learning_rate_schedule(config: RunConfig) -> optax.Schedule:
 
 def make_optimizer(config: RunConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
     def decay_mask(params):
-        # Norm scales stay undecayed, as in LLaMA-style training.
-        return jax.tree_util.tree_map_with_path(
-            lambda path, _: "scale" not in jax.tree_util.keystr(path), params
-        )
+        # Norm scales stay undecayed, as in LLaMA-style training. The routers' state
+        # (moe/balance.py) gets no weight decay, and with its gradient stopped no update:
+        # it moves by its own rules after each step.
+        def decays(path, _) -> bool:
+            return "scale" not in jax.tree_util.keystr(path) and path[-1].key not in balance.FROZEN
+
+        return jax.tree_util.tree_map_with_path(decays, params)
 
     adamw = optax.adamw(
         schedule,
