@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= runs/default
 ARGS ?=
 
-.PHONY: install bible train test lint format clean
+.PHONY: install bible train test lint format clean clean-runs
 
 $(STAMP): requirements.txt pyproject.toml
 	@echo "install: creating $(VENV) and installing the pinned packages (a few minutes the first time)"
@@ -47,5 +47,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# `make clean` removes what `make install` and the tools made: the venv and the caches of
+# pytest and ruff. Training runs (checkpoints, metrics) under runs/ are kept; `make clean-runs`
+# deletes them, naming what it deletes. The corpus cache (~/.cache/dynmoe_jax or
+# $DYNMOE_DATA_DIR) is left to the user: rebuilding it takes minutes.
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	@echo "clean: deleting $(VENV)/ .pytest_cache/ .ruff_cache/ (runs/ is kept; see make clean-runs)"
+	@rm -rf $(VENV) .pytest_cache .ruff_cache
+
+clean-runs:
+	@echo "clean-runs: deleting runs/ (every training run's checkpoints and metrics)"
+	@rm -rf runs

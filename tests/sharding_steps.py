@@ -25,18 +25,21 @@ def run_steps(
     mesh_shape: str, data_dir: str, num_steps: int, devices=None, reads: dict | None = None
 ) -> list[float]:
     """Losses of ``num_steps`` steps; each process reads only its rows of every batch, as the
-    training loop does. ``reads``, if given, receives those rows and the windows read."""
+    training loop does. ``reads``, if given, receives those rows and the windows (rows of the
+    host batches) this process produced."""
     config = tiny_config(mesh_shape, data_dir)
     data = data_lib.from_config(config)
     task = train.build_task(config, data.vocab_size, devices)
     state = train.init_state(task)
     step = train.make_train_step(task)
     rows = train.process_rows(task)
-    losses = []
+    losses, windows = [], 0
     with jax.set_mesh(task.mesh):
         for i in range(num_steps):
-            state, metrics = step(state, train.put_batch(task, data.train_batch(i, rows)))
+            batch = data.train_batch(i, rows)
+            windows += len(batch["inputs"])
+            state, metrics = step(state, train.put_batch(task, batch))
             losses.append(float(metrics["loss"]))
     if reads is not None:
-        reads.update(rows=rows.tolist(), windows_read=data.windows_read)
+        reads.update(rows=rows.tolist(), windows_read=windows)
     return losses

@@ -2,6 +2,7 @@
 
 import collections
 import json
+import logging
 import pathlib
 import shutil
 import subprocess
@@ -43,6 +44,8 @@ def _load(data_dir, **overrides):
         batch_size=BATCH,
         seed=0,
         vocab_size=VOCAB,
+        eval_batches=None,  # all of them
+        fallback_dataset="",  # a missing corpus is an error
     )
     fields.update(overrides)
     return data_lib.from_config(fields)
@@ -51,11 +54,17 @@ def _load(data_dir, **overrides):
 # ----------------------------------------------------------------------------- builder
 
 
+def _split_records(built, split: str) -> list[str]:
+    """Every record of a prepared split, through the public reader the pipeline uses."""
+    source = builder_lib.split_source(built, split)
+    return list(corpora.records_from_source(source, built.builder_config.corpus))
+
+
 def test_builder_builds_pydoc_offline_with_disjoint_splits(tmp_path):
     records = corpora.load_records("pydoc")
     built = builder_lib.prepare("pydoc", str(tmp_path))
-    train = builder_lib.read_split(built, "train")
-    validation = builder_lib.read_split(built, "validation")
+    train = _split_records(built, "train")
+    validation = _split_records(built, "validation")
 
     assert train and validation
     # Each record lands in exactly one split, chosen by the hash of its index, in corpus order.
@@ -132,8 +141,13 @@ def test_kjv_missing_command_gives_install_hint():
     assert issubclass(corpora.CorpusUnavailableError, ConfigError)
 
 
-def test_missing_corpus_without_fallback_is_an_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpora.shutil, "which", lambda name: None)
+def _without_bible(monkeypatch, tmp_path_factory):
+    """A PATH on which no `bible` program is found."""
+    monkeypatch.setenv("PATH", str(tmp_path_factory.mktemp("empty_path")))
+
+
+def test_missing_corpus_without_fallback_is_an_error(tmp_path, monkeypatch, tmp_path_factory):
+    _without_bible(monkeypatch, tmp_path_factory)
     with pytest.raises(corpora.CorpusUnavailableError) as err:
         _load(tmp_path, dataset="kjv")
     assert str(err.value).startswith(
@@ -143,8 +157,10 @@ def test_missing_corpus_without_fallback_is_an_error(tmp_path, monkeypatch):
     assert "\n" not in str(err.value)
 
 
-def test_fallback_is_used_only_when_configured(pydoc_dir, pydoc_data, monkeypatch, capsys):
-    monkeypatch.setattr(corpora.shutil, "which", lambda name: None)
+def test_fallback_is_used_only_when_configured(
+    pydoc_dir, pydoc_data, monkeypatch, capsys, tmp_path_factory
+):
+    _without_bible(monkeypatch, tmp_path_factory)
     data = _load(pydoc_dir, dataset="kjv", fallback_dataset="pydoc")
     assert (data.config.dataset, data.requested_dataset) == ("pydoc", "kjv")
     out = capsys.readouterr().out
@@ -237,9 +253,7 @@ def test_packing_matches_a_hand_built_example():
 
 def test_train_batches_are_windows_of_the_record_stream(pydoc_data):
     tok = pydoc_data.tokenizer
-    records = builder_lib.read_split(
-        builder_lib.make_builder("pydoc", pydoc_data.config.data_dir), "train"
-    )
+    records = _split_records(builder_lib.make_builder("pydoc", pydoc_data.config.data_dir), "train")
     expected = pipeline.pack_records((tok.encode(r) for r in records), tok.eos_id)
     np.testing.assert_array_equal(pydoc_data.train_stream, expected)
 
@@ -277,15 +291,13 @@ def test_train_batch_is_a_pure_function_of_seed_and_step(pydoc_data, tmp_path):
 
 def test_each_epoch_is_a_different_permutation():
     windows = np.arange(12)[:, None] * np.ones((1, 3), np.int32)
-    dataset = pipeline.shuffled_batches(windows, batch_size=4, seed=7)
-    epochs = [
-        np.concatenate([dataset[s][:, 0] for s in range(e * 3, e * 3 + 3)]) for e in (0, 1, 2)
-    ]
+    dataset = pipeline.shuffled_sequences(windows, seed=7)
+    epochs = [np.array([dataset[i][0] for i in range(e * 12, e * 12 + 12)]) for e in (0, 1, 2)]
     for order in epochs:
         assert sorted(order.tolist()) == list(range(12))
     assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
-    again = pipeline.shuffled_batches(windows, batch_size=4, seed=7)
-    np.testing.assert_array_equal(again[5], dataset[5])
+    again = pipeline.shuffled_sequences(windows, seed=7)
+    np.testing.assert_array_equal(again[21], dataset[21])
 
 
 def test_eval_batches_are_fixed_padded_and_cover_validation(pydoc_data):
@@ -432,17 +444,36 @@ def test_lazy_windows_match_the_window_matrix(pydoc_data):
         windows = pipeline.Windows(stream, SEQ_LEN, pad_tail=pad_tail)
         assert len(windows) == len(expected)
         np.testing.assert_array_equal(np.stack([windows[i] for i in range(len(windows))]), expected)
-        assert windows.reads == len(expected)
         with pytest.raises(IndexError):
             windows[len(windows)]
+
+
+class _CountingStream:
+    """A token stream that records the spans read from it (the pipeline slices its stream)."""
+
+    def __init__(self, stream):
+        self._stream, self.reads = np.asarray(stream), []
+
+    def view(self, _):
+        return self  # stands in for the plain view the pipeline takes of a memory map
+
+    def __len__(self):
+        return len(self._stream)
+
+    def __getitem__(self, key):
+        self.reads.append((key.start, key.stop))
+        return self._stream[key]
 
 
 def test_rows_of_a_batch_read_only_those_windows(pydoc_dir):
     data = _load(pydoc_dir)
     full = data.train_batch(7)
-    before = data.windows_read
-    part = data.train_batch(7, rows=[3, 1])
-    assert data.windows_read - before == 2
+    counted = _CountingStream(data.train_stream)
+    counting = pipeline.Data(data.config, data.tokenizer, counted, data.validation_stream,
+                             train_counts=np.zeros(data.vocab_size, np.int64))  # fmt: skip
+    part = counting.train_batch(7, rows=[3, 1])
+    width = SEQ_LEN + 1
+    assert len(counted.reads) == 2 and all(stop - start == width for start, stop in counted.reads)
     for key in ("inputs", "targets", "weights"):
         np.testing.assert_array_equal(part[key], full[key][[3, 1]])
     last = list(data.eval_batches())[-1]
@@ -467,26 +498,22 @@ def test_build_in_small_shards_keeps_records_and_order(tmp_path, monkeypatch):
     for i in range(12):
         text = "\n\n".join(f"File {i} paragraph {j}: " + "word " * (10 * j) for j in range(30))
         (corpus / f"{i:02d}.txt").write_text(text)
-    monkeypatch.setattr(builder_lib, "SHARD_BYTES", 5000)  # about one file per shard
     name = f"text_dir:{corpus}"
-    built = builder_lib.prepare(name, str(tmp_path / "data"))
+    built = builder_lib.prepare(name, str(tmp_path / "data"), shard_bytes=5000)  # a file a shard
     records = corpora.load_records(name)
     mask = builder_lib.validation_mask(len(records), builder_lib.DEFAULT_VALIDATION_PERCENT)
     held_out = dict(zip(range(len(records)), mask, strict=True))
     train = [r for i, r in enumerate(records) if not held_out[i]]
-    assert builder_lib.read_split(built, "train") == train
-    assert builder_lib.read_split(built, "validation") == [
-        r for i, r in enumerate(records) if held_out[i]
-    ]
+    assert _split_records(built, "train") == train
+    assert _split_records(built, "validation") == [r for i, r in enumerate(records) if held_out[i]]
     shards = list((tmp_path / "data").rglob("*train.array_record-*"))
     assert len(shards) == 12
 
 
-def test_tokenizer_trains_on_every_kth_record_of_a_large_split(pydoc_dir, monkeypatch):
-    monkeypatch.setattr(loading, "TOKENIZER_RECORDS", 100)
+def test_tokenizer_trains_on_every_kth_record_of_a_large_split(pydoc_dir):
     config = DataConfig(dataset="pydoc", data_dir=str(pydoc_dir), seq_len=SEQ_LEN, batch_size=4)
-    sample = loading._Corpus(config).tokenizer_sample()
-    records = builder_lib.read_split(builder_lib.make_builder("pydoc", str(pydoc_dir)), "train")
+    sample = loading._Corpus(config).tokenizer_sample(max_records=100)
+    records = _split_records(builder_lib.make_builder("pydoc", str(pydoc_dir)), "train")
     stride = -(-len(records) // 100)
     assert stride > 1 and list(sample) == records[::stride] and len(sample) <= 100
 
@@ -527,3 +554,51 @@ def test_pipeline_memory_does_not_grow_with_the_corpus(tmp_path):
     growth = large["rss_anon_peak_above_baseline"] - small["rss_anon_peak_above_baseline"]
     assert growth < 8 * mib, (small, large)
     assert large["rss_anon_peak_above_baseline"] < 64 * mib, large
+
+
+def test_text_dir_that_is_a_file_is_not_a_folder(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("A file, not a folder.\n")
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path / "data", dataset=f"text_dir:{readme}")
+    assert str(err.value) == (
+        f"dataset='text_dir:{readme}' is invalid: allowed text_dir:PATH naming a folder "
+        f"({readme} is not a folder)"
+    )
+
+
+@pytest.mark.parametrize("cache_exists", [False, True])
+def test_a_failed_build_leaves_no_folder_behind(tmp_path, cache_exists):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("  \n\n")
+    cache = tmp_path / "cache"
+    if cache_exists:  # a cache holding another corpus already: only the new folders go
+        builder_lib.prepare("pydoc", str(cache))
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(ConfigError, match="no non-empty .txt file"):
+        builder_lib.prepare(f"text_dir:{empty}", str(cache))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_text_dir_builds_without_tfds_custom_config_warnings(tmp_path, caplog):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("\n\n".join(f"Paragraph {i} of the corpus." for i in range(40)))
+    with caplog.at_level(logging.DEBUG):
+        data = _load(tmp_path / "data", dataset=f"text_dir:{corpus}", tokenizer="bytes", seq_len=8)
+        again = _load(tmp_path / "data", dataset=f"text_dir:{corpus}", tokenizer="bytes", seq_len=8)
+    assert not [r for r in caplog.records if "custom data configuration" in r.getMessage()]
+    np.testing.assert_array_equal(again.train_stream, data.train_stream)
+
+
+def test_summary_counts_one_in_the_singular(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("\n\n".join(f"Line {i:03d} here." for i in range(60)))
+    data = _load(tmp_path / "data", dataset=f"text_dir:{corpus}", tokenizer="bytes", seq_len=8,
+                 batch_size=64, eval_batches=1)  # fmt: skip
+    assert data.num_validation_batches == data.num_eval_batches == 1
+    lines = data.summary().splitlines()
+    assert " of 8 tokens (" in lines[1]
+    assert lines[2].startswith("data: validation split: 1 of 1 batch used (")

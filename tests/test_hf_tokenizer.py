@@ -106,7 +106,8 @@ def test_data_with_a_checkpoint_tokenizer(tmp_path):
     folder = checkpoint_dir(tmp_path / "ckpt", {"eos_token_id": None})
     tok = HFTokenizer.from_dir(folder)
     fields = dict(dataset=f"text_dir:{corpus}", data_dir=str(tmp_path / "cache"), seq_len=16,
-                  batch_size=4, init_from=str(folder), vocab_size=512)  # fmt: skip
+                  batch_size=4, init_from=str(folder), vocab_size=512,
+                  eval_batches=None)  # fmt: skip
     data = data_lib.from_config(fields)
     assert (data.vocab_size, data.eos_id, data.pad_id) == (tok.vocab_size, tok.eos_id, tok.eos_id)
     assert data.tokenizer.fingerprint == tok.fingerprint
@@ -126,3 +127,47 @@ def test_data_with_a_checkpoint_tokenizer(tmp_path):
     again = data_lib.from_config({**fields, "init_from": str(other)})
     assert len(list((tmp_path / "cache" / "packed").glob("*[nt].npy"))) == 4  # not *.counts.npy
     assert not np.array_equal(again.train_stream, data.train_stream)
+
+
+# A byte-level BPE written by hand, as some checkpoints ship it: no decoder. The byte symbols
+# are GPT-2's: a space is "Ġ" (U+0120), "é" is the two bytes C3 A9, spelt "Ã" and "©".
+BYTE_LEVEL_VOCAB = ["H", "i", "Ġ", "Ã", "©", "!", "Hi", "Ã©", "Ġw", "w", "ĠwÃ©", "<|endoftext|>"]
+
+
+def byte_level_json(decoder=None, pre_tokenizer=None) -> bytes:
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                  "use_regex": True}  # fmt: skip
+    eos = len(BYTE_LEVEL_VOCAB) - 1
+    return json.dumps({
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": eos, "content": "<|endoftext|>", "single_word": False,
+                          "lstrip": False, "rstrip": False, "normalized": False,
+                          "special": True}],
+        "normalizer": None, "pre_tokenizer": pre_tokenizer or byte_level,
+        "post_processor": None, "decoder": decoder,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(BYTE_LEVEL_VOCAB)},
+                  "merges": ["H i", "Ã ©", "Ġ w", "Ġw Ã©"]},
+    }).encode()  # fmt: skip
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["byte_level", "in_a_sequence"])
+def test_a_byte_level_tokenizer_without_decoder_decodes_to_bytes(nested):
+    byte_level = json.loads(byte_level_json())["pre_tokenizer"]
+    sequence = {
+        "type": "Sequence",
+        "pretokenizers": [{"type": "Digits", "individual_digits": True}, byte_level],
+    }
+    tok = HFTokenizer(byte_level_json(pre_tokenizer=sequence if nested else None))
+    ids = tok.encode("Hi wé!")
+    assert [BYTE_LEVEL_VOCAB[i] for i in ids] == ["Hi", "ĠwÃ©", "!"]
+    assert tok.decode([*ids, tok.eos_id]) == "Hi wé!"
+
+
+def test_a_tokenizer_with_its_own_decoder_keeps_it():
+    # A decoder that only strips the space symbol: kept as written, so "Ã©" stays spelt.
+    strip = {"type": "Replace", "pattern": {"String": "Ġ"}, "content": " "}
+    tok = HFTokenizer(byte_level_json(decoder=strip))
+    assert tok.decode(tok.encode("Hi wé!")) == "Hi wÃ©!"

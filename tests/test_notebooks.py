@@ -80,19 +80,30 @@ def _install_cell(name: str) -> str:
 
 
 @pytest.mark.parametrize("name", ["quickstart.ipynb", "routing_analysis.ipynb"])
-def test_install_cell_needs_a_source_and_never_guesses_one(name, tmp_path, monkeypatch):
-    """Where the package is missing: one clear error without REPO_URL or a wheel, else pip
-    on what the user gave. pip is replaced by a recorder: nothing touches the network."""
+def test_install_cell_installs_from_the_clone_else_from_what_the_user_gave(
+    name, tmp_path, monkeypatch
+):
+    """Where the package is missing: pip on the clone the notebook is opened in, else on
+    REPO_URL or an uploaded wheel, else one clear error. pip is replaced by a recorder:
+    nothing touches the network."""
     source = _install_cell(name)
-    assert source.count('REPO_URL = ""') == 1
+    assert source.count('REPO_URL = ""') == 1 and "python -m build" not in source
     calls = []
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(subprocess, "check_call", lambda argv: calls.append(argv))
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(RuntimeError, match="set REPO_URL in the first cell") as err:
+    clone = tmp_path / "clone"
+    (clone / "notebooks").mkdir(parents=True)
+    (clone / "pyproject.toml").write_text((NOTEBOOKS.parent / "pyproject.toml").read_text())
+    monkeypatch.chdir(clone / "notebooks")
+    exec(source, {})
+    assert calls[-1][-1] == str(clone)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(RuntimeError, match="not in a clone of it: .*set REPO_URL") as err:
         exec(source, {})
-    assert "\n" not in str(err.value) and calls == []
-    (tmp_path / "dynmoe_jax-0.1.0-py3-none-any.whl").write_bytes(b"")
+    assert "\n" not in str(err.value) and len(calls) == 1
+    (elsewhere / "dynmoe_jax-0.1.0-py3-none-any.whl").write_bytes(b"")
     exec(source, {})
     assert calls[-1][-1] == "dynmoe_jax-0.1.0-py3-none-any.whl"
     exec(source.replace('REPO_URL = ""', 'REPO_URL = "git+https://example.org/x.git"'), {})

@@ -114,8 +114,8 @@ def test_overrides_switch_the_router():
 
 
 def test_dtype_override():
-    cfg = hf_model_config(FIXTURES / "mixtral", dtype="bfloat16", remat=True)
-    assert cfg.dtype == jnp.bfloat16 and cfg.moe.dtype == jnp.bfloat16
+    cfg = hf_model_config(FIXTURES / "mixtral", dtype="bfloat16", remat="full")
+    assert jnp.dtype(cfg.dtype) == jnp.bfloat16 and jnp.dtype(cfg.moe.dtype) == jnp.bfloat16
     assert cfg.remat is Remat.FULL
 
 
@@ -283,6 +283,21 @@ def test_ignorable_tensor_is_ignored(tmp_path):
 def test_missing_config(tmp_path):
     with pytest.raises(PretrainedError, match=r"^path=.* holding config\.json"):
         from_hf(tmp_path)
+
+
+def test_truncated_checkpoint_is_one_line(tmp_path):
+    path = _copy("olmoe", tmp_path)
+    weights = path / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:  # an interrupted download: the tail of the data is missing
+        f.truncate(size - 1000)
+    with pytest.raises(PretrainedError) as err:
+        from_hf(path)
+    assert str(err.value) == (
+        f"{weights}: truncated: its header announces {size} bytes, the file holds {size - 1000}"
+    )
+    # One traceback: nothing chained to it is printed ("During handling of ...").
+    assert err.value.__cause__ is None and err.value.__suppress_context__
 
 
 def test_value_the_decoder_rejects_names_the_checkpoint(tmp_path):

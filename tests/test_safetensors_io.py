@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 
@@ -132,3 +133,38 @@ def test_bad_specs_are_refused_before_anything_is_written(tmp_path, specs, metad
     with pytest.raises(SafetensorsError, match=message):
         write_safetensors(tmp_path / "t.safetensors", specs, lambda n: 1 / 0, metadata)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99])
+def test_a_truncated_file_is_one_line_naming_it(tmp_path, keep):
+    arrays = _arrays()
+    path = _write(tmp_path / SINGLE_FILE, arrays)
+    size = path.stat().st_size
+    os.truncate(path, int(size * keep))
+    with pytest.raises(SafetensorsError) as err:
+        checkpoint_tensors(tmp_path)
+    needed = 8 + struct.unpack("<Q", path.read_bytes()[:8])[0] if keep < 0.9 else size
+    assert re.fullmatch(
+        rf"{re.escape(str(path))}: truncated: its header (alone needs|announces) {needed} bytes, "
+        f"the file holds {int(size * keep)}",
+        str(err.value),
+    )
+    assert err.value.__cause__ is None and err.value.__suppress_context__ is False
+    assert err.value.__context__ is None  # raised on its own: no chained traceback
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"dtype": "F32", "shape": [2]}, "tensor a has no valid dtype, shape and data_offsets"),
+        ({"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}, r"\[0, 8\], which do not hold"),
+        ({"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}, "dtype C64 \\(readable: F64"),
+    ],
+)
+def test_a_bad_header_entry_is_one_line_naming_it(tmp_path, entry, message):
+    header = json.dumps({"a": entry}).encode()
+    (tmp_path / SINGLE_FILE).write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
+    with pytest.raises(SafetensorsError, match=f"^{re.escape(str(tmp_path / SINGLE_FILE))}: "):
+        checkpoint_tensors(tmp_path)
+    with pytest.raises(SafetensorsError, match=message):
+        checkpoint_tensors(tmp_path)

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import pathlib
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
@@ -112,7 +113,7 @@ class _Plan:
     held_out: np.ndarray  # [records] bool: the record goes to validation
 
     @classmethod
-    def count(cls, corpus: str, validation_percent: int) -> _Plan:
+    def count(cls, corpus: str, validation_percent: int, shard_bytes: int) -> _Plan:
         parts = corpora.record_parts(corpus)
         if len(parts) == 1:  # kjv, pydoc: small, and kjv runs a program to read, so keep it
             records = parts[0]()
@@ -127,7 +128,7 @@ class _Plan:
             corpora.no_records(corpus)
         shards, first, size = [], 0, 0
         for index, part_size in enumerate(sizes):
-            if index > first and size + part_size > SHARD_BYTES:
+            if index > first and size + part_size > shard_bytes:
                 shards.append((first, index))
                 first, size = index, 0
             size += part_size
@@ -160,6 +161,17 @@ class DynmoeText(tfds.core.ShardBasedBuilder):
     corpus. The records and their order are those of the former whole-corpus build.
     """
 
+    def __init__(self, *, shard_bytes: int = SHARD_BYTES, **kwargs):
+        """``shard_bytes``: text per shard; the other arguments are TFDS's."""
+        self._shard_bytes = shard_bytes
+        super().__init__(**kwargs)
+
+    @classmethod
+    def get_builder_config(cls, name: str, version=None) -> tfds.core.BuilderConfig | None:
+        """The registered configs and those ``make_builder`` made (text_dir folders, other
+        validation shares), so that TFDS knows them and does not warn of a custom one."""
+        return super().get_builder_config(name, version) or _MADE_CONFIGS.get(name)
+
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     BUILDER_CONFIGS = [
@@ -180,7 +192,7 @@ class DynmoeText(tfds.core.ShardBasedBuilder):
     def _shard_iterators_per_split(self, dl_manager: tfds.download.DownloadManager):
         del dl_manager  # everything is local
         config = self.builder_config
-        plan = _Plan.count(config.corpus, config.validation_percent)
+        plan = _Plan.count(config.corpus, config.validation_percent, self._shard_bytes)
         num_held_out = int(plan.held_out.sum())
         print(f"data: writing {len(plan.held_out) - num_held_out} train and {num_held_out} "
               f"validation records", flush=True)  # fmt: skip
@@ -196,41 +208,65 @@ class DynmoeText(tfds.core.ShardBasedBuilder):
         print(f"data: built {self.builder_config.corpus}", flush=True)
 
 
+# Configs made for corpora that are not registered, by name (the name hashes the folder).
+_MADE_CONFIGS: dict[str, DynmoeTextConfig] = {}
+
+
 def make_builder(
     corpus: str,
     data_dir: str,
     validation_percent: int = DEFAULT_VALIDATION_PERCENT,
+    shard_bytes: int = SHARD_BYTES,
 ) -> DynmoeText:
-    """A (not yet prepared) builder for a local corpus, writing ArrayRecord files to data_dir."""
+    """A (not yet prepared) builder for a local corpus, writing ArrayRecord files to data_dir;
+    ``shard_bytes``: text per ArrayRecord shard (it bounds a build's memory)."""
     check_validation_percent(validation_percent)
     name = config_name(corpus, validation_percent)
-    registered = DynmoeText.builder_configs.get(name)
-    if registered is not None:
-        config = registered
-    else:
+    config = DynmoeText.builder_configs.get(name)
+    if config is None:
         config = DynmoeTextConfig(
             name=name,
             corpus=corpus,
             validation_percent=validation_percent,
             description=f"{corpus} with {validation_percent}% validation",
         )
-    return DynmoeText(config=config, data_dir=data_dir, file_format="array_record")
+        _MADE_CONFIGS[name] = config
+    return DynmoeText(
+        config=config, data_dir=data_dir, file_format="array_record", shard_bytes=shard_bytes
+    )
 
 
 def prepare(
     corpus: str,
     data_dir: str,
     validation_percent: int = DEFAULT_VALIDATION_PERCENT,
+    shard_bytes: int = SHARD_BYTES,
 ) -> DynmoeText:
-    """Builds the corpus into data_dir once (offline) and returns the ready builder."""
-    builder = make_builder(corpus, data_dir, validation_percent)
-    with _no_tfds_progress_bars():
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(
-                compute_stats=tfds.download.ComputeStatsMode.SKIP,
+    """Builds the corpus into data_dir once (offline) and returns the ready builder. A build
+    that fails removes the folders it created, so no empty cache is left behind."""
+    builder = make_builder(corpus, data_dir, validation_percent, shard_bytes)
+    created = _new_folders(data_dir, builder)
+    try:
+        with _no_tfds_progress_bars():
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(
+                    compute_stats=tfds.download.ComputeStatsMode.SKIP,
+                )
             )
-        )
+    except BaseException:
+        for folder in created:  # outermost first: an inner one may already be gone
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     return builder
+
+
+def _new_folders(data_dir: str, builder: DynmoeText) -> list[pathlib.Path]:
+    """The folders a build of ``builder`` would create that do not exist yet, outermost first:
+    the cache, TFDS's downloads folder, the dataset's folder and the config's."""
+    root = pathlib.Path(data_dir)
+    config_dir = pathlib.Path(builder.data_dir).parent  # <data_dir>/<dataset>/<config>
+    folders = [root, root / "downloads", config_dir.parent, config_dir]
+    return [folder for folder in folders if not folder.exists()]
 
 
 @contextlib.contextmanager
@@ -243,13 +279,6 @@ def _no_tfds_progress_bars():
         yield
     finally:
         tfds.display_progress_bar(was_active)
-
-
-def read_split(builder: tfds.core.DatasetBuilder, split: str) -> list[str]:
-    """All ``text`` records of a prepared split as a list (small corpora and tests only; the
-    pipeline reads through ``split_source`` in chunks)."""
-    name = builder.builder_config.corpus
-    return list(corpora.records_from_source(split_source(builder, split), name))
 
 
 def split_source(builder: tfds.core.DatasetBuilder, split: str) -> Sequence[dict]:

@@ -47,6 +47,11 @@ class HFTokenizer:
         # records and pads by itself.
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
+        spec = json.loads(tokenizer_json)
+        if spec.get("decoder") is None and _is_byte_level(spec.get("pre_tokenizer")):
+            # Without a decoder, tokens are joined as spelt: byte-level pieces such as "Ġword"
+            # would reach the text. The byte-level decoder maps them back to their bytes.
+            self._tokenizer.decoder = tokenizers.decoders.ByteLevel()
         vocab = self._tokenizer.get_vocab(with_added_tokens=True)
         self.vocab_size = max(vocab.values()) + 1
         self.eos_id = self._eos_id(vocab, eos_token)
@@ -90,6 +95,15 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; special tokens (BOS, EOS, padding) decode to nothing."""
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def _is_byte_level(pre_tokenizer: dict | None) -> bool:
+    """Whether a tokenizer.json pre-tokenizer is ByteLevel, alone or inside a Sequence."""
+    if not isinstance(pre_tokenizer, dict):
+        return False
+    if pre_tokenizer.get("type") == "ByteLevel":
+        return True
+    return any(_is_byte_level(p) for p in pre_tokenizer.get("pretokenizers") or [])
 
 
 def _configured_eos(folder: pathlib.Path) -> int | str | None:

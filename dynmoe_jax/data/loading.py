@@ -180,10 +180,10 @@ class _Corpus:
             self.source(split), self._config.dataset, self.num_records(split), stride
         )
 
-    def tokenizer_sample(self) -> _Records:
-        """At most ``TOKENIZER_RECORDS`` train records, evenly spread over the split."""
+    def tokenizer_sample(self, max_records: int = TOKENIZER_RECORDS) -> _Records:
+        """At most ``max_records`` train records, evenly spread over the split."""
         count = self.num_records("train")
-        stride = max(1, math.ceil(count / TOKENIZER_RECORDS))
+        stride = max(1, math.ceil(count / max_records))
         keys = range(0, count, stride)
         return _Records(functools.partial(self.records, "train", stride), len(keys))
 
@@ -223,7 +223,8 @@ def _write_stream(
 ) -> None:
     """Tokenizes a split chunk by chunk into an int32 ``.npy`` file (the ``np.save`` format:
     its header is written first for length 0, then rewritten for the final length)."""
-    print(f"data: tokenizing the {split} split ({corpus.num_records(split)} records)", flush=True)
+    n = corpus.num_records(split)
+    print(f"data: tokenizing the {split} split ({n} record{'' if n == 1 else 's'})", flush=True)
     header = {"descr": "<i4", "fortran_order": False, "shape": (0,)}
     with _atomic_file(path) as f:
         np.lib.format.write_array_header_1_0(f, header)

@@ -203,8 +203,6 @@ class Windows:
     """The ``[seq_len + 1]`` windows of a token stream, read on access (what ``window_tokens``
     gives, without materialising it): window ``i`` is ``stream[i * (T + 1) : (i + 1) * (T + 1)]``,
     so a memory-mapped stream is only read where a batch looks.
-
-    ``reads`` counts the windows read, so a test can check what a process touched.
     """
 
     def __init__(self, stream: np.ndarray, seq_len: int, *, pad_tail: bool):
@@ -213,7 +211,6 @@ class Windows:
         self._width = seq_len + 1
         self._num_full, self._tail = divmod(len(stream), self._width)
         self._padded_tail = pad_tail and self._tail > 1  # a 1-token tail has no target
-        self.reads = 0
 
     def __len__(self) -> int:
         return self._num_full + int(self._padded_tail)
@@ -222,7 +219,6 @@ class Windows:
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"window {index} of {len(self)}")
-        self.reads += 1
         start = index * self._width
         if index < self._num_full:
             return np.array(self._stream[start : start + self._width], dtype=np.int32)
@@ -245,12 +241,6 @@ def shuffled_sequences(windows: Sequence, seed: int) -> grain.MapDataset:
     """
     base = int(np.random.SeedSequence(seed).generate_state(1, np.uint32)[0])
     return grain.MapDataset.source(windows).shuffle(seed=base).repeat()
-
-
-def shuffled_batches(windows: Sequence, batch_size: int, seed: int) -> grain.MapDataset:
-    """Endless random-access dataset of ``[batch_size, T + 1]`` window batches: batch ``step``
-    is elements ``step * batch_size ...`` of ``shuffled_sequences(windows, seed)``."""
-    return shuffled_sequences(windows, seed).batch(batch_size)
 
 
 # ----------------------------------------------------------------------------- data
@@ -295,11 +285,6 @@ class Data:
         if train_counts is None:
             train_counts = token_counts(train_stream, self.vocab_size)
         self.unigram_log_probs = log_probs_from_counts(train_counts)
-
-    @property
-    def windows_read(self) -> int:
-        """Train and validation windows read so far (what this process touched)."""
-        return self._train_windows.reads + self._eval_windows.reads
 
     @property
     def num_train_sequences(self) -> int:
@@ -407,11 +392,19 @@ class Data:
         if self.requested_dataset != self.config.dataset:
             corpus += f" (fallback_dataset: dataset={self.requested_dataset} is not installed)"
         unigram = math.exp(self.unigram_cross_entropy())
+        sequences = _counted(self.num_train_sequences, "sequence", "sequences")
         return "\n".join([
             f"data: {corpus} tokenizer={self._tokenizer_name()} vocab={self.vocab_size}",
-            f"data: train split: {self.num_train_sequences} sequences of {self.config.seq_len} "
-            f"tokens ({self.num_train_tokens} tokens), {self.steps_per_epoch:.1f} steps/epoch",
-            f"data: validation split: {self.num_eval_batches} of {self.num_validation_batches} "
-            f"batches used ({self.num_validation_tokens} tokens), unigram perplexity on them "
-            f"{unigram:.1f}",
+            f"data: train split: {sequences} of {_counted(self.config.seq_len, 'token', 'tokens')} "
+            f"({_counted(self.num_train_tokens, 'token', 'tokens')}), "
+            f"{self.steps_per_epoch:.1f} steps/epoch",
+            f"data: validation split: {self.num_eval_batches} of "
+            f"{_counted(self.num_validation_batches, 'batch', 'batches')} used "
+            f"({_counted(self.num_validation_tokens, 'token', 'tokens')}), unigram perplexity on "
+            f"them {unigram:.1f}",
         ])  # fmt: skip
+
+
+def _counted(count: int, one: str, many: str) -> str:
+    """``count`` and the noun in the number it takes: "1 batch", "3 batches"."""
+    return f"{count} {one if count == 1 else many}"

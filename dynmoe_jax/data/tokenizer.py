@@ -185,7 +185,8 @@ def load_or_train_sentencepiece(
     """
     if not model_path.exists():
         sentences = train_sentences()
-        count = f" ({len(sentences)} records)" if isinstance(sentences, Sized) else ""
+        n = len(sentences) if isinstance(sentences, Sized) else None
+        count = "" if n is None else f" ({n} record{'' if n == 1 else 's'})"
         print(f"data: training a {vocab_size}-piece SentencePiece tokenizer on the train split"
               f"{count}", flush=True)  # fmt: skip
         atomic_write_bytes(model_path, train_sentencepiece(sentences, vocab_size, model_type))

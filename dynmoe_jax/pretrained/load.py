@@ -131,7 +131,10 @@ def from_hf(path: str | Path, *, mesh: Mesh | None = None, dtype: Any = None,
     # nnx.state hands out the module's own Variables: setting one fills the model in place.
     for _path, rule, sources, var in _plan(model, family, arch, directory, tensors):
         shape, target = tuple(var.get_value().shape), var.get_value().dtype
-        host = hf_layout.cast(rule.convert(tensors, sources, shape), target)
+        try:
+            host = hf_layout.cast(rule.convert(tensors, sources, shape), target)
+        except SafetensorsError as e:  # a file changed or cut after its header was read
+            raise PretrainedError(str(e)) from None
         var.set_value(jax.device_put(host, _placement(var, mesh)))
         del host  # the device copy is all that stays
     return model

@@ -5,14 +5,12 @@ length, a JSON header mapping each tensor name to ``dtype``, ``shape`` and ``dat
 (begin, end, relative to the end of the header), then the raw little-endian bytes.
 
 Each tensor is read at its offset into a fresh array, so the process holds only the tensors it
-still uses. Peak resident growth importing a 206 MiB float32 checkpoint (CPU, the model itself
-included): 210 MiB this way; 212 MiB with ``safe_open`` opened and closed per tensor; 418 MiB
-with one ``safe_open`` kept open for the whole import (a memory map keeps every page it touched
-resident while open).
+still uses. A ``safe_open`` kept open for a whole import would instead keep every page of the
+memory map it touched resident until it closes, about doubling the import's peak.
 
 Host arrays come from ``host_empty``: anonymous memory maps, returned to the system the moment
 the array is dropped. From malloc (``np.empty``), glibc kept freed tensors of a few MiB in its
-heap (its mmap threshold rises after each large free) and the same import grew by 250-280 MiB.
+heap (its mmap threshold rises after each large free), so the resident size kept growing.
 
 A checkpoint is ``model.safetensors`` or shards listed by ``model.safetensors.index.json``
 (``weight_map``: tensor name -> shard file).
@@ -86,31 +84,55 @@ def host_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 def read_header(file: Path) -> dict[str, TensorInfo]:
-    """The tensors of one safetensors file, without reading their data."""
+    """The tensors of one safetensors file, without reading their data; a SafetensorsError
+    naming the file when the header is unreadable or the file is shorter than it announces."""
     with open(file, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise SafetensorsError(f"{file}: too short for a safetensors header")
         (length,) = struct.unpack("<Q", raw)
+        text = f.read(length)
+        if len(text) < length:
+            raise SafetensorsError(f"{file}: truncated: its header alone needs {8 + length} "
+                                   f"bytes, the file holds {8 + len(text)}")  # fmt: skip
         try:
-            header = json.loads(f.read(length))
+            header = json.loads(text)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise SafetensorsError(f"{file}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{file}: the safetensors header is not a JSON object")
     header.pop("__metadata__", None)
-    tensors = {}
-    for name, entry in header.items():
-        if entry["dtype"] not in DTYPES:
-            allowed = ", ".join(DTYPES)
-            raise SafetensorsError(f"{file}: tensor {name} has dtype {entry['dtype']} "
-                                   f"(readable: {allowed})")  # fmt: skip
-        begin, _ = entry["data_offsets"]
-        tensors[name] = TensorInfo(
-            file=file,
-            dtype=np.dtype(DTYPES[entry["dtype"]]),
-            shape=tuple(entry["shape"]),
-            offset=8 + length + begin,
-        )
+    tensors = {name: _tensor_info(file, name, entry, 8 + length) for name, entry in header.items()}
+    _check_size(file, header, 8 + length)
     return tensors
+
+
+def _tensor_info(file: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+    """One header entry, checked: a known dtype, a shape, and offsets spanning its bytes."""
+    try:
+        dtype_name, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        shape, begin, end = tuple(int(d) for d in shape), int(begin), int(end)
+    except (TypeError, KeyError, ValueError):
+        raise SafetensorsError(f"{file}: tensor {name} has no valid dtype, shape and "
+                               "data_offsets in the header") from None  # fmt: skip
+    if dtype_name not in DTYPES:
+        raise SafetensorsError(f"{file}: tensor {name} has dtype {dtype_name} "
+                               f"(readable: {', '.join(DTYPES)})")  # fmt: skip
+    dtype = np.dtype(DTYPES[dtype_name])
+    if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+        raise SafetensorsError(f"{file}: tensor {name} has data_offsets [{begin}, {end}], "
+                               f"which do not hold {dtype_name} {shape}")  # fmt: skip
+    return TensorInfo(file=file, dtype=dtype, shape=shape, offset=data_start + begin)
+
+
+def _check_size(file: Path, header: dict, data_start: int) -> None:
+    """A file cut short (an interrupted download or copy) fails here, before any tensor is
+    read, rather than in the middle of an import."""
+    needed = data_start + max((int(e["data_offsets"][1]) for e in header.values()), default=0)
+    size = file.stat().st_size
+    if size < needed:
+        raise SafetensorsError(f"{file}: truncated: its header announces {needed} bytes, "
+                               f"the file holds {size}")  # fmt: skip
 
 
 def checkpoint_tensors(directory: Path) -> dict[str, TensorInfo]:

@@ -8,24 +8,28 @@ Crash safety:
   so a flipped byte anywhere is caught). A checkpoint that fails to read, or whose values do
   not match its fingerprint (truncated or corrupted files), is reported, moved aside to
   ``WORKDIR/checkpoints_unreadable/`` (nothing is deleted) and the previous step is used.
-* Parameters renamed since an earlier release (``RENAMED``) are read under their old names and
-  renamed on restore, so those checkpoints continue. Likewise a checkpoint written with the
-  layers one by one (``blocks.{i}``) restores into a model with scanned layers: it is read in
-  its own layout and its blocks are stacked (``layer_stack``). The reverse is refused in one
-  line naming the setting to use.
+* A checkpoint written with the layers one by one (``blocks.{i}``) restores into a model with
+  scanned layers: it is read in its own layout and its blocks are stacked (``layer_stack``).
+  The reverse is refused in one line naming the setting to use.
 * A checkpoint whose layout differs from the model being restored was written by another
   config, and one whose record has another format was written by another release: both are
   refused with a one-line error and left in place.
-* Orbax runs each restore on a fresh event loop and closes it as soon as one array fails, while
-  tensorstore reads of the other arrays are still in flight; their completions then reach a
-  closed loop and are printed as "Event loop is closed". Restores therefore run on loops that
-  let unfinished tasks end before closing (``_quiet_failures``).
+* Orbax reads the arrays of a restore concurrently and, when one read fails, closes its event
+  loop while the others are still in flight; their completions then reach a closed loop and
+  are printed as "Event loop is closed". So before Orbax reads a step, ``_check_stored_values``
+  reads the last byte of every value the step's database holds (a truncated or missing file
+  fails there), on an event loop of its own that waits for every read before it closes. Bytes
+  that are all present but do not decode still fail inside Orbax, and may still print so.
+* Orbax's own record of a step (``_CHECKPOINT_METADATA``: timestamps, handler names) is not
+  needed to restore it; an unreadable one, which Orbax would log as an error on every start,
+  is moved aside and replaced by an empty record, with one warning line.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import concurrent.futures
+import json
 import shutil
 import time
 from pathlib import Path
@@ -35,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dynmoe_jax.model import layer_stack
@@ -129,56 +134,8 @@ def fingerprint(state: Any) -> list[str]:
     return [f"{int(a) << 32 | int(b):016x}" for a, b in sums]
 
 
-# Bounds the wait for a failed restore's other reads; any read still running after it is left
-# to report into the closed loop, as before.
-_DRAIN_TIMEOUT_S = 60.0
-
-
-class _DrainingLoop(asyncio.SelectorEventLoop):
-    """An event loop whose close() first lets its unfinished tasks end, so that tensorstore
-    reads started by a failed restore complete while the loop can still receive them."""
-
-    def close(self) -> None:
-        if not self.is_running() and not self.is_closed():
-            pending = [t for t in asyncio.all_tasks(self) if not t.done()]
-            if pending:
-                self.run_until_complete(asyncio.wait(pending, timeout=_DRAIN_TIMEOUT_S))
-        super().close()
-
-
-class _DrainingPolicy(asyncio.DefaultEventLoopPolicy):
-    def new_event_loop(self) -> asyncio.AbstractEventLoop:
-        return _DrainingLoop()
-
-
-@contextlib.contextmanager
-def _quiet_failures():
-    """Orbax creates its restore loop with asyncio.new_event_loop(), which asks the policy."""
-    previous = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(_DrainingPolicy())
-    try:
-        yield
-    finally:
-        asyncio.set_event_loop_policy(previous)
-
-
 # The record's format: layout entries are [shape, dtype], fingerprints are exact hashes.
 META_FORMAT = 2
-
-# Parameter names of earlier releases -> today's. The key/value projections became [D, J, H]
-# with grouped-query attention; with J = N (every older model) the arrays are the same.
-RENAMED = {"wk_DNH": "wk_DJH", "wv_DNH": "wv_DJH"}
-
-
-def rename_keys(tree: Any, names: dict[str, str]) -> Any:
-    """``tree`` with every dict key found in ``names`` replaced, at any depth."""
-    if isinstance(tree, dict):
-        return {names.get(k, k): rename_keys(v, names) for k, v in tree.items()}
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):  # NamedTuple (optax states)
-        return type(tree)(*(rename_keys(v, names) for v in tree))
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(rename_keys(v, names) for v in tree)
-    return tree
 
 
 def _slice_struct(x: Any, k: int) -> jax.ShapeDtypeStruct:
@@ -204,23 +161,15 @@ def _stacked_onto(abstract_state: Any, moe_every: int) -> Any:
     return convert
 
 
-def _earlier_layout(saved: dict, abstract_state: Any, step: int, directory: Path, diff: str):
-    """(target, convert): the layout an earlier checkpoint was written in, to restore it in,
-    and the conversion of what is restored to ``abstract_state``'s layout; the one-line
-    CheckpointMismatchError when no known change explains the difference."""
-    older = {v: k for k, v in RENAMED.items()}
-    candidates = [(rename_keys(abstract_state, older), lambda r: rename_keys(r, RENAMED))]
+def _per_layer_layout(saved: dict, abstract_state: Any, step: int, directory: Path, diff: str):
+    """(target, convert) for a checkpoint written with the layers one by one, restored into
+    scanned layers: the per-layer target to read it in and the stacking that follows; the
+    one-line CheckpointMismatchError when that does not explain the difference either."""
     moe_every = layer_stack.moe_every_of(abstract_state)
     if moe_every is not None:
         per_layer = layer_stack.unstack_layers(abstract_state, _slice_struct)
-        stack = _stacked_onto(abstract_state, moe_every)
-        candidates += [
-            (per_layer, stack),
-            (rename_keys(per_layer, older), lambda r: stack(rename_keys(r, RENAMED))),
-        ]
-    for target, convert in candidates:
-        if _mismatch(saved, _layout(target)) is None:
-            return target, convert
+        if _mismatch(saved, _layout(per_layer)) is None:
+            return per_layer, _stacked_onto(abstract_state, moe_every)
     where = f"the checkpoint at step {step} in {directory}"
     if moe_every is None and any(f".{layer_stack.SCANNED}." in f".{k}" for k in saved):
         raise CheckpointMismatchError(
@@ -230,6 +179,50 @@ def _earlier_layout(saved: dict, abstract_state: Any, step: int, directory: Path
         f"{where} was written for another model or optimizer ({diff}); use the config it was "
         "trained with or another --workdir"
     )
+
+
+# Orbax's record of a step; it restores without it.
+STEP_RECORD = "_CHECKPOINT_METADATA"
+
+
+def _step_record_is_readable(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_bytes()), dict)
+    except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return False
+
+
+def _check_stored_values(state_dir: Path) -> None:
+    """Reads the last byte of every value in the step's OCDBT database (where Orbax keeps the
+    arrays), which fails for a truncated or missing file, on a private event loop. Every read
+    has ended, failed or not, before the loop closes, so none reports into a closed loop."""
+    if not (state_dir / "manifest.ocdbt").is_file():
+        return  # not an OCDBT checkpoint: Orbax reads it alone
+
+    async def read_all() -> list:
+        store = await ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state_dir}/"})
+        keys = await store.list()
+        last = [store.read(key, byte_range=slice(-1, None)) for key in keys]
+        return await asyncio.gather(*last, return_exceptions=True)
+
+    def run() -> list:
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(read_all())
+        finally:
+            loop.close()
+
+    # On a thread of its own: the caller's thread may already run a loop (a notebook kernel).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        results = pool.submit(run).result()
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+def _reason(e: BaseException) -> str:
+    lines = str(e).splitlines() or [""]
+    return f"{type(e).__name__}: {lines[0][:200]}"
 
 
 class Checkpointer:
@@ -243,6 +236,7 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoint under {self.directory}: train first")
         self._keep = keep
         self._create = create
+        self._repair_step_records()
         self._manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
@@ -250,6 +244,24 @@ class Checkpointer:
             max_to_keep=self._keep, create=self._create, cleanup_tmp_directories=self._create
         )
         return ocp.CheckpointManager(self.directory, options=options)
+
+    def _repair_step_records(self) -> None:
+        """Moves each unreadable Orbax step record aside (nothing is deleted) and writes an
+        empty one in its place, before Orbax opens the steps and logs it as an error."""
+        if jax.process_index() != 0 or not self.directory.is_dir():
+            return
+        for record in sorted(self.directory.glob(f"*/{STEP_RECORD}")):
+            step = record.parent.name
+            if not step.isdigit() or _step_record_is_readable(record):
+                continue
+            name = f"{step}-{int(time.time())}{STEP_RECORD}"
+            kept = self.workdir / "checkpoints_unreadable" / name
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(record), kept)
+            record.write_text("{}")
+            print(f"warning: checkpoint at step {step}: Orbax's step record {STEP_RECORD} is "
+                  f"unreadable; moved to {kept} and replaced by an empty one (the checkpoint "
+                  "itself is read as usual)")  # fmt: skip
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -261,16 +273,14 @@ class Checkpointer:
 
     def _meta(self, step: int) -> dict:
         args = ocp.args.Composite(meta=ocp.args.JsonRestore())
-        with _quiet_failures():
-            restored = self._manager.restore(step, args=args)
-        return restored.meta
+        return self._manager.restore(step, args=args).meta
 
     def _restore(self, step: int, abstract_state: Any) -> Any:
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
         )
-        with _quiet_failures():
-            restored = self._manager.restore(step, args=args)
+        _check_stored_values(self.directory / str(step) / "state")
+        restored = self._manager.restore(step, args=args)
         # Compared path by path: a target of other containers (a NamedTuple for a saved dict)
         # may order the same arrays differently.
         saved = dict(zip(restored.meta["layout"], restored.meta["fingerprint"], strict=True))
@@ -287,7 +297,7 @@ class Checkpointer:
             try:
                 meta = self._meta(step)
             except Exception as e:  # noqa: BLE001 - unreadable metadata: a damaged step
-                self._set_aside(step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                self._set_aside(step, _reason(e))
                 continue
             # Another release's or another config's checkpoint is not damage: refuse it and
             # leave it in place.
@@ -300,12 +310,12 @@ class Checkpointer:
             diff = _mismatch(meta["layout"], _layout(abstract_state))
             target, convert = abstract_state, None
             if diff:
-                target, convert = _earlier_layout(meta["layout"], abstract_state, step,
-                                                  self.directory, diff)  # fmt: skip
+                target, convert = _per_layer_layout(meta["layout"], abstract_state, step,
+                                                    self.directory, diff)  # fmt: skip
             try:
                 restored = self._restore(step, target)
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                self._set_aside(step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                self._set_aside(step, _reason(e))
                 continue
             return step, restored if convert is None else convert(restored)
         return None

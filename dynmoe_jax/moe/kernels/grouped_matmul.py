@@ -17,12 +17,15 @@ calls of this function. Backends (``Backend``; ``None`` picks by platform):
   whole [E, X, Y] array. The loop is never vmapped (that would turn the trip count into the
   largest one and every block's work into a select), so callers flatten all routing groups into
   one buffer. XLA's CPU ``ragged_dot`` instead expands to every expert on every row.
-* ``ragged_dot`` (GPU with compute capability >= 8, and TPU): ``jax.lax.ragged_dot``. On GPU the
-  config flag ``jax_ragged_dot_use_gpu_pallas_triton_lowering`` is switched on, so it lowers to
-  Pallas/Triton grouped kernels for the forward and both backward forms; without it XLA expands
-  to every expert on every row, as on CPU. On TPU it lowers to XLA's native ragged dot.
+* ``ragged_dot`` (GPU with compute capability >= 8, and TPU): ``jax.lax.ragged_dot``, lowered
+  by XLA's own ragged dot. JAX has a Pallas/Triton lowering of it for GPUs behind the
+  process-wide flag ``jax_ragged_dot_use_gpu_pallas_triton_lowering``, read when a program is
+  lowered, not traced; a library must not flip process-wide settings, so this module leaves it
+  alone. An application that wants it sets it once, before it builds its GPU program, with
+  ``jax.config.update`` (JAX 0.10.2, the tested pin, lacks the module that flag imports).
 * ``megablox`` (TPU alternative): ``jax.experimental.pallas.ops.tpu.megablox.gmm`` (its own
-  custom_vjp of gmm and tgmm). ``interpret=True`` runs it on CPU, slowly (tests only).
+  custom_vjp of gmm and tgmm). Off a TPU it runs under Pallas's TPU interpret mode
+  (``jax.experimental.pallas.tpu.force_tpu_interpret_mode``), slowly.
 
 Axis letters: R rows (sorted by expert), E experts, X input width, Y output width. Blocks of
 ``block_size`` rows carry no letter (N and B mean heads and batch elsewhere).
@@ -44,7 +47,7 @@ class Backend(str, enum.Enum):
 
 
 def default_backend(platform: str | None = None) -> Backend:
-    """``blocks`` on CPU and on GPUs without Triton grouped kernels; ``ragged_dot`` elsewhere."""
+    """``blocks`` on CPU and on GPUs of compute capability below 8; ``ragged_dot`` elsewhere."""
     platform = platform or jax.default_backend()
     if platform == "gpu":
         capability = getattr(jax.devices()[0], "compute_capability", "0")
@@ -59,36 +62,28 @@ def grouped_matmul(
     *,
     block_size: int,
     backend: Backend | str | None = None,
-    interpret: bool = False,
 ) -> jax.Array:
     """``x_RX`` [R, X] rows sorted by expert, ``w_EXY`` [E, X, Y] -> [R, Y] in x's dtype.
 
     ``blocks`` needs R and every group size to be multiples of ``block_size``.
     """
     backend = default_backend() if backend is None else Backend(backend)
-    return _BACKENDS[backend](x_RX, w_EXY, group_sizes_E, block_size, interpret)
+    return _BACKENDS[backend](x_RX, w_EXY, group_sizes_E, block_size)
 
 
-def _ragged_dot(x_RX, w_EXY, group_sizes_E, block_size, interpret):
-    del block_size, interpret
-    if jax.default_backend() == "gpu":
-        # Read when the program is lowered, which follows this trace; the flag only changes how
-        # ragged_dot lowers on GPU.
-        jax.config.update("jax_ragged_dot_use_gpu_pallas_triton_lowering", True)
+def _ragged_dot(x_RX, w_EXY, group_sizes_E, block_size):
+    del block_size
     return jax.lax.ragged_dot(x_RX, w_EXY, group_sizes_E.astype(jnp.int32))
 
 
-def _megablox(x_RX, w_EXY, group_sizes_E, block_size, interpret):
+def _megablox(x_RX, w_EXY, group_sizes_E, block_size):
     from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 
     tiling = (block_size, min(128, x_RX.shape[1]), min(128, w_EXY.shape[2]))
-    y = megablox.gmm(x_RX, w_EXY, group_sizes_E.astype(jnp.int32), x_RX.dtype, tiling,
-                     None, None, False, interpret)  # fmt: skip
-    return y
+    return megablox.gmm(x_RX, w_EXY, group_sizes_E.astype(jnp.int32), x_RX.dtype, tiling)
 
 
-def _blocks(x_RX, w_EXY, group_sizes_E, block_size, interpret):
-    del interpret
+def _blocks(x_RX, w_EXY, group_sizes_E, block_size):
     num_rows = x_RX.shape[0]
     if num_rows % block_size:
         raise ValueError(f"grouped_matmul: {num_rows} rows are not a multiple of {block_size}")
