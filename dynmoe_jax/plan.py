@@ -28,7 +28,7 @@ from flax import nnx
 from dynmoe_jax import model as model_lib
 from dynmoe_jax import train as train_lib
 from dynmoe_jax.config import RunConfig, check_config
-from dynmoe_jax.validation import invalid
+from dynmoe_jax.validation import counted, invalid
 
 DEVICE_MEMORY_BYTES = 80e9  # an 80 GB card (A100/H100 80GB)
 GB = 1e9
@@ -88,7 +88,8 @@ def _batch_structs(task: train_lib.Task) -> dict[str, jax.ShapeDtypeStruct]:
 def _compile(task: train_lib.Task, log: Callable[[str], None]) -> tuple[Any, float]:
     state = train_lib.abstract_state(task)
     log(f"plan: compiling the train step on mesh {dict(task.mesh.shape)} "
-        f"({task.mesh.size} {task.mesh.devices.flat[0].platform} devices)")  # fmt: skip
+        f"({counted(task.mesh.size, 'device', 'devices')}, "
+        f"{task.mesh.devices.flat[0].platform})")  # fmt: skip
     start = time.perf_counter()
     with jax.set_mesh(task.mesh):  # the layers' sharding constraints read this mesh
         lowered = train_lib.make_train_step(task).lower(state, _batch_structs(task))

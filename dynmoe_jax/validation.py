@@ -46,6 +46,11 @@ def enum_value(enum_cls: type[enum.Enum], field: str, value: Any) -> Any:
         invalid(field, value, " | ".join(repr(m.value) for m in enum_cls))
 
 
+def counted(count: int, one: str, many: str) -> str:
+    """``count`` and the noun in the number it takes: "1 batch", "3 batches"."""
+    return f"{count} {one if count == 1 else many}"
+
+
 def is_int(value: Any) -> bool:
     """An int that is not a bool (True would pass ``isinstance(v, int)``)."""
     return isinstance(value, int) and not isinstance(value, bool)

@@ -18,7 +18,6 @@ from dynmoe_jax import config as config_lib
 from dynmoe_jax import data as data_lib
 from dynmoe_jax import inference, train
 from dynmoe_jax.configs import tiny
-from dynmoe_jax.data import corpora
 from dynmoe_jax.train import checkpoint as ckpt_lib
 from dynmoe_jax.validation import ConfigError
 from tests.nan_injection import nan_at
@@ -203,8 +202,8 @@ def test_same_seed_same_metrics(data_dir, tmp_path):
     assert _records(tmp_path / "a") == _records(tmp_path / "b")
 
 
-def test_missing_bible_falls_back_to_pydoc(data_dir, monkeypatch, capsys):
-    monkeypatch.setattr(corpora.shutil, "which", lambda name: None)
+def test_missing_bible_falls_back_to_pydoc(data_dir, monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `bible` command on it
     data = data_lib.from_config(_config(data_dir, dataset="kjv", fallback_dataset="pydoc"))
     dataset = data.config.dataset
     assert dataset == "pydoc" and data.num_train_tokens > 0

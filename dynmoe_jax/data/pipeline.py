@@ -37,6 +37,7 @@ from dynmoe_jax.data import tokenizer as tokenizer_lib
 from dynmoe_jax.validation import (
     check,
     check_declared,
+    counted,
     declared,
     int_at_least,
     invalid,
@@ -392,19 +393,14 @@ class Data:
         if self.requested_dataset != self.config.dataset:
             corpus += f" (fallback_dataset: dataset={self.requested_dataset} is not installed)"
         unigram = math.exp(self.unigram_cross_entropy())
-        sequences = _counted(self.num_train_sequences, "sequence", "sequences")
+        sequences = counted(self.num_train_sequences, "sequence", "sequences")
         return "\n".join([
             f"data: {corpus} tokenizer={self._tokenizer_name()} vocab={self.vocab_size}",
-            f"data: train split: {sequences} of {_counted(self.config.seq_len, 'token', 'tokens')} "
-            f"({_counted(self.num_train_tokens, 'token', 'tokens')}), "
+            f"data: train split: {sequences} of {counted(self.config.seq_len, 'token', 'tokens')} "
+            f"({counted(self.num_train_tokens, 'token', 'tokens')}), "
             f"{self.steps_per_epoch:.1f} steps/epoch",
             f"data: validation split: {self.num_eval_batches} of "
-            f"{_counted(self.num_validation_batches, 'batch', 'batches')} used "
-            f"({_counted(self.num_validation_tokens, 'token', 'tokens')}), unigram perplexity on "
+            f"{counted(self.num_validation_batches, 'batch', 'batches')} used "
+            f"({counted(self.num_validation_tokens, 'token', 'tokens')}), unigram perplexity on "
             f"them {unigram:.1f}",
         ])  # fmt: skip
-
-
-def _counted(count: int, one: str, many: str) -> str:
-    """``count`` and the noun in the number it takes: "1 batch", "3 batches"."""
-    return f"{count} {one if count == 1 else many}"

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-KP = 0.5
-KI = 0.05
+KP = 0.3
+KI = 0.4
 I_MAX = 50.0
 FROZEN = ("router_threshold", "router_integral", "router_bias_E")  # the state's names
 
@@ -56,3 +56,10 @@ def bias_step(bias_XE: jax.Array, load_XE: jax.Array, rate: float) -> jax.Array:
     """One bias update from each expert's share of the selections (last axis E)."""
     num_experts = load_XE.shape[-1]
     return bias_XE + rate * jnp.sign(1.0 / num_experts - load_XE)
+
+
+def initial(name: str, moe, shape: tuple[int, ...]) -> jax.Array:
+    """A fresh routing state variable ``name`` of the layer config ``moe`` (what the layer
+    itself starts from): the config's threshold, and zeros for the integral and the bias."""
+    fill = moe.threshold if name == "router_threshold" else 0.0
+    return jnp.full(shape, fill, jnp.float32)

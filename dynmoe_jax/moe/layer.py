@@ -64,11 +64,14 @@ class MoELayer(nnx.Module):
         self.w_up_EDF = _param(rngs, _expert_init(1, 2), (e, d, f), ("expert", "embed", "mlp"))
         self.w_down_EFD = _param(rngs, _expert_init(1, 2), (e, f, d), ("expert", "mlp", "embed"))
         # Routing state that the rules of balance.py update after each step (not trained).
+        state = {}
         if cfg.target_k is not None:
-            self.router_threshold = RoutingState(jnp.float32(cfg.threshold), logical_axes=())
-            self.router_integral = RoutingState(jnp.float32(0.0), logical_axes=())
+            state.update(router_threshold=(), router_integral=())
         if cfg.bias_balance:
-            self.router_bias_E = RoutingState(jnp.zeros((e,), jnp.float32), logical_axes=(None,))
+            state.update(router_bias_E=(e,))
+        for name, shape in state.items():
+            value = balance.initial(name, cfg, shape)
+            setattr(self, name, RoutingState(value, logical_axes=(None,) * len(shape)))
 
     def threshold(self) -> jax.Array | float:
         """Top-p's threshold: the controller's state when a target is set, else the config's."""

@@ -21,6 +21,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from dynmoe_jax import sharding
 from dynmoe_jax.model.decoder import Decoder, abstract_decoder
+from dynmoe_jax.moe import balance
+from dynmoe_jax.moe.balance import RoutingState
 from dynmoe_jax.pretrained import hf_layout
 from dynmoe_jax.pretrained.hf_config import (
     FAMILIES,
@@ -74,7 +76,8 @@ def _plan(abstract: Decoder, family: Family, arch: str, directory: Path,
     """(path, rule, sources, variable) for every parameter, every tensor checked from the
     headers alone; then no tensor left unused except the ignorable ones."""
     plan, used = [], set()
-    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
+    imported = nnx.All(nnx.Param, nnx.Not(RoutingState))  # the routers' state starts fresh
+    for path, var in nnx.to_flat_state(nnx.state(abstract, imported)):
         rule, layer = hf_layout.rule_for(path)
         where = ".".join(map(str, path))
         if rule is None:
@@ -137,4 +140,7 @@ def from_hf(path: str | Path, *, mesh: Mesh | None = None, dtype: Any = None,
             raise PretrainedError(str(e)) from None
         var.set_value(jax.device_put(host, _placement(var, mesh)))
         del host  # the device copy is all that stays
+    for path, var in nnx.to_flat_state(nnx.state(model, RoutingState)):
+        value = balance.initial(path[-1], cfg.moe, var.get_value().shape)
+        var.set_value(jax.device_put(value, _placement(var, mesh)))
     return model

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from dynmoe_jax.train.batches import Batch
+from dynmoe_jax.validation import counted
 
 
 def evaluate(eval_step, params, batches: Iterable[Batch]) -> dict:
@@ -36,7 +37,8 @@ def evaluate(eval_step, params, batches: Iterable[Batch]) -> dict:
 
 def describe_validation(result: dict, unigram_cross_entropy: float | None = None) -> str:
     """One labelled line: the split, how much of it was read, and the numbers."""
-    line = (f"validation split, {result['batches']} batches ({result['tokens']:,.0f} tokens): "
+    batches = counted(result["batches"], "batch", "batches")
+    line = (f"validation split, {batches} ({result['tokens']:,.0f} tokens): "
             f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}")  # fmt: skip
     if unigram_cross_entropy is not None:
         line += f" (unigram baseline on these tokens: {math.exp(unigram_cross_entropy):.2f})"
