@@ -10,37 +10,58 @@ compile) of the jitted value_and_grad of the training loss (cross-entropy plus t
 aux losses, as ``train.forward`` computes them) on one batch of the config's shape, and the
 median time of a compiled call. Calls of the two layouts alternate, so load drifting on a
 shared machine hits both alike. The target: a scanned model of 16 layers compiles in at most
-twice the time of 2 layers. Measured on 2 CPU cores shared with other work (load 5-7):
-
-    config=tiny   layers  scan  compile_s  step_ms
-                       2  False     16.35      7.1
-                       2  True      20.11      7.4
-                      16  False     76.38     41.0
-                      16  True      34.97     44.4   (1.74x the scanned 2-layer compile)
+twice the time of 2 layers. Measured figures: experiments/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import statistics
-import time
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from ml_collections import ConfigDict
 
-from dynmoe_jax import config as config_lib
 from dynmoe_jax.model.decoder import Decoder
+from experiments import configs
+from experiments.bench import flags
+from experiments.bench.harness import Bench, Program
+
+LAYOUTS = (False, True)  # scan_layers
 
 
-def _loss_fn(graphdef, config):
+def _layer_counts(text: str) -> list[int]:
+    """Layer counts by commas, each >= 1; '' means the config's own."""
+    try:
+        counts = [int(n) for n in text.split(",")] if text else []
+    except ValueError:
+        counts = [0]
+    if min(counts, default=1) < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not integers >= 1 by commas")
+    return counts
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="tiny", help="a module of dynmoe_jax.configs")
+    p.add_argument("--layers", type=_layer_counts, default=[],
+                   help="comma-separated; '' = the config's")  # fmt: skip
+    p.add_argument("--steps", type=flags.positive(int), default=5, help="timed calls per layout")
+    args = p.parse_args(argv)
+    if not configs.is_named(args.config):
+        p.error(f"argument --config: {args.config} is not a module of dynmoe_jax.configs")
+    return args
+
+
+def _loss_fn(graphdef, config: ConfigDict):
+    """The training loss of ``train.forward``: cross-entropy plus the weighted aux losses."""
     w = config.loss
 
     def loss(params, tokens_BT):
         logits_BTV, layer = nnx.merge(graphdef, params)(tokens_BT[:, :-1])
-        logp = jax.nn.log_softmax(logits_BTV, axis=-1)
-        nll = -jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1).mean()
+        logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+        nll = -jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], axis=-1).mean()
         aux = sum(weight * jnp.mean(layer[name]) for name, weight in (
             ("load_balance_loss", w.load_balance_weight),
             ("dynamic_loss", w.dynamic_weight),
@@ -48,46 +69,33 @@ def _loss_fn(graphdef, config):
         )) if layer else 0.0  # fmt: skip
         return nll + aux
 
-    return jax.jit(jax.value_and_grad(loss))
+    return jax.value_and_grad(loss)
 
 
-def _case(config, layers: int, scan: bool):
-    c = config.copy_and_resolve_references()
+def case(bench: Bench, config: ConfigDict, layers: int, scan: bool) -> Program:
+    """The loss's value and gradients at ``layers`` layers, scanned or not, compiled."""
+    c = configs.copy_of(config)
     c.model.num_layers, c.model.scan_layers = layers, scan
-    model_cfg = config_lib.model_config(c, c.vocab_size)
-    graphdef, params = nnx.split(Decoder(model_cfg, rngs=nnx.Rngs(0)), nnx.Param)
-    tokens = jax.random.randint(jax.random.key(1), (c.batch_size, c.seq_len + 1), 0, c.vocab_size)
-    start = time.perf_counter()
-    compiled = _loss_fn(graphdef, c).lower(params, tokens).compile()
-    compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(params, tokens))  # warm-up
-    return compile_s, lambda: jax.block_until_ready(compiled(params, tokens))
+    graphdef, params = nnx.split(Decoder(configs.model_config(c), rngs=nnx.Rngs(0)), nnx.Param)
+    tokens_BT = jax.random.randint(jax.random.key(1), (c.batch_size, c.seq_len + 1), 0,
+                                   c.vocab_size)  # fmt: skip
+    return bench.compile(_loss_fn(graphdef, c), (params, tokens_BT))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="tiny", help="a module of dynmoe_jax.configs")
-    parser.add_argument("--layers", default="", help="comma-separated; '' = the config's")
-    parser.add_argument("--steps", type=int, default=5, help="timed calls per layout")
-    args = parser.parse_args()
-    config = importlib.import_module(f"dynmoe_jax.configs.{args.config}").get_config()
-    counts = [int(n) for n in args.layers.split(",")] if args.layers else [config.model.num_layers]
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = configs.named(args.config)
+    counts = args.layers or [config.model.num_layers]
+    bench = Bench(args.steps)
     print(f"config={args.config} remat={config.model.remat} dtype={config.model.dtype} "
           f"backend={jax.default_backend()}")  # fmt: skip
     print(f"{'layers':>6} {'scan':>5} {'compile_s':>9} {'step_ms':>8}")
     for layers in counts:
-        compile_s, calls = {}, {}
-        for scan in (False, True):
-            compile_s[scan], calls[scan] = _case(config, layers, scan)
-        times = {False: [], True: []}
-        for _ in range(args.steps):
-            for scan in (False, True):
-                start = time.perf_counter()
-                calls[scan]()
-                times[scan].append(time.perf_counter() - start)
-        for scan in (False, True):
-            ms = 1e3 * statistics.median(times[scan])
-            print(f"{layers:>6} {scan!s:>5} {compile_s[scan]:>9.2f} {ms:>8.1f}", flush=True)
+        programs = {str(scan): case(bench, config, layers, scan) for scan in LAYOUTS}
+        medians = bench.time(programs).medians
+        for scan, program in programs.items():
+            print(f"{layers:>6} {scan:>5} {program.compile_s:>9.2f} {medians[scan]:>8.1f}",
+                  flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

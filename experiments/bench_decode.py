@@ -49,49 +49,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import math
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dynmoe_jax import config as config_lib
 from dynmoe_jax import generate as generate_lib
 from dynmoe_jax import model as model_lib
 from dynmoe_jax import pretrained
-from dynmoe_jax.moe import experts as experts_lib
 from dynmoe_jax.moe.routing import Router
 from dynmoe_jax.validation import ConfigError
-from experiments import moe_timing as timing
-from experiments import report
+from experiments import configs, report
+from experiments.bench import flags, harness
+from experiments.bench.decode_bytes import cache_bytes, copy_bandwidth, expected_union, weight_bytes
 
 PROMPT = [11, 7, 300, 42, 5, 99, 1000, 3]
 DEFAULT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.8)
 CHECKPOINT_ONLY = ("thresholds", "batch", "copy_mib", "dtype")
 CONFIG_ONLY = ("scan", "full_window")
-
-
-def _positive_int(text: str) -> int:
-    """An argparse type: an integer >= 1 (argparse names the flag in its error)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not >= 1")
-    return value
-
-
-def _threshold(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
-    return value
 
 
 def _lengths(text: str) -> list[int]:
@@ -105,10 +85,6 @@ def _lengths(text: str) -> list[int]:
     return lengths
 
 
-_positive_int.__name__ = "int"  # argparse's "invalid int value" message uses this name
-_threshold.__name__ = "float"
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The flags, each checked against its mode; a bad one ends in one argparse line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -118,23 +94,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new", type=_lengths, default=None,
                    help="new tokens per request (config mode: several, by commas; default "
                         "100,400; checkpoint mode: one, default 64)")  # fmt: skip
-    p.add_argument("--repeats", type=_positive_int, default=3)
+    p.add_argument("--repeats", type=flags.positive(int), default=3)
     p.add_argument("--json", type=Path, default=None, help="write every figure here")
     p.add_argument("--scan", action="store_true", help="config mode: initialise scanned")
     p.add_argument("--full_window", action="store_true",
                    help="config mode: also time recomputing the whole window")  # fmt: skip
     p.add_argument(
         "--thresholds",
-        type=_threshold,
+        type=flags.unit_interval,
         nargs="+",
         default=None,
         help=f"checkpoint mode: top-p thresholds (default {DEFAULT_THRESHOLDS})",
     )
-    p.add_argument("--batch", type=_positive_int, nargs="+", default=None,
+    p.add_argument("--batch", type=flags.positive(int), nargs="+", default=None,
                    help="checkpoint mode: batch sizes (default 1 8)")  # fmt: skip
     p.add_argument(
         "--copy-mib",
-        type=_positive_int,
+        type=flags.positive(int),
         default=None,
         help="checkpoint mode: size of the bandwidth probe (default 256)",
     )
@@ -161,9 +137,7 @@ def _check_config_mode(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         p.error(f"argument {_flag(name)}: only with --checkpoint")
     args.config = args.config or "default"
     args.new = args.new or [100, 400]
-    try:
-        importlib.import_module(f"dynmoe_jax.configs.{args.config}")
-    except ModuleNotFoundError:
+    if not configs.is_named(args.config):
         p.error(f"argument --config: {args.config} is not a module of dynmoe_jax.configs")
 
 
@@ -190,9 +164,9 @@ def _check_checkpoint_mode(p: argparse.ArgumentParser, args: argparse.Namespace)
 
 def run_config(args: argparse.Namespace) -> dict:
     """The rate at each number of new tokens for the config's fresh model, at B = 1."""
-    config = importlib.import_module(f"dynmoe_jax.configs.{args.config}").get_config()
+    config = configs.named(args.config)
     config.model.scan_layers = args.scan
-    model_cfg = config_lib.model_config(config, config.vocab_size)
+    model_cfg = configs.model_config(config)
     params = nnx.split(model_lib.Decoder(model_cfg, rngs=nnx.Rngs(0)))[1]
     graphdef, params = generate_lib.decode_layout(model_cfg, params)
     prompt = prompts(1, model_cfg.vocab_size)[0]
@@ -226,70 +200,6 @@ def config_table(out: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- checkpoint mode
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightBytes:
-    """What a decode step reads of the weights, split by how it scales (bytes)."""
-
-    whole: int  # read whole by every step: attention, norms, routers, head, dense layers
-    embed_row: int  # one row of the embedding: read once per batch row
-    expert: int  # one expert's three weights, summed over the MoE layers
-    num_experts: int
-
-    def step(self, batch: int, union_experts: float, cache: int) -> float:
-        """Bytes of a step of ``batch`` rows reading ``union_experts`` experts per MoE layer
-        (a mean over the layers) and a key/value cache of ``cache`` bytes."""
-        return self.whole + batch * self.embed_row + union_experts * self.expert + cache
-
-
-def weight_bytes(params: nnx.State) -> WeightBytes:
-    """The decode layout's weights, split as ``WeightBytes`` (experts in either layout)."""
-    whole = embed_row = expert = 0
-    num_experts = 0
-    for path, var in nnx.to_flat_state(params):
-        value = var.get_value()
-        if path[-1] in experts_lib.NAMES:
-            num_experts = experts_lib.num_experts(value)
-            expert += math.prod(experts_lib.expert_shape(value)) * _itemsize(value)
-        elif path[-1] == "embed_VD":
-            embed_row = value.shape[-1] * value.dtype.itemsize
-        else:
-            whole += value.size * value.dtype.itemsize
-    return WeightBytes(whole, embed_row, expert, num_experts)
-
-
-def _itemsize(w: Any) -> int:
-    return (w[0] if experts_lib.is_split(w) else w).dtype.itemsize
-
-
-def cache_bytes(model_cfg: model_lib.ModelConfig, batch: int, positions: int) -> int:
-    """The key/value cache ``generate`` allocates (``Decoder.init_cache``): keys and values
-    of every layer, row and position."""
-    per_position = 2 * model_cfg.num_layers * model_cfg.kv_heads * model_cfg.head_width
-    return per_position * batch * positions * jnp.dtype(model_cfg.dtype).itemsize
-
-
-def expected_union(num_experts: int, k: float, batch: int) -> float:
-    """Experts a step of ``batch`` rows reads per MoE layer if each row picked ``k`` of the
-    ``num_experts`` independently and uniformly (exactly ``k`` at one row)."""
-    if batch == 1:
-        return k
-    return num_experts * (1 - (1 - min(k, num_experts) / num_experts) ** batch)
-
-
-def copy_bandwidth(mib: int, reps: int = 10) -> float:
-    """Bytes read plus written per second by a jitted elementwise copy of ``mib`` MiB (STREAM's
-    convention), in place: the input is donated, so no call writes into freshly mapped pages
-    (a new output buffer per call measured page faults, not memory)."""
-    step = jax.jit(lambda a: a + 1, donate_argnums=0)
-    x = jax.block_until_ready(step(jnp.ones((mib * 2**20 // 4,), jnp.float32)))
-    times = []
-    for _ in range(reps):
-        began = time.perf_counter()
-        x = jax.block_until_ready(step(x))
-        times.append(time.perf_counter() - began)
-    return 2 * x.nbytes / statistics.median(times)
 
 
 def prompts(batch: int, vocab: int) -> list[list[int]]:
@@ -380,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     out |= {"backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-            "load_average": timing.load_average()}  # fmt: skip
+            "load_average": harness.load_average()}  # fmt: skip
     if out["mode"] == "config":
         print(f"config={args.config} scan_layers={args.scan} {where}")
         print(config_table(out))
@@ -388,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"checkpoint={args.checkpoint} dtype={args.dtype} new={args.new} {where} "
               f"copy bandwidth {out['copy_gib_per_s']:.1f} GiB/s")  # fmt: skip
         print(checkpoint_table(out))
-    timing.write_json(args.json, report.jsonable(out))
+    harness.write_json(args.json, report.jsonable(out))
     return out
 
 

@@ -13,7 +13,7 @@ weights their own arrays, outputs summed: no router, no combine weights, no gath
 figure is a ratio to it, measured in the same process, in alternation with it.
 
 Programs, per (B, router), all AOT compiled and timed in alternation (one call of each per
-round, median of --reps after one warm-up call each, ``moe_timing.time_interleaved``); every
+round, median of --reps after one warm-up call each, ``bench.harness.Bench``); every
 router of one B shares one round, so cross-router ratios are as fair as those to the ideal:
 
 * default: the layer as sampling runs it: grouped dispatch, ``decode_tokens`` None (the rule
@@ -48,8 +48,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,8 +59,10 @@ from flax import nnx
 
 from dynmoe_jax import MoEConfig, MoELayer
 from dynmoe_jax.moe import experts
-from experiments import bench_moe, report
-from experiments import moe_timing as timing
+from experiments import report
+from experiments.bench import flags, harness
+from experiments.bench.harness import Bench, Program
+from experiments.bench.layers import calibrate, mean_top_p_k
 
 SEED = 0
 VARIANTS = {  # config changes of each layer variant (decode: added where needed, see below)
@@ -73,39 +73,19 @@ VARIANTS = {  # config changes of each layer variant (decode: added where needed
 RATIOS = {"top8_over_top1": ("top-8", "top-1"), "top2_over_top1": ("top-2", "top-1")}
 
 
-def _positive(kind: type):
-    """An argparse type: a number of ``kind`` above 0 (argparse names the flag in its error)."""
-
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{text} is not > 0")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse's "invalid int value" message uses this name
-    return parse
-
-
-def threshold(text: str) -> float:
-    """An argparse type: top-p's threshold, in (0, 1]."""
-    value = float(text)
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not in (0, 1]")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--d-model", type=_positive(int), default=1024)
-    p.add_argument("--d-ff", type=_positive(int), default=3584)
-    p.add_argument("--experts", type=_positive(int), default=8)
+    positive_int = flags.positive(int)
+    p.add_argument("--d-model", type=positive_int, default=1024)
+    p.add_argument("--d-ff", type=positive_int, default=3584)
+    p.add_argument("--experts", type=positive_int, default=8)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--batch", type=_positive(int), nargs="+", default=[1, 8, 64])
-    p.add_argument("--ks", type=_positive(int), nargs="*", default=[1, 2, 4, 8])
-    p.add_argument("--top-p-means", type=_positive(float), nargs="*", default=[1.3, 1.8])
-    p.add_argument("--threshold", type=threshold, default=0.5, help="top-p threshold")
-    p.add_argument("--calib-tokens", type=_positive(int), default=4096)
-    p.add_argument("--reps", type=_positive(int), default=20)
+    p.add_argument("--batch", type=positive_int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--ks", type=positive_int, nargs="*", default=[1, 2, 4, 8])
+    p.add_argument("--top-p-means", type=flags.positive(float), nargs="*", default=[1.3, 1.8])
+    p.add_argument("--threshold", type=flags.unit_interval, default=0.5, help="top-p threshold")
+    p.add_argument("--calib-tokens", type=positive_int, default=4096)
+    p.add_argument("--reps", type=positive_int, default=20)
     p.add_argument("--stacked", action="store_true", help="also time the stacked layout")
     p.add_argument("--json", type=Path, default=report.RESULTS_DIR / "bench_decode_layer.json")
     a = p.parse_args(argv)
@@ -119,10 +99,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not a.ks and not a.top_p_means:
         p.error("argument --ks: no router to time (--ks and --top-p-means both empty)")
     return a
-
-
-def log(*parts) -> None:
-    print(*parts, file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,10 +118,10 @@ def routers(a: argparse.Namespace, router_DE: jax.Array) -> list[Router]:
     x_calib = jax.random.normal(jax.random.key(2), (a.calib_tokens, a.d_model), jnp.float32)
     x_calib = x_calib.astype(a.dtype)
     for target in a.top_p_means:
-        scale = bench_moe.calibrate_scale(router_DE, x_calib, a.threshold, target)
-        k = bench_moe.mean_top_p_k(router_DE * scale, x_calib, a.threshold)
+        scale = calibrate(router_DE, x_calib, a.threshold, target)
+        k = mean_top_p_k(router_DE * scale, x_calib, a.threshold)
         if abs(k - target) > 0.05:  # out of reach at this threshold: the row reports k
-            log(f"top-p {target}: mean k {k:.3f} at best with --threshold {a.threshold}")
+            harness.log(f"top-p {target}: mean k {k:.3f} at best with --threshold {a.threshold}")
         changes = {"router": "top_p", "expected_k": target}
         out.append(Router(f"top-p {target:g}", changes, scale, round(k, 4)))
     return out
@@ -196,8 +172,9 @@ def expert_weights(params: dict, ids: list[int]) -> experts.ExpertWeights:
     return tuple(tuple(params[name][e] for e in ids) for name in experts.NAMES)
 
 
-def batch_cases(a, cfg: MoEConfig, params: dict, rts: list[Router], b: int) -> tuple:
-    """(programs {name: (compiled, args)}, rows without timings) for batch size ``b``."""
+def batch_cases(a, bench: Bench, cfg: MoEConfig, params: dict, rts: list[Router],
+                b: int) -> tuple[dict[str, Program], list[dict]]:  # fmt: skip
+    """(programs by name, rows without timings) for batch size ``b``."""
     x_BTD = jax.random.normal(jax.random.key(1), (b, 1, a.d_model), jnp.float32).astype(a.dtype)
     x_ND = x_BTD.reshape(b, a.d_model)
     split = params["split"]
@@ -224,28 +201,18 @@ def batch_cases(a, cfg: MoEConfig, params: dict, rts: list[Router], b: int) -> t
         rows.append({"batch": b, "router": rt.label, "scale": round(rt.scale, 4),
                      "k_calib": rt.calib_k, "k_mean": round(k, 4), "union": len(ids),
                      "union_ids": ids, "default_path": path})  # fmt: skip
-    return compile_all(programs), rows
+    # One program per function and argument shapes: the ideals of unions of one size (and one
+    # expert, a union of one) compile once.
+    compiled = {n: bench.compile(fn, args, harness.signature(fn, args))
+                for n, (fn, args) in programs.items()}  # fmt: skip
+    return compiled, rows
 
 
-def compile_all(programs: dict[str, tuple]) -> dict[str, tuple]:
-    """{name: (compiled, args)}; one program per function and argument shapes, so the ideals
-    of unions of one size (and one expert, a union of one) compile once."""
-    cache: dict[tuple, Any] = {}
-    out = {}
-    for name, (fn, args) in programs.items():
-        avals = tuple((a.shape, a.dtype) for a in jax.tree.leaves(args))
-        key = (fn, jax.tree.structure(args), avals)
-        if key not in cache:
-            cache[key] = timing.compile_fn(fn, args)[0]
-        out[name] = (cache[key], args)
-    return out
-
-
-def max_diffs(programs: dict, label: str, names: list[str]) -> dict[str, float]:
+def max_diffs(programs: dict[str, Program], label: str, names: list[str]) -> dict[str, float]:
     """Each variant's largest absolute output difference from the decode path's output."""
     ref = label + ("/decode" if f"{label}/decode" in programs else "/default")
-    ys = {n: np.asarray(c(*args), np.float32) for n, (c, args) in programs.items() if n in names}
-    y_ref = np.asarray(programs[ref][0](*programs[ref][1]), np.float32)
+    ys = {n: np.asarray(program(), np.float32) for n, program in programs.items() if n in names}
+    y_ref = np.asarray(programs[ref](), np.float32)
     return {n.split("/", 1)[1]: float(np.max(np.abs(y - y_ref))) for n, y in ys.items()}
 
 
@@ -272,19 +239,18 @@ def fill_row(row: dict, ms: dict[str, float], diffs: dict, expert_bytes: int) ->
     return row
 
 
-def time_batch(a, cfg: MoEConfig, params: dict, rts: list[Router], b: int) -> list[dict]:
+def time_batch(a, bench: Bench, cfg: MoEConfig, params: dict, rts: list[Router],
+               b: int) -> list[dict]:  # fmt: skip
     """Every router's programs at batch size ``b``, timed in one interleaved set."""
-    programs, rows = batch_cases(a, cfg, params, rts, b)
-    times, _ = timing.time_interleaved(list(programs.values()), a.reps)
-    ms = {n: statistics.median(t) for n, t in zip(programs, times, strict=True)}
+    programs, rows = batch_cases(a, bench, cfg, params, rts, b)
+    timings = bench.time(programs)
     expert_bytes = 3 * a.d_model * a.d_ff * jnp.dtype(a.dtype).itemsize
-    load = timing.load_average()
     for row in rows:
         label = row["router"]
         layer_names = [n for n in programs if n.startswith(label + "/") and "ideal" not in n]
-        fill_row(row, ms, max_diffs(programs, label, layer_names), expert_bytes)
-        row.update(reps=a.reps, load=load)
-        log(f"  {row}")
+        fill_row(row, timings.medians, max_diffs(programs, label, layer_names), expert_bytes)
+        row.update(reps=a.reps, load=timings.load)
+        harness.log(f"  {row}")
     return rows
 
 
@@ -327,24 +293,25 @@ def command(argv: list[str] | None) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
-    load_before = timing.load_average()
+    load_before = harness.load_average()
+    bench = Bench(a.reps)
     cfg, params = layouts(a)
     rts = routers(a, params["split"]["router_DE"])
     rows, scale_by_b = [], {}
     for b in a.batch:
-        log(f"B={b}")
-        batch_rows = time_batch(a, cfg, params, rts, b)
+        harness.log(f"B={b}")
+        batch_rows = time_batch(a, bench, cfg, params, rts, b)
         rows += batch_rows
         scale_by_b[b] = scaling(batch_rows)
     out = {"shape": {"d_model": a.d_model, "d_ff": a.d_ff, "experts": a.experts,
                      "dtype": a.dtype, "threshold": a.threshold},
            "rows": rows, "scaling": {str(b): s for b, s in scale_by_b.items()},
-           "load_before": load_before, "load_after": timing.load_average(),
+           "load_before": load_before, "load_after": harness.load_average(),
            "jax": jax.__version__, "device": str(jax.devices()[0]),
            "command": command(argv)}  # fmt: skip
     print(tables(rows, scale_by_b), flush=True)
     print(f"load average (1 min): {out['load_before']} before, {out['load_after']} after")
-    timing.write_json(a.json, report.jsonable(out))
+    harness.write_json(a.json, report.jsonable(out))
     return out
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +32,16 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the MaxText venv lacks ours
 from dynmoe_jax import MoELayer  # noqa: E402
-from experiments import moe_timing as timing  # noqa: E402
+from experiments.bench.dense import dense_swiglu  # noqa: E402
+from experiments.bench.flags import positive  # noqa: E402
+from experiments.bench.harness import (  # noqa: E402
+    Bench,
+    compile_program,
+    load_average,
+    log,
+    write_json,
+)
+from experiments.bench.layers import DISPATCHES  # noqa: E402
 
 B, S, D, F, E, K, CF = 8, 1024, 512, 1024, 16, 2, 1.25
 MAXTEXT_MODES = {  # MaxText's names: sparse_matmul=False is its one-hot capacity path
@@ -45,10 +53,6 @@ MAXTEXT_MODES = {  # MaxText's names: sparse_matmul=False is its one-hot capacit
         "capacity_factor": -1.0,
     },
 }
-
-
-def log(*parts) -> None:
-    print(*parts, file=sys.stderr, flush=True)
 
 
 DEFAULT_HARNESS = Path(__file__).resolve().parents[1] / ".." / "shared" / "peers" / "maxtext"
@@ -150,37 +154,42 @@ def our_case(dispatch: str, x_BSD: jax.Array):
 def build(name: str, case) -> dict:
     """Compiles one case; a failure is reported as a row, never hides the others."""
     try:
-        fn, fargs = case()
-        compiled, compile_s = timing.compile_fn(fn, fargs)
+        program = compile_program(*case())
     except Exception as e:  # noqa: BLE001
         log(f"[{name}] failed: {type(e).__name__}: {str(e)[:300]}")
         return {"name": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-    temp = round(timing.temp_bytes(compiled) / 2**20, 1)
-    return {"name": name, "compiled": (compiled, fargs), "compile_s": round(compile_s, 2),
+    temp = round(program.temp_bytes / 2**20, 1)
+    return {"name": name, "program": program, "compile_s": round(program.compile_s, 2),
             "temp_mib": temp}  # fmt: skip
 
 
 def time_rows(rows: list[dict], reps: int) -> None:
     """Calls every case once per round, so load drifts hit all rows alike."""
-    ok = [r for r in rows if "compiled" in r]
-    times, _ = timing.time_interleaved([r.pop("compiled") for r in ok], reps)
-    for row, t in zip(ok, times, strict=True):
-        row.update(ms=round(statistics.median(t), 1), all_ms=[round(v, 1) for v in t])
+    ok = [r for r in rows if "program" in r]
+    timings = Bench(reps).time({str(i): r.pop("program") for i, r in enumerate(ok)})
+    for i, row in enumerate(ok):
+        t = timings.all_ms[str(i)]
+        row.update(ms=round(timings.median(str(i)), 1), all_ms=[round(v, 1) for v in t])
         log(f"  {row}")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--reps", type=int, default=3, help="rounds; every case is called once each")
-    p.add_argument("--ours", nargs="*", default=["index", "einsum", "grouped"])
+    p.add_argument("--reps", type=positive(int), default=3,
+                   help="rounds; every case is called once each")  # fmt: skip
+    p.add_argument("--ours", nargs="*", default=["index", "einsum", "grouped"], choices=DISPATCHES)
     p.add_argument("--maxtext", nargs="*", default=list(MAXTEXT_MODES), choices=MAXTEXT_MODES)
     p.add_argument("--json", type=Path, default=None)
     harness_help = "folder of the MaxText harness (its setup.sh builds the MaxText venv)"
     p.add_argument("--harness", type=Path, default=DEFAULT_HARNESS, help=harness_help)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     x_BSD = jax.random.normal(jax.random.key(1), (B, S, D), jnp.float32)
     mt = import_maxtext(args.harness) if args.maxtext else None
-    dense = lambda: timing.dense_swiglu_case(B * S, D, K * F, jnp.float32)  # noqa: E731
+    dense = lambda: dense_swiglu(B * S, D, K * F, jnp.float32)  # noqa: E731
     rows = [build(f"dense SwiGLU hidden {K * F}", dense)]
     rows += [build(f"ours {d}", lambda d=d: our_case(d, x_BSD)) for d in args.ours]
     with tempfile.TemporaryDirectory() as workdir:
@@ -188,14 +197,14 @@ def main(argv: list[str] | None = None) -> dict:
             case = lambda m=MAXTEXT_MODES[mode]: maxtext_case(mt, m, x_BSD, workdir)  # noqa: E731
             rows.append(build(f"maxtext {mode}", case))
         time_rows(rows, args.reps)
-    load = timing.load_average()
+    load = load_average()
     for row in rows:
         if "ms" in row and "ms" in rows[0]:
             row.update(x_dense=round(row["ms"] / rows[0]["ms"], 3), load=load)
     print_table(rows)
     out = {"shapes": dict(B=B, S=S, D=D, F=F, E=E, K=K, capacity_factor=CF), "rows": rows}
     out["maxtext"] = "skipped: not importable" if args.maxtext and mt is None else "ran"
-    timing.write_json(args.json, out)
+    write_json(args.json, out)
     return out
 
 

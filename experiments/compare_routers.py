@@ -1,5 +1,5 @@
 """Dense vs top-1 vs top-2 vs top-p (p = 0.4) on the same data, steps and seeds; top-p with
-its capacity sized to the experts it selects (``common.SIZED_EXPECTED_K``); and top-2 and
+its capacity sized to the experts it selects (``variants.SIZED_EXPECTED_K``); and top-2 and
 top-p with grouped dispatch, one token budget per routing group.
 
 Checks the paper's findings 1 (top-p beats top-2 with fewer experts), 3 (lower layers use more
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import common, report, stats
+from experiments import flops, plots, report, run_cache, stats, variants
 
 MODULE = "experiments.compare_routers"
-Results = dict[str, list[common.RunResult]]
+Results = dict[str, list[run_cache.RunResult]]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -36,8 +36,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scale", type=int, default=1, help="multiplies steps and widths")
     p.add_argument("--steps", type=int, default=None, help="override the step count")
     p.add_argument("--threshold", type=float, default=0.4, help="top-p threshold p")
-    p.add_argument("--variants", nargs="+", default=list(common.VARIANTS), choices=common.VARIANTS)
-    p.add_argument("--runs-dir", type=Path, default=common.RUNS_DIR / "lm")
+    p.add_argument(
+        "--variants", nargs="+", default=list(variants.VARIANTS), choices=variants.VARIANTS
+    )
+    p.add_argument("--runs-dir", type=Path, default=run_cache.RUNS_DIR / "lm")
     p.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
     p.add_argument("--fresh", action="store_true", help="retrain even finished runs")
     p.add_argument("--name", default="compare_routers", help="stem of the result files")
@@ -50,25 +52,25 @@ def run_all(args: argparse.Namespace) -> Results:
     results: Results = {v: [] for v in args.variants}
     for seed in args.seeds:
         for variant in args.variants:
-            config = common.lm_config(variant, seed, args.scale, args.threshold, args.steps)
-            name = common.run_name(variant, seed, args.scale, args.threshold)
-            results[variant].append(common.run_or_load(config, args.runs_dir / name, args.fresh))
+            config = variants.lm_config(variant, seed, args.scale, args.threshold, args.steps)
+            name = variants.run_name(variant, seed, args.scale, args.threshold)
+            results[variant].append(run_cache.run_or_load(config, args.runs_dir / name, args.fresh))
     return results
 
 
 def _label(variant: str, threshold: float) -> str:
     labels = {
         "top_p": f"top-p (p={threshold:g})",
-        "top_p_sized": f"top-p (p={threshold:g}), capacity for k={common.SIZED_EXPECTED_K:g}",
+        "top_p_sized": f"top-p (p={threshold:g}), capacity for k={variants.SIZED_EXPECTED_K:g}",
         "top_p_grouped": f"top-p (p={threshold:g}), grouped, budget "
-        f"{common.GROUPED_BUDGET_FACTOR:g} x {common.SIZED_EXPECTED_K:g}",
-        "top2_grouped": f"top-2, grouped, budget {common.GROUPED_BUDGET_FACTOR:g} x 2",
+        f"{variants.GROUPED_BUDGET_FACTOR:g} x {variants.SIZED_EXPECTED_K:g}",
+        "top2_grouped": f"top-2, grouped, budget {variants.GROUPED_BUDGET_FACTOR:g} x 2",
         "dense": "dense (d_ff = 2 x expert)",
     }
-    return labels.get(variant, common.VARIANT_LABELS[variant])
+    return labels.get(variant, variants.VARIANT_LABELS[variant])
 
 
-def _last_train(run: common.RunResult, key: str) -> float:
+def _last_train(run: run_cache.RunResult, key: str) -> float:
     return float(run.train[-1][key])
 
 
@@ -83,7 +85,7 @@ def summarize(results: Results, threshold: float) -> tuple[dict, dict]:
         slots = [_last_train(r, "slots_per_token") for r in runs] if moe else None
         dropped = [r.final.get("dropped_fraction", 0.0) for r in runs] if moe else None
         kept = np.mean(experts) * (1 - np.mean(dropped)) if moe else None
-        ffn = common.ffn_params_per_token(runs[0].config, kept if moe else 0.0)
+        ffn = flops.ffn_params_per_token(runs[0].config, kept if moe else 0.0)
         rows.append(
             [
                 _label(variant, threshold),
@@ -131,7 +133,7 @@ def summarize(results: Results, threshold: float) -> tuple[dict, dict]:
     return tables, raw
 
 
-def _top_p_tables(runs: list[common.RunResult]) -> dict:
+def _top_p_tables(runs: list[run_cache.RunResult]) -> dict:
     """Per-layer experts (finding 3) and experts over training (finding 4) of the top-p runs."""
     per_layer = np.stack([r.experts_per_layer for r in runs])
     layer_rows = [[i, stats.fmt_mean_sd(per_layer[:, i], 2)] for i in range(per_layer.shape[1])]
@@ -160,11 +162,11 @@ def _top_p_tables(runs: list[common.RunResult]) -> dict:
 
 
 def plot_validation_loss(results: Results, threshold: float, path: Path) -> Path:
-    plt = report.pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for variant, runs in results.items():
         steps, curves = report.aligned_series([r.validation for r in runs], "loss")
-        report.band(ax, steps, curves, _label(variant, threshold), common.VARIANT_COLORS[variant])
+        plots.band(ax, steps, curves, _label(variant, threshold), plots.VARIANT_COLORS[variant])
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats / token)")
     ax.set_title(
@@ -172,43 +174,43 @@ def plot_validation_loss(results: Results, threshold: float, path: Path) -> Path
     )
     ax.legend()
     ax.grid(alpha=0.3)
-    return report.save_figure(fig, path)
+    return plots.save_figure(fig, path)
 
 
 def plot_experts_over_training(results: Results, threshold: float, path: Path) -> Path:
     """Left: mean experts per token of each MoE model; right: top-p by layer."""
-    plt = report.pyplot()
+    plt = plots.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for variant, runs in results.items():
         if runs[0].config.model.ffn != "moe":
             continue
         steps, curves = report.aligned_series([r.train for r in runs], "experts_per_token")
-        label, color = _label(variant, threshold), common.VARIANT_COLORS[variant]
-        report.band(left, steps, curves, label, color)
+        label, color = _label(variant, threshold), plots.VARIANT_COLORS[variant]
+        plots.band(left, steps, curves, label, color)
     left.set_title("Experts per token over training (train batches)")
     if "top_p" in results:
         runs = results["top_p"]
         steps, _ = report.aligned_series([r.train for r in runs], "experts_per_token")
         per_layer = np.stack([_per_layer_series(r, steps) for r in runs])  # [seed, step, L]
         for layer in range(per_layer.shape[2]):
-            report.band(right, steps, per_layer[:, :, layer], f"layer {layer}")
+            plots.band(right, steps, per_layer[:, :, layer], f"layer {layer}")
         right.set_title(f"Top-p (p={threshold:g}) by layer (0 = lowest)")
     for ax in (left, right):
         ax.set_xlabel("step")
         ax.set_ylabel("experts per token")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    return report.save_figure(fig, path)
+    return plots.save_figure(fig, path)
 
 
-def _per_layer_series(run: common.RunResult, steps: np.ndarray) -> np.ndarray:
+def _per_layer_series(run: run_cache.RunResult, steps: np.ndarray) -> np.ndarray:
     by_step = {r["step"]: r["experts_per_layer"] for r in run.train}
     return np.asarray([by_step[s] for s in steps], np.float64)
 
 
 def plot_experts_per_layer(results: Results, threshold: float, path: Path) -> Path:
     """Final validation experts per token of each MoE layer, per model (seed dots)."""
-    plt = report.pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     moe = {v: runs for v, runs in results.items() if runs[0].config.model.ffn == "moe"}
     width = 0.8 / max(1, len(moe))
@@ -221,7 +223,7 @@ def plot_experts_per_layer(results: Results, threshold: float, path: Path) -> Pa
             width,
             label=_label(variant, threshold),
             alpha=0.7,
-            color=common.VARIANT_COLORS[variant],
+            color=plots.VARIANT_COLORS[variant],
         )
         for row in per_layer:
             ax.plot(x, row, "k.", ms=4)
@@ -231,16 +233,16 @@ def plot_experts_per_layer(results: Results, threshold: float, path: Path) -> Pa
     ax.set_title("Experts per token by layer (bars: seed mean; dots: seeds)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
-    return report.save_figure(fig, path)
+    return plots.save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     results = run_all(args)
     tables, raw = summarize(results, args.threshold)
-    stem = common.results_stem(args.name, args.scale)
+    stem = variants.results_stem(args.name, args.scale)
     out = args.results_dir
-    plots = [
+    figures = [
         plot_validation_loss(results, args.threshold, out / f"{stem}_val_loss.png"),
         plot_experts_over_training(results, args.threshold, out / f"{stem}_experts_training.png"),
         plot_experts_per_layer(results, args.threshold, out / f"{stem}_experts_per_layer.png"),
@@ -249,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         stem,
         "Router comparison: dense vs top-1 vs top-2 vs top-p",
         tables,
-        {"results": raw, "plots": [p.name for p in plots]},
+        {"results": raw, "plots": [p.name for p in figures]},
         report.command_line(MODULE),
         out,
     )

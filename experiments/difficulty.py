@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import common, report, stats, tasks
+from experiments import configs, plots, report, run_cache, stats, tasks, variants
 from experiments.tasks import TASKS
 
 MODULE = "experiments.difficulty"
@@ -43,7 +43,7 @@ def run_tasks(args: argparse.Namespace) -> tuple[dict, dict]:
         workdir = (
             args.runs_dir.parent / f"tasks-x{args.scale}" / f"s{seed}-steps{config.num_train_steps}"
         )
-        run = common.run_or_load(config, workdir, args.fresh, tasks.train_tasks)
+        run = run_cache.run_or_load(config, workdir, args.fresh, tasks.train_tasks)
         history = tasks.task_history(run)
         runs.append({"final": history[-1], "history": history, "wall_s": run.wall_s})
     finals = {k: np.stack([r["final"][k] for r in runs]) for k in runs[0]["final"] if k != "step"}
@@ -114,7 +114,7 @@ def _interval_text(values: Sequence[float]) -> str:
 
 def plot_tasks(raw: dict, path: Path) -> Path:
     """Left: experts per answer token per task (seed dots, CI bars); right: over training."""
-    plt = report.pyplot()
+    plt = plots.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     experts = np.asarray(raw["final"]["experts"])
     names = [t["name"] for t in raw["tasks"]]
@@ -131,14 +131,14 @@ def plot_tasks(raw: dict, path: Path) -> Path:
     for t, name in enumerate(names):
         steps = np.asarray([h["step"] for h in raw["history"][0]])
         curves = np.asarray([[h["experts"][t] for h in hist] for hist in raw["history"]])
-        report.band(right, steps, curves, name)
+        plots.band(right, steps, curves, name)
     right.set_xlabel("step")
     right.set_ylabel("experts per answer token")
     right.set_title("Over training (band: min-max over seeds)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
     right.legend(fontsize=8)
-    return report.save_figure(fig, path)
+    return plots.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- per token
@@ -150,10 +150,10 @@ def run_tokens(args: argparse.Namespace) -> tuple[dict, dict]:
 
     per_seed = []
     for seed in args.seeds:
-        config = common.lm_config("top_p", seed, args.scale, args.threshold, args.lm_steps)
-        workdir = args.runs_dir / common.run_name("top_p", seed, args.scale, args.threshold)
-        common.run_or_load(config, workdir)
-        run = inference.restore(config, workdir)
+        config = variants.lm_config("top_p", seed, args.scale, args.threshold, args.lm_steps)
+        workdir = args.runs_dir / variants.run_name("top_p", seed, args.scale, args.threshold)
+        run_cache.run_or_load(config, workdir)
+        run = configs.restore(config, workdir)
         per_token = inference.token_statistics(
             run.task.graphdef, run.params, run.data.eval_batches()
         )
@@ -236,7 +236,7 @@ def _token_tables(per_seed: list[dict]) -> dict:
 
 
 def plot_tokens(raw: dict, path: Path) -> Path:
-    plt = report.pyplot()
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, len(MEASURES), figsize=(13, 3.8), sharey=True)
     for ax, (measure, label) in zip(axes, MEASURES.items(), strict=True):
         for seed, s in zip(raw["seeds"], raw["per_seed"], strict=True):
@@ -255,7 +255,7 @@ def plot_tokens(raw: dict, path: Path) -> Path:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("experts per token (mean over layers)")
-    return report.save_figure(fig, path)
+    return plots.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- main
@@ -275,7 +275,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="task-suite training steps")
     p.add_argument("--lm-steps", type=int, default=None, help="LM steps if it must be trained")
     p.add_argument("--threshold", type=float, default=0.4)
-    p.add_argument("--runs-dir", type=Path, default=common.RUNS_DIR / "lm")
+    p.add_argument("--runs-dir", type=Path, default=run_cache.RUNS_DIR / "lm")
     p.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
     p.add_argument("--fresh", action="store_true", help="retrain the task suite's runs")
     return p.parse_args(argv)
@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.analysis in ("all", "tokens"):
         args.seeds = explicit_seeds or [0, 1]
         tables, raw = run_tokens(args)
-        stem = common.results_stem("difficulty_tokens", args.scale)
+        stem = variants.results_stem("difficulty_tokens", args.scale)
         plot = plot_tokens(raw, args.results_dir / f"{stem}.png")
         raw["plot"] = plot.name
         md, _ = report.write_results(
@@ -305,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.analysis in ("all", "tasks"):
         args.seeds = explicit_seeds or [0, 1, 2]
         tables, raw = run_tasks(args)
-        stem = common.results_stem("difficulty_tasks", args.scale)
+        stem = variants.results_stem("difficulty_tasks", args.scale)
         plot = plot_tasks(raw, args.results_dir / f"{stem}.png")
         raw["plot"] = plot.name
         md, _ = report.write_results(

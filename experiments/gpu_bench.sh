@@ -68,7 +68,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax.grouped_matmul import default_backend, grouped_matmul
+from dynmoe_jax.moe.kernels.grouped_matmul import default_backend, grouped_matmul
 
 args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
 rows, d, f, e = int(args["--tokens"]) * 2, int(args["--d-model"]), int(args["--d-ff"]), 16

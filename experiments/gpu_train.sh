@@ -14,7 +14,8 @@
 #     bash experiments/gpu_train.sh [OUT_JSON]      (default experiments/results/gpu_train.json)
 # Environment: PYTHON (default .venv/bin/python), LAYERS (8), BATCH (8 sequences), STEPS (300),
 # VOCAB (32000; a small corpus's SentencePiece model may get fewer pieces, and the plan uses the
-# count the tokenizer really has), PEAK_TFLOPS (989, see below), WORKDIR (a fresh temp folder).
+# count the tokenizer really has), PEAK_TFLOPS (989, see below), WORKDIR (the run's folder, kept;
+# by default a temporary one, removed when the script exits, whatever the outcome).
 # DRY_RUN=1 skips the GPU checks and runs the same pipeline on CPU at a tiny size (checks the
 # script's logic where no GPU is present; its numbers mean nothing).
 #
@@ -25,7 +26,10 @@ set -euo pipefail
 
 PY="${PYTHON:-.venv/bin/python}"
 OUT="${1:-experiments/results/gpu_train.json}"
-WORKDIR="${WORKDIR:-$(mktemp -d)}"
+if [[ -z "${WORKDIR:-}" ]]; then
+  WORKDIR="$(mktemp -d)"
+  trap 'rm -rf -- "$WORKDIR"' EXIT
+fi
 
 fail() { echo "gpu_train.sh: $*" >&2; exit 2; }
 source "$(dirname "$0")/gpu_check.sh"
@@ -51,14 +55,12 @@ from pathlib import Path
 
 import jax
 
-from dynmoe_jax import data as data_lib
 from dynmoe_jax import plan as plan_lib
-from dynmoe_jax import train
-from dynmoe_jax.configs import paper
+from experiments import configs
 
 out, workdir = sys.argv[1], Path(sys.argv[2])
 size = {k: float(v) for k, v in (a.split("=") for a in sys.argv[3:])}
-c = paper.get_config()
+c = configs.named("paper")
 c.dataset, c.mesh_shape, c.grad_accum_steps = "pydoc", "", 1
 c.vocab_size, c.seq_len, c.batch_size = int(size["vocab"]), int(size["seq_len"]), int(size["batch"])
 c.num_train_steps = int(size["steps"])
@@ -73,14 +75,15 @@ c.moe.num_experts = int(size["experts"])
 c.moe.group_size = c.seq_len
 c.lock()
 
-data = data_lib.from_config(c)  # trains (or reads) the tokenizer: its real vocabulary size
+data = configs.data(c)  # trains (or reads) the tokenizer: its real vocabulary size
 print(data.summary(), file=sys.stderr)
-planned = c.copy_and_resolve_references()
+planned = configs.copy_of(c)
 planned.vocab_size = data.vocab_size
-plan = plan_lib.plan(planned, size["memory"], log=lambda line: print(line, file=sys.stderr))
+plan = plan_lib.plan(configs.resolved(planned), size["memory"],
+                     log=lambda line: print(line, file=sys.stderr))
 print(f"plan: {json.dumps(plan)}", file=sys.stderr)
 
-train.train_with_data(planned, workdir, data, c.dataset)
+configs.train_with_data(planned, workdir, data, c.dataset)
 records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 rates = [r["tokens_per_sec"] for r in records if r.get("split") == "train"]
 steady = rates[1:] or rates  # the first window includes compilation
@@ -88,7 +91,7 @@ tokens_per_sec = sum(steady) / len(steady)
 tokens_per_step = c.batch_size * c.seq_len
 achieved = tokens_per_sec / tokens_per_step * plan["flops_per_step"]
 peak = size["peak_tflops"] * 1e12
-model_cfg = train.build_task(planned, data.vocab_size).model_cfg
+model_cfg = configs.model_config(planned)  # its vocabulary: the tokenizer's
 embed = 0 if model_cfg.tie_embeddings else data.vocab_size * model_cfg.d_model
 analytic = plan_lib.analytic_flops(
     model_cfg, plan["active_params"] - embed, tokens_per_step, c.seq_len

@@ -39,13 +39,11 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
-from dynmoe_jax import data as data_lib
 from dynmoe_jax import generate as generate_lib
 from dynmoe_jax import train as train_lib
-from dynmoe_jax.configs import pretrained
 from dynmoe_jax.pretrained import init_from as init_from_lib
 from dynmoe_jax.validation import ConfigError
-from experiments import report
+from experiments import configs, plots, report
 
 MODULE = "experiments.pretrained_top_p"
 DEFAULT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -86,13 +84,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def base_config(args: argparse.Namespace) -> ConfigDict:
     """The fine-tuning config with this evaluation's corpus, sizes and a drop-free router."""
-    c = pretrained.get_config()
-    c.init_from = init_from_lib.check_path(ConfigDict({"init_from": args.path}))
+    c = configs.named("pretrained")
+    c.init_from = configs.checked_init_from(args.path)
     c.dataset, c.data_dir = args.dataset, args.data_dir
     c.seq_len, c.batch_size, c.eval_batches = args.seq_len, args.batch_size, args.eval_batches
     c.mesh_shape = args.mesh_shape
     c.model.dtype = args.dtype
-    c.model.remat = False  # no backward pass here
+    c.model.remat = "none"  # no backward pass here
     c.moe.dispatch, c.moe.capacity_factor = "grouped", None
     return c
 
@@ -115,7 +113,7 @@ def label(setting: dict, native_k: int | None = None) -> str:
 
 
 def with_setting(config: ConfigDict, setting: dict) -> ConfigDict:
-    c = config.copy_and_resolve_references()
+    c = configs.copy_of(config)
     for field, value in setting.items():
         c.moe[field] = value
     return c
@@ -124,7 +122,7 @@ def with_setting(config: ConfigDict, setting: dict) -> ConfigDict:
 def evaluate_setting(config: ConfigDict, setting: dict, data, params) -> dict:
     """Validation loss, perplexity and experts per token (per layer) under ``setting``."""
     c = with_setting(config, setting)
-    task = train_lib.build_task(c, data.vocab_size)
+    task = configs.build_task(c, data.vocab_size)
     eval_step = train_lib.make_eval_step(task)
     with jax.set_mesh(task.mesh):
         return train_lib.evaluate(eval_step, params, data.eval_batches(c.eval_batches))
@@ -135,7 +133,7 @@ def decode_rates(config: ConfigDict, todo: Sequence[dict], task, decode_params,
     """(decode tokens/s, experts per new token) of each setting at B=1 over one decode layout
     (``decode_params``), with a graph per setting: an untimed round, then a timed one."""
     graphdefs = [
-        generate_lib.decode_graphdef(init_from_lib.model_config(with_setting(config, setting)))
+        generate_lib.decode_graphdef(configs.model_config(with_setting(config, setting)))
         for setting in todo
     ]
     out = []
@@ -157,15 +155,15 @@ def decode_prompt(data) -> list[int]:
 
 def run(args: argparse.Namespace) -> dict:
     config = base_config(args)
-    init_from_lib.check_config(config)  # every one-line error before the corpus is read
-    native_cfg = init_from_lib.model_config(config).moe
+    configs.check(config)  # every one-line error before the corpus is read
+    native_cfg = configs.model_config(config).moe
     native_k, experts = native_cfg.top_k, native_cfg.num_experts
     todo = settings(args.ks, args.thresholds, native_k, experts)
     for setting in todo:  # a bad threshold or k fails here, before anything is loaded
-        init_from_lib.model_config(with_setting(config, setting))
-    data = data_lib.from_config(config)
+        configs.model_config(with_setting(config, setting))
+    data = configs.data(config)
     print(data.summary())
-    task = train_lib.build_task(config, data.vocab_size)
+    task = configs.build_task(config, data.vocab_size)
     params = init_from_lib.load_params(task)
     rows = []
     for i, setting in enumerate(todo, 1):
@@ -224,7 +222,7 @@ def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
 def plot_frontier(raw: dict, path: Path) -> Path:
     """Perplexity against decode tokens/s (B=1), each setting labelled; the settings no other
     beats on both joined by a line."""
-    plt = report.pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     timed = [s for s in raw["settings"] if s.get("decode_tokens_per_s")]
     for router, marker, color in (("top_k", "s", "tab:orange"), ("top_p", "o", "tab:green")):
@@ -244,11 +242,11 @@ def plot_frontier(raw: dict, path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.suptitle(f"{raw['architecture']} ({raw['checkpoint']})", fontsize=9)
-    return report.save_figure(fig, path)
+    return plots.save_figure(fig, path)
 
 
 def plot(raw: dict, path: Path) -> Path:
-    plt = report.pyplot()
+    plt = plots.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     by_router = {r: [s for s in raw["settings"] if s["router"] == r] for r in ("top_k", "top_p")}
     for router, style, color in (("top_k", "s--", "tab:orange"), ("top_p", "o-", "tab:green")):
@@ -280,7 +278,7 @@ def plot(raw: dict, path: Path) -> Path:
     for ax in (left, right):
         ax.grid(alpha=0.3)
     fig.suptitle(f"{raw['architecture']} ({raw['checkpoint']})", fontsize=9)
-    return report.save_figure(fig, path)
+    return plots.save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -1,5 +1,5 @@
 """Writers of the experiments' results: JSON-safe values, markdown tables, the results files
-and the plots."""
+and the command line that produced them (plots: ``plots.py``)."""
 
 from __future__ import annotations
 
@@ -64,35 +64,6 @@ def command_line(module: str) -> str:
     """How the script ``module`` (e.g. 'experiments.compare_routers') was invoked, for the
     results files."""
     return " ".join([".venv/bin/python", "-m", module, *sys.argv[1:]])
-
-
-def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend (no display on these machines)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    pyplot().close(fig)
-    print(f"plot: {path}")
-    return path
-
-
-def band(ax, steps: np.ndarray, curves: np.ndarray, label: str, color=None) -> None:
-    """Mean curve over seeds (rows) with a min-max band."""
-    curves = np.asarray(curves, np.float64)
-    (line,) = ax.plot(steps, curves.mean(axis=0), label=label, color=color)
-    if len(curves) > 1:
-        ax.fill_between(
-            steps, curves.min(axis=0), curves.max(axis=0), alpha=0.2, color=line.get_color()
-        )
 
 
 def aligned_series(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import common, report, stats
+from experiments import plots, report, run_cache, stats, variants
 
 MODULE = "experiments.sweep_threshold"
 DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -32,7 +32,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--scale", type=int, default=1, help="multiplies steps and widths")
     p.add_argument("--steps", type=int, default=None, help="override the step count")
-    p.add_argument("--runs-dir", type=Path, default=common.RUNS_DIR / "lm")
+    p.add_argument("--runs-dir", type=Path, default=run_cache.RUNS_DIR / "lm")
     p.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
     p.add_argument("--fresh", action="store_true", help="retrain even finished runs")
     return p.parse_args(argv)
@@ -40,17 +40,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def run_sweep(args) -> tuple[dict[float, list], dict[str, list]]:
     """Top-p runs per threshold and the top-1 / top-2 reference runs, seed-major."""
-    sweep: dict[float, list[common.RunResult]] = {p: [] for p in args.thresholds}
-    reference: dict[str, list[common.RunResult]] = {"top1": [], "top2": []}
+    sweep: dict[float, list[run_cache.RunResult]] = {p: [] for p in args.thresholds}
+    reference: dict[str, list[run_cache.RunResult]] = {"top1": [], "top2": []}
     for seed in args.seeds:
         for p in args.thresholds:
-            config = common.lm_config("top_p", seed, args.scale, p, args.steps)
-            workdir = args.runs_dir / common.run_name("top_p", seed, args.scale, p)
-            sweep[p].append(common.run_or_load(config, workdir, args.fresh))
+            config = variants.lm_config("top_p", seed, args.scale, p, args.steps)
+            workdir = args.runs_dir / variants.run_name("top_p", seed, args.scale, p)
+            sweep[p].append(run_cache.run_or_load(config, workdir, args.fresh))
         for variant in reference:
-            config = common.lm_config(variant, seed, args.scale, steps=args.steps)
-            workdir = args.runs_dir / common.run_name(variant, seed, args.scale)
-            reference[variant].append(common.run_or_load(config, workdir, args.fresh))
+            config = variants.lm_config(variant, seed, args.scale, steps=args.steps)
+            workdir = args.runs_dir / variants.run_name(variant, seed, args.scale)
+            reference[variant].append(run_cache.run_or_load(config, workdir, args.fresh))
     return sweep, reference
 
 
@@ -98,7 +98,7 @@ def summarize(sweep: dict, reference: dict) -> tuple[dict, dict]:
         loss = [r.final["loss"] for r in runs]
         rows.append(
             [
-                common.VARIANT_LABELS[variant] + " (reference)",
+                variants.VARIANT_LABELS[variant] + " (reference)",
                 stats.fmt_mean_sd(loss, 3),
                 stats.fmt_mean_sd([r.final["perplexity"] for r in runs], 1),
                 stats.fmt_mean_sd([r.final["experts_per_token"] for r in runs], 2),
@@ -126,7 +126,7 @@ def summarize(sweep: dict, reference: dict) -> tuple[dict, dict]:
 
 
 def plot_sweep(raw: dict, path: Path) -> Path:
-    plt = report.pyplot()
+    plt = plots.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     ps = [float(p) for p in raw["thresholds"]]
     for key, ax, label in (
@@ -145,10 +145,10 @@ def plot_sweep(raw: dict, path: Path) -> Path:
             left.axhline(
                 np.mean(raw["reference"][variant]["validation_loss"]),
                 ls=style,
-                color=common.VARIANT_COLORS[variant],
-                label=common.VARIANT_LABELS[variant],
+                color=plots.VARIANT_COLORS[variant],
+                label=variants.VARIANT_LABELS[variant],
             )
-    right.axhline(2.0, ls="--", color=common.VARIANT_COLORS["top2"], label="top-2")
+    right.axhline(2.0, ls="--", color=plots.VARIANT_COLORS["top2"], label="top-2")
     drop = [np.mean(raw["thresholds"][f"{p:g}"]["dropped_fraction"]) for p in ps]
     twin = right.twinx()
     twin.plot(ps, drop, "s:", color="tab:red", ms=4, label="dropped fraction")
@@ -157,11 +157,11 @@ def plot_sweep(raw: dict, path: Path) -> Path:
     right.set_title("Experts per token vs p")
     left.legend(fontsize=8)
     right.legend(fontsize=8, loc="upper left")
-    return report.save_figure(fig, path)
+    return plots.save_figure(fig, path)
 
 
 def plot_layers(raw: dict, path: Path) -> Path:
-    plt = report.pyplot()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4))
     cmap = plt.get_cmap("viridis")
     items = list(raw["thresholds"].items())
@@ -183,19 +183,19 @@ def plot_layers(raw: dict, path: Path) -> Path:
     ax.set_title("Experts per token by layer and threshold (bars: sd over seeds)")
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
     ax.grid(alpha=0.3)
-    return report.save_figure(fig, path)
+    return plots.save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     sweep, reference = run_sweep(args)
     tables, raw = summarize(sweep, reference)
-    stem = common.results_stem("sweep_threshold", args.scale)
-    plots = [
+    stem = variants.results_stem("sweep_threshold", args.scale)
+    figures = [
         plot_sweep(raw, args.results_dir / f"{stem}.png"),
         plot_layers(raw, args.results_dir / f"{stem}_layers.png"),
     ]
-    raw["plots"] = [p.name for p in plots]
+    raw["plots"] = [p.name for p in figures]
     raw["seeds"] = list(args.seeds)
     md, _ = report.write_results(
         stem,

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 from ml_collections import ConfigDict
 
-from dynmoe_jax import config as config_lib
-from experiments import common
+from experiments import configs, run_cache, variants
 
 # Token ids of the synthetic vocabulary. 0 is never produced (the library's padding id).
 PAD = 0
@@ -117,7 +116,7 @@ def decode_example(tokens: Sequence[int]) -> str:
 def tasks_config(seed: int, scale: int = 1, steps: int | None = None) -> ConfigDict:
     """The top-p model of the task suite: the LM experiments' model on 32 x 48-token batches
     of the synthetic tasks."""
-    c = common.lm_config("top_p", seed, scale, steps=steps if steps is not None else 600 * scale)
+    c = variants.lm_config("top_p", seed, scale, steps=steps if steps is not None else 600 * scale)
     c.dataset = "synthetic"  # not read: batches come from make_batch
     c.vocab_size = VOCAB_SIZE
     c.seq_len = 48
@@ -201,8 +200,6 @@ PREFIX = "task_"  # of the per-task fields in the run's validation records
 
 def train_tasks(config: ConfigDict, workdir: Path) -> dict:
     """Trains one model on the suite with the library's loop (``train.train_with_data``)."""
-    from dynmoe_jax import train as train_lib
-
     data = TaskSuiteData(config)
     evaluation = list(data.eval_batches(config.eval_batches))
 
@@ -210,12 +207,11 @@ def train_tasks(config: ConfigDict, workdir: Path) -> dict:
         stats = task_statistics(task.graphdef, params, evaluation)
         return {PREFIX + k: v for k, v in stats.items()}
 
-    # The record of the corpus used, which the run cache checks before reusing the run.
-    config_lib.save_run_config(config, workdir, config.dataset)
-    return train_lib.train_with_data(config, workdir, data, "synthetic", per_task)
+    # Recorded as corpus "synthetic" (the config's dataset), as the run cache checks.
+    return configs.train_with_data(config, workdir, data, config.dataset, per_task)
 
 
-def task_history(run: common.RunResult) -> list[dict]:
+def task_history(run: run_cache.RunResult) -> list[dict]:
     """The per-task statistics of every validation of a run, with their step."""
     return [
         {"step": r["step"], **{k[len(PREFIX) :]: np.asarray(v, np.float64)

@@ -1,8 +1,143 @@
-"""bench_moe.py's main on a tiny shape: every figure it reports exists and is positive."""
+"""The benchmark harness (``experiments/bench/``) against independent references, and every
+benchmark script's main on a tiny shape: every figure it reports exists and is positive."""
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
 
 from experiments import bench_moe, grouped_breakdown
+from experiments.bench import dense, harness, layers
+from experiments.flops import swiglu_fwd_bwd_flops
+
+# ----------------------------------------------------------------------------- harness
+
+
+def _recording_program(name, calls):
+    """A Program whose 'compiled' function records each call (block_until_ready passes a
+    Python value through)."""
+    return harness.Program(lambda: calls.append(name) or name, (), compile_s=0.0)
+
+
+def test_interleaved_timing_calls_one_of_each_per_round_after_a_warm_up():
+    calls = []
+    programs = {n: _recording_program(n, calls) for n in ("a", "b", "c")}
+    timings = harness.Bench(reps=3).time(programs)
+    assert calls == ["a", "b", "c"] + ["a", "b", "c"] * 3  # warm-ups, then rounds
+    assert list(timings.all_ms) == ["a", "b", "c"]
+    assert all(len(t) == 3 and min(t) >= 0 for t in timings.all_ms.values())
+    assert timings.first_out == "a" and timings.median("b") == np.median(timings.all_ms["b"])
+    assert timings.load >= 0
+    calls.clear()
+    slow = harness.Bench(reps=5, slow_s=0.0).time(programs)  # any warm-up is "slow"
+    assert calls == ["a", "b", "c"] * 2 and [len(t) for t in slow.all_ms.values()] == [1, 1, 1]
+
+
+def test_bench_compiles_once_per_key_and_reports_what_xla_says():
+    bench = harness.Bench(reps=2)
+    double = lambda x: 2 * x  # noqa: E731
+    first = bench.compile(double, (jnp.arange(4.0),), key="double")
+    again = bench.compile(double, (jnp.ones(4),), key="double")
+    assert again.compiled is first.compiled and again.compile_s == first.compile_s > 0
+    np.testing.assert_array_equal(again(), 2 * np.ones(4))  # its own arguments
+    assert harness.signature(double, (jnp.ones(4),)) == harness.signature(double, (jnp.zeros(4),))
+    assert harness.signature(double, (jnp.ones(4),)) != harness.signature(double, (jnp.ones(5),))
+    big = bench.compile(lambda x: jnp.sort(x @ x.T, axis=0) @ x, (jnp.ones((64, 64)),))
+    assert big.temp_bytes >= 0 and big.temp_bytes == int(
+        big.compiled.memory_analysis().temp_size_in_bytes
+    )
+
+
+TINY_LAYER = layers.LayerShape(tokens=512, seq_len=64, d_model=16, d_ff=32, threshold=0.4)
+
+
+def _numpy_top_p_mean_k(x, router_DE, threshold):
+    """Mean experts per token of top-p in float64: the smallest prefix of the descending
+    probabilities whose sum reaches the threshold."""
+    logits = np.asarray(x, np.float64).reshape(-1, router_DE.shape[0]) @ np.asarray(router_DE)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs = -np.sort(-probs / probs.sum(-1, keepdims=True), axis=-1)
+    before = np.cumsum(probs, axis=-1) - probs  # the sum of the ranks above each rank
+    return float(np.mean(np.sum(before < threshold, axis=-1)))
+
+
+@pytest.mark.parametrize("target", [1.2, 2.5])
+def test_calibrate_brings_top_p_to_its_target_mean_k(target):
+    x = TINY_LAYER.input()
+    router_DE = layers.make_layer(TINY_LAYER, 8, "topp", "grouped").router_DE[...]
+    fresh = _numpy_top_p_mean_k(x, router_DE, TINY_LAYER.threshold)
+    scale = layers.calibrate(router_DE, x, TINY_LAYER.threshold, target)
+    assert abs(fresh - target) > 0.3  # the fresh router is far off: calibration does the work
+    assert _numpy_top_p_mean_k(x, router_DE * scale, TINY_LAYER.threshold) == pytest.approx(
+        target, abs=0.05
+    )
+    # The scaled layer's own routing agrees.
+    layer = layers.make_layer(TINY_LAYER, 8, "topp", "grouped", scale, capacity_factor=None)
+    assert float(nnx.jit(lambda m, x: m(x)[1])(layer, x)["experts_per_token"]) == pytest.approx(
+        target, abs=0.05
+    )
+
+
+@pytest.mark.parametrize("router, dispatch", [("top2", "index"), ("topp", "grouped")])
+def test_fwd_bwd_gradients_equal_jax_grad_of_the_layers_loss(router, dispatch):
+    layer = layers.make_layer(TINY_LAYER, 4, router, dispatch, 2.0)
+    x = TINY_LAYER.input()
+    fn, params = layers.fwd_bwd(layer)
+    (grad_params, grad_x), stats = jax.jit(fn)(params, x)
+
+    def loss(model, x):
+        return jnp.sum(model(x)[0])
+
+    ref_params, ref_x = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(layer, x)
+    # float32 sums in another order (jit against eager): close to the gradients' own scale.
+    for got, want in zip(jax.tree.leaves(grad_params), jax.tree.leaves(ref_params), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(grad_x, ref_x, rtol=1e-5, atol=1e-5 * np.abs(ref_x).max())
+    aux = nnx.jit(lambda m, x: m(x)[1])(layer, x)
+    assert set(stats) == set(layers.STATS)
+    assert all(float(stats[k]) == pytest.approx(float(aux[k])) for k in layers.STATS)
+
+
+def test_fwd_bwd_input_gradient_matches_forward_mode():
+    # The capacity path has no custom VJP, so forward mode gives an independent derivative
+    # along a random direction (the grouped path's kernels define their backward only).
+    layer = layers.make_layer(TINY_LAYER, 4, "top2", "index", 2.0)
+    x = TINY_LAYER.input()
+    fn, params = layers.fwd_bwd(layer)
+    (_, grad_x), _ = jax.jit(fn)(params, x)
+    v = jax.random.normal(jax.random.key(5), x.shape)
+    _, tangent = nnx.jit(lambda m, x, v: jax.jvp(lambda x: jnp.sum(m(x)[0]), (x,), (v,)))(
+        layer, x, v
+    )
+    assert float(jnp.vdot(grad_x, v)) == pytest.approx(float(tangent), rel=1e-4)
+
+
+def _swiglu_grads_by_hand(params, x):
+    """Gradients of sum((silu(x Wg) * (x Wu)) Wd) for (Wg, Wu, Wd) and x, in float64."""
+    w_gate, w_up, w_down = (np.asarray(w, np.float64) for w in params)
+    x = np.asarray(x, np.float64)
+    g, u = x @ w_gate, x @ w_up
+    s = 1 / (1 + np.exp(-g))
+    h = g * s * u
+    dh = np.ones((x.shape[0], w_down.shape[1])) @ w_down.T
+    dg, du = dh * u * (s + g * s * (1 - s)), dh * g * s
+    grads = [x.T @ dg, x.T @ du, h.T @ np.ones((x.shape[0], w_down.shape[1]))]
+    return grads, dg @ w_gate.T + du @ w_up.T
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_dense_ideal_gradients_match_a_hand_derivation(fused):
+    fn, (params, x) = dense.dense_swiglu(32, 8, 12, jnp.float32, fused=fused)
+    grad_params, grad_x = jax.jit(fn)(params, x)
+    want_params, want_x = _swiglu_grads_by_hand(params, x)
+    for got, want in zip(grad_params, want_params, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(grad_x, want_x, rtol=1e-4, atol=1e-5)
+    assert swiglu_fwd_bwd_flops(32, 8, 12) == 3 * 3 * 2 * 32 * 8 * 12
+
+
+# ----------------------------------------------------------------------------- scripts
 
 TINY = [
     *("--experts", "4", "--routers", "topp", "--dispatch", "index", "grouped"),
@@ -45,7 +180,7 @@ def test_bench_main_reports_positive_figures(tmp_path):
 @pytest.mark.slow
 def test_grouped_breakdown_rebuilds_the_layers_rows(tmp_path):
     tiny = ["--tokens", "256", "--seq-len", "64", "--d-model", "16", "--d-ff", "32"]
-    tiny += ["--matmul-size", "128", "--fresh-mib", "8", "--reps", "1"]
+    tiny += ["--fresh-mib", "8", "--reps", "1"]
     path = tmp_path / "breakdown.json"
     out = grouped_breakdown.main(["--experts", "4", "--json", str(path), *tiny])
     assert path.exists() and [r["router"] for r in out["rows"]] == ["top2", "topp"]
@@ -60,14 +195,45 @@ def test_grouped_breakdown_rebuilds_the_layers_rows(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "flag, value", [("--reps", "0"), ("--fresh-mib", "-8"), ("--experts", "x")]
-)
+    "flag, value",
+    [("--reps", "0"), ("--fresh-mib", "-8"), ("--experts", "x"), ("--threshold", "1.5"),
+     ("--d-model", "0"), ("--tokens", "100"), ("--matmul-size", "128")],
+)  # fmt: skip
 def test_grouped_breakdown_refuses_bad_flags_in_one_line(flag, value, capsys):
     with pytest.raises(SystemExit) as exit_:
         grouped_breakdown.parse_args([flag, value])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert f"argument {flag}" in err and value in err, err
+    assert (f"argument {flag}" in err or "unrecognized arguments" in err) and value in err, err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--tokens", "100", "--seq-len", "64"], "argument --tokens: 100 is not a multiple"),
+     (["--reps", "0"], "argument --reps: 0 is not > 0"),
+     (["--sections", "nope"], "argument --sections: invalid choice: 'nope'"),
+     (["--block-sizes", "8", "-1"], "argument --block-sizes: -1 is not > 0")],
+)  # fmt: skip
+def test_bench_moe_refuses_bad_flags_in_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_moe.parse_args(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--config", "nope"], "argument --config: nope is not a module"),
+     (["--layers", "2,0"], "argument --layers: 2,0 is not integers >= 1"),
+     (["--steps", "0"], "argument --steps: 0 is not > 0")],
+)  # fmt: skip
+def test_bench_compile_refuses_bad_flags_in_one_line(argv, message, capsys):
+    from experiments import bench_compile
+
+    with pytest.raises(SystemExit) as exit_:
+        bench_compile.parse_args(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 DECODE_TINY = [

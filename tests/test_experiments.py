@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dynmoe_jax import config as config_lib
-from experiments import common, report, stats, sweep_threshold, tasks
+from experiments import configs, flops, report, run_cache, stats, sweep_threshold, tasks, variants
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -85,42 +84,42 @@ def test_aligned_series_and_steady_step_ms():
     np.testing.assert_array_equal(values, [[2.0, 3.0], [5.0, 6.0]])
     records = [{"tokens_per_sec": 10.0}, {"tokens_per_sec": 1000.0}, {"tokens_per_sec": 2000.0}]
     # The first window (compilation) is left out: median of 1000 and 2000 tokens/s.
-    assert common.steady_step_ms(records, tokens_per_step=150) == pytest.approx(100.0)
+    assert run_cache.steady_step_ms(records, tokens_per_step=150) == pytest.approx(100.0)
 
 
 # ----------------------------------------------------------------------------- configs, runs
 
 
 def test_lm_config_variants_match_activated_parameters():
-    dense, top1 = common.lm_config("dense", 0), common.lm_config("top1", 0)
-    top2, top_p = common.lm_config("top2", 0), common.lm_config("top_p", 3, threshold=0.2)
+    dense, top1 = variants.lm_config("dense", 0), variants.lm_config("top1", 0)
+    top2, top_p = variants.lm_config("top2", 0), variants.lm_config("top_p", 3, threshold=0.2)
     assert dense.model.ffn == "dense" and dense.model.d_ff == 2 * dense.moe.d_ff
     assert (top1.moe.router, top1.moe.top_k) == ("top_k", 1)
     assert (top2.moe.router, top2.moe.top_k) == ("top_k", 2)
     assert (top_p.moe.router, top_p.moe.threshold, top_p.seed) == ("top_p", 0.2, 3)
-    sized = common.lm_config("top_p_sized", 0)
-    assert (sized.moe.router, sized.moe.expected_k) == ("top_p", common.SIZED_EXPECTED_K)
+    sized = variants.lm_config("top_p_sized", 0)
+    assert (sized.moe.router, sized.moe.expected_k) == ("top_p", variants.SIZED_EXPECTED_K)
     assert top_p.moe.expected_k == 2.0 and sized.moe.threshold == 0.4
     assert {c.moe.dispatch for c in (top1, top2, top_p, sized)} == {"index"}
-    grouped_p, grouped_2 = common.lm_config("top_p_grouped", 0), common.lm_config("top2_grouped", 0)
+    grouped_p = variants.lm_config("top_p_grouped", 0)
+    grouped_2 = variants.lm_config("top2_grouped", 0)
     assert (grouped_p.moe.dispatch, grouped_p.moe.router) == ("grouped", "top_p")
-    assert grouped_p.moe.expected_k == common.SIZED_EXPECTED_K
+    assert grouped_p.moe.expected_k == variants.SIZED_EXPECTED_K
     assert (grouped_2.moe.dispatch, grouped_2.moe.top_k) == ("grouped", 2)
     assert grouped_p.moe.capacity_factor == grouped_2.moe.capacity_factor == 1.1
-    assert common.ffn_params_per_token(dense, 0.0) == common.ffn_params_per_token(top2, 2.0)
-    assert common.ffn_params_per_token(top1, 1.0) == 3 * 64 * 128 * 4
-    big = common.lm_config("top_p", 0, scale=4)
+    assert flops.ffn_params_per_token(dense, 0.0) == flops.ffn_params_per_token(top2, 2.0)
+    assert flops.ffn_params_per_token(top1, 1.0) == 3 * 64 * 128 * 4
+    big = variants.lm_config("top_p", 0, scale=4)
     assert big.num_train_steps == 4 * top_p.num_train_steps and big.model.d_model == 256
     assert big.model.d_model // big.model.num_heads == 16
     with pytest.raises(ValueError, match="variant"):
-        common.lm_config("top3", 0)
-    assert common.run_name("top_p", 1, 2, 0.3) == "top_p0.3-s1-x2"
-    assert common.run_name("dense", 0, 1) == "dense-s0-x1"
-    assert common.run_name("top_p_sized", 2, 1) == "top_p0.4_k1.4-s2-x1"
-    assert common.run_name("top_p_grouped", 0, 1) == "top_p0.4_grouped1.1-s0-x1"
-    assert common.results_stem("sweep", 1) == "sweep" and common.results_stem("sweep", 4).endswith(
-        "_x4"
-    )
+        variants.lm_config("top3", 0)
+    assert variants.run_name("top_p", 1, 2, 0.3) == "top_p0.3-s1-x2"
+    assert variants.run_name("dense", 0, 1) == "dense-s0-x1"
+    assert variants.run_name("top_p_sized", 2, 1) == "top_p0.4_k1.4-s2-x1"
+    assert variants.run_name("top_p_grouped", 0, 1) == "top_p0.4_grouped1.1-s0-x1"
+    assert variants.results_stem("sweep", 1) == "sweep"
+    assert variants.results_stem("sweep", 4) == "sweep_x4"
 
 
 def _fake_run(workdir, config, corpus="kjv"):
@@ -128,12 +127,12 @@ def _fake_run(workdir, config, corpus="kjv"):
     workdir.mkdir(parents=True)
     summary = {"config": config.to_json(sort_keys=True), "final": {"loss": 2.5},
                "wall_s": 12.0, "step_ms": 80.0}  # fmt: skip
-    (workdir / common.SUMMARY_FILE).write_text(json.dumps(summary))
+    (workdir / run_cache.SUMMARY_FILE).write_text(json.dumps(summary))
     records = [{"step": 5, "split": "train", "loss": 3.0},
                {"step": 5, "split": "validation", "loss": 2.5}]  # fmt: skip
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if corpus is not None:  # the library's record of the corpus it trained on
-        config_lib.save_run_config(config, workdir, corpus)
+        configs.save_run_record(config, workdir, corpus)
 
 
 def _no_training(config, workdir):
@@ -141,42 +140,42 @@ def _no_training(config, workdir):
 
 
 def test_finished_runs_are_reused_only_with_the_same_config(tmp_path):
-    config = common.lm_config("top_p", 0, steps=5)
+    config = variants.lm_config("top_p", 0, steps=5)
     _fake_run(tmp_path / "run", config)
-    run = common.run_or_load(config, tmp_path / "run", train=_no_training)
+    run = run_cache.run_or_load(config, tmp_path / "run", train=_no_training)
     assert (run.final, run.wall_s, run.step_ms) == ({"loss": 2.5}, 12.0, 80.0)
     assert [r["split"] for r in run.train + run.validation] == ["train", "validation"]
-    other = common.lm_config("top_p", 0, steps=5, threshold=0.3)
-    with pytest.raises(common.RunCacheError, match="another config; pass --fresh"):
-        common.run_or_load(other, tmp_path / "run", train=_no_training)
-    assert (tmp_path / "run" / common.SUMMARY_FILE).exists()  # nothing deleted
-    assert common.load_run(tmp_path / "empty", config) is None
+    other = variants.lm_config("top_p", 0, steps=5, threshold=0.3)
+    with pytest.raises(run_cache.RunCacheError, match="another config; pass --fresh"):
+        run_cache.run_or_load(other, tmp_path / "run", train=_no_training)
+    assert (tmp_path / "run" / run_cache.SUMMARY_FILE).exists()  # nothing deleted
+    assert run_cache.load_run(tmp_path / "empty", config) is None
 
 
 @pytest.mark.parametrize("corpus, message", [("pydoc", "dataset='pydoc', not dataset='kjv'"),
                                              (None, "no record of its corpus")])  # fmt: skip
 def test_a_run_on_another_corpus_is_refused_not_deleted(tmp_path, corpus, message):
-    config = common.lm_config("top_p", 0, steps=5)
+    config = variants.lm_config("top_p", 0, steps=5)
     _fake_run(tmp_path / "run", config, corpus=corpus)
-    assert common.trained_corpus(tmp_path / "run") == corpus
-    with pytest.raises(common.RunCacheError, match=message):
-        common.run_or_load(config, tmp_path / "run", train=_no_training)
+    assert run_cache.trained_corpus(tmp_path / "run") == corpus
+    with pytest.raises(run_cache.RunCacheError, match=message):
+        run_cache.run_or_load(config, tmp_path / "run", train=_no_training)
     kept = {p.name for p in (tmp_path / "run").iterdir()}
-    assert {"metrics.jsonl", common.SUMMARY_FILE} <= kept  # nothing deleted
+    assert {"metrics.jsonl", run_cache.SUMMARY_FILE} <= kept  # nothing deleted
 
 
 def test_unfinished_run_is_refused_and_fresh_retrains_saying_so(tmp_path, capsys):
-    config = common.lm_config("top_p", 0, steps=5)
+    config = variants.lm_config("top_p", 0, steps=5)
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
-    with pytest.raises(common.RunCacheError, match="unfinished run"):
-        common.run_or_load(config, tmp_path / "run", train=_no_training)
+    with pytest.raises(run_cache.RunCacheError, match="unfinished run"):
+        run_cache.run_or_load(config, tmp_path / "run", train=_no_training)
 
     def fake_train(config, workdir):
         _fake_run(workdir / "inner", config)  # any files; the cache writes the summary
         (workdir / "metrics.jsonl").write_text('{"step": 5, "split": "train", "loss": 3.0}\n')
         return {"loss": 2.0}
 
-    run = common.run_or_load(config, tmp_path / "run", fresh=True, train=fake_train)
+    run = run_cache.run_or_load(config, tmp_path / "run", fresh=True, train=fake_train)
     assert f"[fresh] removing {tmp_path / 'run'}" in capsys.readouterr().out
     assert run.final == {"loss": 2.0} and not (tmp_path / "run" / "checkpoints").exists()
 
@@ -251,7 +250,7 @@ def test_task_and_token_statistics_on_a_tiny_model():
     from dynmoe_jax import train as train_lib
 
     config = _tiny_tasks_config()
-    task = train_lib.build_task(config, tasks.VOCAB_SIZE)
+    task = configs.build_task(config, tasks.VOCAB_SIZE)
     params = train_lib.init_state(task).params
     batches = list(tasks.TaskSuiteData(config).eval_batches(1))
     per_task = tasks.task_statistics(task.graphdef, params, batches)
@@ -284,31 +283,31 @@ def test_task_suite_trains_through_the_library_and_is_reused(tmp_path):
     data = tasks.TaskSuiteData(config)
     for key in ("inputs", "weights"):  # batches are a pure function of (seed, step)
         np.testing.assert_array_equal(data.train_batch(3)[key], data.train_batch(3)[key])
-    run = common.run_or_load(config, tmp_path / "tasks", train=tasks.train_tasks)
+    run = run_cache.run_or_load(config, tmp_path / "tasks", train=tasks.train_tasks)
     history = tasks.task_history(run)
     assert [h["step"] for h in history] == [2, 4]
     assert history[-1]["experts"].shape == (5,) and history[-1]["by_layer"].shape == (5, 2)
     assert np.all(np.isfinite(history[-1]["loss"]))
-    again = common.run_or_load(config, tmp_path / "tasks", train=_no_training)
+    again = run_cache.run_or_load(config, tmp_path / "tasks", train=_no_training)
     assert again.final["loss"] == pytest.approx(run.final["loss"])
 
 
 def test_same_config_ignores_fields_added_since_but_not_changed_ones():
     saved = {"seed": 0, "moe": {"threshold": 0.4}}
-    assert common.same_config(saved, {"seed": 0, "new": 1, "moe": {"threshold": 0.4, "x": 2}})
-    assert not common.same_config(saved, {"seed": 0, "moe": {"threshold": 0.3}})
-    assert not common.same_config(saved, {"moe": {"threshold": 0.4}})  # a field was removed
+    assert run_cache.same_config(saved, {"seed": 0, "new": 1, "moe": {"threshold": 0.4, "x": 2}})
+    assert not run_cache.same_config(saved, {"seed": 0, "moe": {"threshold": 0.3}})
+    assert not run_cache.same_config(saved, {"moe": {"threshold": 0.4}})  # a field was removed
 
 
 def test_router_table_reports_capacity_drops_and_per_seed_times():
     from experiments import compare_routers
 
     def run(variant, seed, loss, slots, dropped, step_ms):
-        config = common.lm_config(variant, seed)
+        config = variants.lm_config(variant, seed)
         final = {"loss": loss, "perplexity": float(np.exp(loss)), "experts_per_token": 1.4,
                  "dropped_fraction": dropped, "experts_per_layer": [1.3, 1.5]}  # fmt: skip
         train = [{"step": 10, "experts_per_token": 1.4, "slots_per_token": slots}]
-        return common.RunResult("r", config, final, train, [], 30.0, step_ms)
+        return run_cache.RunResult("r", config, final, train, [], 30.0, step_ms)
 
     results = {"top_p_sized": [run("top_p_sized", s, 3.6 + s / 100, 1.75, 0.06, 60.0 + s)
                                for s in (0, 1)]}  # fmt: skip
