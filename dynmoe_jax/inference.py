@@ -40,6 +40,7 @@ from dynmoe_jax.pretrained import init_from as init_from_lib
 from dynmoe_jax.sample_checks import check_max_new_tokens, check_temperature, read_prompts
 from dynmoe_jax.train import checkpoint as ckpt_lib
 from dynmoe_jax.train import run_record
+from dynmoe_jax.train.task import restore_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,16 +85,16 @@ def restore(config: RunConfig, workdir: str | Path) -> Restored:
 
 
 def _latest_params(task: train_lib.Task, workdir: str | Path) -> tuple[int, Any]:
-    """(step, params) of the newest checkpoint; FileNotFoundError when there is none."""
+    """(step, params) of the newest checkpoint, the parameters alone read (not the optimizer's
+    moments); FileNotFoundError when there is none."""
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=task.config.keep_checkpoints, create=False)
     try:
-        restored = train_lib.restore_state(task, checkpointer)
+        restored = restore_params(task, checkpointer)
     finally:
         checkpointer.close()
     if restored is None:
         raise FileNotFoundError(f"no checkpoint under {checkpointer.directory}: train first")
-    step, state = restored
-    return step, state.params
+    return restored
 
 
 def inference_graphdef(model_cfg: model_lib.ModelConfig):
@@ -120,8 +121,8 @@ def evaluate_workdir(config: RunConfig, workdir: str | Path) -> dict:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _token_arrays(graphdef, params, inputs_BT, targets_BT):
-    logits_BTV, layer = nnx.merge(graphdef, params)(inputs_BT)
+def _token_arrays(graphdef, params, inputs_BT, targets_BT, valid_BT):
+    logits_BTV, layer = nnx.merge(graphdef, params)(inputs_BT, valid_BT)
     logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
     loss_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
     entropy_BT = -jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1)
@@ -146,7 +147,9 @@ def token_statistics(graphdef, params, batches: Iterable[dict]) -> dict[str, np.
     parts: dict[str, list] = {k: [] for k in STATISTICS}
     rows_seen = 0
     for batch in batches:
-        arrays = jax.device_get(_token_arrays(graphdef, params, batch["inputs"], batch["targets"]))
+        arrays = _token_arrays(graphdef, params, batch["inputs"], batch["targets"],
+                               batch.get("valid"))  # fmt: skip
+        arrays = jax.device_get(arrays)
         loss_BT, entropy_BT, correct_BT, experts_LBT = arrays
         keep_BT = np.asarray(batch["weights"]) > 0
         # The input at position t was the target at position t - 1.

@@ -173,7 +173,8 @@ def window_tokens(stream: np.ndarray, seq_len: int, *, pad_tail: bool) -> np.nda
 
 def windows_to_batch(windows: np.ndarray, pad_id: int = tokenizer_lib.PAD_ID) -> Batch:
     """Model inputs from ``[B, T + 1]`` windows: targets are the inputs shifted by one.
-    ``PADDING`` positions get weight 0 and the id ``pad_id``."""
+    ``PADDING`` positions get weight 0 and the id ``pad_id``; ``valid`` marks the inputs that
+    are not padding (a real input whose target is padding has weight 0 and is valid)."""
     windows = np.asarray(windows, dtype=np.int32)
     padded = windows == PADDING
     # New arrays, not views into the window matrix (which would keep it alive).
@@ -182,6 +183,7 @@ def windows_to_batch(windows: np.ndarray, pad_id: int = tokenizer_lib.PAD_ID) ->
         "inputs": np.ascontiguousarray(ids[:, :-1]),
         "targets": np.ascontiguousarray(ids[:, 1:]),
         "weights": (~padded[:, 1:]).astype(np.float32),
+        "valid": ~padded[:, :-1],  # inputs that are not padding (the MoE layers route these)
     }
 
 

@@ -32,7 +32,8 @@ class RunData(Protocol):
     def summary(self) -> str: ...
 
 
-BATCH_KEYS = ("inputs", "targets", "weights")
+# "valid" (optional): the input positions that are not padding; a batch without it has none.
+BATCH_KEYS = ("inputs", "targets", "weights", "valid")
 
 
 def check_batch_split(batch_size: int, process_count: int | None = None) -> None:
@@ -56,21 +57,22 @@ def process_rows(task: Task) -> np.ndarray:
 def put_batch(task: Task, batch: Batch) -> dict[str, jax.Array]:
     """Places a batch onto the mesh: either this process's rows of the global batch (those of
     ``process_rows``, in that order) or the whole global batch, the same on every process, of
-    which each process keeps its own rows. Keys other than inputs/targets/weights (labels an
-    experiment carries along) stay on the host."""
+    which each process keeps its own rows. Keys other than ``BATCH_KEYS`` (labels an experiment
+    carries along) stay on the host."""
     if jax.process_count() == 1:  # every row is local: the batch is the global array
-        # make_array_from_callback: 0.2 ms against make_array_from_process_local_data's 0.65
-        # for make train's batch, for the same array.
+        # make_array_from_callback: cheaper than make_array_from_process_local_data for the
+        # same array (experiments/RESULTS.md, data pipeline).
         return {
             k: jax.make_array_from_callback(
                 batch[k].shape, task.batch_sharding, lambda idx, v=batch[k]: v[idx]
             )
             for k in BATCH_KEYS
+            if k in batch
         }
     rows, size = process_rows(task), task.config.batch_size
     local = batch
     if len(batch["inputs"]) == size:
-        local = {k: batch[k][rows] for k in BATCH_KEYS}
+        local = {k: batch[k][rows] for k in BATCH_KEYS if k in batch}
     elif len(batch["inputs"]) != len(rows):
         raise ValueError(f"a batch of {len(batch['inputs'])} rows is neither the global batch "
                          f"({size}) nor this process's {len(rows)} rows")  # fmt: skip
@@ -79,6 +81,7 @@ def put_batch(task: Task, batch: Batch) -> dict[str, jax.Array]:
             task.batch_sharding, np.asarray(local[k]), (size, *local[k].shape[1:])
         )
         for k in BATCH_KEYS
+        if k in local
     }
 
 

@@ -81,6 +81,16 @@ def _mismatch(saved: dict, wanted: dict) -> str | None:
     return "; ".join(p for p in [*parts, *shapes] if p)
 
 
+def _within(saved: dict, keep: set[str] | None, partial: bool, by_prefix: bool = False) -> dict:
+    """The entries of a saved layout or fingerprint that a (partial) restore reads: those in
+    ``keep`` (or under one of its prefixes); all of them for a full restore."""
+    if not partial:
+        return saved
+    if by_prefix:
+        return {k: v for k, v in saved.items() if any(k.startswith(p) for p in keep)}
+    return {k: v for k, v in saved.items() if k in keep}
+
+
 def _fmix32(h: jax.Array) -> jax.Array:
     """MurmurHash3's finaliser: every input bit flips about half of the output bits."""
     h = h ^ (h >> 16)
@@ -275,23 +285,28 @@ class Checkpointer:
         args = ocp.args.Composite(meta=ocp.args.JsonRestore())
         return self._manager.restore(step, args=args).meta
 
-    def _restore(self, step: int, abstract_state: Any) -> Any:
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-        )
+    def _restore(self, step: int, abstract_state: Any, partial: bool) -> Any:
+        if partial:  # only the arrays of abstract_state's top-level fields are read
+            restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+            state_args = ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args,
+                                                partial_restore=True)  # fmt: skip
+        else:
+            state_args = ocp.args.StandardRestore(abstract_state)
+        args = ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
         _check_stored_values(self.directory / str(step) / "state")
         restored = self._manager.restore(step, args=args)
         # Compared path by path: a target of other containers (a NamedTuple for a saved dict)
         # may order the same arrays differently.
         saved = dict(zip(restored.meta["layout"], restored.meta["fingerprint"], strict=True))
         got = dict(zip(_layout(restored.state), fingerprint(restored.state), strict=True))
-        if saved != got:
+        if _within(saved, set(got), partial) != got:
             raise CorruptCheckpointError(f"values of step {step} do not match its fingerprint")
         return restored.state
 
-    def restore_latest(self, abstract_state: Any) -> tuple[int, Any] | None:
+    def restore_latest(self, abstract_state: Any, partial: bool = False) -> tuple[int, Any] | None:
         """Restores the newest readable step onto ``abstract_state``'s shapes and shardings;
-        None when there is none."""
+        None when there is none. ``partial``: ``abstract_state`` is a dict of some of the
+        saved state's fields (the params alone, say), and only those are read."""
         self._manager.wait_until_finished()
         for step in reversed(self.steps()):
             try:
@@ -307,13 +322,15 @@ class Checkpointer:
                     f"{meta.get('format', 1)}, and this release reads format {META_FORMAT} only; "
                     "retrain in another --workdir"
                 )
-            diff = _mismatch(meta["layout"], _layout(abstract_state))
+            prefixes = {f"{k}." for k in abstract_state} if partial else None
+            layout = _within(meta["layout"], prefixes, partial, by_prefix=True)
+            diff = _mismatch(layout, _layout(abstract_state))
             target, convert = abstract_state, None
             if diff:
-                target, convert = _per_layer_layout(meta["layout"], abstract_state, step,
+                target, convert = _per_layer_layout(layout, abstract_state, step,
                                                     self.directory, diff)  # fmt: skip
             try:
-                restored = self._restore(step, target)
+                restored = self._restore(step, target, partial)
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
                 self._set_aside(step, _reason(e))
                 continue

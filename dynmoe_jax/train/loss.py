@@ -25,7 +25,7 @@ def forward(task: Task, params, batch: Batch) -> tuple[jax.Array, dict[str, jax.
     """Loss and metrics of one batch: lm loss plus the weighted aux losses, each averaged over
     the MoE layers (the paper leaves the reduction open; a mean keeps weights depth-free)."""
     model = nnx.merge(task.graphdef, params)
-    logits, layer = model(batch["inputs"], batch["weights"] > 0)
+    logits, layer = model(batch["inputs"], batch.get("valid"))
     nll, count = cross_entropy(logits, batch["targets"], batch["weights"])
     lm_loss = nll / jnp.maximum(count, 1.0)
     w = task.config.loss

@@ -94,7 +94,7 @@ def make_eval_step(task: Task) -> Callable[[Any, Batch], dict]:
     def eval_step(params, batch: Batch):
         model = nnx.merge(task.graphdef, params)
         weights_BT = batch["weights"]
-        logits, layer = model(batch["inputs"], weights_BT > 0)
+        logits, layer = model(batch["inputs"], batch.get("valid"))
         nll, count = cross_entropy(logits, batch["targets"], weights_BT)
         out = {"nll": nll, "tokens": count}
         if layer:

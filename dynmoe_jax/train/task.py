@@ -196,6 +196,16 @@ def restore_state(task: Task, checkpointer: ckpt_lib.Checkpointer) -> tuple[int,
     return step, TrainState(**saved)
 
 
+def restore_params(task: Task, checkpointer: ckpt_lib.Checkpointer) -> tuple[int, Any] | None:
+    """(step, params) of the newest readable checkpoint, reading the parameters alone (not the
+    optimizer's moments), or None when there is none."""
+    restored = checkpointer.restore_latest({"params": abstract_state(task).params}, partial=True)
+    if restored is None:
+        return None
+    step, saved = restored
+    return step, saved["params"]
+
+
 def save_state(checkpointer: ckpt_lib.Checkpointer, step: int, state: TrainState) -> None:
     # Stored as a plain dict, so a checkpoint does not depend on this class's definition.
     checkpointer.save(step, state._asdict())
