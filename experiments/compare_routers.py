@@ -10,6 +10,9 @@ experts) and 4 (the mean number of experts falls during training) at small scale
     # grouped against capacity, in one invocation, into compare_routers_grouped.{md,json}:
     .venv/bin/python -m experiments.compare_routers --name compare_routers_grouped \
         --variants top2 top_p top2_grouped top_p_grouped
+    # routing that keeps its budget (a target mean k, bias balance), one invocation:
+    .venv/bin/python -m experiments.compare_routers --name compare_routers_budget \
+        --variants top2_budget top_p_fixed top_p_target top_p_target_bias top2_bias
 
 Writes ``experiments/results/compare_routers.{md,json}`` and three plots (validation loss
 curves, experts per token over training, experts per layer). Finished runs are reused from
@@ -37,7 +40,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="override the step count")
     p.add_argument("--threshold", type=float, default=0.4, help="top-p threshold p")
     p.add_argument(
-        "--variants", nargs="+", default=list(variants.VARIANTS), choices=variants.VARIANTS
+        "--variants",
+        nargs="+",
+        choices=variants.VARIANTS,
+        default=[v for v in variants.VARIANTS if v not in variants.BUDGET_VARIANTS],
     )
     p.add_argument("--runs-dir", type=Path, default=run_cache.RUNS_DIR / "lm")
     p.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
@@ -130,7 +136,77 @@ def summarize(results: Results, threshold: float) -> tuple[dict, dict]:
     tables = {"Validation after training (mean ± sd over seeds)": (header, rows)}
     if "top_p" in results:
         tables.update(_top_p_tables(results["top_p"]))
+    budget = {v: runs for v, runs in results.items() if v in variants.BUDGET_VARIANTS}
+    if budget:
+        table, raw["budget"] = _budget_table(budget, results.get("top2_budget"))
+        tables["Routing that keeps its budget (mean ± sd over seeds)"] = table
     return tables, raw
+
+
+def _windows(run: run_cache.RunResult, key: str, width: int = 50) -> np.ndarray:
+    """[windows, layers] means of a per-layer train metric over consecutive ``width``-step
+    windows after warm-up (the first 10% of the steps)."""
+    warmup = run.config.num_train_steps // 10
+    records = [r for r in run.train if r["step"] > warmup]
+    starts = range(warmup, run.config.num_train_steps, width)
+    return np.asarray([np.mean([r[key] for r in records if s < r["step"] <= s + width], axis=0)
+                       for s in starts])  # fmt: skip
+
+
+def _after_warmup(run: run_cache.RunResult, key: str) -> float:
+    warmup = run.config.num_train_steps // 10
+    return float(np.mean([r[key] for r in run.train if r["step"] > warmup]))
+
+
+def _budget_table(results: Results, top2: list | None) -> tuple[tuple, dict]:
+    """Tracking, balance, drops, cost and quality of the budget variants."""
+    header = ["model", "val loss", "experts / token", "largest window distance from 1.5",
+              "experts by layer", "dropped (train)", "busiest expert / mean load",
+              "expert rows / token (vs top-2)", "ms / step"]  # fmt: skip
+    top2_rows = np.mean([_after_warmup(r, "slots_per_token") for r in top2]) if top2 else None
+    rows, raw = [], {}
+    for variant, runs in results.items():
+        distance = [np.max(np.abs(_windows(r, "experts_per_layer") / variants.TARGET_K - 1))
+                    for r in runs]  # fmt: skip
+        per_layer = np.mean([r.experts_per_layer for r in runs], axis=0)
+        load = [_after_warmup(r, "max_load_ratio") for r in runs]
+        dropped = [_after_warmup(r, "dropped_fraction") for r in runs]
+        slots = [_after_warmup(r, "slots_per_token") for r in runs]
+        loss = [r.final["loss"] for r in runs]
+        experts = [r.final["experts_per_token"] for r in runs]
+        share = f" ({np.mean(slots) / top2_rows:.0%})" if top2_rows else ""
+        rows.append([variants.VARIANT_LABELS[variant], stats.fmt_mean_sd(loss, 3),
+                     stats.fmt_mean_sd(experts, 2), f"{100 * max(distance):.1f}%",
+                     ", ".join(f"{k:.2f}" for k in per_layer),
+                     f"{100 * np.mean(dropped):.2f}%", stats.fmt_mean_sd(load, 2),
+                     f"{np.mean(slots):.2f}{share}",
+                     ", ".join(f"{r.step_ms:.0f}" for r in runs)])  # fmt: skip
+        raw[variant] = {"validation_loss": loss, "experts_per_token": experts,
+                        "largest_window_distance": distance, "experts_per_layer":
+                        per_layer, "dropped_fraction": dropped, "max_load_ratio": load,
+                        "slots_per_token": slots, "step_ms": [r.step_ms for r in runs]}  # fmt: skip
+    return (header, rows), raw
+
+
+def plot_budget(results: Results, path: Path) -> Path:
+    """Experts per token and threshold of each layer over training, for the target runs
+    (the first seed)."""
+    plt = plots.pyplot()
+    targets = [v for v in results if v.startswith("top_p_target")]
+    fig, axes = plt.subplots(len(targets), 2, figsize=(11, 3.5 * len(targets)), squeeze=False)
+    for row, variant in zip(axes, targets, strict=True):
+        run = results[variant][0]
+        steps = [r["step"] for r in run.train]
+        for key, ax in zip(("experts_per_layer", "threshold_per_layer"), row, strict=True):
+            values = np.asarray([r[key] for r in run.train])
+            for layer in range(values.shape[1]):
+                ax.plot(steps, values[:, layer], label=f"layer {layer}", lw=1)
+            ax.set_title(f"{variants.VARIANT_LABELS[variant]}: {key.replace('_', ' ')}")
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        row[0].axhline(variants.TARGET_K, color="k", ls="--", lw=1)
+        row[0].legend(fontsize=8)
+    return plots.save_figure(fig, path)
 
 
 def _top_p_tables(runs: list[run_cache.RunResult]) -> dict:
@@ -244,6 +320,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out = args.results_dir
     figures = [
         plot_validation_loss(results, args.threshold, out / f"{stem}_val_loss.png"),
+        *(
+            [plot_budget(results, out / f"{stem}_budget.png")]
+            if any(v.startswith("top_p_target") for v in results)
+            else []
+        ),  # fmt: skip
         plot_experts_over_training(results, args.threshold, out / f"{stem}_experts_training.png"),
         plot_experts_per_layer(results, args.threshold, out / f"{stem}_experts_per_layer.png"),
     ]

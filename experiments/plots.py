@@ -16,6 +16,11 @@ VARIANT_COLORS = {
     "top_p_sized": "tab:olive",
     "top2_grouped": "tab:red",
     "top_p_grouped": "tab:purple",
+    "top2_budget": "tab:orange",
+    "top_p_fixed": "tab:olive",
+    "top_p_target": "tab:green",
+    "top_p_target_bias": "tab:cyan",
+    "top2_bias": "tab:red",
 }
 
 

@@ -12,7 +12,22 @@ from ml_collections import ConfigDict
 from experiments import configs
 
 # The models of the router comparison. Each maps to config changes in `lm_config`.
-VARIANTS = ("dense", "top1", "top2", "top_p", "top_p_sized", "top2_grouped", "top_p_grouped")
+VARIANTS = (
+    "dense", "top1", "top2", "top_p", "top_p_sized", "top2_grouped", "top_p_grouped",
+    "top2_budget", "top_p_fixed", "top_p_target", "top_p_target_bias", "top2_bias",
+)  # fmt: skip
+# Routing that keeps its budget: grouped dispatch with one budget per step's batch of
+# BUDGET_FACTOR x k selections; "top_p_target" steers each layer's threshold to TARGET_K
+# experts per token, "_bias" balances with a per-expert bias (rate BIAS_RATE) and no
+# load-balance loss, "top_p_fixed" is top-p at the fixed FIXED_P that gives about TARGET_K:
+# sweep_threshold measured 1.40 experts at p = 0.4 and 1.70 at 0.5 (experiments/RESULTS.md),
+# and 0.43 interpolates 1.5.
+BUDGET_VARIANTS = ("top2_budget", "top_p_fixed", "top_p_target", "top_p_target_bias",
+                   "top2_bias")  # fmt: skip
+TARGET_K = 1.5
+BUDGET_FACTOR = 1.05
+FIXED_P = 0.43
+BIAS_RATE = 0.01
 VARIANT_LABELS = {
     "dense": "dense",
     "top1": "top-1",
@@ -21,6 +36,11 @@ VARIANT_LABELS = {
     "top_p_sized": "top-p, sized",
     "top2_grouped": "top-2, grouped",
     "top_p_grouped": "top-p, grouped",
+    "top2_budget": "top-2, budget 1.05",
+    "top_p_fixed": "top-p 0.43, budget 1.05 x 1.5",
+    "top_p_target": "top-p, target 1.5",
+    "top_p_target_bias": "top-p, target 1.5, bias balance",
+    "top2_bias": "top-2, bias balance",
 }
 # Capacity of the "top_p_sized" variant: top-p (p = 0.4)'s mean experts per token at the end
 # of training with capacity sized for 2 (compare_routers, experiments/RESULTS.md), so that its
@@ -75,7 +95,24 @@ def lm_config(
     c.keep_checkpoints = 1
     _set_model(c, variant, scale)
     _set_router(c, variant, threshold)
+    if variant in BUDGET_VARIANTS:
+        _set_budget(c, variant)
     return c
+
+
+def _set_budget(c: ConfigDict, variant: str) -> None:
+    """Grouped dispatch, one routing group per step's batch, a budget of BUDGET_FACTOR x k."""
+    c.moe.dispatch = "grouped"
+    c.moe.capacity_factor = BUDGET_FACTOR
+    c.moe.group_size = c.batch_size * c.seq_len
+    c.log_every_steps = 5  # the tracking is judged on 50-step windows
+    if variant == "top_p_fixed":
+        c.moe.threshold, c.moe.expected_k = FIXED_P, TARGET_K
+    if variant.startswith("top_p_target"):
+        c.moe.target_k, c.moe.expected_k = TARGET_K, None
+    if variant.endswith("_bias"):
+        c.moe.bias_balance = BIAS_RATE
+        c.loss.load_balance_weight = 0.0
 
 
 def _set_model(c: ConfigDict, variant: str, scale: int) -> None:
@@ -89,7 +126,7 @@ def _set_model(c: ConfigDict, variant: str, scale: int) -> None:
 
 
 def _set_router(c: ConfigDict, variant: str, threshold: float) -> None:
-    c.moe.router = "top_p" if variant.startswith("top_p") else "top_k"
+    c.moe.router = "top_p" if variant.startswith("top_p") else "top_k"  # top2_*: top-k
     c.moe.top_k = 1 if variant == "top1" else 2
     c.moe.threshold = threshold
     # Pinned: the committed results of these experiments were trained with index dispatch.
@@ -110,6 +147,8 @@ def run_name(variant: str, seed: int, scale: int, threshold: float = 0.4) -> str
         "top_p_grouped": f"top_p{threshold:g}_grouped{GROUPED_BUDGET_FACTOR:g}",
         "top2_grouped": f"top2_grouped{GROUPED_BUDGET_FACTOR:g}",
     }.get(variant, variant)
+    if variant in BUDGET_VARIANTS:
+        tag = f"{variant}{BUDGET_FACTOR:g}"
     return f"{tag}-s{seed}-x{scale}"
 
 
