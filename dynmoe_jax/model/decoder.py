@@ -48,7 +48,7 @@ LAYER_METRICS = (
 
 def _matmul_2d(x_BTK: jax.Array, w_KY: jax.Array) -> jax.Array:
     """x [B, T, K] @ w [K, Y] written as one [B*T, K] x [K, Y] product: XLA on CPU ran the
-    einsums over [B, T, ...] and [D, N, H] operands about twice as slow at decode sizes."""
+    einsums over [B, T, ...] and [D, N, H] operands slower at decode sizes."""
     b, t, k = x_BTK.shape
     return (x_BTK.reshape(b * t, k) @ w_KY).reshape(b, t, -1)
 

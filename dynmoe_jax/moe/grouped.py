@@ -14,13 +14,11 @@
 The order of rows within an expert is the priority order, as in the capacity modes, so a
 ``capacity_factor=None`` run computes exactly what the index mode computes.
 
-Drop order, measured (``experiments/bench_moe.py --sections priority``: E=16, top-p 0.4 at a
-mean of 1.75 experts, T=8192, groups of 1024): at budget factor 0.9 both orders drop 10.0% of
-the selections and lose 14.1% (``rank``) vs 11.3% (``weight``) of the output (relative L2
-against no budget); at 1.0 they drop 0.39% and lose 2.15% vs 1.78%; at 1.1 nothing drops. The
-default is ``rank``: it needs no sort, matches the capacity modes, and at the budget factors
-worth running (>= 1.1 on the mean k) it drops nothing either way; ``weight`` is the better
-choice under a budget that binds.
+Drop order (``experiments/bench_moe.py --sections priority``; experiments/RESULTS.md): when
+the budget binds, both orders drop as many selections and ``weight`` loses less of the
+output. The default is ``rank``: it needs no sort, matches the capacity modes, and at the
+budget factors worth running it drops nothing either way; ``weight`` is the better choice
+under a budget that binds.
 
 Axis letters: G groups, S tokens per group, E experts, K ranks, P = S * K priority entries of
 one group, Q = G * P entries of every group, R rows of the buffer, D model width.

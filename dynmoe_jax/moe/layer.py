@@ -7,7 +7,7 @@ P priority-list entries of a group.
 Data flow (capacity modes): x_BTD -> x_GSD -> router logits_GSE (float32) -> Routing (mask,
 rank, weights) -> slots per group -> x_EGCD -> SwiGLU experts -> y_EGCD -> y_GSD -> y_BTD.
 The dispatched buffer is expert-major and the experts see it as [E, G*C, D]: one matmul per
-expert over its slots of every group. XLA on CPU ran the 4-D [G, E, C, D] form about 2x slower.
+expert over its slots of every group (XLA on CPU ran the 4-D [G, E, C, D] form slower).
 Grouped: x_GSD -> each group's kept selections (its budget) -> one buffer x_RD sorted by
 expert, block-padded -> grouped matmuls -> y_GSD; expert-parallel under a mesh with an
 ``expert`` axis (``expert_parallel.py``).
@@ -121,7 +121,7 @@ class MoELayer(nnx.Module):
         """SwiGLU of every expert on its own rows: x [E, ..., D] -> [E, ..., D]."""
         dt = self.config.dtype
         # One row axis N: XLA on CPU ran [E, G, C, D] x [E, D, F] (and [B, T, D] x [D, F])
-        # about 2x slower than the same matmul written [E, N, D] x [E, D, F] ([T, D] x [D, F]).
+        # slower than the same matmul written [E, N, D] x [E, D, F] ([T, D] x [D, F]).
         x_END = x_EXD.reshape(x_EXD.shape[0], -1, x_EXD.shape[-1]).astype(dt)
         weights = experts.cast(self.expert_weights(), dt)
         return experts.per_expert_swiglu(x_END, weights).reshape(x_EXD.shape)

@@ -53,7 +53,7 @@ def sort_by_expert(key_P: jax.Array, num_experts: int) -> ByExpert:
     iota_P = jnp.arange(n, dtype=jnp.int32)
     if (num_experts + 1) * n <= _INT32_MAX:
         # Packing (expert, position) into one int32 makes keys unique, so a plain sort is stable
-        # and sorts one array instead of a key-value pair (1.3-6x faster on CPU, measured).
+        # and sorts one array instead of a key-value pair (faster on CPU).
         packed_P = jax.lax.sort(key_P * n + iota_P)
         selection_P, expert_P = packed_P % n, packed_P // n
     else:
