@@ -22,6 +22,7 @@ or anything is compiled.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -219,7 +220,13 @@ def run_mode(make_step=None) -> None:
     ) as e:
         _exit(str(e))
     except KeyboardInterrupt:
-        _exit(interrupted_message(FLAGS.mode, FLAGS.workdir), INTERRUPTED)
+        print(f"error: {interrupted_message(FLAGS.mode, FLAGS.workdir)}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # No interpreter teardown: compiler and checkpoint threads may still be running, and
+        # tearing down under them can crash. A checkpoint cut short is in a temporary folder
+        # that the next run removes.
+        os._exit(INTERRUPTED)
 
 
 def main(argv):

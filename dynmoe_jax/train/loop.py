@@ -107,12 +107,21 @@ class _Loop:
     def run(self, state: TrainState, start: int) -> tuple[TrainState, dict]:
         from tqdm.auto import tqdm
 
-        cfg = self.task.config
-        total = cfg.num_train_steps
-        final = {}
+        total = self.task.config.num_train_steps
         lead = jax.process_index() == 0
         self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True,
                         mininterval=1.0, disable=not lead)  # fmt: skip
+        try:
+            state, final = self._steps(state, start)
+        finally:
+            self.bar.close()  # once, and before Ctrl-C's one line (not again at exit)
+        if not final:  # resumed after the last step: report the restored model
+            final = evaluate(self.eval_step, state.params, self._eval_batches())
+        return state, final
+
+    def _steps(self, state: TrainState, start: int) -> tuple[TrainState, dict]:
+        cfg, final = self.task.config, {}
+        total = cfg.num_train_steps
         window_start, window_steps = time.perf_counter(), 0
         previous = None  # metrics of the step dispatched before this one
         for step in range(start + 1, total + 1):
@@ -138,9 +147,6 @@ class _Loop:
                 save_state(self.checkpointer, step, state)
         if previous is not None:
             self._advance(previous)
-        self.bar.close()
-        if not final:  # resumed after the last step: report the restored model
-            final = evaluate(self.eval_step, state.params, self._eval_batches())
         return state, final
 
     def _advance(self, metrics: dict) -> None:
