@@ -15,6 +15,9 @@ $(STAMP): requirements.txt pyproject.toml
 	@$(PY) -m pip install -q --upgrade pip
 	@$(PY) -m pip install -q -r requirements.txt
 	@$(PY) -m pip install -q --no-deps -e .
+	@# The repository on sys.path as well: a regular package there outranks a clone folder named
+	@# dynmoe_jax beside a script, which would otherwise be imported as an empty namespace package.
+	@$(PY) -c 'import pathlib, site; pathlib.Path(site.getsitepackages()[0], "dynmoe_jax_repo.pth").write_text(str(pathlib.Path.cwd()) + "\n")'
 	@touch $(STAMP)
 	@echo "install: done"
 
