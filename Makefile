@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/default
 ARGS ?=
+# pytest-xdist workers for `make test`: one per core of a 2-core machine.
+TEST_WORKERS ?= 2
 
 .PHONY: install bible train test lint format clean clean-runs
 
@@ -44,7 +46,7 @@ train: $(STAMP) bible
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check --fix .

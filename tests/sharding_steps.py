@@ -8,17 +8,25 @@ import jax
 from dynmoe_jax import config as config_lib
 from dynmoe_jax import data as data_lib
 from dynmoe_jax import train
-from dynmoe_jax.configs import tiny
+from tests.runs import tiny_config as tiny_config_dict
 
 
-def tiny_config(mesh_shape: str, data_dir: str):
-    c = tiny.get_config()
-    c.mesh_shape = mesh_shape
-    c.data_dir = data_dir
-    c.warmup_steps = 0  # so that the first update already moves the parameters
-    c.moe.num_experts = 8  # divisible by every expert axis the tests use
-    c.moe.dispatch = "grouped"  # the expert-parallel ring; the layer tests cover the others
-    return config_lib.resolve(c)
+def tiny_config(mesh_shape: str, data_dir: str, **overrides):
+    return config_lib.resolve(tiny_config_dict(**{
+        "mesh_shape": mesh_shape,
+        "data_dir": data_dir,
+        "warmup_steps": 0,  # so that the first update already moves the parameters
+        "moe.num_experts": 8,  # divisible by every expert axis the tests use
+        "moe.dispatch": "grouped",  # the expert-parallel ring; the layer tests cover the others
+        **overrides,
+    }))  # fmt: skip
+
+
+def task_and_data(mesh_shape: str, data_dir: str, devices=None, **overrides):
+    """The task of the tiny config on a mesh (``overrides`` by dotted path) and its data."""
+    config = tiny_config(mesh_shape, data_dir, **overrides)
+    data = data_lib.from_config(config)
+    return train.build_task(config, data.vocab_size, devices), data
 
 
 def run_steps(

@@ -18,18 +18,10 @@ from dynmoe_jax.model.layer_stack import Remat
 from dynmoe_jax.moe.config import MoEConfig
 from dynmoe_jax.pretrained.hf_config import allowed_overrides
 from dynmoe_jax.validation import ConfigError
+from tests.runs import set_fields, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "hf"
-
-
-def _set(config, key, value):
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
-    return config
 
 
 @pytest.mark.parametrize(
@@ -63,7 +55,7 @@ def _set(config, key, value):
     ],
 )  # fmt: skip
 def test_each_rule_reports_one_line_in_the_one_format(key, value, message):
-    config = _set(tiny.get_config(), key, value)
+    config = tiny_config(**{key: value})
     with pytest.raises(ConfigError) as err:
         config_lib.resolve(config)
     assert str(err.value) == message
@@ -95,7 +87,7 @@ def test_the_typed_config_is_frozen_and_reads_through_its_sections():
         run.data = None
     with pytest.raises(AttributeError, match="has no field 'nope'"):
         _ = run.nope
-    dense = config_lib.resolve(_set(tiny.get_config(), "model.ffn", "dense"))
+    dense = config_lib.resolve(tiny_config(**{"model.ffn": "dense"}))
     assert dense.moe is None and dense.model.ffn is FFN.DENSE
     # The record of a run (as_dict) resolves to the same typed config.
     assert config_lib.resolve(config_lib.as_dict(run)) == run
@@ -167,8 +159,9 @@ def test_routing_overrides_come_from_the_declarations():
 def test_a_config_that_needs_a_checkpoint_says_so_and_an_imported_one_keeps_its_shape():
     with pytest.raises(ConfigError, match=r"^init_from=None is invalid: .*needs --config"):
         config_lib.resolve(pretrained.get_config())
-    config = _set(pretrained.get_config(), "init_from", str(FIXTURES / "olmoe"))
-    _set(config, "model.d_model", 12345)  # not read: the checkpoint gives the architecture
+    # model.d_model is not read: the checkpoint gives the architecture.
+    config = set_fields(pretrained.get_config(), init_from=str(FIXTURES / "olmoe"),
+                        **{"model.d_model": 12345})  # fmt: skip
     run = config_lib.resolve(config)
     assert run.init_from == str(FIXTURES / "olmoe") and run.model.d_model != 12345
     own_k = json.loads((FIXTURES / "olmoe" / "config.json").read_text())["num_experts_per_tok"]
@@ -187,7 +180,7 @@ def test_the_docs_table_is_generated_from_the_declarations():
 
 def test_kv_heads_must_fit_the_model_axis_of_the_mesh():
     # Grouped-query attention splits its key/value heads over `model` like the query heads.
-    run = config_lib.resolve(_set(tiny.get_config(), "mesh_shape", "model=2"))
+    run = config_lib.resolve(tiny_config(mesh_shape="model=2"))
     assert config_lib.mesh_for(run).shape["model"] == 2
     narrow = dataclasses.replace(run, model=dataclasses.replace(run.model, num_kv_heads=1))
     with pytest.raises(ConfigError) as err:

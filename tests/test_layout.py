@@ -1,5 +1,6 @@
-"""The package's layout: no import cycle between its modules, and no module grows past about
-400 lines. Imports under ``TYPE_CHECKING`` are left out (they never run); imports inside
+"""The package's layout: no import cycle between its modules, no module grows past about 400
+lines, and the tests mirror the modules (tests/moe/test_layer.py for dynmoe_jax/moe/layer.py).
+Imports under ``TYPE_CHECKING`` are left out (they never run); imports inside
 functions count (they are a dependency all the same)."""
 
 import ast
@@ -83,3 +84,44 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_no_module_grows_past_about_400_lines():
     sizes = {name: len(p.read_text().splitlines()) for name, p in _modules().items()}
     assert {n: s for n, s in sizes.items() if s > MAX_LINES} == {}
+
+
+TESTS = PACKAGE.parent / "tests"
+# Tests about the repository rather than one module of the package.
+REPOSITORY_TESTS = {"test_layout.py", "test_readme.py", "test_notebooks.py"}
+
+
+def _without_test_file(path: Path) -> bool:
+    """Modules left without a test file of their own: a package's __init__.py only re-exports
+    (its names are tested where they are defined), and configs/ hold the configs that
+    tests/test_config.py resolves and the end-to-end tests run."""
+    return path.name == "__init__.py" or path.relative_to(PACKAGE).parts[0] == "configs"
+
+
+def _test_file(module: Path) -> Path:
+    """dynmoe_jax/moe/layer.py -> tests/moe/test_layer.py."""
+    relative = module.relative_to(PACKAGE)
+    return TESTS.joinpath(*relative.parts[:-1], f"test_{relative.name}")
+
+
+def test_every_module_has_its_test_file():
+    modules = [p for p in sorted(PACKAGE.rglob("*.py")) if not _without_test_file(p)]
+    assert len(modules) > 40
+    missing = [str(_test_file(p).relative_to(TESTS.parent)) for p in modules
+               if not _test_file(p).is_file()]  # fmt: skip
+    assert missing == []
+
+
+def test_every_test_file_mirrors_a_module_or_is_about_the_repository():
+    stray = []
+    for path in sorted(TESTS.rglob("test_*.py")):
+        relative = path.relative_to(TESTS)
+        if relative.parts[0] in ("experiments", "fixtures") or str(relative) in REPOSITORY_TESTS:
+            continue
+        module = PACKAGE.joinpath(*relative.parts[:-1], relative.name[len("test_") :])
+        if not module.is_file():
+            stray.append(str(relative))
+    assert stray == []
+    # Every folder of tests is a package, so that test files of the same name do not clash.
+    folders = {p.parent for p in TESTS.rglob("test_*.py")}
+    assert [str(f) for f in sorted(folders) if not (f / "__init__.py").is_file()] == []

@@ -199,3 +199,15 @@ def test_cli_fine_tunes_evaluates_and_samples_an_imported_checkpoint(tmp_path):
                      r"prefill$", proc.stdout, flags=re.M)  # fmt: skip
     assert none in proc.stdout or (rate and float(rate[1]) > 0 and 1 <= int(rate[2]) <= 4)
     assert not fresh.exists()
+
+
+def test_cli_reports_bad_corpus_in_one_line(tmp_path):
+    proc = _cli(
+        f"--config={TINY}",
+        f"--workdir={tmp_path / 'w'}",
+        f"--config.data_dir={tmp_path / 'd'}",
+        "--config.dataset=text_dir:/no/such/dir",
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: dataset='text_dir:/no/such")
+    assert "Traceback" not in proc.stderr

@@ -4,10 +4,11 @@ Each notebook has a cell tagged ``parameters``; like papermill, the test adds a 
 sets the workdir to a temporary directory and shortens training, so both run in about 2 minutes.
 """
 
-import importlib.util
+import builtins
+import functools
 import json
-import subprocess
 import sys
+import types
 from pathlib import Path
 
 import nbformat
@@ -79,6 +80,18 @@ def _install_cell(name: str) -> str:
     return next(c for c in nb.cells if c.cell_type == "code").source
 
 
+def _exec_cell(source: str, **modules) -> None:
+    """Runs a cell's source with the modules named in ``modules`` (by their top-level name)
+    standing in for those the cell imports: the cell's own namespace gets an import function
+    of its own, and nothing of this process is patched."""
+
+    def cell_import(name, *args, **kwargs):
+        top = name.split(".")[0]
+        return modules[top] if top in modules else builtins.__import__(name, *args, **kwargs)
+
+    exec(source, {"__builtins__": {**vars(builtins), "__import__": cell_import}})
+
+
 @pytest.mark.parametrize("name", ["quickstart.ipynb", "routing_analysis.ipynb"])
 def test_install_cell_installs_from_the_clone_else_from_what_the_user_gave(
     name, tmp_path, monkeypatch
@@ -89,30 +102,34 @@ def test_install_cell_installs_from_the_clone_else_from_what_the_user_gave(
     source = _install_cell(name)
     assert source.count('REPO_URL = ""') == 1 and "python -m build" not in source
     calls = []
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    monkeypatch.setattr(subprocess, "check_call", lambda argv: calls.append(argv))
+    # The cell sees a Python without dynmoe_jax whose pip only records its command line.
+    missing = types.SimpleNamespace(
+        util=types.SimpleNamespace(find_spec=lambda name: None), invalidate_caches=lambda: None
+    )
+    recorder = types.SimpleNamespace(check_call=lambda argv: calls.append(argv))
+    run = functools.partial(_exec_cell, importlib=missing, subprocess=recorder)
     clone = tmp_path / "clone"
     (clone / "notebooks").mkdir(parents=True)
     (clone / "pyproject.toml").write_text((NOTEBOOKS.parent / "pyproject.toml").read_text())
     monkeypatch.chdir(clone / "notebooks")
-    exec(source, {})
+    run(source)
     assert calls[-1][-1] == str(clone)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     with pytest.raises(RuntimeError, match="not in a clone of it: .*set REPO_URL") as err:
-        exec(source, {})
+        run(source)
     assert "\n" not in str(err.value) and len(calls) == 1
     (elsewhere / "dynmoe_jax-0.1.0-py3-none-any.whl").write_bytes(b"")
-    exec(source, {})
+    run(source)
     assert calls[-1][-1] == "dynmoe_jax-0.1.0-py3-none-any.whl"
-    exec(source.replace('REPO_URL = ""', 'REPO_URL = "git+https://example.org/x.git"'), {})
+    run(source.replace('REPO_URL = ""', 'REPO_URL = "git+https://example.org/x.git"'))
     assert calls[-1][-1] == "git+https://example.org/x.git"
 
 
-def test_install_cell_does_nothing_where_the_package_is_installed(monkeypatch):
-    monkeypatch.setattr(subprocess, "check_call", lambda argv: pytest.fail("pip was called"))
-    exec(_install_cell("quickstart.ipynb"), {})
+def test_install_cell_does_nothing_where_the_package_is_installed():
+    pip = types.SimpleNamespace(check_call=lambda argv: pytest.fail("pip was called"))
+    _exec_cell(_install_cell("quickstart.ipynb"), subprocess=pip)
 
 
 @pytest.mark.slow

@@ -1,48 +1,31 @@
-"""Expert parallelism on 8 simulated CPU devices (conftest sets them) and on 2 processes."""
+"""Sharding on 8 simulated CPU devices (conftest sets them) and on 2 processes: the mesh and
+its one table of rules, experts held per device, train steps and the forward pass against one
+device, sharded models (scanned layers, grouped-query heads over ``model``), and the mesh
+errors raised before compiling."""
 
-import functools
 import json
-import math
 import os
-import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
-from dynmoe_jax import MoELayer, sharding, train
-from dynmoe_jax import data as data_lib
-from dynmoe_jax.config import as_dict, check_config, resolve
-from dynmoe_jax.train import checkpoint as ckpt_lib
+from dynmoe_jax import sharding, train
+from dynmoe_jax.config import as_dict, check_config
+from dynmoe_jax.model.decoder import Decoder, DenseFFN
+from dynmoe_jax.moe.layer import MoELayer
 from dynmoe_jax.validation import ConfigError
-from tests.sharding_steps import run_steps, tiny_config
+from tests.model.decoders import IMPORTED, model_config, token_ids
+from tests.sharding_steps import run_steps, task_and_data, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MESHES = ["data=2,expert=4", "data=1,expert=8", "data=8,expert=1"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("data"))
-    data_lib.from_config(tiny_config("", d))  # build the corpus cache once
-    return d
-
-
-def _task(mesh_shape, data_dir, devices=None, **overrides):
-    config = as_dict(tiny_config(mesh_shape, data_dir))
-    for k, v in overrides.items():
-        *parents, name = k.split(".")
-        functools.reduce(lambda c, p: c[p], parents, config)[name] = v
-    config = resolve(config)
-    data = data_lib.from_config(config)
-    return train.build_task(config, data.vocab_size, devices), data
 
 
 def test_mesh_parsing():
@@ -58,8 +41,20 @@ def test_mesh_parsing():
             sharding.parse_mesh_shape(bad, 8)
 
 
+def test_logical_names_map_through_the_one_table():
+    assert sharding.logical_to_spec(("expert", "embed", "mlp")) == PartitionSpec(
+        "expert", None, "model"
+    )
+    assert sharding.batch_spec() == PartitionSpec(("data", "expert"), None)
+    # Mesh axes the mesh lacks are dropped: on a data-only mesh the batch is split over data.
+    assert sharding.logical_to_spec(("batch", "heads"), ("data",)) == PartitionSpec("data", None)
+    mesh = sharding.make_mesh("data=2,expert=4")
+    assert dict(mesh.shape) == {"data": 2, "expert": 4, "model": 1}
+    assert sharding.data_parallel_size(mesh) == 8
+
+
 def test_each_device_holds_its_experts(data_dir):
-    task, _ = _task("data=2,expert=4", data_dir)
+    task, _ = task_and_data("data=2,expert=4", data_dir)
     state = train.init_state(task)
     w = state.params["blocks"][0]["ffn"]["w_gate_EDF"]
     assert w.shape == (8, 32, 32)
@@ -88,94 +83,12 @@ def test_train_steps_match_single_device(data_dir, mesh_shape):
 def test_forward_matches_single_device(data_dir):
     results = []
     for mesh_shape, devices in [("", jax.devices()[:1]), ("data=2,expert=4", None)]:
-        task, data = _task(mesh_shape, data_dir, devices)
+        task, data = task_and_data(mesh_shape, data_dir, devices)
         state = train.init_state(task)
         eval_step = train.make_eval_step(task)
         with jax.set_mesh(task.mesh):
             results.append(jax.device_get(eval_step(state.params, data.train_batch(0))))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5), *results)
-
-
-COLLECTIVES = {"index": ("all-to-all",), "grouped": ("all-gather", "reduce-scatter")}
-
-
-@pytest.mark.parametrize("dispatch", list(COLLECTIVES))
-def test_expert_parallel_step_collectives(data_dir, dispatch):
-    task, data = _task("data=2,expert=4", data_dir, **{"moe.dispatch": dispatch})
-    state = train.abstract_state(task)
-    batch = train.put_batch(task, data.train_batch(0))
-    with jax.set_mesh(task.mesh):
-        hlo = train.make_train_step(task).lower(state, batch).compile().as_text()
-    for op in COLLECTIVES[dispatch]:  # index: the all-to-all of GShard; grouped: the ring
-        assert hlo.count(op) >= 4, op  # dispatch and combine, forward and backward
-
-
-def _layer_loss_and_grads(dispatch: str, mesh_shape: str | None):
-    kw = {"threshold": 0.6, "capacity_factor": 1.1, "expected_k": 1.5, "block_size": 4}
-    layer = MoELayer(rngs=nnx.Rngs(0), num_experts=8, d_model=16, d_ff=32, dispatch=dispatch, **kw)
-    x = jax.random.normal(jax.random.key(1), (8, 16, 16))
-
-    def loss(m, v):
-        y, aux = m(v)
-        return jnp.sum(jnp.sin(y)), aux["dropped_fraction"]
-
-    fn = nnx.jit(nnx.value_and_grad(loss, has_aux=True))
-    if mesh_shape is None:
-        return fn(layer, x)
-    mesh = sharding.make_mesh(mesh_shape)
-    with jax.set_mesh(mesh):
-        return fn(layer, jax.device_put(x, NamedSharding(mesh, sharding.batch_spec())))
-
-
-@pytest.mark.parametrize("dispatch", ["einsum", "index", "grouped"])
-@pytest.mark.parametrize("mesh_shape", MESHES)
-def test_layer_under_mesh_matches_one_device(dispatch, mesh_shape):
-    (loss, dropped), grads = _layer_loss_and_grads(dispatch, mesh_shape)
-    (loss_1, dropped_1), grads_1 = _layer_loss_and_grads(dispatch, None)
-    assert float(dropped) == float(dropped_1) > 0  # the budget (or capacity) is binding
-    np.testing.assert_allclose(loss, loss_1, rtol=1e-5)
-    for name in ("router_DE", "w_gate_EDF", "w_up_EDF", "w_down_EFD"):
-        got, want = getattr(grads, name)[...], getattr(grads_1, name)[...]
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
-
-
-def test_grouped_no_device_holds_every_token_for_every_expert():
-    layer = MoELayer(rngs=nnx.Rngs(0), num_experts=8, d_model=16, d_ff=32, dispatch="grouped",
-                     block_size=4, group_size=16)  # fmt: skip
-    x = jax.random.normal(jax.random.key(1), (8, 64, 16))  # 512 tokens
-    mesh = sharding.make_mesh("data=2,expert=4")
-    graphdef, params = nnx.split(layer)
-
-    def loss(p, v):
-        return jnp.sum(nnx.merge(graphdef, p)(v)[0])
-
-    with jax.set_mesh(mesh):
-        xs = jax.device_put(x, NamedSharding(mesh, sharding.batch_spec()))
-        hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, xs).compile().as_text()
-    sizes = [math.prod(int(d) for d in dims.split(",") if d)
-             for dims in re.findall(r"f32\[([0-9,]*)\]", hlo)]  # fmt: skip
-    every_token_every_expert = 8 * 512 * 16
-    # Per device: the 4 expert peers' 16 groups of 16 tokens, a buffer of their budgets plus
-    # block padding (16 * 40 + 2 local experts * 3 = 646 -> 648 rows), F = 32 wide at most.
-    assert max(sizes) <= 648 * 32 < every_token_every_expert / 3
-
-
-@pytest.mark.slow
-def test_checkpoint_restores_onto_other_meshes(data_dir, tmp_path):
-    task, _ = _task("data=2,expert=4", data_dir)
-    state = train.init_state(task)
-    ckpt = ckpt_lib.Checkpointer(tmp_path)
-    ckpt.save(1, state)
-    ckpt.wait()
-    expected = jax.device_get(state)
-    for mesh_shape, devices in [("data=4,expert=2", None), ("", jax.devices()[:1])]:
-        other, _ = _task(mesh_shape, data_dir, devices)
-        step, restored = ckpt.restore_latest(train.abstract_state(other))
-        assert step == 1
-        w = restored.params["blocks"][1]["ffn"]["w_up_EDF"]
-        assert w.sharding.mesh.shape == other.mesh.shape
-        jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), expected)
-    ckpt.close()
 
 
 @pytest.mark.parametrize(
@@ -244,10 +157,46 @@ def test_two_processes_match_one(data_dir, tmp_path):
         np.testing.assert_allclose(o["losses"], expected, rtol=1e-5)
 
 
-def test_one_process_reads_every_row_and_batch_size_splits_over_processes(data_dir):
-    task, _ = _task("data=2,expert=4", data_dir)
-    np.testing.assert_array_equal(train.process_rows(task), np.arange(task.config.batch_size))
-    with pytest.raises(ConfigError, match=r"^batch_size=6 is invalid: allowed a multiple of the "
-                       r"process count 4 \(each process reads an equal share\)$"):  # fmt: skip
-        train.check_batch_split(6, process_count=4)
-    train.check_batch_split(8, process_count=4)
+def test_scanned_parameters_carry_the_layers_axis_replicated():
+    model = Decoder(model_config(num_layers=5, moe_every=2, scan_layers=True), rngs=nnx.Rngs(0))
+    specs = sharding.param_specs(model)
+    wq = model.scan_blocks.blocks[1].attn.wq_DNH
+    assert wq.get_metadata()["logical_axes"] == ("layers", "embed", "heads", "head_dim")
+    assert specs["scan_blocks"]["blocks"][1]["ffn"]["w_gate_EDF"] == PartitionSpec(
+        None, "expert", None, "model"
+    )
+    assert isinstance(model.scan_blocks.blocks[1].ffn, MoELayer)
+    assert isinstance(model.scan_blocks.blocks[0].ffn, DenseFFN)
+    assert isinstance(model.tail_blocks[0].ffn, DenseFFN)
+
+
+def test_grouped_query_attention_split_over_the_model_axis_matches_one_device():
+    model = Decoder(model_config(**{**IMPORTED, "num_layers": 2}), rngs=nnx.Rngs(0))
+    tokens = token_ids(batch=4)
+    want, _ = model(tokens)
+    mesh = sharding.make_mesh("data=2,model=2")
+    specs = sharding.param_specs(model)
+    assert specs["blocks"][0]["attn"]["wk_DJH"] == PartitionSpec(None, "model", None)
+    graphdef, params = nnx.split(model, nnx.Param)
+    placed = jax.device_put(nnx.to_pure_dict(params), sharding.named(mesh, specs))
+    nnx.replace_by_pure_dict(params, placed)
+    with jax.set_mesh(mesh):
+        got, _ = nnx.jit(lambda m, t: m(t))(nnx.merge(graphdef, params), tokens)
+    assert got.sharding.mesh.shape == mesh.shape
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_scanned_layers_sharded_over_experts_and_model_match_one_device():
+    model = Decoder(model_config(num_layers=5, moe_every=2, scan_layers=True), rngs=nnx.Rngs(0))
+    tokens = token_ids(batch=4)
+    want, want_layer = model(tokens)
+    mesh = sharding.make_mesh("data=2,expert=2,model=2")
+    specs = sharding.param_specs(model)
+    graphdef, params = nnx.split(model, nnx.Param)
+    placed = jax.device_put(nnx.to_pure_dict(params), sharding.named(mesh, specs))
+    nnx.replace_by_pure_dict(params, placed)
+    with jax.set_mesh(mesh):
+        got, layer = nnx.jit(lambda m, t: m(t))(nnx.merge(graphdef, params), tokens)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer["experts_per_token"], want_layer["experts_per_token"],
+                               rtol=1e-6)  # fmt: skip

@@ -59,7 +59,7 @@ def _scores(q_BTNH, k_BUNH) -> jax.Array:
     scores_BNTU = jnp.einsum("BTNH,BUNH->BNTU", q_BTNH, k_BUNH, preferred_element_type=jnp.float32)
     causal_TU = jnp.tril(jnp.ones((t, u), jnp.bool_))
     mask_TU = jnp.where(causal_TU, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
-    return scores_BNTU * (h**-0.5) + mask_TU
+    return scores_BNTU * (h**-0.5) + mask_TU[None, None]
 
 
 @jax.custom_vjp
@@ -105,8 +105,8 @@ def cached_attention(
         "BTJGH,BUJH->BJGTU", q_BTJGH, k_BUJH, preferred_element_type=jnp.float32
     )
     start_B = jnp.broadcast_to(jnp.asarray(start), (b,))
-    last_BT = start_B[:, None] + jnp.arange(t)
-    visible_B11TU = (jnp.arange(u) <= last_BT[..., None])[:, None, None]
+    last_BT = start_B[:, None] + jnp.arange(t)[None, :]
+    visible_B11TU = (jnp.arange(u)[None, None, :] <= last_BT[..., None])[:, None, None]
     scores_BJGTU = jnp.where(visible_B11TU, scores_BJGTU * (h**-0.5), jnp.finfo(jnp.float32).min)
     probs_BJGTU = jax.nn.softmax(scores_BJGTU, axis=-1).astype(v_BUJH.dtype)
     out_BTJGH = jnp.einsum("BJGTU,BUJH->BTJGH", probs_BJGTU, v_BUJH)

@@ -69,7 +69,8 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * self.scale_D[...]).astype(x.dtype)
+        scale = self.scale_D[...].reshape((1,) * (x.ndim - 1) + (-1,))
+        return (x32 * scale).astype(x.dtype)
 
 
 def rope(x_BTNH: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -81,6 +82,7 @@ def rope(x_BTNH: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     """
     half = x_BTNH.shape[-1] // 2
     freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    freq = freq.reshape((1,) * positions.ndim + (half,))
     angle = positions.astype(jnp.float32)[..., None] * freq  # [T, H/2] or [B, T, H/2]
     angle_BTH = angle.reshape((-1,) + angle.shape[-2:])
     sin, cos = jnp.sin(angle_BTH)[:, :, None, :], jnp.cos(angle_BTH)[:, :, None, :]
@@ -119,7 +121,7 @@ class Attention(nnx.Module):
             x_BTD.shape[:2] + w_DKH.shape[1:]
         )
         if bias is not None:
-            y = y + bias[...].astype(w_DKH.dtype)
+            y = y + bias[...].astype(w_DKH.dtype)[None, None]
         if norm is not None:
             y = norm(y.reshape(y.shape[:2] + (-1,))).reshape(y.shape)
         return y
@@ -151,7 +153,7 @@ class Attention(nnx.Module):
         (k, v over U positions); returns (output, k, v)."""
         b, t = x_BTD.shape[:2]
         start_B = jnp.broadcast_to(jnp.asarray(start, jnp.int32), (b,))
-        q_BTNH, k_BTJH, v_BTJH = self._qkv(x_BTD, start_B[:, None] + jnp.arange(t))
+        q_BTNH, k_BTJH, v_BTJH = self._qkv(x_BTD, start_B[:, None] + jnp.arange(t)[None, :])
         write = jax.vmap(lambda c_UJH, new_TJH, at: jax.lax.dynamic_update_slice_in_dim(
             c_UJH, new_TJH.astype(c_UJH.dtype), at, 0))  # fmt: skip
         k_BUJH, v_BUJH = write(k_BUJH, k_BTJH, start_B), write(v_BUJH, v_BTJH, start_B)

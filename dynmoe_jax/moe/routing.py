@@ -67,7 +67,7 @@ def _rank_by_counting(probs: jax.Array) -> jax.Array:
     loop, so the [..., E, E] comparison is never stored).
     """
     num_experts = probs.shape[-1]
-    expert = jnp.arange(num_experts)
+    expert = jnp.arange(num_experts).reshape((1,) * (probs.ndim - 1) + (num_experts,))
 
     def count_ahead(j, rank):
         p_j = jax.lax.dynamic_index_in_dim(probs, j, axis=-1, keepdims=True)
@@ -99,7 +99,7 @@ def _top_p_by_rank(
     # `cumsum - p_r`: that subtraction rounds in float32 and can land back on the threshold
     # when the sum before r is 1 ulp below it, which left the crossing expert out.
     mass_before = _exclusive_cumsum(sorted_probs)
-    positions = jnp.arange(probs.shape[-1])
+    positions = jnp.arange(probs.shape[-1]).reshape((1,) * (probs.ndim - 1) + (-1,))
     # threshold 1 is the whole mixture: in float32 the prefix sum reaches 1 before the last
     # experts whenever they hold less than its rounding error, which would leave them out.
     selected_by_rank = (mass_before < threshold) | (positions == 0) | (threshold >= 1.0)
@@ -160,7 +160,11 @@ def route(
     unbiased probabilities.
     """
     router = Router(router)
-    scores = probs if bias is None else jnp.log(probs) + bias
+    scores = (
+        probs
+        if bias is None
+        else jnp.log(probs) + jnp.reshape(bias, (1,) * (probs.ndim - 1) + (-1,))
+    )
     if router is Router.TOP_P:
         mask, rank = _top_p_by_rank(probs, threshold, max_k, scores)
     else:

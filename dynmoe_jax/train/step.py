@@ -100,7 +100,7 @@ def make_eval_step(task: Task) -> Callable[[Any, Batch], dict]:
         if layer:
             # Weighted sums, so that batches add up by tokens (evaluate divides by the total).
             experts_LBT = layer["token_experts"].astype(jnp.float32)
-            out["experts_per_layer"] = jnp.sum(experts_LBT * weights_BT, axis=(1, 2))
+            out["experts_per_layer"] = jnp.sum(experts_LBT * weights_BT[None], axis=(1, 2))
             out["dropped_fraction"] = jnp.mean(layer["dropped_fraction"]) * count
         return out
 
