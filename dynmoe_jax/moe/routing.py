@@ -58,6 +58,11 @@ def descending_order(probs: jax.Array) -> tuple[jax.Array, jax.Array]:
     return _inverse_permutation(rank), rank
 
 
+def _on_expert_axis(v_E: jax.Array, probs: jax.Array) -> jax.Array:
+    """A per-expert vector shaped to broadcast against ``probs`` [..., E] (ranks spelled out)."""
+    return jnp.reshape(v_E, (1,) * (probs.ndim - 1) + (-1,))
+
+
 def _rank_by_counting(probs: jax.Array) -> jax.Array:
     """rank[..., e] = how many experts come before e: a larger probability, or an equal one at
     a lower index (exactly the position in a stable descending sort).
@@ -67,7 +72,7 @@ def _rank_by_counting(probs: jax.Array) -> jax.Array:
     loop, so the [..., E, E] comparison is never stored).
     """
     num_experts = probs.shape[-1]
-    expert = jnp.arange(num_experts).reshape((1,) * (probs.ndim - 1) + (num_experts,))
+    expert = _on_expert_axis(jnp.arange(num_experts), probs)
 
     def count_ahead(j, rank):
         p_j = jax.lax.dynamic_index_in_dim(probs, j, axis=-1, keepdims=True)
@@ -99,7 +104,7 @@ def _top_p_by_rank(
     # `cumsum - p_r`: that subtraction rounds in float32 and can land back on the threshold
     # when the sum before r is 1 ulp below it, which left the crossing expert out.
     mass_before = _exclusive_cumsum(sorted_probs)
-    positions = jnp.arange(probs.shape[-1]).reshape((1,) * (probs.ndim - 1) + (-1,))
+    positions = _on_expert_axis(jnp.arange(probs.shape[-1]), probs)
     # threshold 1 is the whole mixture: in float32 the prefix sum reaches 1 before the last
     # experts whenever they hold less than its rounding error, which would leave them out.
     selected_by_rank = (mass_before < threshold) | (positions == 0) | (threshold >= 1.0)
@@ -160,11 +165,7 @@ def route(
     unbiased probabilities.
     """
     router = Router(router)
-    scores = (
-        probs
-        if bias is None
-        else jnp.log(probs) + jnp.reshape(bias, (1,) * (probs.ndim - 1) + (-1,))
-    )
+    scores = probs if bias is None else jnp.log(probs) + _on_expert_axis(bias, probs)
     if router is Router.TOP_P:
         mask, rank = _top_p_by_rank(probs, threshold, max_k, scores)
     else:
