@@ -2,8 +2,10 @@
 is read or anything is compiled."""
 
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -211,3 +213,28 @@ def test_cli_reports_bad_corpus_in_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: dataset='text_dir:/no/such")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_prints_one_line_and_no_traceback(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    args = [sys.executable, "-m", "dynmoe_jax.main", f"--config={TINY}", f"--workdir={workdir}",
+            f"--config.data_dir={data_dir}", "--config.num_train_steps=100000",
+            "--config.checkpoint_every_steps=2"]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    checkpoints = workdir / "checkpoints"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == main.INTERRUPTED, err[-2000:]
+    assert "Traceback" not in err
+    lines = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert len(lines) == 1, err[-2000:]
+    assert lines[0].startswith(
+        "error: interrupted; rerunning the same command resumes from the checkpoint of step "
+    )
