@@ -233,8 +233,8 @@ def fill_row(row: dict, ms: dict[str, float], diffs: dict, expert_bytes: int) ->
     ones = ["one expert", "one expert, down [F, D]"]
     row["ms"] = {n: round(mine[n], 4) for n in [*columns(mine), "ideal", *ones]}
     row["x_ideal"] = {n: round(mine[n] / ideal, 3) for n in columns(mine)}
-    row["decode_gbps"] = round(gbytes / (mine["decode"] * 1e-3), 2)
-    row["ideal_gbps"] = round(gbytes / (ideal * 1e-3), 2)
+    row["decode_gbps"] = float(f"{gbytes / (mine['decode'] * 1e-3):.3g}")
+    row["ideal_gbps"] = float(f"{gbytes / (ideal * 1e-3):.3g}")  # 3 figures: tiny layers too
     row["max_abs_diff_to_decode"] = diffs
     return row
 
