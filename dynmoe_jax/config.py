@@ -316,10 +316,15 @@ def mesh_for(run: RunConfig, devices=None) -> Mesh:
 
 def check_config(config: ConfigDict | RunConfig, devices=None) -> RunConfig:
     """Every check that needs no data, before anything is read or compiled: the fields, the
-    rules between them, an imported checkpoint's architecture and the mesh (``devices``:
-    what it must fit; default every device of this process's runtime)."""
+    rules between them, an imported checkpoint's architecture, tensor shapes (from the file
+    headers) and tokenizer, and the mesh (``devices``: what it must fit; default every device
+    of this process's runtime)."""
     run = config if isinstance(config, RunConfig) else resolve(config)
     mesh_for(run, devices)
+    if run.init_from:  # its tensors and tokenizer, from headers: nothing read or made yet
+        from dynmoe_jax.pretrained import init_from
+
+        init_from.check_folder(run.init_from, run.model)
     return run
 
 

@@ -15,6 +15,8 @@ the workdir holds none.
 
 from __future__ import annotations
 
+import functools
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,12 +52,57 @@ def model_config(folder: str, overrides: dict[str, Any]) -> ModelConfig:
     return hf_model_config(folder, **overrides)
 
 
+# HF checkpoints pad the embedding past their tokenizer's ids (to a multiple of 64 or 128, for
+# the matmuls: OLMoE 50280 -> 50304, Qwen1.5-MoE 151646 -> 151936). Twice the ids, or the next
+# multiple of PAD_MULTIPLE for a tiny vocabulary, is far past any such padding: there the
+# tokenizer belongs to another model.
+PAD_MULTIPLE = 128
+
+
+def most_rows(tokenizer_ids: int) -> int:
+    """The most embedding rows a checkpoint may have for a tokenizer of ``tokenizer_ids``."""
+    return max(2 * tokenizer_ids, -(-tokenizer_ids // PAD_MULTIPLE) * PAD_MULTIPLE)
+
+
 def check_vocabulary(folder: str, model_cfg: ModelConfig, vocab_size: int) -> None:
-    """The checkpoint's embedding must cover the ``vocab_size`` ids of its tokenizer."""
-    if vocab_size > model_cfg.vocab_size:
-        allowed = (f"a checkpoint whose vocab_size ({model_cfg.vocab_size}) covers the "
+    """The checkpoint's embedding must cover the ``vocab_size`` ids of its tokenizer, with at
+    most ``most_rows`` rows (padding, not another model's vocabulary)."""
+    rows = model_cfg.vocab_size
+    if vocab_size > rows:
+        allowed = (f"a checkpoint whose vocab_size ({rows}) covers the "
                    f"{vocab_size} ids of its tokenizer.json")  # fmt: skip
         invalid(FIELD, folder, allowed)
+    if rows > most_rows(vocab_size):
+        most = most_rows(vocab_size)
+        allowed = (f"a tokenizer.json of the checkpoint's own vocabulary: config.json's "
+                   f"vocab_size ({rows}) is more than {most}, the padding of its "
+                   f"tokenizer's {vocab_size} ids (a tokenizer of another model?)")  # fmt: skip
+        invalid(FIELD, folder, allowed)
+
+
+def check_folder(folder: str, model_cfg: ModelConfig) -> None:
+    """Everything about the folder that needs no tensor data, before any corpus is read: the
+    index and its shards, every tensor's presence and shape (``load.check_checkpoint``) and
+    the tokenizer against the embedding (``check_vocabulary``). One line on standard error
+    when the embedding has padding rows. Repeated calls on an unchanged folder are free."""
+    stamp = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns)
+                         for p in Path(folder).iterdir() if p.is_file()))  # fmt: skip
+    _check_folder(folder, model_cfg, stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _check_folder(folder: str, model_cfg: ModelConfig, stamp: tuple) -> None:
+    from dynmoe_jax.data.hf_tokenizer import HFTokenizer
+    from dynmoe_jax.pretrained.load import check_checkpoint
+
+    del stamp  # part of the cache key only: a changed file is checked again
+    check_checkpoint(folder, model_cfg)
+    ids = HFTokenizer.from_dir(folder).vocab_size
+    check_vocabulary(folder, model_cfg, ids)
+    if model_cfg.vocab_size > ids:
+        print(f"note: {FIELD}={folder}: the embedding has {model_cfg.vocab_size} rows, the "
+              f"tokenizer {ids} ids; the other {model_cfg.vocab_size - ids} rows are padding "
+              "that no text encodes to", file=sys.stderr)  # fmt: skip
 
 
 def load_params(task: Task) -> Any:

@@ -46,6 +46,7 @@ __all__ = [
     "Family",
     "PretrainedError",
     "allowed_overrides",
+    "check_checkpoint",
     "from_hf",
     "hf_model_config",
 ]
@@ -112,6 +113,24 @@ def _placement(var: nnx.Variable, mesh: Mesh | None):
     return NamedSharding(mesh, sharding.logical_to_spec(axes, mesh.axis_names))
 
 
+def check_checkpoint(path: str | Path, cfg: Any = None) -> None:
+    """Every check of ``from_hf`` that reads no tensor data: config.json, the index and its
+    shards, and every tensor's presence and shape from the file headers, for the model
+    ``cfg`` (default: the checkpoint's own). A one-line ``PretrainedError`` otherwise."""
+    directory = Path(path)
+    cfg = hf_model_config(directory) if cfg is None else cfg
+    hf, family = read_config(directory)
+    arch = hf["architectures"][0]
+    _plan(abstract_decoder(cfg), family, arch, directory, _tensors(directory))
+
+
+def _tensors(directory: Path) -> dict[str, TensorInfo]:
+    try:
+        return checkpoint_tensors(directory)
+    except SafetensorsError as e:
+        raise PretrainedError(str(e)) from None
+
+
 def from_hf(path: str | Path, *, mesh: Mesh | None = None, dtype: Any = None,
             **moe_overrides: Any) -> Decoder:  # fmt: skip
     """The checkpoint at ``path`` as a Decoder, each parameter placed on ``mesh`` by its
@@ -123,10 +142,7 @@ def from_hf(path: str | Path, *, mesh: Mesh | None = None, dtype: Any = None,
     cfg = hf_model_config(directory, **moe_overrides)
     hf, family = read_config(directory)
     arch = hf["architectures"][0]
-    try:
-        tensors = checkpoint_tensors(directory)
-    except SafetensorsError as e:
-        raise PretrainedError(str(e)) from None
+    tensors = _tensors(directory)
     model = abstract_decoder(cfg)
     others = nnx.state(model, nnx.Not(nnx.Param))
     if jax.tree.leaves(others):

@@ -139,12 +139,15 @@ def checkpoint_tensors(directory: Path) -> dict[str, TensorInfo]:
     """Every tensor of a checkpoint directory, single-file or sharded, by name."""
     index = directory / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
+        files = _shards(index)
     elif (directory / SINGLE_FILE).is_file():
         files = [SINGLE_FILE]
     else:
         raise SafetensorsError(f"{directory}: holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+    missing = [name for name in files if not (directory / name).is_file()]
+    if missing:  # an unfinished download: said before any header is read
+        raise SafetensorsError(f"{directory / missing[0]}: missing, though {INDEX_FILE} lists "
+                               f"it ({len(missing)} of {len(files)} shards missing)")  # fmt: skip
     tensors: dict[str, TensorInfo] = {}
     for name in files:
         file_tensors = read_header(directory / name)
@@ -153,6 +156,19 @@ def checkpoint_tensors(directory: Path) -> dict[str, TensorInfo]:
                                    f"{tensors[tensor].file.name}")  # fmt: skip
         tensors.update(file_tensors)
     return tensors
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard files an index lists (its ``weight_map`` values), each once."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise SafetensorsError(f"{index}: not a JSON object with a weight_map of tensor name "
+                               "-> shard file") from None  # fmt: skip
+    if not files or not all(isinstance(f, str) and f for f in files):
+        raise SafetensorsError(f"{index}: its weight_map names no shard file")
+    return files
 
 
 # ----------------------------------------------------------------------------- writing

@@ -4,6 +4,7 @@ weights against a float64 reference computed from the model's own outputs; the c
 folder and of the vocabulary."""
 
 import dataclasses
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -16,7 +17,7 @@ from dynmoe_jax.configs import pretrained as pretrained_config
 from dynmoe_jax.data import corpora
 from dynmoe_jax.pretrained import init_from
 from dynmoe_jax.validation import ConfigError
-from tests.pretrained.hf_fixtures import FIXTURES
+from tests.pretrained.hf_fixtures import FIXTURES, broken_copy
 from tests.runs import set_fields
 
 FAMILIES = ("mixtral", "olmoe", "qwen2_moe")
@@ -142,3 +143,53 @@ def test_imported_weights_evaluate_the_same_on_a_mesh(corpus_and_cache, tmp_path
     eight = inference.evaluate_workdir(sharded, tmp_path / "fresh")
     assert eight["loss"] == pytest.approx(one["loss"], rel=1e-5)
     np.testing.assert_allclose(eight["experts_per_layer"], one["experts_per_layer"], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- early checks
+
+
+def _expected(kind: str, folder: Path) -> str:
+    return {
+        "shard": f"{folder / 'model-00002-of-00002.safetensors'}: missing, though "
+                 "model.safetensors.index.json lists it (1 of 2 shards missing)",
+        "shape": f"{folder / 'model.safetensors'}:model.norm.weight.shape=(31,) is invalid: "
+                 "allowed (32,) (for final_norm.scale_D)",
+        "vocab=512": f"init_from={str(folder)!r} is invalid: allowed a tokenizer.json of the "
+                     "checkpoint's own vocabulary: config.json's vocab_size (512) is more than "
+                     "256, the padding of its tokenizer's 128 ids (a tokenizer of another "
+                     "model?)",
+    }[kind]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["shard", "shape", "vocab=512"])
+def test_a_broken_folder_is_refused_before_any_data_is_read(kind, tmp_path):
+    folder = broken_copy(kind, tmp_path / "ckpt")
+    c = pretrained_config.get_config()
+    c.init_from, c.data_dir = str(folder), str(tmp_path / "cache")
+    with pytest.raises(ConfigError) as err:
+        config_lib.check_config(c)
+    assert str(err.value) == _expected(kind, folder)
+    with pytest.raises(ConfigError) as err:
+        train.train_and_evaluate(config_lib.resolve(c), tmp_path / "run")
+    assert str(err.value) == _expected(kind, folder)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_missing_shard_is_a_pretrained_error_in_python(tmp_path):
+    folder = broken_copy("shard", tmp_path / "ckpt")
+    with pytest.raises(pretrained.PretrainedError) as err:
+        pretrained.from_hf(folder)
+    assert str(err.value) == _expected("shard", folder)
+
+
+def test_padding_rows_are_accepted_with_one_note(tmp_path, capsys):
+    folder = broken_copy("vocab=192", tmp_path / "ckpt")  # 128 ids padded to 192 rows
+    c = pretrained_config.get_config()
+    c.init_from = str(folder)
+    config_lib.check_config(c)
+    config_lib.check_config(c)  # an unchanged folder is checked, and noted, once
+    assert capsys.readouterr().err == (
+        f"note: init_from={folder}: the embedding has 192 rows, the tokenizer 128 ids; the "
+        "other 64 rows are padding that no text encodes to\n"
+    )
+    assert init_from.most_rows(128) == 256 and init_from.most_rows(40) == 128
