@@ -11,6 +11,7 @@ re-exported here).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -37,7 +38,7 @@ from dynmoe_jax.generate import (  # noqa: F401 (generate_full_window: re-export
     no_capacity_config,
 )
 from dynmoe_jax.pretrained import init_from as init_from_lib
-from dynmoe_jax.sample_checks import check_max_new_tokens, check_temperature, read_prompts
+from dynmoe_jax.sample_checks import check_max_new_tokens, check_temperature, read_prompt_file
 from dynmoe_jax.train import checkpoint as ckpt_lib
 from dynmoe_jax.train import run_record
 from dynmoe_jax.train.task import restore_params
@@ -203,14 +204,17 @@ def sampler(config: RunConfig, workdir: str | Path) -> Sampler:
 
 
 def sample_batch(s: Sampler, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,
-                 seed: int = 0) -> tuple[list[dict], Generation]:  # fmt: skip
+                 seed: int = 0, ignore_eos: bool = False,
+                 ) -> tuple[list[dict], Generation]:  # fmt: skip
     """One batch of prompts through ``generate``: per prompt a record of its text, new token
-    ids, experts per new token and the batch's seconds (prefill and decode, compile excluded)."""
+    ids, experts per new token and the batch's seconds (prefill and decode, compile excluded).
+    ``ignore_eos``: no stop token, so every row gets exactly ``max_new_tokens`` (rates and
+    experts per token then compare over equal lengths)."""
     ids = [s.tokenizer.encode(p) or [s.tokenizer.eos_id] for p in prompts]
     contexts = [p[-s.context :] for p in ids]
     with jax.set_mesh(s.mesh):
         gen = generate(s.graphdef, s.params, contexts, max_new_tokens, temperature=temperature,
-                       seed=seed, stop_id=s.tokenizer.eos_id)  # fmt: skip
+                       seed=seed, stop_id=None if ignore_eos else s.tokenizer.eos_id)  # fmt: skip
     seconds = round(gen.prefill_seconds + gen.decode_seconds, 4)
     rows = zip(prompts, ids, contexts, gen.tokens, gen.experts, strict=True)
     records = [
@@ -229,16 +233,19 @@ def sample_workdir(
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     seed: int = 0,
+    ignore_eos: bool = False,
 ) -> dict:
     """Generates text after ``prompt`` (greedy when temperature is 0, else sampled with the
     random ``seed``) and reports the mean number of experts each generated token used, over the
     MoE layers, and the decode rate. Decoding runs in the decode layout (``generate.py``): no
     capacity limits, a key/value cache, the loop on device; the prompt's last ``seq_len``
-    tokens are its context, as in training."""
+    tokens are its context, as in training. ``ignore_eos``: generate exactly
+    ``max_new_tokens``, past the end-of-text token."""
     check_temperature(temperature)
     check_max_new_tokens(max_new_tokens)
     s = sampler(config, workdir)
-    (record,), gen = sample_batch(s, [prompt], max_new_tokens, temperature, seed)
+    (record,), gen = sample_batch(s, [prompt], max_new_tokens, temperature, seed,
+                                  ignore_eos)  # fmt: skip
     print(f"{prompt}{record['text']}")
     experts = record["experts_per_token"]
     mean = float(np.mean(experts)) if experts else 0.0
@@ -254,23 +261,27 @@ def sample_workdir(
 
 def sample_file(config: RunConfig, workdir: str | Path, path: str | Path, max_new_tokens: int,
                 temperature: float = 0.0, seed: int = 0, batch_size: int = 8,
-                out: TextIO | None = None) -> list[dict]:  # fmt: skip
-    """Samples every prompt of ``path`` (one per line, blank lines skipped), ``batch_size``
-    at a time, and writes one JSON object per prompt to ``out`` (default: standard output);
-    the decode rate of each batch goes to standard error."""
+                out: TextIO | None = None, ignore_eos: bool = False) -> list[dict]:  # fmt: skip
+    """Samples every prompt of ``path`` (plain text, one per line, or JSON Lines of
+    ``{"prompt": ...}``; blank lines skipped), ``batch_size`` at a time, and writes one JSON
+    object per prompt to ``out`` (default: standard output). Everything else (the file's
+    format, what loading the data and the model prints, each batch's decode rate) goes to
+    standard error, so that ``out`` is JSON Lines alone."""
     check_temperature(temperature)
     check_max_new_tokens(max_new_tokens)
-    prompts = read_prompts(path)
-    s = sampler(config, workdir)
-    out = sys.stdout if out is None else out
+    prompts, kind = read_prompt_file(path)
+    out = sys.stdout if out is None else out  # taken before stdout is redirected below
+    print(f"prompts: {len(prompts)} from {path} ({kind})", file=sys.stderr)
     records = []
-    for i in range(0, len(prompts), batch_size):
-        batch, gen = sample_batch(s, prompts[i : i + batch_size], max_new_tokens, temperature,
-                                  seed + i)  # fmt: skip
-        for record in batch:
-            out.write(json.dumps(record) + "\n")
-        out.flush()
-        rate = f"{gen.tokens_per_s:.1f} tokens/s" if gen.tokens_per_s else "no decode step"
-        print(f"batch of {len(batch)}: {rate}", file=sys.stderr)
-        records += batch
+    with contextlib.redirect_stdout(sys.stderr):
+        s = sampler(config, workdir)
+        for i in range(0, len(prompts), batch_size):
+            batch, gen = sample_batch(s, prompts[i : i + batch_size], max_new_tokens,
+                                      temperature, seed + i, ignore_eos)  # fmt: skip
+            for record in batch:
+                out.write(json.dumps(record) + "\n")
+            out.flush()
+            rate = f"{gen.tokens_per_s:.1f} tokens/s" if gen.tokens_per_s else "no decode step"
+            print(f"batch of {len(batch)}: {rate}", file=sys.stderr)
+            records += batch
     return records

@@ -61,10 +61,16 @@ flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).")
 flags.DEFINE_string(
     "prompts_file",
     None,
-    "--mode=sample: a text file of prompts, one per line; writes one JSON object per prompt "
+    '--mode=sample: a file of prompts, one per line (or JSON Lines of {"prompt": ...}); '
+    "writes one JSON object per prompt "
     "(text, tokens, experts per token, seconds) to standard output.",
 )
 flags.DEFINE_integer("sample_batch_size", 8, "--mode=sample --prompts_file: prompts per batch.")
+flags.DEFINE_bool(
+    "ignore_eos",
+    False,
+    "--mode=sample: generate exactly --max_new_tokens per prompt, past the end-of-text token.",
+)
 flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (auto-detects TPU pods, SLURM)."
 )
@@ -99,18 +105,26 @@ def load_config_file(path: str) -> ConfigDict:
     return module.get_config()
 
 
-def run_config(argv: Sequence[str], mode: str, workdir: str | None) -> RunConfig:
+def run_config(
+    argv: Sequence[str], mode: str, workdir: str | None, notes: bool = True
+) -> RunConfig:
     """The typed config of a command line: the ``--config`` file with its ``--config.FIELD``
     values set, every field checked. In eval and sample modes, the run the workdir records
-    (its routing, its corpus), with only the fields set on this command line changed."""
+    (its routing, its corpus), with only the fields set on this command line changed.
+    ``notes``: say (standard error) which recorded fields win; off for the up-front check, so
+    that each note is printed once. In train mode, a change that resuming the workdir's run
+    refuses (``run_record.changes_on_resume``)."""
     from dynmoe_jax import config as config_lib
     from dynmoe_jax.train import run_record
 
     overrides, _ = split_config_args(argv)
     config = config_lib.set_fields(load_config_file(FLAGS.config), overrides)
     if mode in READS_RUN and workdir:
-        config = run_record.config_for(workdir, config, overrides)
-    return config_lib.resolve(config)
+        config = run_record.config_for(workdir, config, overrides, notes)
+    run = config_lib.resolve(config)
+    if mode == "train" and workdir:  # a change a resume refuses: one line, before any data
+        run_record.changes_on_resume(workdir, run)
+    return run
 
 
 def check_sample_flags(prompt: str, max_new_tokens: int, temperature: float) -> None:
@@ -149,7 +163,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         batch = FLAGS.sample_batch_size
         check(batch >= 1, "--sample_batch_size", batch, "an integer >= 1")
         check_mode_flags(FLAGS.mode, FLAGS.workdir, FLAGS.device_memory_bytes)
-        run_config(argv[1:], FLAGS.mode, FLAGS.workdir)
+        run_config(argv[1:], FLAGS.mode, FLAGS.workdir, notes=False)
     except ConfigError as e:
         _exit(str(e))
     except flags.Error as e:  # a value of the wrong type, a missing required flag, ...
@@ -177,10 +191,12 @@ def _sample(run: RunConfig) -> None:
 
     args = (run, FLAGS.workdir)
     if FLAGS.prompts_file is None:
-        inference.sample_workdir(*args, FLAGS.prompt, FLAGS.max_new_tokens, FLAGS.temperature)
+        inference.sample_workdir(*args, FLAGS.prompt, FLAGS.max_new_tokens, FLAGS.temperature,
+                                 ignore_eos=FLAGS.ignore_eos)  # fmt: skip
         return
     inference.sample_file(*args, FLAGS.prompts_file, FLAGS.max_new_tokens, FLAGS.temperature,
-                          batch_size=FLAGS.sample_batch_size)  # fmt: skip
+                          batch_size=FLAGS.sample_batch_size,
+                          ignore_eos=FLAGS.ignore_eos)  # fmt: skip
 
 
 def interrupted_message(mode: str, workdir: str | None) -> str:

@@ -87,3 +87,26 @@ def test_sample_workdir_checks_its_arguments_before_reading_the_workdir(tmp_path
     with pytest.raises(ConfigError, match="^--prompts_file="):
         inference.sample_file(config, tmp_path / "absent", tmp_path / "none.txt", 4)
     assert not (tmp_path / "absent").exists()
+
+
+def test_a_prompts_file_writes_json_lines_alone_on_stdout(trained, tmp_path, capsys):
+    run = trained("grouped")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "The "}\n\n{"prompt": "In", "id": 3}\n')
+    records = inference.sample_file(run.config, run.workdir, tmp_path / "prompts.jsonl", 4,
+                                    ignore_eos=True)  # fmt: skip
+    captured = capsys.readouterr()
+    # What loading the data and the model prints goes to stderr, not between the records.
+    assert [json.loads(line) for line in captured.out.splitlines()] == records
+    assert [r["prompt"] for r in records] == ["The ", "In"]
+    assert f"prompts: 2 from {tmp_path / 'prompts.jsonl'} (JSON Lines)" in captured.err
+    assert "data: cache" in captured.err
+    # No stop token: every row has exactly max_new_tokens.
+    assert [len(r["tokens"]) for r in records] == [4, 4]
+    assert all(len(r["experts_per_token"]) == 4 for r in records)
+
+
+def test_ignore_eos_generates_exactly_max_new_tokens(trained):
+    run = trained("grouped")
+    out = inference.sample_workdir(run.config, run.workdir, "The", 7, temperature=2.0, seed=1,
+                                   ignore_eos=True)  # fmt: skip
+    assert len(out["tokens"]) == len(out["experts_per_token"]) == 7

@@ -1,7 +1,9 @@
 """The command line: every mistake ends in one ``error:`` line and exit code 2, before any data
 is read or anything is compiled."""
 
+import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -238,3 +240,71 @@ def test_ctrl_c_during_training_prints_one_line_and_no_traceback(data_dir, tmp_p
     assert lines[0].startswith(
         "error: interrupted; rerunning the same command resumes from the checkpoint of step "
     )
+
+
+@pytest.mark.slow
+def test_sampling_a_prompts_file_writes_only_json_lines_to_stdout(trained, tmp_path):
+    run = trained("grouped")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The \nIn\n")
+    # Another config file than the run's: the run's record wins, and says so once on stderr.
+    proc = _cli("--config=dynmoe_jax/configs/default.py", f"--workdir={run.workdir}",
+                "--mode=sample", f"--prompts_file={prompts}", "--max_new_tokens=3",
+                "--ignore_eos", timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [r["prompt"] for r in records] == ["The ", "In"]
+    assert [len(r["tokens"]) for r in records] == [3, 3]
+    notes = [line for line in proc.stderr.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 2, proc.stderr[-3000:]
+    assert notes[0].startswith(f"note: {run.workdir / 'config.json'} (the run's record) wins ")
+    assert "model.d_model=32 (--config: 256)" in notes[0]
+    assert notes[1].startswith("note: using corpus=pydoc, the one this run trained on")
+    assert f"prompts: 2 from {prompts} (text)" in proc.stderr
+
+
+def test_cli_refuses_a_checkpoint_with_a_missing_shard_before_reading_data(tmp_path):
+    from tests.pretrained.hf_fixtures import broken_copy
+
+    folder = broken_copy("shard", tmp_path / "ckpt")
+    proc = _cli("--config=dynmoe_jax/configs/pretrained.py", f"--config.init_from={folder}",
+                f"--config.data_dir={tmp_path / 'cache'}",
+                f"--workdir={tmp_path / 'run'}")  # fmt: skip
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr[-2000:]
+    assert proc.stderr == (f"error: {folder / 'model-00002-of-00002.safetensors'}: missing, "
+                           "though model.safetensors.index.json lists it (1 of 2 shards "
+                           "missing)\n")  # fmt: skip
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_to_resume_with_another_model_shape(trained, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(trained("grouped").workdir, workdir)
+    before = (workdir / "config.json").read_text()
+    proc = _cli(f"--config={TINY}", f"--workdir={workdir}", "--config.model.d_model=64")
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stderr[-2000:]
+    assert proc.stderr == (
+        f"error: model.d_model=64 is invalid: allowed 32, the value {workdir / 'config.json'} "
+        "records: a resumed run keeps its model's shape, vocabulary and corpus (a new "
+        "--workdir starts a run with another)\n"
+    )
+    assert (workdir / "config.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_a_full_disk_ends_the_cli_in_one_line_at_the_failed_save(data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    args = [sys.executable, "-m", "tests.disk_full", "6", f"--config={TINY}",
+            f"--workdir={workdir}", f"--config.data_dir={data_dir}",
+            "--config.num_train_steps=9"]  # fmt: skip
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    # Besides the progress bar, one line: no traceback, nothing from Orbax's threads.
+    lines = [x for x in proc.stderr.splitlines() if x.strip() and not x.startswith("train:")]
+    size = sum(p.stat().st_size for p in (workdir / "checkpoints" / "3").rglob("*") if p.is_file())
+    assert lines == [
+        f"error: no space left in {workdir} for the checkpoint of step 6 (about {size / 1e6:.1f} "
+        "MB needed); free some space: rerunning the same command resumes from the checkpoint of "
+        "step 3"
+    ]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3"]

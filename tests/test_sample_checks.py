@@ -41,3 +41,24 @@ def test_prompts_file_is_checked(tmp_path):
         with pytest.raises(ConfigError) as err:
             sample_checks.read_prompts(path)
         assert str(err.value) == f"--prompts_file={str(path)!r} is invalid: allowed {allowed}"
+
+
+def test_prompts_file_in_json_lines(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "In the beginning"}\n\n{"prompt": "a\\nb"}\n')
+    assert sample_checks.read_prompt_file(tmp_path / "p.jsonl") == (
+        ["In the beginning", "a\nb"], sample_checks.JSONL
+    )  # fmt: skip
+    (tmp_path / "p.txt").write_text("In the beginning\n")
+    assert sample_checks.read_prompt_file(tmp_path / "p.txt") == (
+        ["In the beginning"], sample_checks.PLAIN
+    )  # fmt: skip
+    for n, bad in enumerate(['{"prompt": "x"}\n{"text": "y"}\n', '{"prompt": "x"}\nplain\n',
+                             '{"prompt": ""}\n']):  # fmt: skip
+        (tmp_path / f"bad{n}.jsonl").write_text(bad)
+        with pytest.raises(ConfigError) as err:
+            sample_checks.read_prompts(tmp_path / f"bad{n}.jsonl")
+        line = 1 if n == 2 else 2
+        assert str(err.value) == (
+            f"--prompts_file={str(tmp_path / f'bad{n}.jsonl')!r} is invalid: allowed JSON Lines "
+            f'of {{"prompt": "non-empty text"}} (line {line} is not)'
+        )

@@ -3,6 +3,14 @@
 Evaluating or sampling a workdir reads the run's own config from it (``config_for``), so the
 routing it was trained or fine-tuned with is the one evaluated, with only the fields the
 command line sets explicitly changed; and its corpus and tokenizer, never a fallback.
+
+Resuming a run (``changes_on_resume``) keeps what its checkpoints and token ids depend on: the
+model's shape (``model.*`` but ``dtype``, ``remat`` and ``scan_layers``, which a restore
+converts; ``moe.num_experts``, ``moe.d_ff``), the vocabulary (``vocab_size``, ``tokenizer``),
+the imported checkpoint and the corpus; a change to one of them is refused in one line and
+nothing is rewritten. Any other change (the number of steps, a cadence, the routing
+threshold, the learning rate) is accepted, named in one line (old -> new), and recorded in
+config.json's ``changes`` with the step it took effect from.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -50,33 +59,132 @@ def check_corpus(workdir: str | os.PathLike, corpus: str) -> None:
 
 
 def save(run: config_lib.RunConfig, workdir: str | os.PathLike, corpus: str) -> Path:
-    """Writes ``workdir/config.json`` (process 0 only; atomically) and returns its path."""
+    """Writes ``workdir/config.json`` (process 0 only; atomically) and returns its path. On a
+    resume, a change the run may not take is refused first, and the accepted ones are named
+    in one line and appended to the record's ``changes``."""
     check_corpus(workdir, corpus)
+    changes = changes_on_resume(workdir, run)
     path = Path(workdir) / RUN_CONFIG_FILE
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"corpus": corpus, "config": config_lib.as_dict(run).to_dict()}
+        step = resume_step(workdir)
+        if step is not None:  # a run that starts over has no history
+            history = _recorded_changes(path) + [{"step": step, **c} for c in changes]
+            record.update({"changes": history} if history else {})
+        if changes:
+            named = ", ".join(f"{c['field']} {c['old']!r} -> {c['new']!r}" for c in changes)
+            print(f"note: resuming from step {step} with {named} (recorded in {path})",
+                  file=sys.stderr)  # fmt: skip
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)  # never a half-written record
     return path
 
 
+CHECKPOINTS = "checkpoints"  # the Checkpointer's folder, one sub-folder per step
+# What a resumed run keeps (paths, or prefixes ending in "."), but for CHANGEABLE_MODEL.
+KEPT_ON_RESUME = ("model.", "moe.num_experts", "moe.d_ff", "vocab_size", "tokenizer",
+                  "init_from")  # fmt: skip
+CHANGEABLE_MODEL = ("model.dtype", "model.remat", "model.scan_layers")  # restore converts
+
+
+def resume_step(workdir: str | os.PathLike) -> int | None:
+    """The step a run in ``workdir`` resumes from (its newest checkpoint), None if none."""
+    folder = Path(workdir) / CHECKPOINTS
+    steps = [int(p.name) for p in folder.glob("*") if p.name.isdigit()] if folder.is_dir() else []
+    return max(steps, default=None)
+
+
+def _kept(path: str) -> bool:
+    if path in CHANGEABLE_MODEL:
+        return False
+    return any(path.startswith(k) if k.endswith(".") else path == k for k in KEPT_ON_RESUME)
+
+
+def changes_on_resume(workdir: str | os.PathLike, run: config_lib.RunConfig) -> list[dict]:
+    """The fields ``run`` changes from the run ``workdir`` records, as {field, old, new}; []
+    when the workdir holds no run to resume. A change of a field the run keeps (see the
+    module docstring) is a one-line ConfigError."""
+    record, path = load(workdir), Path(workdir) / RUN_CONFIG_FILE
+    if record is None or resume_step(workdir) is None:
+        return []
+    if record.corpus not in (run.dataset, run.fallback_dataset):
+        invalid("dataset", run.dataset, f"{record.corpus!r}, the corpus {path} records for "
+                "this run (a new --workdir starts a run on another)")  # fmt: skip
+    old, new = _plain(record.config), _plain(config_lib.as_dict(run))
+    out = []
+    for d in config_lib.declarations():
+        before, after = _value(old, d.path), _value(new, d.path)
+        if d.path in CORPUS_FIELDS or before == after:
+            continue
+        if _kept(d.path):
+            invalid(d.path, after, f"{before!r}, the value {path} records: a resumed run keeps "
+                    "its model's shape, vocabulary and corpus (a new --workdir starts a run "
+                    "with another)")  # fmt: skip
+        out.append({"field": d.path, "old": before, "new": after})
+    return out
+
+
+def _plain(config: ConfigDict) -> ConfigDict:
+    """``config`` as JSON gives it back (tuples as lists), so records and runs compare."""
+    return ConfigDict(json.loads(json.dumps(config.to_dict())), type_safe=False)
+
+
+def _recorded_changes(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return json.loads(path.read_text()).get("changes", [])
+
+
 def config_for(
-    workdir: str | os.PathLike, config: ConfigDict, overrides: Mapping[str, str] = {}
+    workdir: str | os.PathLike,
+    config: ConfigDict,
+    overrides: Mapping[str, str] = {},
+    notes: bool = True,
 ) -> ConfigDict:
     """The config to evaluate or sample ``workdir`` with: the run's recorded one, its corpus
     and no fallback, with ``overrides`` (the command line's ``--config.FIELD=VALUE``) set;
-    ``config`` itself when the workdir records no run."""
+    ``config`` itself when the workdir records no run. ``notes``: say on standard error, in
+    one line each, which recorded values win over ``config`` and which corpus is read."""
     record = load(workdir)
     if record is None:
         return config
     recorded = config_lib.set_fields(record.config, overrides)
-    if record.corpus != config.dataset:
-        print(f"note: using corpus={record.corpus}, the one this run trained on "
-              f"({RUN_CONFIG_FILE})")  # fmt: skip
+    if notes:
+        _note_recorded(workdir, config, recorded, overrides)
+        if record.corpus != config.dataset:
+            print(f"note: using corpus={record.corpus}, the one this run trained on "
+                  f"({RUN_CONFIG_FILE})", file=sys.stderr)  # fmt: skip
     recorded.dataset, recorded.fallback_dataset = record.corpus, ""
     return recorded
+
+
+CORPUS_FIELDS = ("dataset", "fallback_dataset")  # the corpus has its own note
+
+
+def _note_recorded(workdir, config: ConfigDict, recorded: ConfigDict, overrides) -> None:
+    """One line naming each field whose recorded value replaces the --config file's: a
+    config file that differs from the run's never changes the model evaluated silently."""
+    wins = []
+    for d in config_lib.declarations():
+        if d.path in overrides or d.path in CORPUS_FIELDS:
+            continue
+        ours, theirs = _value(recorded, d.path), _value(config, d.path)
+        if ours != theirs:
+            wins.append(f"{d.path}={ours!r} (--config: {theirs!r})")
+    if wins:
+        print(f"note: {Path(workdir) / RUN_CONFIG_FILE} (the run's record) wins over --config "
+              f"for {', '.join(wins)}; --config.FIELD=VALUE sets one", file=sys.stderr)  # fmt: skip
+
+
+def _value(config: ConfigDict, path: str):
+    node = config
+    for part in path.split("."):
+        if part not in node:
+            return None
+        node = node[part]
+    return node
 
 
 def with_recorded_corpus(run: config_lib.RunConfig, workdir: str | os.PathLike):

@@ -1,5 +1,5 @@
-"""workdir/config.json: the run's config and corpus, the corpus guard, and what evaluating or
-sampling a workdir reads from it."""
+"""workdir/config.json: the run's config and corpus, the corpus guard, what evaluating or
+sampling a workdir reads from it (and says it reads), and what a resume may change."""
 
 import dataclasses
 import json
@@ -51,7 +51,7 @@ def test_evaluation_reads_the_recorded_corpus_without_fallback(tmp_path, capsys)
     used = run_record.config_for(tmp_path, config)
     assert (used.dataset, used.fallback_dataset) == ("pydoc", "")
     assert (config.dataset, config.fallback_dataset) == ("kjv", "pydoc")  # not modified
-    assert capsys.readouterr().out == (
+    assert capsys.readouterr().err == (
         "note: using corpus=pydoc, the one this run trained on (config.json)\n"
     )
     typed = run_record.with_recorded_corpus(run, tmp_path)
@@ -60,3 +60,64 @@ def test_evaluation_reads_the_recorded_corpus_without_fallback(tmp_path, capsys)
     used = run_record.with_recorded_corpus(run, tmp_path / "kjv_run")
     assert (used.dataset, used.fallback_dataset) == ("kjv", "")  # never a silent pydoc
     assert used == dataclasses.replace(run, data=dataclasses.replace(run.data, fallback_dataset=""))
+
+
+def test_the_recorded_fields_that_win_over_the_config_file_are_named(tiny_run, tmp_path, capsys):
+    run_record.save(tiny_run(**{"moe.threshold": 0.5, "moe.max_k": 3}), tmp_path, "pydoc")
+    config = tiny.get_config()
+    config.data_dir = tiny_run().data_dir
+    run_record.config_for(tmp_path, config)
+    assert capsys.readouterr().err == (
+        f"note: {tmp_path / 'config.json'} (the run's record) wins over --config for "
+        "moe.threshold=0.5 (--config: 0.4), moe.max_k=3 (--config: None); "
+        "--config.FIELD=VALUE sets one\n"
+    )
+    run_record.config_for(tmp_path, config, {"moe.threshold": "0.5", "moe.max_k": "3"})
+    run_record.config_for(tmp_path, tiny.get_config(), notes=False)
+    assert capsys.readouterr().err == ""
+
+
+def _resumable(tiny_run, workdir, step=6):
+    """A recorded run of the tiny config with a checkpoint folder of ``step``."""
+    path = run_record.save(tiny_run(), workdir, "pydoc")
+    (workdir / "checkpoints" / str(step)).mkdir(parents=True)
+    return path
+
+
+def test_a_resume_names_and_records_the_changes_it_accepts(tiny_run, tmp_path, capsys):
+    path = _resumable(tiny_run, tmp_path)
+    changed = tiny_run(**{"num_train_steps": 8, "moe.threshold": 0.3})
+    run_record.save(changed, tmp_path, "pydoc")
+    assert capsys.readouterr().err == (
+        "note: resuming from step 6 with num_train_steps 6 -> 8, moe.threshold 0.4 -> 0.3 "
+        f"(recorded in {path})\n"
+    )
+    record = json.loads(path.read_text())
+    assert record["config"]["num_train_steps"] == 8 and record["changes"] == [
+        {"step": 6, "field": "num_train_steps", "old": 6, "new": 8},
+        {"step": 6, "field": "moe.threshold", "old": 0.4, "new": 0.3},
+    ]
+    (tmp_path / "checkpoints" / "8").mkdir()
+    run_record.save(changed, tmp_path, "pydoc")  # the same again: nothing new, history kept
+    assert capsys.readouterr().err == "" and json.loads(path.read_text()) == record
+    assert run_record.changes_on_resume(tmp_path / "fresh", changed) == []
+
+
+@pytest.mark.parametrize(
+    "field, value, old",
+    [("model.d_model", 64, 32), ("moe.num_experts", 8, 4), ("vocab_size", 1024, 512),
+     ("tokenizer", "bytes", "sentencepiece")],
+)  # fmt: skip
+def test_a_resume_refuses_to_change_the_model_or_its_vocabulary(
+    field, value, old, tiny_run, tmp_path
+):
+    path = _resumable(tiny_run, tmp_path)
+    before = path.read_text()
+    with pytest.raises(ConfigError) as err:
+        run_record.save(tiny_run(**{field: value}), tmp_path, "pydoc")
+    assert str(err.value) == (
+        f"{field}={value!r} is invalid: allowed {old!r}, the value {path} records: a resumed "
+        "run keeps its model's shape, vocabulary and corpus (a new --workdir starts a run "
+        "with another)"
+    )
+    assert path.read_text() == before  # nothing rewritten
