@@ -4,8 +4,12 @@
         --experts 8 --top-k 2 --layers 4 --heads 16 --kv-heads 8 --vocab 1024
         --router-scale 1.0 --seed 0 --dtype float32]
 
-OUT_DIR receives ``config.json`` (``MixtralForCausalLM``, every field ``hf_config`` reads)
-and ``model.safetensors`` under the tensor names ``pretrained.from_hf`` imports; no tokenizer.
+OUT_DIR receives ``config.json`` (``MixtralForCausalLM``, every field ``hf_config`` reads),
+``model.safetensors`` under the tensor names ``pretrained.from_hf`` imports and, for
+``--vocab`` >= 257, ``tokenizer.json``: a byte-level BPE of exactly ``--vocab`` ids trained on
+the English text of Python's ``pydoc_data`` (``write_tokenizer``), whose ``</s>`` (id 0) is
+config.json's ``eos_token_id``. So README's ``from_hf`` example and the command line's
+fine-tuning run on the folder as on a downloaded one.
 The tensors are written one at a time (``safetensors_io.write_safetensors``), so a checkpoint
 of several GB never sits in memory whole. The defaults make one decode step read mostly expert
 weights: a small vocabulary keeps the head and the embedding row small beside the experts.
@@ -36,6 +40,11 @@ import numpy as np
 from dynmoe_jax.pretrained.safetensors_io import SINGLE_FILE, Spec, write_safetensors
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+EOS_TOKEN = "</s>"
+EOS_ID = 0  # the BPE trainer numbers the special tokens first
+# A byte-level tokenizer needs its 256 byte tokens and the EOS token before any merge.
+MIN_TOKENIZER_VOCAB = 257
+TOKENIZER_FILE = "tokenizer.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +119,7 @@ def hf_config(shape: CheckpointShape) -> dict:
         "tie_word_embeddings": False,
         "router_aux_loss_coef": 0.0,
         "bos_token_id": None,
-        "eos_token_id": None,
+        "eos_token_id": EOS_ID if shape.vocab >= MIN_TOKENIZER_VOCAB else None,
         "torch_dtype": shape.dtype,
     }
 
@@ -159,9 +168,36 @@ def producer(shape: CheckpointShape) -> Callable[[str], np.ndarray]:
     return produce
 
 
+def write_tokenizer(folder: str | Path, vocab_size: int) -> None:
+    """Writes ``folder/tokenizer.json``: a byte-level BPE of exactly ``vocab_size`` ids (>=
+    ``MIN_TOKENIZER_VOCAB``) trained on the English text of Python's ``pydoc_data``, with
+    ``EOS_TOKEN`` at ``EOS_ID``. The text holds fewer merges than a large vocabulary asks for;
+    the ids past them are unused special tokens, so the ids still match the embedding's rows.
+    The same call always writes the same file."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < MIN_TOKENIZER_VOCAB:
+        raise ValueError(f"vocab_size={vocab_size}: a byte-level tokenizer needs >= "
+                         f"{MIN_TOKENIZER_VOCAB} ids (256 bytes and {EOS_TOKEN})")  # fmt: skip
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)  # fmt: skip
+    tokenizer.train_from_iterator([topics[k] for k in sorted(topics)], trainer)
+    unused = vocab_size - tokenizer.get_vocab_size()
+    tokenizer.add_special_tokens([f"<unused{i}>" for i in range(unused)])
+    assert tokenizer.get_vocab_size() == vocab_size and tokenizer.token_to_id(EOS_TOKEN) == EOS_ID
+    tokenizer.save(str(Path(folder) / TOKENIZER_FILE))
+
+
 def write_checkpoint(out_dir: str | Path, shape: CheckpointShape) -> Path:
-    """Writes the checkpoint folder ``out_dir``: the weights first, then config.json, so a
-    folder with a config.json is complete. Returns the folder."""
+    """Writes the checkpoint folder ``out_dir``: the weights and the tokenizer (when
+    ``shape.vocab`` allows one) first, then config.json, so a folder with a config.json is
+    complete. Returns the folder."""
     wrong = problems(shape)
     if wrong:
         raise ValueError("; ".join(f"{flag}: {why}" for flag, why in wrong))
@@ -169,6 +205,8 @@ def write_checkpoint(out_dir: str | Path, shape: CheckpointShape) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / SINGLE_FILE, tensor_specs(shape), producer(shape),
                       {"format": "pt", "made_by": "experiments.make_checkpoint"})  # fmt: skip
+    if shape.vocab >= MIN_TOKENIZER_VOCAB:
+        write_tokenizer(out, shape.vocab)
     (out / "config.json").write_text(json.dumps(hf_config(shape), indent=2) + "\n")
     return out
 
@@ -204,6 +242,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     out_dir, shape = parse_args(sys.argv[1:] if argv is None else argv)
     print(f"writing {checkpoint_bytes(shape) / 2**20:,.1f} MiB of {shape.dtype} tensors to "
           f"{out_dir / SINGLE_FILE}", flush=True)  # fmt: skip
+    if shape.vocab < MIN_TOKENIZER_VOCAB:
+        print(f"no {TOKENIZER_FILE}: a byte-level tokenizer needs --vocab >= "
+              f"{MIN_TOKENIZER_VOCAB}", flush=True)  # fmt: skip
     return write_checkpoint(out_dir, shape)
 
 

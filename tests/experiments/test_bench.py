@@ -330,6 +330,43 @@ def test_made_checkpoint_imports_with_finite_logits(tiny_checkpoint):
     np.testing.assert_array_equal(model.blocks[1].ffn.w_down_EFD[...][3], produce(expert).T)
 
 
+def test_made_checkpoint_runs_the_readme_example_with_its_tokenizer(tmp_path, capsys):
+    import jax.numpy as jnp
+
+    from dynmoe_jax import config as config_lib
+    from dynmoe_jax.configs import pretrained as pretrained_config
+    from dynmoe_jax.data import HFTokenizer
+    from dynmoe_jax.pretrained import from_hf
+    from experiments import make_checkpoint
+
+    shape = make_checkpoint.CheckpointShape(**{**TINY_SHAPE, "vocab": 320})
+    folder = make_checkpoint.write_checkpoint(tmp_path / "ckpt", shape)
+    # README's "Bring your own MoE", as written there.
+    model = from_hf(folder, router="top_p", threshold=0.5, capacity_factor=None)
+    tokenizer = HFTokenizer.from_dir(folder)
+    tokens = jnp.array([tokenizer.encode("Harder tasks need more experts")])
+    logits, layers = model(tokens)
+    assert logits.shape == (1, tokens.shape[1], 320) and len(layers["experts_per_token"]) == 2
+    assert (tokenizer.vocab_size, tokenizer.eos_id) == (320, make_checkpoint.EOS_ID)
+    assert tokenizer.decode(tokenizer.encode("Harder tasks")) == "Harder tasks"
+    # The command line's checks accept the folder: the vocabularies match, nothing is noted.
+    c = pretrained_config.get_config()
+    c.init_from = str(folder)
+    config_lib.check_config(c)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_tokenizer_fits_any_vocabulary_exactly(tmp_path):
+    from dynmoe_jax.data import HFTokenizer
+    from experiments import make_checkpoint
+
+    make_checkpoint.write_tokenizer(tmp_path, 12000)  # more than the text's merges
+    tokenizer = HFTokenizer.from_dir(tmp_path)  # no config.json: </s> found by its spelling
+    assert (tokenizer.vocab_size, tokenizer.eos_id) == (12000, make_checkpoint.EOS_ID)
+    with pytest.raises(ValueError, match="^vocab_size=256: a byte-level tokenizer needs >= 257"):
+        make_checkpoint.write_tokenizer(tmp_path, 256)
+
+
 @pytest.mark.parametrize(
     "argv, flag",
     [(["--heads", "5"], "--d-model"), (["--kv-heads", "3"], "--kv-heads"),
