@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -135,13 +136,36 @@ def check_sample_flags(prompt: str, max_new_tokens: int, temperature: float) -> 
     check_temperature(temperature, "--temperature")
 
 
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def unwritable_reason(workdir: str) -> str | None:
+    """Why training could not create or write ``workdir``, or None when it can. A probe folder
+    is created and removed, because permission bits do not tell: root ignores them, yet a
+    read-only filesystem (or /sys) refuses root too."""
+    existing = _nearest_existing(Path(workdir).absolute())
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    try:
+        tempfile.TemporaryDirectory(dir=existing, prefix=".dynmoe_probe_").cleanup()
+    except OSError as e:
+        return f"creating a folder in {existing} fails: {e.strerror}"
+    return None
+
+
 def check_mode_flags(mode: str, workdir: str | None, device_memory_bytes: float) -> None:
-    """A workdir for the modes that write or read one (a folder, not a file); a positive
-    memory for plan."""
+    """A workdir for the modes that write or read one (a folder, not a file), one that can be
+    created and written to train; a positive memory for plan."""
     if mode in NEEDS_WORKDIR:
         check(bool(workdir), "--workdir", workdir, f"a folder (--mode={mode} needs one)")
         check(not Path(workdir).is_file(), "--workdir", workdir,
               "a folder (a file of that name exists)")  # fmt: skip
+    if mode == "train":
+        reason = unwritable_reason(workdir)
+        check(reason is None, "--workdir", workdir, f"a folder this user can write ({reason})")
     allowed = "a number of bytes > 0, e.g. 80e9"
     check(device_memory_bytes > 0, "--device_memory_bytes", device_memory_bytes, allowed)
 
@@ -210,18 +234,20 @@ def interrupted_message(mode: str, workdir: str | None) -> str:
             f"{max(steps)} in {Path(workdir) / 'checkpoints'}")  # fmt: skip
 
 
-def run_mode(make_step=None) -> None:
+def run_mode(make_step=None, write_checkpoint=None) -> None:
     """Runs ``--mode`` with the parsed flags; every expected failure ends in one line, exit 2,
     and Ctrl-C in one line saying where a rerun resumes. ``make_step``: the train step
-    factory (None: the library's; a test may poison it)."""
+    factory, ``write_checkpoint`` the checkpoint writer (None: the library's; a test may
+    poison either)."""
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     init_distributed()
     from dynmoe_jax import inference, plan, train
     from dynmoe_jax.train import checkpoint
 
-    step = {} if make_step is None else {"make_step": make_step}
+    given = {"make_step": make_step, "write_checkpoint": write_checkpoint}
+    hooks = {k: v for k, v in given.items() if v is not None}
     modes = {
-        "train": lambda run: train.train_and_evaluate(run, FLAGS.workdir, **step),
+        "train": lambda run: train.train_and_evaluate(run, FLAGS.workdir, **hooks),
         "eval": lambda run: inference.evaluate_workdir(run, FLAGS.workdir),
         "sample": _sample,
         "plan": lambda run: plan.print_plan(run, FLAGS.device_memory_bytes),
@@ -235,6 +261,13 @@ def run_mode(make_step=None) -> None:
         train.NonFiniteError,
     ) as e:
         _exit(str(e))
+    except checkpoint.CheckpointSpaceError as e:
+        # Orbax's threads may still hold the failed write; an interpreter teardown under them
+        # prints their tracebacks, so the process ends here, its logs already closed.
+        print(f"error: {e}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(USAGE_ERROR)
     except KeyboardInterrupt:
         print(f"error: {interrupted_message(FLAGS.mode, FLAGS.workdir)}", file=sys.stderr)
         sys.stdout.flush()

@@ -151,6 +151,37 @@ def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
                            "(a file of that name exists)\n")  # fmt: skip
 
 
+def test_a_workdir_under_a_file_is_one_line_before_any_data_is_read(tmp_path):
+    (tmp_path / "file").write_text("")
+    workdir = tmp_path / "file" / "run"
+    proc = _cli(f"--config={TINY}", f"--workdir={workdir}", f"--config.data_dir={tmp_path / 'd'}")
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == (f"error: --workdir='{workdir}' is invalid: allowed a folder this user "
+                           f"can write ({tmp_path / 'file'} is a file)\n")  # fmt: skip
+    assert not (tmp_path / "d").exists()  # the corpus was not read
+
+
+# Root writes through permission bits, so an unwritable folder is one the kernel refuses to
+# anyone: sysfs takes no new files (and is read-only in most containers).
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux's /sys")
+@pytest.mark.parametrize("workdir", ["/sys/kernel", "/sys/dynmoe_test_workdir"])
+def test_a_workdir_that_cannot_be_written_is_one_line_before_any_data_is_read(tmp_path, workdir):
+    proc = _cli(f"--config={TINY}", f"--workdir={workdir}", f"--config.data_dir={tmp_path / 'd'}")
+    assert (proc.returncode, proc.stdout) == (2, "")
+    folder = "/sys/kernel" if workdir == "/sys/kernel" else "/sys"
+    assert re.fullmatch(rf"error: --workdir='{workdir}' is invalid: allowed a folder this user "
+                        rf"can write \(creating a folder in {folder} fails: [^\n]+\)\n",
+                        proc.stderr), proc.stderr  # fmt: skip
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_writable_workdir_passes_and_the_probe_leaves_nothing(tmp_path):
+    assert main.unwritable_reason(str(tmp_path / "new" / "run")) is None
+    assert main.unwritable_reason(str(tmp_path)) is None
+    assert list(tmp_path.iterdir()) == []
+    main.check_mode_flags("eval", "/sys/kernel", 1.0)  # reading needs no write access
+
+
 FIXTURES = ROOT / "tests" / "fixtures" / "hf"
 
 

@@ -22,16 +22,26 @@ Crash safety:
   that are all present but do not decode still fail inside Orbax, and may still print so.
 * Orbax's own record of a step (``_CHECKPOINT_METADATA``: timestamps, handler names) is not
   needed to restore it; an unreadable one, which Orbax would log as an error on every start,
-  is moved aside and replaced by an empty record, with one warning line.
+  is moved aside and replaced by an empty record, with one warning line. A missing one, which
+  Orbax would warn about on every start, is replaced by an empty record with one warning line.
+* A full disk: each save first checks that the filesystem has room for a checkpoint the size of
+  the newest one (the state's size before the first), and waits for its write to end, so a save
+  that does not fit stops the run at that step with ``CheckpointSpaceError``, naming the space
+  needed; the unfinished step's temporary directory is removed and every complete checkpoint is
+  kept, so the same command resumes once space is freed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import errno
 import json
+import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from absl import logging as absl_logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dynmoe_jax.model import layer_stack
@@ -47,6 +58,10 @@ from dynmoe_jax.model import layer_stack
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint's values do not match the fingerprint written with it."""
+
+
+class CheckpointSpaceError(OSError):
+    """A checkpoint did not fit on the workdir's filesystem; the complete ones are kept."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -230,6 +245,71 @@ def _check_stored_values(state_dir: Path) -> None:
             raise result
 
 
+# Writes one step: (manager, step, args). The default is Orbax's; a caller may wrap it (the
+# tests make one that fails partway, as a full disk would).
+Write = Callable[[ocp.CheckpointManager, int, ocp.args.Composite], None]
+
+
+def orbax_write(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> None:
+    """Writes one step and waits for it: an asynchronous write that failed would otherwise
+    surface only at the next save, after training on past it."""
+    manager.save(step, args=args, force=True)
+    manager.wait_until_finished()
+
+
+@contextlib.contextmanager
+def _failures_raised_not_logged():
+    """Orbax logs a failed write's traceback from each of its threads before raising the error
+    in the caller; the raised error alone is reported (the save re-raises it)."""
+    logger = absl_logging.get_absl_logger()
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _out_of_space(e: BaseException) -> bool:
+    """Whether a write failed for lack of space. TensorStore reports a full disk as a
+    ValueError carrying the OS error code, Python as an OSError."""
+    codes = {errno.ENOSPC, errno.EDQUOT}
+    if isinstance(e, OSError) and e.errno in codes:
+        return True
+    return any(f"os_error_code='{code}'" in str(e) for code in codes)
+
+
+def tree_bytes(path: Path) -> int:
+    """The bytes of every file under ``path``."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes of the filesystem holding ``path`` (or its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def no_space_message(
+    workdir: Path, step: int, needed: int, free: int | None, kept: int | None
+) -> str:
+    """The one line a save that does not fit ends the run with."""
+    room = f"about {_megabytes(needed)} needed"
+    if free is not None:
+        room += f", {_megabytes(free)} free"
+    if kept is None:
+        resume = "no checkpoint is complete yet, so rerunning the same command starts over"
+    else:
+        resume = f"rerunning the same command resumes from the checkpoint of step {kept}"
+    return (f"no space left in {workdir} for the checkpoint of step {step} ({room}); free some "
+            f"space: {resume}")  # fmt: skip
+
+
 def _reason(e: BaseException) -> str:
     lines = str(e).splitlines() or [""]
     return f"{type(e).__name__}: {lines[0][:200]}"
@@ -239,13 +319,17 @@ class Checkpointer:
     """Saves and restores one workdir's checkpoints. With ``create=False`` (reading a finished
     run) a workdir without checkpoints is a FileNotFoundError and nothing is created."""
 
-    def __init__(self, workdir: str | Path, keep: int = 3, create: bool = True):
+    def __init__(
+        self, workdir: str | Path, keep: int = 3, create: bool = True, write: Write = orbax_write
+    ):
         self.workdir = Path(workdir).absolute()
         self.directory = self.workdir / "checkpoints"
         if not create and not self.directory.is_dir():
             raise FileNotFoundError(f"no checkpoint under {self.directory}: train first")
         self._keep = keep
         self._create = create
+        self._write = write
+        self._failed = False  # a save failed: Orbax's pending work is abandoned, not awaited
         self._repair_step_records()
         self._manager = self._open()
 
@@ -256,30 +340,74 @@ class Checkpointer:
         return ocp.CheckpointManager(self.directory, options=options)
 
     def _repair_step_records(self) -> None:
-        """Moves each unreadable Orbax step record aside (nothing is deleted) and writes an
-        empty one in its place, before Orbax opens the steps and logs it as an error."""
+        """Replaces each missing or unreadable Orbax step record by an empty one (an unreadable
+        one is moved aside, nothing is deleted), before Orbax opens the steps and logs each as
+        a warning or an error."""
         if jax.process_index() != 0 or not self.directory.is_dir():
             return
-        for record in sorted(self.directory.glob(f"*/{STEP_RECORD}")):
-            step = record.parent.name
-            if not step.isdigit() or _step_record_is_readable(record):
+        for step_dir in sorted(self.directory.iterdir()):
+            if not step_dir.name.isdigit() or not step_dir.is_dir():
                 continue
-            name = f"{step}-{int(time.time())}{STEP_RECORD}"
-            kept = self.workdir / "checkpoints_unreadable" / name
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(record), kept)
+            record = step_dir / STEP_RECORD
+            if not record.exists():
+                what = "was missing; wrote an empty one"
+            elif not _step_record_is_readable(record):
+                kept = self._move_aside(record, step_dir.name)
+                what = f"is unreadable; moved to {kept} and replaced by an empty one"
+            else:
+                continue
             record.write_text("{}")
-            print(f"warning: checkpoint at step {step}: Orbax's step record {STEP_RECORD} is "
-                  f"unreadable; moved to {kept} and replaced by an empty one (the checkpoint "
-                  "itself is read as usual)")  # fmt: skip
+            print(f"warning: checkpoint at step {step_dir.name}: Orbax's step record "
+                  f"{STEP_RECORD} {what} (the checkpoint itself is read as usual)")  # fmt: skip
+
+    def _move_aside(self, record: Path, step: str) -> Path:
+        kept = self.workdir / "checkpoints_unreadable" / f"{step}-{int(time.time())}{STEP_RECORD}"
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(record), kept)
+        return kept
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: Any) -> None:
+        """Writes ``step`` and waits for it. CheckpointSpaceError when it does not fit, checked
+        before writing where possible; the complete checkpoints are kept either way."""
+        needed = self._space_needed(state)
+        free = free_bytes(self.directory)
+        if free < needed:
+            self._failed = True
+            raise CheckpointSpaceError(self._no_space(step, needed, free))
         meta = {"format": META_FORMAT, "layout": _layout(state), "fingerprint": fingerprint(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self._manager.save(step, args=args, force=True)
+        try:
+            with _failures_raised_not_logged():
+                self._write(self._manager, step, args)
+        except Exception as e:
+            if not _out_of_space(e):
+                raise
+            self._failed = True
+            self._discard_unfinished(step)
+            raise CheckpointSpaceError(self._no_space(step, needed, None)) from None
+
+    def _space_needed(self, state: Any) -> int:
+        """About what the next checkpoint takes: the newest one's size, or before the first,
+        the bytes of the state's arrays."""
+        steps = self.steps()
+        if steps:
+            return tree_bytes(self.directory / str(steps[-1]))
+        return sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+
+    def _no_space(self, step: int, needed: int, free: int | None) -> str:
+        steps = [s for s in self.steps() if s != step]
+        return no_space_message(self.workdir, step, needed, free, steps[-1] if steps else None)
+
+    def _discard_unfinished(self, step: int) -> None:
+        """Removes the temporary directory of a step whose write failed (never listed as a
+        step, and removed at the next start anyway), to give back the space it took."""
+        if jax.process_index() != 0:
+            return
+        for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _meta(self, step: int) -> dict:
         args = ocp.args.Composite(meta=ocp.args.JsonRestore())
@@ -352,5 +480,7 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
+        if self._failed:  # waiting would raise the failed write's error once more
+            return
         self._manager.wait_until_finished()
         self._manager.close()

@@ -38,18 +38,23 @@ StepFactory = Callable[[Task], TrainStep]
 
 
 def train_and_evaluate(
-    config: RunConfig, workdir: str | Path, make_step: StepFactory = make_train_step
+    config: RunConfig,
+    workdir: str | Path,
+    make_step: StepFactory = make_train_step,
+    write_checkpoint: ckpt_lib.Write = ckpt_lib.orbax_write,
 ) -> dict:
     """Trains (resuming from the workdir's latest checkpoint) and returns the final validation
     metrics. Writes metrics.jsonl, TensorBoard events, checkpoints and the experts plot.
-    ``make_step`` builds the train step from the task (a test may wrap it)."""
+    ``make_step`` builds the train step from the task, and ``write_checkpoint`` writes one
+    checkpoint (a test may wrap either)."""
     check_config(config)  # every data-free check, before reading or compiling
     workdir = Path(workdir)
     data = data_lib.from_config(config.data)
     dataset = data.config.dataset  # the fallback corpus, if the config named one and used it
     run_record.check_corpus(workdir, dataset)
     print(data.summary())
-    return train_with_data(config, workdir, data, dataset, make_step=make_step)
+    return train_with_data(config, workdir, data, dataset, make_step=make_step,
+                           write_checkpoint=write_checkpoint)  # fmt: skip
 
 
 ValidationExtras = Callable[[Task, Any], dict]
@@ -62,6 +67,7 @@ def train_with_data(
     dataset: str,
     validation_extras: ValidationExtras | None = None,
     make_step: StepFactory = make_train_step,
+    write_checkpoint: ckpt_lib.Write = ckpt_lib.orbax_write,
 ) -> dict:
     """``train_and_evaluate`` on ``data`` (named ``dataset`` in the logs). Each validation
     record also holds ``validation_extras(task, params)``, if given (JSON-able values).
@@ -71,7 +77,7 @@ def train_with_data(
     records the run once its state is restored or made (a refused run writes nothing)."""
     workdir = Path(workdir)
     task = build_task(config, data.vocab_size)
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=config.keep_checkpoints)
+    checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, write=write_checkpoint)
     state = restore_or_init(task, checkpointer)
     run_record.save(config, workdir, dataset)
     start = int(state.step)

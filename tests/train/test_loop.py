@@ -17,6 +17,8 @@ import pytest
 
 from dynmoe_jax import inference, train
 from dynmoe_jax.moe import balance
+from dynmoe_jax.train import checkpoint as ckpt_lib
+from tests.disk_full import full_disk_at
 from tests.nan_injection import nan_at
 from tests.runs import DISPATCHES, records
 
@@ -150,6 +152,23 @@ def test_nan_stops_with_clear_error_and_keeps_checkpoint(trained, dispatch, data
     assert sorted(p.name for p in (bad / "checkpoints").iterdir()) == ["3"]
     expected = _params(run.config, clean, 3)
     jax.tree.map(np.testing.assert_array_equal, _params(run.config, bad, 3), expected)
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_at_that_save_and_a_rerun_matches_an_uninterrupted_one(
+    trained, tmp_path
+):
+    run = trained("grouped")
+    workdir = tmp_path / "run"
+    message = r"for the checkpoint of step 3 .*: no checkpoint is complete yet"
+    with pytest.raises(ckpt_lib.CheckpointSpaceError, match=message):
+        train.train_and_evaluate(run.config, workdir, write_checkpoint=full_disk_at(3))
+    assert max(r["step"] for r in records(workdir)) == 3  # not one step past the failed save
+    assert list((workdir / "checkpoints").iterdir()) == []  # its unfinished files removed
+    train.train_and_evaluate(run.config, workdir)  # space freed: the same call again
+    assert records(workdir, timing=False) == records(run.workdir, timing=False)
+    jax.tree.map(np.testing.assert_array_equal, _params(run.config, workdir, 6),
+                 _params(run.config, run.workdir, 6))  # fmt: skip
 
 
 def _logged_step(workdir: Path) -> int:
