@@ -167,15 +167,40 @@ def _note_recorded(workdir, config: ConfigDict, recorded: ConfigDict, overrides)
     """One line naming each field whose recorded value replaces the --config file's: a
     config file that differs from the run's never changes the model evaluated silently."""
     wins = []
+    imported = bool(_value(recorded, "init_from"))
     for d in config_lib.declarations():
         if d.path in overrides or d.path in CORPUS_FIELDS:
             continue
         ours, theirs = _value(recorded, d.path), _value(config, d.path)
-        if ours != theirs:
+        if imported and _from_checkpoint(d.path, theirs):
+            continue  # never read from a config file: no file's value loses to the record
+        if not _same(d.path, ours, theirs):
             wins.append(f"{d.path}={ours!r} (--config: {theirs!r})")
     if wins:
         print(f"note: {Path(workdir) / RUN_CONFIG_FILE} (the run's record) wins over --config "
               f"for {', '.join(wins)}; --config.FIELD=VALUE sets one", file=sys.stderr)  # fmt: skip
+
+
+# What a run with init_from takes from its checkpoint (its moe.top_k and moe.renormalize too,
+# where the config leaves them at None): the record holds the checkpoint's values.
+FROM_CHECKPOINT = ("vocab_size", "tokenizer", "moe.num_experts", "moe.d_ff")
+
+
+def _from_checkpoint(path: str, config_value) -> bool:
+    if path in CHANGEABLE_MODEL:
+        return False
+    if path.startswith("model.") or path in FROM_CHECKPOINT:
+        return True
+    return (
+        path in tuple(f"moe.{n}" for n in config_lib.CHECKPOINT_DEFAULTS) and config_value is None
+    )
+
+
+def _same(path: str, a, b) -> bool:
+    """Equal values; folders equal where they name the same one (the record's is absolute)."""
+    if path in ("init_from", "data_dir") and isinstance(a, str) and isinstance(b, str) and a and b:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    return a == b
 
 
 def _value(config: ConfigDict, path: str):

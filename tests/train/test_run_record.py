@@ -121,3 +121,44 @@ def test_a_resume_refuses_to_change_the_model_or_its_vocabulary(
         "with another)"
     )
     assert path.read_text() == before  # nothing rewritten
+
+
+def test_an_imported_run_names_only_what_a_config_file_could_set(tmp_path, capsys):
+    from dynmoe_jax.configs import pretrained
+    from tests.pretrained.hf_fixtures import FIXTURES
+
+    config = pretrained.get_config()  # model.* at the defaults: the checkpoint gives them
+    config.init_from = str(FIXTURES / "olmoe")
+    run_record.save(config_lib.resolve(config), tmp_path, "pydoc")
+    config.dataset = "pydoc"
+    run_record.config_for(tmp_path, config)
+    assert capsys.readouterr().err == ""
+    config.moe.threshold = 0.7
+    run_record.config_for(tmp_path, config)
+    assert capsys.readouterr().err == (
+        f"note: {tmp_path / 'config.json'} (the run's record) wins over --config for "
+        "moe.threshold=0.5 (--config: 0.7); --config.FIELD=VALUE sets one\n"
+    )
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_a_new_threshold_trains_on_and_records_it(
+    trained, tiny_run, tmp_path, capsys
+):
+    import shutil
+
+    from dynmoe_jax import train
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained("grouped").workdir, workdir)
+    changed = tiny_run(**{"num_train_steps": 8, "moe.threshold": 0.3, "moe.dispatch": "grouped"})
+    train.train_and_evaluate(changed, workdir)
+    assert "note: resuming from step 6 with num_train_steps 6 -> 8, moe.threshold 0.4 -> 0.3" in (
+        capsys.readouterr().err
+    )
+    record = json.loads((workdir / "config.json").read_text())
+    assert record["config"]["moe"]["threshold"] == 0.3
+    assert [(c["step"], c["field"]) for c in record["changes"]] == [
+        (6, "num_train_steps"), (6, "moe.threshold")
+    ]  # fmt: skip
+    assert (workdir / "checkpoints" / "8").is_dir()
