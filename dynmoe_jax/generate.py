@@ -76,10 +76,12 @@ class Generation:
 
     tokens: list[list[int]]  # the new tokens of each row (its stop token excluded)
     experts: list[list[float]]  # per new token: experts of the position that chose it, mean
+    # over the MoE layers; ``experts_by_layer`` has them per layer, [n, L] per row
     logits: list[np.ndarray]  # per row, [n, V] float32 logits its tokens came from, if kept
     decode_steps: int  # one-token steps after the prefill, all rows together
     prefill_seconds: float
     decode_seconds: float
+    experts_by_layer: list[np.ndarray] = dataclasses.field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -97,17 +99,23 @@ def generate(
     *,
     temperature: float = 0.0,
     seed: int = 0,
-    stop_id: int | None = None,
+    stop_id: int | Sequence[int] | None = None,
     keep_logits: bool = False,
+    prompt_length: int | None = None,
 ) -> Generation:
     """Up to ``max_new_tokens`` new tokens after each prompt (lists of token ids, any
     lengths). Greedy when ``temperature`` is 0, else sampled: row b's draw at step i uses the
     key ``fold_in(fold_in(key(seed), i), b)``, so a seeded run repeats. A row stops before
-    ``stop_id``. Prefill and loop are compiled before the clock starts."""
+    ``stop_id`` (one id or several). ``prompt_length``: the padded prompt width (default the
+    longest prompt), so that batches of other lengths can share one compiled program.
+    Prefill and loop are compiled before the clock starts."""
     if not prompts or not all(len(p) for p in prompts):
         raise ValueError("generate needs at least one prompt, each of at least one token")
     lengths_B = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    prompt_BP = np.zeros((len(prompts), int(lengths_B.max())), np.int32)
+    longest = int(lengths_B.max())
+    if prompt_length is not None and prompt_length < longest:
+        raise ValueError(f"prompt_length={prompt_length} is shorter than a prompt ({longest})")
+    prompt_BP = np.zeros((len(prompts), prompt_length or longest), np.int32)
     for b, p in enumerate(prompts):
         prompt_BP[b, : len(p)] = p
     cache = nnx.merge(graphdef, params).init_cache(
@@ -119,28 +127,37 @@ def generate(
     first = jax.block_until_ready(prefill(params, prompt_BP, lengths_B, cache, *args))
     prefill_seconds = time.perf_counter() - began
     token_B, experts_B, logits_BV, cache = first
-    stop = jnp.int32(-1 if stop_id is None else stop_id)
+    stops = _stop_ids(stop_id)
+    stop = jnp.asarray(stops or [-1], jnp.int32)
     loop_args = (graphdef, params, cache, token_B, lengths_B, experts_B, logits_BV, stop, *args)
     statics = {"steps": max_new_tokens - 1, "keep_logits": keep_logits}
     loop = _decode_loop.lower(*loop_args, **statics).compile()
     began = time.perf_counter()
     out = jax.block_until_ready(loop(*loop_args[1:]))
     decode_seconds = time.perf_counter() - began
-    tokens_BN, experts_BN, logits_BNV, steps = jax.device_get(out)
-    return _rows(tokens_BN, experts_BN, logits_BNV if keep_logits else None, stop_id,
+    tokens_BN, experts_BNL, logits_BNV, steps = jax.device_get(out)
+    return _rows(tokens_BN, experts_BNL, logits_BNV if keep_logits else None, stops,
                  int(steps), prefill_seconds, decode_seconds)  # fmt: skip
 
 
-def _rows(tokens_BN, experts_BN, logits_BNV, stop_id, steps, prefill_s, decode_s) -> Generation:
+def _stop_ids(stop_id: int | Sequence[int] | None) -> list[int]:
+    if stop_id is None:
+        return []
+    return [int(stop_id)] if np.ndim(stop_id) == 0 else [int(i) for i in stop_id]
+
+
+def _rows(tokens_BN, experts_BNL, logits_BNV, stops, steps, prefill_s, decode_s) -> Generation:
     """The per-row lists: each row cut before its first stop token."""
-    tokens, experts, logits = [], [], []
+    tokens, experts, by_layer, logits = [], [], [], []
     for b, row in enumerate(tokens_BN[:, : steps + 1].tolist()):
-        n = row.index(stop_id) if stop_id in row else len(row)
+        n = next((i for i, token in enumerate(row) if token in stops), len(row))
         tokens.append(row[:n])
-        experts.append(experts_BN[b, :n].tolist())
+        by_layer.append(np.asarray(experts_BNL[b, :n], np.float32))
+        layers = max(experts_BNL.shape[-1], 1)  # a dense model: no layer, 0 experts
+        experts.append((experts_BNL[b, :n].sum(-1) / layers).tolist())
         if logits_BNV is not None:
             logits.append(np.asarray(logits_BNV[b, :n], np.float32))
-    return Generation(tokens, experts, logits, steps, prefill_s, decode_s)
+    return Generation(tokens, experts, logits, steps, prefill_s, decode_s, by_layer)
 
 
 def _choose(logits_BV, key, step, temperature):
@@ -153,12 +170,10 @@ def _choose(logits_BV, key, step, temperature):
     return jnp.where(temperature > 0, sampled_B, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
 
 
-def _mean_experts(experts_LBT, at_B) -> jax.Array:
-    """Experts of row b's position at_B[b], mean over the MoE layers ([B]; 0 if dense)."""
-    if not experts_LBT.shape[0]:
-        return jnp.zeros(at_B.shape, jnp.float32)
+def _layer_experts(experts_LBT, at_B) -> jax.Array:
+    """Experts of row b's position at_B[b] in each MoE layer ([B, L])."""
     picked_LB = jnp.take_along_axis(experts_LBT, at_B[None, :, None], axis=2)[..., 0]
-    return jnp.mean(picked_LB.astype(jnp.float32), axis=0)
+    return picked_LB.T.astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
@@ -168,18 +183,20 @@ def _prefill(graphdef, params, prompt_BP, lengths_B, cache, temperature, key):
     last_B = lengths_B - 1
     logits_BV = jnp.take_along_axis(logits_BPV, last_B[:, None, None], axis=1)[:, 0]
     token_B = _choose(logits_BV, key, 0, temperature)
-    return token_B, _mean_experts(experts_LBP, last_B), logits_BV, cache
+    return token_B, _layer_experts(experts_LBP, last_B), logits_BV, cache
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("steps", "keep_logits"))
-def _decode_loop(graphdef, params, cache, token_B, position_B, experts_B, logits_BV, stop,
+def _decode_loop(graphdef, params, cache, token_B, position_B, experts_BL, logits_BV, stop,
                  temperature, key, *, steps: int, keep_logits: bool):  # fmt: skip
     """Up to ``steps`` one-token steps of every row; stops early once every row has produced
-    ``stop``. Returns (tokens [B, steps + 1], experts [B, steps + 1], logits, steps run)."""
+    one of the ``stop`` ids. Returns (tokens [B, steps + 1], experts [B, steps + 1, L], logits,
+    steps run)."""
     model = nnx.merge(graphdef, params)
     b, v = logits_BV.shape
     tokens_BN = jnp.zeros((b, steps + 1), jnp.int32).at[:, 0].set(token_B)
-    experts_BN = jnp.zeros((b, steps + 1), jnp.float32).at[:, 0].set(experts_B)
+    experts_BNL = jnp.zeros((b, steps + 1, experts_BL.shape[1]), jnp.float32)
+    experts_BNL = experts_BNL.at[:, 0].set(experts_BL)
     kept = (b, steps + 1, v) if keep_logits else (b, 1, v)
     logits_BNV = jnp.zeros(kept, jnp.float32).at[:, 0].set(logits_BV)
 
@@ -188,23 +205,23 @@ def _decode_loop(graphdef, params, cache, token_B, position_B, experts_B, logits
         return (i < steps) & ~jnp.all(done_B)
 
     def step(state):
-        i, cache, token_B, done_B, position_B, tokens_BN, experts_BN, logits_BNV = state
+        i, cache, token_B, done_B, position_B, tokens_BN, experts_BNL, logits_BNV = state
         logits_B1V, experts_LB1, cache = model.decode(token_B[:, None], cache, position_B)
         logits_BV = logits_B1V[:, 0]
         token_B = _choose(logits_BV, key, i + 1, temperature)
         tokens_BN = tokens_BN.at[:, i + 1].set(token_B)
-        experts_BN = experts_BN.at[:, i + 1].set(
-            _mean_experts(experts_LB1, jnp.zeros_like(token_B))
+        experts_BNL = experts_BNL.at[:, i + 1].set(
+            _layer_experts(experts_LB1, jnp.zeros_like(token_B))
         )
         if keep_logits:
             logits_BNV = logits_BNV.at[:, i + 1].set(logits_BV)
-        done_B = done_B | (token_B == stop)
-        return i + 1, cache, token_B, done_B, position_B + 1, tokens_BN, experts_BN, logits_BNV
+        done_B = done_B | jnp.isin(token_B, stop)
+        return i + 1, cache, token_B, done_B, position_B + 1, tokens_BN, experts_BNL, logits_BNV
 
-    init = (jnp.int32(0), cache, token_B, token_B == stop, position_B, tokens_BN, experts_BN,
-            logits_BNV)  # fmt: skip
-    i, _, _, _, _, tokens_BN, experts_BN, logits_BNV = jax.lax.while_loop(running, step, init)
-    return tokens_BN, experts_BN, logits_BNV, i
+    init = (jnp.int32(0), cache, token_B, jnp.isin(token_B, stop), position_B, tokens_BN,
+            experts_BNL, logits_BNV)  # fmt: skip
+    i, _, _, _, _, tokens_BN, experts_BNL, logits_BNV = jax.lax.while_loop(running, step, init)
+    return tokens_BN, experts_BNL, logits_BNV, i
 
 
 def generate_full_window(

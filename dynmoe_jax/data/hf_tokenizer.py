@@ -84,9 +84,10 @@ class HFTokenizer:
         )
         invalid("eos_token", eos_token, allowed)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``, with the special tokens the checkpoint's tokenizer adds."""
-        return self._tokenizer.encode(text).ids
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``, with the special tokens the checkpoint's tokenizer adds
+        unless ``special_tokens`` is False."""
+        return self._tokenizer.encode(text, add_special_tokens=special_tokens).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """``encode`` of each text (the tokenizers package's parallel batch path)."""

@@ -38,7 +38,10 @@ class Tokenizer(Protocol):
     # Identifies the exact vocabulary, so caches of token ids are never reused across tokenizers.
     fingerprint: str
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; ``special_tokens=False`` leaves out any the tokenizer adds
+        (a BOS), as lm-eval scores text."""
+        ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -54,8 +57,8 @@ class ByteTokenizer:
     vocab_size = 256 + offset
     fingerprint = "bytes258"
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of the UTF-8 bytes of ``text``."""
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        """Token ids of the UTF-8 bytes of ``text`` (no special token is ever added)."""
         return (
             np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + self.offset
         ).tolist()
@@ -102,8 +105,9 @@ class SentencePieceTokenizer:
         """Loads a ``.model`` file."""
         return cls(pathlib.Path(path).read_bytes())
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (whitespace runs are normalised to one space)."""
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text`` (whitespace runs are normalised to one space; no BOS is ever
+        added)."""
         return list(self._processor.encode(text))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
