@@ -63,7 +63,7 @@ def save(run: config_lib.RunConfig, workdir: str | os.PathLike, corpus: str) -> 
     resume, a change the run may not take is refused first, and the accepted ones are named
     in one line and appended to the record's ``changes``."""
     check_corpus(workdir, corpus)
-    changes = changes_on_resume(workdir, run)
+    changes = changes_on_resume(workdir, run, corpus)
     path = Path(workdir) / RUN_CONFIG_FILE
     if jax.process_index() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -102,14 +102,18 @@ def _kept(path: str) -> bool:
     return any(path.startswith(k) if k.endswith(".") else path == k for k in KEPT_ON_RESUME)
 
 
-def changes_on_resume(workdir: str | os.PathLike, run: config_lib.RunConfig) -> list[dict]:
+def changes_on_resume(
+    workdir: str | os.PathLike, run: config_lib.RunConfig, corpus: str | None = None
+) -> list[dict]:
     """The fields ``run`` changes from the run ``workdir`` records, as {field, old, new}; []
     when the workdir holds no run to resume. A change of a field the run keeps (see the
-    module docstring) is a one-line ConfigError."""
+    module docstring) is a one-line ConfigError. ``corpus``: the one the run reads, checked
+    by ``check_corpus`` (None: before any data is read, the config must name the recorded
+    one as its dataset or fallback)."""
     record, path = load(workdir), Path(workdir) / RUN_CONFIG_FILE
     if record is None or resume_step(workdir) is None:
         return []
-    if record.corpus not in (run.dataset, run.fallback_dataset):
+    if corpus is None and record.corpus not in (run.dataset, run.fallback_dataset):
         invalid("dataset", run.dataset, f"{record.corpus!r}, the corpus {path} records for "
                 "this run (a new --workdir starts a run on another)")  # fmt: skip
     old, new = _plain(record.config), _plain(config_lib.as_dict(run))

@@ -162,3 +162,16 @@ def test_a_resumed_run_with_a_new_threshold_trains_on_and_records_it(
         (6, "num_train_steps"), (6, "moe.threshold")
     ]  # fmt: skip
     assert (workdir / "checkpoints" / "8").is_dir()
+
+
+def test_a_run_on_its_own_data_resumes_and_the_command_line_checks_the_corpus(tiny_run, tmp_path):
+    run = tiny_run()
+    path = run_record.save(run, tmp_path, "synthetic")  # train_with_data: the caller's corpus
+    (tmp_path / "checkpoints" / "2").mkdir(parents=True)
+    run_record.save(run, tmp_path, "synthetic")
+    with pytest.raises(ConfigError) as err:  # a config that cannot read that corpus
+        run_record.changes_on_resume(tmp_path, run)
+    assert str(err.value) == (
+        f"dataset='pydoc' is invalid: allowed 'synthetic', the corpus {path} records for this "
+        "run (a new --workdir starts a run on another)"
+    )
