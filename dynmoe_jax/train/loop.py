@@ -109,6 +109,7 @@ class _Loop:
         self.tokens_per_step = task.config.batch_size * task.config.seq_len
         self.rows = process_rows(task)  # the rows of each batch this process reads
         self.bar = None
+        self.compiled = False  # whether a step of this process has finished (compiling it)
 
     def run(self, state: TrainState, start: int) -> tuple[TrainState, dict]:
         from tqdm.auto import tqdm
@@ -163,7 +164,11 @@ class _Loop:
         if "experts_per_token" in metrics:
             fields["experts/tok"] = f"{float(metrics['experts_per_token']):.2f}"
         self.bar.set_postfix(fields, refresh=False)
-        self.bar.update(1)
+        if self.compiled:
+            self.bar.update(1)
+        else:
+            self.compiled = True
+            count_untimed_step(self.bar)
 
     def _check_finite(self, state: TrainState) -> None:
         if self.task.config.nonfinite == "stop" and int(state.nonfinite_steps) > 0:
@@ -185,6 +190,16 @@ class _Loop:
         if self.bar is not None and not self.bar.disable:
             self.bar.write(f"step {step}: {describe_validation(result)}")
         return result
+
+
+def count_untimed_step(bar) -> None:
+    """Counts one finished step on a tqdm bar without timing it, and starts the bar's clock
+    now. The first step's time is mostly compiling it; timed, it makes the first estimates of
+    the rate and the time left many times too long."""
+    bar.unpause()  # the clock starts now (no step has been timed yet)
+    # Counted as done before the clock started, so no rate includes it.
+    bar.n = bar.initial = bar.last_print_n = bar.n + 1
+    bar.refresh()
 
 
 def _print_summary(workdir: Path, dataset: str, final: dict, unigram: float, plot) -> None:

@@ -42,7 +42,8 @@ class MetricsWriter:
 
     On resume from step N the log is first cut back to the records with step <= N, written to a
     temporary file and renamed over the old one, so a crash never leaves a half-rewritten log and
-    a resumed run has no duplicated steps.
+    a resumed run has no duplicated steps. The TensorBoard event file is opened at the first
+    record, so a rerun of a finished run (nothing left to train) adds none.
     """
 
     def __init__(
@@ -59,11 +60,8 @@ class MetricsWriter:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
         self._file = self.path.open("a")
+        self._tensorboard = tensorboard
         self._tb = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
 
     def write(self, record: Mapping) -> dict:
         record = {k: _to_json(v) for k, v in record.items()}
@@ -71,21 +69,29 @@ class MetricsWriter:
             return record
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
+        if self._tensorboard:
             self._write_tensorboard(record)
         return record
 
+    def _open_tensorboard(self):
+        if self._tb is None:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+        return self._tb
+
     def _write_tensorboard(self, record: dict) -> None:
+        tb = self._open_tensorboard()
         step, split = record["step"], record.get("split", "train")
         for key, value in record.items():
             if key in ("step", "split"):
                 continue
             if isinstance(value, (int, float)):
-                self._tb.add_scalar(f"{split}/{key}", value, step)
+                tb.add_scalar(f"{split}/{key}", value, step)
             elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
                 for i, v in enumerate(value):
-                    self._tb.add_scalar(f"{split}/{key}/{i}", v, step)
-        self._tb.flush()
+                    tb.add_scalar(f"{split}/{key}/{i}", v, step)
+        tb.flush()
 
     def close(self) -> None:
         if not self.enabled:

@@ -2,6 +2,7 @@
 writes and prints, exact resume, the NaN guard (skip and stop), SIGKILL at any moment and
 resume, determinism, bfloat16, and the dense and top-k variants."""
 
+import io
 import json
 import random
 import shutil
@@ -18,6 +19,7 @@ import pytest
 from dynmoe_jax import inference, train
 from dynmoe_jax.moe import balance
 from dynmoe_jax.train import checkpoint as ckpt_lib
+from dynmoe_jax.train import loop
 from tests.disk_full import full_disk_at
 from tests.nan_injection import nan_at
 from tests.runs import DISPATCHES, records
@@ -97,6 +99,18 @@ def test_resume_matches_uninterrupted_run(trained, dispatch, tmp_path):
     assert len(steps) == len(set(steps)) == len(records(run.workdir))
 
 
+def test_rerunning_a_finished_run_reports_it_and_adds_no_file(trained, tmp_path):
+    run = trained("grouped")
+    workdir = tmp_path / "finished"
+    shutil.copytree(run.workdir, workdir)
+    events = sorted(p.name for p in (workdir / "tensorboard").iterdir())
+    log = (workdir / "metrics.jsonl").read_bytes()
+    final = train.train_and_evaluate(run.config, workdir)
+    assert final["loss"] == pytest.approx(run.final["loss"], rel=1e-6)
+    assert sorted(p.name for p in (workdir / "tensorboard").iterdir()) == events
+    assert (workdir / "metrics.jsonl").read_bytes() == log
+
+
 def test_resume_with_the_routing_controller_and_bias_is_bit_exact(tiny_run, tmp_path):
     # The thresholds, their integrals and the biases are train state: a run resumed from its
     # step-3 checkpoint must end with the same parameters and routing state, bit for bit.
@@ -169,6 +183,25 @@ def test_a_full_disk_stops_the_run_at_that_save_and_a_rerun_matches_an_uninterru
     assert records(workdir, timing=False) == records(run.workdir, timing=False)
     jax.tree.map(np.testing.assert_array_equal, _params(run.config, workdir, 6),
                  _params(run.config, run.workdir, 6))  # fmt: skip
+
+
+def test_the_progress_bars_rate_starts_after_the_compiling_step():
+    from tqdm.auto import tqdm
+
+    rates = {}
+    for restart in (False, True):
+        out = io.StringIO()
+        bar = tqdm(total=100, initial=10, file=out, mininterval=0)  # resumed at step 10
+        time.sleep(1.0)  # the first step, compiling
+        loop.count_untimed_step(bar) if restart else bar.update(1)
+        for _ in range(3):  # steps of about 10 ms
+            time.sleep(0.01)
+            bar.update(1)
+        rates[restart] = bar.format_dict["rate"]
+        assert bar.n == 14 and "14/100" in out.getvalue().splitlines()[-1].split("\r")[-1]
+        bar.close()
+    # Counted in, the compiling step weighs on the smoothed rate for many steps after it.
+    assert rates[True] > 4 * rates[False]
 
 
 def _logged_step(workdir: Path) -> int:

@@ -44,3 +44,13 @@ def test_tensorboard_events_and_the_plot_of_experts_per_layer(tmp_path):
     disabled = metrics.MetricsWriter(tmp_path / "other_process", resume_step=0, enabled=False)
     assert disabled.write({"step": 1, "loss": np.float32(1.0)}) == {"step": 1, "loss": 1.0}
     assert not (tmp_path / "other_process").exists()  # a non-lead process writes nothing
+
+
+def test_a_writer_with_nothing_to_write_opens_no_tensorboard_file(tmp_path):
+    metrics.MetricsWriter(tmp_path, resume_step=6).close()  # a rerun of a finished run
+    assert not (tmp_path / "tensorboard").exists()
+    writer = metrics.MetricsWriter(tmp_path, resume_step=6)
+    writer.write({"step": 7, "split": "train", "loss": 1.0})
+    writer.write({"step": 8, "split": "train", "loss": 0.5})
+    writer.close()
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
