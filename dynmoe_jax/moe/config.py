@@ -125,8 +125,11 @@ class MoEConfig:
         "a multiple)", "an integer >= 1", int_at_least(1), override=True,
     )  # fmt: skip
     matmul_backend: Backend | None = declared(
-        None, "grouped: None (by platform) | blocks | ragged_dot | megablox", override=True
-    )
+        None, "grouped: None (by platform: tokamax on TPU and on GPUs of compute capability "
+        ">= 8, ragged_dot there without tokamax, blocks elsewhere) | blocks (the fused CPU "
+        "loop) | ragged_dot (jax.lax.ragged_dot) | tokamax (docs/accelerators.md)",
+        override=True,
+    )  # fmt: skip
     drop_order: DropOrder = declared(
         DropOrder.RANK, "grouped: what an overflowing group drops first: rank (later ranks, "
         "then later tokens) | weight (the smallest combine weights)", override=True,

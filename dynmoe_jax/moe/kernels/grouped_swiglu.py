@@ -1,8 +1,9 @@
 """Every expert's SwiGLU on its own rows: ``y[r] = (silu(x[r] @ Wg[e]) * (x[r] @ Wu[e])) @ Wd[e]``.
 
 Rows come sorted by expert as in ``grouped_matmul`` (``group_sizes_E[e]`` consecutive rows of
-expert e, rows past their sum come out as zeros). The ``ragged_dot`` and ``megablox`` backends
-compose three grouped matmuls. The ``blocks`` backend (CPU) fuses them into one loop:
+expert e, rows past their sum come out as zeros). The ``tokamax`` and ``ragged_dot`` backends
+(GPU and TPU) compose three grouped matmuls. The ``blocks`` backend (CPU) fuses them into one
+loop instead, because on CPU XLA's ragged dot runs every expert on every row:
 
 * **One pass per chunk of rows.** For each expert (a scan, which slices its three weights once)
   a chunk of rows goes through gate, up, silu * up and down before the next chunk starts: one
@@ -32,12 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from dynmoe_jax.moe import experts
-from dynmoe_jax.moe.kernels.grouped_matmul import (
-    Backend,
-    default_backend,
-    expert_blocks,
-    grouped_matmul,
-)
+from dynmoe_jax.moe.kernels.grouped_matmul import Backend, default_backend, grouped_matmul
 
 MAX_CHUNK_ROWS = 1024
 
@@ -62,9 +58,7 @@ def grouped_swiglu(
     weights = experts.cast((w_gate_EDF, w_up_EDF, w_down_EFD), x_RD.dtype)
     if backend is not Backend.BLOCKS:
         weights = experts.stacked_weights(weights)
-        gmm = functools.partial(
-            grouped_matmul, group_sizes_E=group_sizes_E, block_size=block_size, backend=backend
-        )
+        gmm = functools.partial(grouped_matmul, group_sizes_E=group_sizes_E, backend=backend)
         h_RF = jax.nn.silu(gmm(x_RD, weights[0])) * gmm(x_RD, weights[1])
         return gmm(h_RF, weights[2])
     num_rows = x_RD.shape[0]
@@ -75,6 +69,15 @@ def grouped_swiglu(
     if experts.is_split(weights[0]):  # the decode layout: forward only
         return _forward(sizes, x_RD, weights, first_E * block_size, count_E, False)[0]
     return _fused(sizes, x_RD, *weights, first_E * block_size, count_E)
+
+
+def expert_blocks(
+    group_sizes_E: jax.Array, num_blocks: int, block_size: int
+) -> tuple[jax.Array, jax.Array]:
+    """(int32[E] each expert's first block, int32[E] its blocks), clipped to the buffer."""
+    count_E = group_sizes_E.astype(jnp.int32) // block_size
+    first_E = jnp.minimum(jnp.cumsum(count_E) - count_E, num_blocks)
+    return first_E, jnp.minimum(count_E, num_blocks - first_E)
 
 
 def chunk_sizes(block_size: int, max_chunk_rows: int) -> tuple[int, ...]:

@@ -1,23 +1,39 @@
-"""grouped_matmul against a per-expert float64 loop, values and gradients, on every backend."""
+"""grouped_matmul against a per-expert float64 loop, values and gradients, on each backend, and
+the choice of backend by platform."""
+
+import sys
+import warnings
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.pallas import tpu as pltpu
 
 from dynmoe_jax.moe.kernels import grouped_matmul as gm
 
-SIZES = [8, 0, 4, 12]  # multiples of the block size 4; expert 1 has no rows
-ROWS = 32  # 8 rows past the last group
+ROWS = 32
+GROUP_SIZES = {
+    "empty_expert": [8, 0, 4, 12],  # expert 1 has no rows; 8 rows past the groups
+    "one_expert_every_row": [0, 32, 0, 0],  # the full buffer, one group
+    "one_expert_rows_past": [0, 0, 20, 0],  # one group, then 12 rows past it
+    "no_rows": [0, 0, 0, 0],  # every row past the groups
+}
+# float32 against float64; bfloat16 keeps 8 bits of mantissa, and its rounding of the inputs
+# alone moves a 5-term dot product by a few units in the second digit.
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 5e-2}
 
 
-def _inputs(rows=ROWS, x_dim=5, y_dim=6, sizes=SIZES):
+def _backend(name):
+    if name == "tokamax":
+        pytest.importorskip("tokamax")
+    return name
+
+
+def _inputs(sizes, dtype=jnp.float32, rows=ROWS, x_dim=5, y_dim=6):
     kx, kw, kc = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (rows, x_dim))
-    w = jax.random.normal(kw, (len(sizes), x_dim, y_dim))
-    cotangent = jax.random.normal(kc, (rows, y_dim))
+    x = jax.random.normal(kx, (rows, x_dim)).astype(dtype)
+    w = jax.random.normal(kw, (len(sizes), x_dim, y_dim)).astype(dtype)
+    cotangent = jax.random.normal(kc, (rows, y_dim)).astype(dtype)
     return x, w, jnp.asarray(sizes, jnp.int32), cotangent
 
 
@@ -35,71 +51,112 @@ def _loop_reference(x, w, sizes, cotangent):
     return y, dx, dw
 
 
-@pytest.mark.parametrize("backend", ["blocks", "ragged_dot"])
-def test_backend_matches_loop_reference_with_gradients(backend):
-    x, w, sizes, ct = _inputs()
-
+def _value_and_grads(backend, x, w, sizes, ct):
     def loss(x, w):
-        y = gm.grouped_matmul(x, w, sizes, block_size=4, backend=backend)
-        return jnp.sum(y * ct), y
+        y = gm.grouped_matmul(x, w, sizes, backend=backend)
+        return jnp.sum((y * ct).astype(jnp.float32)), y
 
     (_, y), (dx, dw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w)
-    y_ref, dx_ref, dw_ref = _loop_reference(x, w, SIZES, ct)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-5)
-    assert not np.any(np.asarray(y)[sum(SIZES) :])  # rows past the groups are zeros
+    return y, dx, dw
 
 
-def test_megablox_matches_reference_in_pallas_tpu_interpret_mode():
-    # Off a TPU, Pallas's own TPU interpret mode runs the megablox kernel (on a TPU, natively).
-    x, w, sizes, ct = _inputs(rows=256, x_dim=128, y_dim=128, sizes=[128, 0, 0, 128])
-    with pltpu.force_tpu_interpret_mode():
-        y = gm.grouped_matmul(x, w, sizes, block_size=128, backend="megablox")
-    y_ref, _, _ = _loop_reference(x, w, [128, 0, 0, 128], ct)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-3)
+def _assert_matches_reference(got, x, w, sizes, ct, tol):
+    for a, want in zip(got, _loop_reference(x, w, sizes, ct), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float64), want, rtol=tol, atol=tol)
+    y, dx, dw = (np.asarray(a, np.float64) for a in got)
+    assert not np.any(y[sum(sizes) :])  # rows past the groups are zeros
+    assert not np.any(dx[sum(sizes) :])  # and get no gradient
+    assert not np.any(dw[np.asarray(sizes) == 0])  # an expert with no rows gets none
 
 
-def test_expert_blocks_are_the_blocks_in_use():
-    first, count = gm.expert_blocks(jnp.asarray(SIZES), ROWS // 4, 4)
-    np.testing.assert_array_equal(first, [0, 2, 2, 3])
-    np.testing.assert_array_equal(count, [2, 0, 1, 3])  # the loops visit 6 of the 8 blocks
-    first, count = gm.expert_blocks(jnp.asarray([8, 8]), 3, 4)  # clipped to the buffer
-    np.testing.assert_array_equal(first, [0, 2])
-    np.testing.assert_array_equal(count, [2, 1])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("case", list(GROUP_SIZES))
+@pytest.mark.parametrize("backend", ["ragged_dot", "tokamax"])
+def test_backend_matches_loop_reference_with_gradients(backend, case, dtype):
+    # On CPU the tokamax backend runs tokamax's "xla" implementation.
+    sizes = GROUP_SIZES[case]
+    x, w, group_sizes, ct = _inputs(sizes, dtype)
+    got = _value_and_grads(_backend(backend), x, w, group_sizes, ct)
+    assert all(a.dtype == dtype for a in got)
+    _assert_matches_reference(got, x, w, sizes, ct, TOLERANCE[dtype])
 
 
-def _while_bodies(jaxpr):
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "while":
-            yield eqn.params["body_jaxpr"].jaxpr
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            yield from _while_bodies(sub)
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_tokamax_falls_through_the_accelerator_kernels_to_xla_off_the_accelerator(
+    platform, monkeypatch
+):
+    # The GPU and TPU orders, run on CPU: every kernel before "xla" refuses the CPU with
+    # NotImplementedError, which is what lets tokamax try the next one.
+    pytest.importorskip("tokamax")
+    monkeypatch.setattr(gm, "tokamax_implementations", lambda: gm._TOKAMAX_ORDER[platform])
+    sizes = GROUP_SIZES["empty_expert"]
+    x, w, group_sizes, ct = _inputs(sizes)
+    got = _value_and_grads("tokamax", x, w, group_sizes, ct)
+    _assert_matches_reference(got, x, w, sizes, ct, TOLERANCE[jnp.float32])
 
 
-def test_backward_loop_never_builds_a_full_weight_gradient_per_block():
-    x, w, sizes, ct = _inputs()
-
-    def loss(x, w):
-        return jnp.sum(gm.grouped_matmul(x, w, sizes, block_size=4, backend="blocks") * ct)
-
-    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w).jaxpr
-    bodies = list(_while_bodies(jaxpr))
-    # The block loops (dynamic trip counts: while), forward and backward, inside the expert
-    # loops (static trip counts: scans).
-    assert len(bodies) == 2
-    for body in bodies:
-        full = [e.primitive.name for e in body.eqns
-                if any(getattr(v.aval, "shape", None) == w.shape for v in e.outvars)]  # fmt: skip
-        assert full == []  # no per-block work yields an [E, X, Y] value
+def _leaves_nan_past_the_groups(lhs, rhs, *, group_sizes, ragged_dot_dimension_numbers,
+                                precision, preferred_element_type, activation):  # fmt: skip
+    """A tokamax implementation that leaves NaN where a Pallas kernel leaves unwritten rows."""
+    del activation
+    out = jax.lax.ragged_dot_general(
+        lhs, rhs, group_sizes, ragged_dot_dimension_numbers, precision,
+        preferred_element_type,
+    )  # fmt: skip
+    if not ragged_dot_dimension_numbers.rhs_group_dimensions:  # dW: one result per group
+        return out
+    in_use = jnp.arange(out.shape[0]) < jnp.sum(group_sizes)
+    return jnp.where(in_use[:, None], out, jnp.nan)
 
 
-def test_rows_not_a_multiple_of_the_block_are_refused():
-    x, w, sizes, _ = _inputs(rows=30)
-    with pytest.raises(ValueError, match="30 rows are not a multiple of 4"):
-        gm.grouped_matmul(x, w, sizes, block_size=4, backend="blocks")
+def test_tokamax_rows_past_the_groups_are_zeros_whatever_the_kernel_leaves_there(monkeypatch):
+    pytest.importorskip("tokamax")
+    monkeypatch.setattr(gm, "tokamax_implementations", lambda: (_leaves_nan_past_the_groups,))
+    sizes = GROUP_SIZES["empty_expert"]
+    x, w, group_sizes, ct = _inputs(sizes)
+    got = _value_and_grads("tokamax", x, w, group_sizes, ct)
+    _assert_matches_reference(got, x, w, sizes, ct, TOLERANCE[jnp.float32])
 
 
-def test_default_backend_by_platform():
+def test_blocks_is_refused_as_a_matmul_backend():
+    x, w, sizes, _ = _inputs(GROUP_SIZES["empty_expert"])
+    with pytest.raises(ValueError, match="'blocks' is grouped_swiglu's fused loop"):
+        gm.grouped_matmul(x, w, sizes, backend="blocks")
+
+
+@pytest.fixture
+def fresh_tokamax_check():
+    check = gm.tokamax_available  # the cached function, whatever a test patches in its place
+    check.cache_clear()
+    yield
+    check.cache_clear()
+
+
+def test_default_backend_by_platform(monkeypatch, fresh_tokamax_check):
+    monkeypatch.setattr(gm, "_gpu_capability", lambda: 9.0)
+    monkeypatch.setattr(gm, "tokamax_available", lambda: True)
     assert gm.default_backend("cpu") is gm.Backend.BLOCKS
+    assert gm.default_backend("tpu") is gm.Backend.TOKAMAX
+    assert gm.default_backend("gpu") is gm.Backend.TOKAMAX
+    monkeypatch.setattr(gm, "tokamax_available", lambda: False)
     assert gm.default_backend("tpu") is gm.Backend.RAGGED_DOT
+    assert gm.default_backend("gpu") is gm.Backend.RAGGED_DOT
+    monkeypatch.setattr(gm, "_gpu_capability", lambda: 7.5)
+    assert gm.default_backend("gpu") is gm.Backend.BLOCKS
+
+
+def test_tokamax_order_by_platform():
+    assert gm.tokamax_implementations("gpu") == ("mosaic", "triton", "xla")
+    assert gm.tokamax_implementations("tpu") == ("mosaic", "xla")
+    assert gm.tokamax_implementations("cpu") == ("xla",)
+
+
+def test_missing_tokamax_is_said_once_and_falls_back_to_ragged_dot(
+    monkeypatch, fresh_tokamax_check
+):
+    monkeypatch.setitem(sys.modules, "tokamax", None)  # makes `import tokamax` fail
+    with pytest.warns(UserWarning, match="tokamax is not installed.*jax.lax.ragged_dot"):
+        assert gm.default_backend("tpu") is gm.Backend.RAGGED_DOT
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second check says nothing
+        assert gm.default_backend("tpu") is gm.Backend.RAGGED_DOT

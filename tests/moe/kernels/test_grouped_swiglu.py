@@ -49,18 +49,14 @@ def _swiglu_reference(x, weights, sizes, cotangent):
         ("blocks", 1024, 64, SWIGLU_SIZES),  # capped at the 64 rows: 36 rows = 32 + 4
         ("blocks", 16, 60, [8, 0, 4, 36, 12]),  # every row in use: the full-budget case
         ("ragged_dot", 16, 64, SWIGLU_SIZES),
+        ("tokamax", 16, 64, SWIGLU_SIZES),
     ],
 )
 def test_grouped_swiglu_matches_loop_reference_with_gradients(backend, max_chunk_rows, rows, sizes):
+    if backend == "tokamax":
+        pytest.importorskip("tokamax")
     x, weights, ct = _swiglu_inputs(rows, sizes)
-
-    def loss(x, weights):
-        y = gs.grouped_swiglu(x, jnp.asarray(sizes, jnp.int32), *weights, block_size=4,
-                              backend=backend, max_chunk_rows=max_chunk_rows)  # fmt: skip
-        return jnp.sum(y * ct), y
-
-    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
-    (_, y), (dx, dws) = grad(x, weights)
+    y, dx, dws = _value_and_grads(x, weights, sizes, ct, backend, max_chunk_rows)
     y_ref, dx_ref, dws_ref = _swiglu_reference(x, weights, sizes, ct)
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
@@ -68,6 +64,49 @@ def test_grouped_swiglu_matches_loop_reference_with_gradients(backend, max_chunk
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert not np.any(np.asarray(y)[sum(sizes) :])  # rows past the groups are zeros
     assert not np.any(np.asarray(dws[0])[1])  # the empty expert gets a zero gradient
+
+
+def _value_and_grads(x, weights, sizes, ct, backend, max_chunk_rows=16):
+    def loss(x, weights):
+        y = gs.grouped_swiglu(x, jnp.asarray(sizes, jnp.int32), *weights, block_size=4,
+                              backend=backend, max_chunk_rows=max_chunk_rows)  # fmt: skip
+        return jnp.sum((y * ct).astype(jnp.float32)), y
+
+    (_, y), (dx, dws) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, weights)
+    return y, dx, dws
+
+
+SAME_AS_CPU_SIZES = {
+    "empty_expert": SWIGLU_SIZES,  # 4 rows past the groups
+    "one_expert_every_row": [0, 0, 64, 0, 0],
+    "one_expert_rows_past": [0, 0, 0, 40, 0],
+    "no_rows": [0, 0, 0, 0, 0],
+}
+# Relative to each array's largest entry: both paths accumulate in float32, but in bfloat16
+# they round the three products' outputs (and h) at different points, and a gradient summed
+# over many rows cancels, so its small entries keep only the error of its large ones.
+SAME_AS_CPU_TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("case", list(SAME_AS_CPU_SIZES))
+def test_tokamax_gives_the_cpu_paths_outputs_and_gradients(case, dtype):
+    # On CPU the tokamax backend runs tokamax's "xla" implementation; the CPU path is the
+    # fused chunk loop ("blocks"), the platform's default.
+    pytest.importorskip("tokamax")
+    sizes = SAME_AS_CPU_SIZES[case]
+    x, weights, ct = _swiglu_inputs(64, sizes)
+    x, ct, weights = x.astype(dtype), ct.astype(dtype), tuple(w.astype(dtype) for w in weights)
+    got = _value_and_grads(x, weights, sizes, ct, "tokamax")
+    want = _value_and_grads(x, weights, sizes, ct, "blocks")
+    tol = SAME_AS_CPU_TOLERANCE[dtype]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype == dtype
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(1.0, np.max(np.abs(b))))
+    y, dx, _ = got
+    assert not np.any(np.asarray(y, np.float32)[sum(sizes) :])  # padding rows come out zeros
+    assert not np.any(np.asarray(dx, np.float32)[sum(sizes) :])
 
 
 def test_chunks_cover_each_expert_once_biggest_first():
