@@ -114,9 +114,9 @@ def check_plan(pretrained: str, routing: Mapping[str, Any], dtype: str | None = 
               f"a model argument among pretrained, {', '.join(ROUTING_ARGS)}, dtype, "
               "batch_size, max_length, max_gen_toks, seed")  # fmt: skip
     routing = {k: _none(v) for k, v in routing.items()}
-    if "router" not in routing:  # a threshold asks for top-p, a k for top-k
-        implied = {"threshold": "top_p", "top_k": "top_k"}
-        routing |= {"router": r for name, r in implied.items() if name in routing}
+    implied = [r for name, r in (("threshold", "top_p"), ("top_k", "top_k")) if name in routing]
+    if implied and "router" not in routing:  # a threshold asks for top-p, a k for top-k
+        routing["router"] = implied[-1]
     path = Path(pretrained).expanduser().resolve()
     kind = kind_of(path)
     if kind is Kind.WORKDIR:
