@@ -178,6 +178,11 @@ def test_the_docs_table_is_generated_from_the_declarations():
         assert f"| `{d.path}` |" in table
 
 
+def test_every_field_in_the_docs_table_says_what_is_allowed():
+    assert [d.path for d in config_lib.declarations() if not d.allowed.strip()] == []
+    assert config_lib.by_path()["model.dtype"].allowed == "'float32' | 'bfloat16'"
+
+
 def test_kv_heads_must_fit_the_model_axis_of_the_mesh():
     # Grouped-query attention splits its key/value heads over `model` like the query heads.
     run = config_lib.resolve(tiny_config(mesh_shape="model=2"))

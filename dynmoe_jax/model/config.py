@@ -7,7 +7,7 @@ import dataclasses
 import enum
 
 from dynmoe_jax.model.layer_stack import Remat
-from dynmoe_jax.moe.config import MoEConfig, dtype_name
+from dynmoe_jax.moe.config import DTYPES, MoEConfig, dtype_name
 from dynmoe_jax.validation import (
     check,
     check_declared,
@@ -53,7 +53,7 @@ class ModelConfig:
     rope_theta: float = declared(10_000.0, "RoPE base", *_POSITIVE, cli=False)
     norm_eps: float = declared(1e-6, "RMSNorm epsilon", *_POSITIVE, cli=False)
     dtype: str = declared("float32", "activations and matmuls (the router and losses stay "
-                          "float32): float32 | bfloat16")  # fmt: skip
+                          "float32)", " | ".join(map(repr, DTYPES)))  # fmt: skip
     remat: Remat = declared(Remat.NONE, "recompute each block in the backward pass: none | "
                             "full | dots (keep the matmul outputs)")  # fmt: skip
     scan_layers: bool = declared(False, "run the blocks under one lax.scan over stacked "
