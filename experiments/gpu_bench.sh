@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The MoE layer on an NVIDIA GPU: bench_moe.py in bfloat16 at larger sizes (every dispatch,
-# grouped included: its grouped matmuls run as jax.lax.ragged_dot with the Pallas/Triton
-# lowering), then model FLOP utilisation (useful expert FLOPs per second / this card's measured
-# bf16 matmul rate), then whether ragged_dot's rows past sum(group_sizes) cost anything.
+# grouped included: its grouped matmuls run on the platform's default backend, tokamax), then
+# model FLOP utilisation (useful expert FLOPs per second / this card's measured bf16 matmul
+# rate), then the grouped matmul alone on each backend (tokamax and jax.lax.ragged_dot), and
+# whether rows past sum(group_sizes) cost anything.
 #
 # Needs an NVIDIA GPU and a venv with jax[cuda12] (pip install "jax[cuda12]==0.10.2" plus this
-# package). Run from the repository root:
+# package; tokamax, the grouped matmul's kernels, is installed where missing). Run from the
+# repository root:
 #     bash experiments/gpu_bench.sh [OUT_JSON]          (default experiments/results/gpu_bench.json)
 # Environment: PYTHON (default .venv/bin/python), TOKENS (65536), D_MODEL (2048), D_FF (4096),
 # EXPERTS ("16 64"), SEQ_LEN (2048: one routing group per sequence), MATMUL_SIZE (8192),
@@ -27,6 +29,7 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then
   export JAX_PLATFORMS=cpu
 else
   require_gpu
+  ensure_tokamax
   read -r -a EXPERT_LIST <<< "${EXPERTS:-16 64}"
   SIZES=(--tokens "${TOKENS:-65536}" --seq-len "${SEQ_LEN:-2048}" --d-model "${D_MODEL:-2048}"
          --d-ff "${D_FF:-4096}" --experts "${EXPERT_LIST[@]}" --matmul-size "${MATMUL_SIZE:-8192}"
@@ -59,8 +62,9 @@ for section in ("grid", "sweep", "matched", "budget"):
               f"{r['gflops'] / 1e3:.1f} | {r['of_matmul_rate']:.1%} |")
 EOF
 
-# The grouped matmul (ragged_dot on a GPU) forward+backward with every row in a group, then with half the rows past
-# sum(group_sizes): a kernel that skips unused rows takes about half the time.
+# The grouped matmul alone, forward+backward, on each backend: with every row in a group, then
+# with half the rows past sum(group_sizes) (a kernel that skips unused rows takes about half the
+# time).
 "$PY" - "${SIZES[@]}" <<'EOF'
 import sys
 import time
@@ -68,7 +72,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax.moe.kernels.grouped_matmul import default_backend, grouped_matmul
+from dynmoe_jax.moe.kernels.grouped_matmul import Backend, grouped_matmul, tokamax_available
 
 args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
 rows, d, f, e = int(args["--tokens"]) * 2, int(args["--d-model"]), int(args["--d-ff"]), 16
@@ -76,9 +80,12 @@ x = jax.random.normal(jax.random.key(0), (rows, d), jnp.bfloat16)
 w = jax.random.normal(jax.random.key(1), (e, d, f), jnp.bfloat16)
 
 
-def timed(used_rows: int) -> float:
+def timed(backend: Backend, used_rows: int) -> float:
     sizes = jnp.full((e,), used_rows // e // 128 * 128, jnp.int32)
-    loss = lambda x, w: jnp.sum(grouped_matmul(x, w, sizes, block_size=128).astype(jnp.float32))
+
+    def loss(x, w):
+        return jnp.sum(grouped_matmul(x, w, sizes, backend=backend).astype(jnp.float32))
+
     fn = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile()
     jax.block_until_ready(fn(x, w))
     t0 = time.perf_counter()
@@ -87,7 +94,11 @@ def timed(used_rows: int) -> float:
     return (time.perf_counter() - t0) / 5 * 1e3
 
 
-full, half = timed(rows), timed(rows // 2)
-print(f"\ngrouped_matmul ({default_backend().value}) fwd+bwd, {rows} rows x [{d}, {f}], E={e}: all rows used {full:.2f} ms, "
-      f"half used {half:.2f} ms (ratio {half / full:.2f}; ~0.5 = unused rows cost nothing)")
+flops = 3 * 2 * rows * d * f  # forward, dX and dW, every row in use
+backends = [Backend.TOKAMAX] * tokamax_available() + [Backend.RAGGED_DOT]
+print(f"\ngrouped_matmul fwd+bwd, {rows} rows x [{d}, {f}], E={e}, bfloat16:")
+for backend in backends:
+    full, half = timed(backend, rows), timed(backend, rows // 2)
+    print(f"  {backend.value}: all rows used {full:.2f} ms ({flops / full / 1e9:.1f} TFLOP/s), "
+          f"half used {half:.2f} ms (ratio {half / full:.2f}; ~0.5 = unused rows cost nothing)")
 EOF

@@ -10,7 +10,8 @@
 # capacity padding.
 #
 # Needs an NVIDIA GPU and a venv with jax[cuda12] (pip install "jax[cuda12]==0.10.2" plus this
-# package). Run from the repository root:
+# package; tokamax, the grouped matmul's kernels, is installed where missing). Run from the
+# repository root:
 #     bash experiments/gpu_train.sh [OUT_JSON]      (default experiments/results/gpu_train.json)
 # Environment: PYTHON (default .venv/bin/python), LAYERS (8), BATCH (8 sequences), STEPS (300),
 # VOCAB (32000; a small corpus's SentencePiece model may get fewer pieces, and the plan uses the
@@ -41,6 +42,7 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then
          memory=8e9 peak_tflops=1)
 else
   require_gpu
+  ensure_tokamax
   MEMORY=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
   SIZES=(layers="${LAYERS:-8}" d_model=1024 heads=16 experts=16 d_ff=2816 seq_len=2048
          batch="${BATCH:-8}" steps="${STEPS:-300}" vocab="${VOCAB:-32000}"
