@@ -93,9 +93,11 @@ REPOSITORY_TESTS = {"test_layout.py", "test_readme.py", "test_notebooks.py"}
 
 def _without_test_file(path: Path) -> bool:
     """Modules left without a test file of their own: a package's __init__.py only re-exports
-    (its names are tested where they are defined), and configs/ hold the configs that
-    tests/test_config.py resolves and the end-to-end tests run."""
-    return path.name == "__init__.py" or path.relative_to(PACKAGE).parts[0] == "configs"
+    (its names are tested where they are defined), a __main__.py only calls the main() of the
+    module that is tested, and configs/ hold the configs that tests/test_config.py resolves and
+    the end-to-end tests run."""
+    thin = ("__init__.py", "__main__.py")
+    return path.name in thin or path.relative_to(PACKAGE).parts[0] == "configs"
 
 
 def _test_file(module: Path) -> Path:

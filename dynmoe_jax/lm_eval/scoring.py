@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dynmoe_jax.validation import check
+
 MIN_BUCKET = 16
 
 
@@ -60,9 +62,9 @@ class _Row:
 def _row(context: Sequence[int], continuation: Sequence[int], max_length: int) -> _Row:
     if not continuation:
         raise ValueError("a continuation needs at least one token")
-    if len(continuation) > max_length:
-        raise ValueError(f"a continuation of {len(continuation)} tokens is longer than "
-                         f"max_length={max_length}")  # fmt: skip
+    # lm-eval's hf backend would score a shifted slice here; one line says what to change.
+    allowed = f"at least the longest continuation of the task ({len(continuation)} tokens)"
+    check(len(continuation) <= max_length, "max_length", max_length, allowed)
     whole = [*context, *continuation][-(max_length + 1) :]
     return _Row(whole[:-1], whole[1:], len(continuation))
 

@@ -60,7 +60,7 @@ def build(paragraphs: Sequence[str], n: int = 100, seed: int = 0) -> dict[str, l
 def _choice(sentence: str, pool: list[str], rng: random.Random) -> dict:
     words = sentence.split()
     half = len(words) // 2
-    others = [s for s in rng.sample(pool, 8) if s != sentence][:3]
+    others = [s for s in rng.sample(pool, min(8, len(pool))) if s != sentence][:3]
     endings = [" ".join(words[half:])] + [" ".join(o.split()[len(o.split()) // 2 :])
                                           for o in others]  # fmt: skip
     order = list(range(len(endings)))

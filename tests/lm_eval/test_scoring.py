@@ -11,6 +11,7 @@ from dynmoe_jax.lm_eval import scoring
 from dynmoe_jax.model.config import ModelConfig
 from dynmoe_jax.model.decoder import Decoder
 from dynmoe_jax.moe.config import MoEConfig
+from dynmoe_jax.validation import ConfigError
 
 V = 48
 CFG = ModelConfig(vocab_size=V, d_model=32, num_layers=2, num_heads=2, d_ff=48,
@@ -89,5 +90,5 @@ def test_a_greedy_continuation_is_flagged(model):
 
 
 def test_a_continuation_longer_than_the_window_is_refused(model):
-    with pytest.raises(ValueError, match="longer than max_length=32"):
+    with pytest.raises(ConfigError, match="^max_length=32 is invalid: allowed at least the"):
         _scorer(model, batch_size=1).score([([1], list(range(33)))])
