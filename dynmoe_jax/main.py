@@ -21,6 +21,7 @@ or anything is compiled.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import sys
@@ -223,15 +224,29 @@ def _sample(run: RunConfig) -> None:
                           ignore_eos=FLAGS.ignore_eos)  # fmt: skip
 
 
+def _newest_checkpoint(workdir: str) -> int | None:
+    steps = [int(p.name) for p in (Path(workdir) / "checkpoints").glob("*") if p.name.isdigit()]
+    return max(steps, default=None)
+
+
 def interrupted_message(mode: str, workdir: str | None) -> str:
     """One line after Ctrl-C: where a rerun of the same command resumes."""
     if mode != "train":
         return f"interrupted (--mode={mode}); nothing was written"
-    steps = [int(p.name) for p in (Path(workdir) / "checkpoints").glob("*") if p.name.isdigit()]
-    if not steps:
+    step = _newest_checkpoint(workdir)
+    if step is None:
         return "interrupted before the first checkpoint; rerunning the command starts over"
     return (f"interrupted; rerunning the same command resumes from the checkpoint of step "
-            f"{max(steps)} in {Path(workdir) / 'checkpoints'}")  # fmt: skip
+            f"{step} in {Path(workdir) / 'checkpoints'}")  # fmt: skip
+
+
+def disk_full_message(error: OSError, workdir: str) -> str:
+    """One line for a write other than a checkpoint's that found the disk full."""
+    step = _newest_checkpoint(workdir)
+    rerun = ("rerunning the same command starts over" if step is None else
+             f"rerunning the same command resumes from the checkpoint of step {step}")  # fmt: skip
+    where = error.filename or workdir  # a failed flush does not name its file
+    return f"{error.strerror} writing {where}; free some space: {rerun}"
 
 
 def run_mode(make_step=None, write_checkpoint=None) -> None:
@@ -263,19 +278,26 @@ def run_mode(make_step=None, write_checkpoint=None) -> None:
         _exit(str(e))
     except checkpoint.CheckpointSpaceError as e:
         # Orbax's threads may still hold the failed write; an interpreter teardown under them
-        # prints their tracebacks, so the process ends here, its logs already closed.
-        print(f"error: {e}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(USAGE_ERROR)
+        # prints their tracebacks.
+        _exit_now(str(e), USAGE_ERROR)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # At exit TensorBoard's writer flushes again onto the full disk, with a traceback.
+        _exit_now(disk_full_message(e, FLAGS.workdir), USAGE_ERROR)
     except KeyboardInterrupt:
-        print(f"error: {interrupted_message(FLAGS.mode, FLAGS.workdir)}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # No interpreter teardown: compiler and checkpoint threads may still be running, and
-        # tearing down under them can crash. A checkpoint cut short is in a temporary folder
-        # that the next run removes.
-        os._exit(INTERRUPTED)
+        # Compiler and checkpoint threads may still be running, and tearing down under them
+        # can crash. A checkpoint cut short is in a temporary folder that the next run removes.
+        _exit_now(interrupted_message(FLAGS.mode, FLAGS.workdir), INTERRUPTED)
+
+
+def _exit_now(message: str, code: int) -> None:
+    """The error line, then exit without interpreter teardown (no atexit handlers, no thread
+    joins), for failures that leave background work that the teardown would report."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main(argv):

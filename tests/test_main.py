@@ -1,6 +1,7 @@
 """The command line: every mistake ends in one ``error:`` line and exit code 2, before any data
 is read or anything is compiled."""
 
+import errno
 import json
 import re
 import shutil
@@ -180,6 +181,18 @@ def test_a_writable_workdir_passes_and_the_probe_leaves_nothing(tmp_path):
     assert main.unwritable_reason(str(tmp_path)) is None
     assert list(tmp_path.iterdir()) == []
     main.check_mode_flags("eval", "/sys/kernel", 1.0)  # reading needs no write access
+
+
+def test_a_full_disk_outside_a_checkpoint_is_one_line_naming_the_file(tmp_path):
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
+    assert main.disk_full_message(full, str(tmp_path)) == (
+        f"No space left on device writing {tmp_path / 'metrics.jsonl'}; free some space: "
+        "rerunning the same command starts over"
+    )
+    (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+    assert main.disk_full_message(full, str(tmp_path)).endswith(
+        "rerunning the same command resumes from the checkpoint of step 4"
+    )
 
 
 FIXTURES = ROOT / "tests" / "fixtures" / "hf"
