@@ -89,6 +89,7 @@ class DynMoELM(TemplateLM):
             self.source.graphdef, self.source.params, max_length=plan.max_length,
             batch_size=self._batch,
         )  # fmt: skip
+        self.generation_shapes: set[tuple[int, int, int]] = set()  # (rows, prompt, new)
         self.counters: dict[str, figures.TaskCounter] = collections.defaultdict(figures.TaskCounter)
 
     # ------------------------------------------------------------------ lm-eval's interface
@@ -151,12 +152,14 @@ class DynMoELM(TemplateLM):
 
     def get_model_info(self) -> dict:
         """What lm-eval records in ``results["config"]``: the source, its routing, the
-        compiled programs and each task's figures (``figures.py``)."""
+        programs compiled for scoring (one per bucket) and for generation (one per batch
+        shape), and each task's figures (``figures.py``)."""
         tasks = {t: c.figures() for t, c in self.counters.items() if t is not None}
         return {figures.KEY: {
             "source": self.source.description, "routing": self.source.plan.routing,
             "max_length": self.max_length, "batch_size": self._batch,
-            "compiled_programs": self.scorer.programs,
+            "scoring_programs": self.scorer.programs,
+            "generation_programs": len(self.generation_shapes),
             "compile_seconds": round(self.scorer.compile_seconds, 2), "tasks": tasks,
         }}  # fmt: skip
 
@@ -191,6 +194,7 @@ class DynMoELM(TemplateLM):
         prompts = [(self.tok_encode(c) or [self.prefix_token_id])[-keep:] for c in contexts]
         rows = prompts + [prompts[0]] * (self._batch - len(prompts))  # one program per size
         width = scoring.bucket(max(map(len, prompts)), max(keep, scoring.MIN_BUCKET))
+        self.generation_shapes.add((len(rows), width, max_new))
         with self._mesh():
             gen = generate(self.source.graphdef, self.source.params, rows, max_new,
                            temperature=temperature, seed=self.seed, prompt_length=width,

@@ -26,7 +26,7 @@ BAD = [
     ("dispatch", "scatter", "'einsum' | 'index' | 'grouped'"),
     ("capacity_factor", 0.0, "None (no dropping) or a number > 0"),
     ("block_size", 0, "an integer >= 1"),
-    ("matmul_backend", "cuda", "'blocks' | 'ragged_dot' | 'megablox'"),
+    ("matmul_backend", "cuda", "'blocks' | 'ragged_dot' | 'tokamax'"),
     ("drop_order", "random", "'rank' | 'weight'"),
 ]
 
