@@ -14,18 +14,18 @@ import os
 import sys
 from pathlib import Path
 
-from dynmoe_jax.train import checkpoint as ckpt_lib
+from dynmoe_jax.train import storage
 
 PARTIAL_BYTES = 4096  # what the failing write leaves in the step's temporary directory
 
 
 def full_disk_at(step: int):
-    """A writer like ``checkpoint.orbax_write`` whose write of ``step`` fails with ENOSPC after
+    """A writer like ``storage.orbax_write`` whose write of ``step`` fails with ENOSPC after
     putting the start of a file in Orbax's temporary directory for that step."""
 
     def write(manager, at: int, args) -> None:
         if at != step:
-            ckpt_lib.orbax_write(manager, at, args)
+            storage.orbax_write(manager, at, args)
             return
         partial = Path(manager.directory) / f"{at}.orbax-checkpoint-tmp" / "state" / "d" / "0"
         partial.parent.mkdir(parents=True)

@@ -24,24 +24,17 @@ Crash safety:
   needed to restore it; an unreadable one, which Orbax would log as an error on every start,
   is moved aside and replaced by an empty record, with one warning line. A missing one, which
   Orbax would warn about on every start, is replaced by an empty record with one warning line.
-* A full disk: each save first checks that the filesystem has room for a checkpoint the size of
-  the newest one (the state's size before the first), and waits for its write to end, so a save
-  that does not fit stops the run at that step with ``CheckpointSpaceError``, naming the space
-  needed; the unfinished step's temporary directory is removed and every complete checkpoint is
-  kept, so the same command resumes once space is freed.
+* A full disk: a save that does not fit (checked first, or failing partway) stops the run at
+  that step with ``CheckpointSpaceError``; every complete checkpoint is kept (``storage.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
-import errno
 import json
-import logging
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,18 +43,24 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
-from absl import logging as absl_logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dynmoe_jax.model import layer_stack
+from dynmoe_jax.train.storage import (
+    CheckpointSpaceError,
+    Write,
+    discard_unfinished,
+    failures_raised_not_logged,
+    free_bytes,
+    no_space_message,
+    orbax_write,
+    out_of_space,
+    space_needed,
+)
 
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint's values do not match the fingerprint written with it."""
-
-
-class CheckpointSpaceError(OSError):
-    """A checkpoint did not fit on the workdir's filesystem; the complete ones are kept."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -245,71 +244,6 @@ def _check_stored_values(state_dir: Path) -> None:
             raise result
 
 
-# Writes one step: (manager, step, args). The default is Orbax's; a caller may wrap it (the
-# tests make one that fails partway, as a full disk would).
-Write = Callable[[ocp.CheckpointManager, int, ocp.args.Composite], None]
-
-
-def orbax_write(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> None:
-    """Writes one step and waits for it: an asynchronous write that failed would otherwise
-    surface only at the next save, after training on past it."""
-    manager.save(step, args=args, force=True)
-    manager.wait_until_finished()
-
-
-@contextlib.contextmanager
-def _failures_raised_not_logged():
-    """Orbax logs a failed write's traceback from each of its threads before raising the error
-    in the caller; the raised error alone is reported (the save re-raises it)."""
-    logger = absl_logging.get_absl_logger()
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-def _out_of_space(e: BaseException) -> bool:
-    """Whether a write failed for lack of space. TensorStore reports a full disk as a
-    ValueError carrying the OS error code, Python as an OSError."""
-    codes = {errno.ENOSPC, errno.EDQUOT}
-    if isinstance(e, OSError) and e.errno in codes:
-        return True
-    return any(f"os_error_code='{code}'" in str(e) for code in codes)
-
-
-def tree_bytes(path: Path) -> int:
-    """The bytes of every file under ``path``."""
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def free_bytes(path: Path) -> int:
-    """Free bytes of the filesystem holding ``path`` (or its nearest existing parent)."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-def _megabytes(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
-def no_space_message(
-    workdir: Path, step: int, needed: int, free: int | None, kept: int | None
-) -> str:
-    """The one line a save that does not fit ends the run with."""
-    room = f"about {_megabytes(needed)} needed"
-    if free is not None:
-        room += f", {_megabytes(free)} free"
-    if kept is None:
-        resume = "no checkpoint is complete yet, so rerunning the same command starts over"
-    else:
-        resume = f"rerunning the same command resumes from the checkpoint of step {kept}"
-    return (f"no space left in {workdir} for the checkpoint of step {step} ({room}); free some "
-            f"space: {resume}")  # fmt: skip
-
-
 def _reason(e: BaseException) -> str:
     lines = str(e).splitlines() or [""]
     return f"{type(e).__name__}: {lines[0][:200]}"
@@ -372,7 +306,7 @@ class Checkpointer:
     def save(self, step: int, state: Any) -> None:
         """Writes ``step`` and waits for it. CheckpointSpaceError when it does not fit, checked
         before writing where possible; the complete checkpoints are kept either way."""
-        needed = self._space_needed(state)
+        needed = space_needed(self.directory, self.steps(), state)
         free = free_bytes(self.directory)
         if free < needed:
             self._failed = True
@@ -380,34 +314,19 @@ class Checkpointer:
         meta = {"format": META_FORMAT, "layout": _layout(state), "fingerprint": fingerprint(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         try:
-            with _failures_raised_not_logged():
+            with failures_raised_not_logged():
                 self._write(self._manager, step, args)
         except Exception as e:
-            if not _out_of_space(e):
+            if not out_of_space(e):
                 raise
             self._failed = True
-            self._discard_unfinished(step)
+            if jax.process_index() == 0:
+                discard_unfinished(self.directory, step)
             raise CheckpointSpaceError(self._no_space(step, needed, None)) from None
-
-    def _space_needed(self, state: Any) -> int:
-        """About what the next checkpoint takes: the newest one's size, or before the first,
-        the bytes of the state's arrays."""
-        steps = self.steps()
-        if steps:
-            return tree_bytes(self.directory / str(steps[-1]))
-        return sum(leaf.nbytes for leaf in jax.tree.leaves(state))
 
     def _no_space(self, step: int, needed: int, free: int | None) -> str:
         steps = [s for s in self.steps() if s != step]
         return no_space_message(self.workdir, step, needed, free, steps[-1] if steps else None)
-
-    def _discard_unfinished(self, step: int) -> None:
-        """Removes the temporary directory of a step whose write failed (never listed as a
-        step, and removed at the next start anyway), to give back the space it took."""
-        if jax.process_index() != 0:
-            return
-        for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def _meta(self, step: int) -> dict:
         args = ocp.args.Composite(meta=ocp.args.JsonRestore())

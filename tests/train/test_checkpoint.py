@@ -3,7 +3,6 @@ every kind of damage falling back to the previous step or refused in one line, l
 (scanned, per layer, another mesh), and the tiny run's own checkpoints damaged."""
 
 import asyncio
-import errno
 import logging
 import os
 import shutil
@@ -20,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dynmoe_jax import train
 from dynmoe_jax.train import checkpoint as ckpt_lib
+from dynmoe_jax.train import storage
 from tests.disk_full import full_disk_at
 from tests.sharding_steps import task_and_data
 
@@ -351,7 +351,7 @@ def test_a_save_that_runs_out_of_space_keeps_every_complete_checkpoint(tmp_path)
     ckpt.close()  # returns at once: the failed write is not waited for again
     assert str(failed.value) == (
         f"no space left in {tmp_path} for the checkpoint of step 2 (about "
-        f"{ckpt_lib.tree_bytes(tmp_path / 'checkpoints' / '1') / 1e6:.1f} MB needed); free some "
+        f"{storage.tree_bytes(tmp_path / 'checkpoints' / '1') / 1e6:.1f} MB needed); free some "
         "space: rerunning the same command resumes from the checkpoint of step 1"
     )
     # The unfinished step's temporary files are gone and nothing complete was touched.
@@ -359,37 +359,6 @@ def test_a_save_that_runs_out_of_space_keeps_every_complete_checkpoint(tmp_path)
     step, got = ckpt_lib.Checkpointer(tmp_path).restore_latest(jax.tree.map(np.asarray, tree))
     assert step == 1
     jax.tree.map(np.testing.assert_array_equal, got, tree)
-
-
-def test_the_space_a_save_needs_is_the_newest_checkpoints_size(tmp_path):
-    tree = _tree(np.random.default_rng(4))
-    ckpt = ckpt_lib.Checkpointer(tmp_path)
-    assert ckpt._space_needed(tree) == sum(x.nbytes for x in jax.tree.leaves(tree))
-    ckpt.save(1, tree)
-    assert ckpt._space_needed(tree) == ckpt_lib.tree_bytes(tmp_path / "checkpoints" / "1")
-    ckpt.close()
-    assert ckpt_lib.free_bytes(tmp_path / "no" / "such" / "folder") > 0
-    assert ckpt_lib.no_space_message(tmp_path, 3, 2_500_000, 1_000_000, None) == (
-        f"no space left in {tmp_path} for the checkpoint of step 3 (about 2.5 MB needed, 1.0 MB "
-        "free); free some space: no checkpoint is complete yet, so rerunning the same command "
-        "starts over"
-    )
-
-
-@pytest.mark.parametrize(
-    "error",
-    [
-        OSError(errno.ENOSPC, "No space left on device"),
-        OSError(errno.EDQUOT, "Disk quota exceeded"),
-        # TensorStore's report of a full disk, as Orbax raises it
-        ValueError('RESOURCE_EXHAUSTED: Error writing "params.w/0" in OCDBT database: Failed to '
-                   "write 135325 bytes to file 20: No space left on device [os_error_code='28']"),
-    ],
-)  # fmt: skip
-def test_a_full_disk_is_recognised_in_every_form_it_is_reported(error):
-    assert ckpt_lib._out_of_space(error)
-    assert not ckpt_lib._out_of_space(ValueError("OUT_OF_RANGE: os_error_code='2'"))
-    assert not ckpt_lib._out_of_space(OSError(errno.EACCES, "Permission denied"))
 
 
 def test_a_missing_orbax_step_record_is_replaced_with_one_line(tmp_path, capsys, caplog):
