@@ -132,6 +132,7 @@ class MoELayer(nnx.Module):
         """``valid_BT``: the tokens that count (None: all). A padding token selects no expert,
         takes no capacity and is left out of the aux losses and metrics; its output is 0."""
         cfg = self.config
+        _check_input(x_BTD.shape, valid_BT, cfg.d_model)
         b, t, d = x_BTD.shape
         s = _group_size(cfg.group_size, b, t)
         x_GSD = constrain(x_BTD.reshape(-1, s, d).astype(cfg.dtype), GROUPED)
@@ -243,6 +244,16 @@ def _check_groups_fit(mesh, num_groups: int, group_size: int | None) -> None:
         invalid("moe.group_size", group_size,
                 f"a size giving a multiple of data x expert = {devices} routing groups "
                 f"(it gives {num_groups})")  # fmt: skip
+
+
+def _check_input(shape: tuple[int, ...], valid_BT: jax.Array | None, d_model: int) -> None:
+    """One line naming the width expected, where a wrong one would fail deep in a matmul."""
+    if len(shape) != 3 or shape[-1] != d_model:
+        raise ValueError(f"MoELayer takes x of shape [batch, seq, d_model={d_model}]; "
+                         f"got shape {tuple(shape)}")  # fmt: skip
+    if valid_BT is not None and tuple(valid_BT.shape) != tuple(shape[:2]):
+        raise ValueError(f"MoELayer takes valid_BT of shape [batch, seq] = {tuple(shape[:2])}; "
+                         f"got shape {tuple(valid_BT.shape)}")  # fmt: skip
 
 
 def _group_size(group_size: int | None, batch: int, seq_len: int) -> int:

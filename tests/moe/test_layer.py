@@ -1,5 +1,7 @@
 """MoELayer in every dispatch mode against a per-token, per-expert float64 loop reference."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -221,6 +223,22 @@ def test_group_size_must_divide_tokens():
     message = r"moe.group_size=24 is invalid: allowed a divisor of .* = 4 \* 16\)"
     with pytest.raises(ValueError, match=message):
         _layer(group_size=24)(_x())
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 12), (64, 16)])
+def test_input_of_another_width_is_one_line_naming_d_model(shape):
+    layer = _layer()
+    expected = f"MoELayer takes x of shape [batch, seq, d_model=16]; got shape {shape}"
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+        layer(_x(shape))
+    # Under jit too, at trace time (JAX appends a note on its filtered traceback frames).
+    with pytest.raises(ValueError, match=f"^{re.escape(expected)}"):
+        nnx.jit(lambda m, x: m(x))(layer, _x(shape))
+
+
+def test_a_padding_mask_of_another_shape_is_one_line():
+    with pytest.raises(ValueError, match=r"valid_BT of shape \[batch, seq\] = \(4, 16\); got "):
+        _layer()(_x(), jnp.ones((4, 8), bool))
 
 
 def _dense_mixture_ref(layer: MoELayer, x_BTD) -> np.ndarray:
