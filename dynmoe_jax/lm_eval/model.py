@@ -82,15 +82,24 @@ class DynMoELM(TemplateLM):
         del max_batch_size, device  # JAX places the model on its default devices
         self._batch = _batch_size(batch_size)
         plan = check_args(pretrained, dtype, max_length, max_gen_toks, seed, routing)
-        self.source = source.load(plan)
-        self.tok = self.source.tokenizer
+        self._serve(source.load(plan), max_gen_toks, seed)
+
+    def _serve(self, src: source.Source, max_gen_toks: int, seed: int) -> None:
+        self.source, self.tok = src, src.tokenizer
         self.max_gen_toks, self.seed = max_gen_toks, seed
-        self.scorer = scoring.Scorer(
-            self.source.graphdef, self.source.params, max_length=plan.max_length,
-            batch_size=self._batch,
-        )  # fmt: skip
+        self.scorer = scoring.Scorer(src.graphdef, src.params, max_length=src.plan.max_length,
+                                     batch_size=self._batch)  # fmt: skip
         self.generation_shapes: set[tuple[int, int, int]] = set()  # (rows, prompt, new)
         self.counters: dict[str, figures.TaskCounter] = collections.defaultdict(figures.TaskCounter)
+
+    def with_routing(self, **routing: Any) -> DynMoELM:
+        """The same weights routed otherwise (``source.reroute``: no reload), with counters of
+        its own: what a sweep over thresholds evaluates."""
+        other = DynMoELM.__new__(DynMoELM)
+        TemplateLM.__init__(other)
+        other._batch = self._batch
+        other._serve(source.reroute(self.source, routing), self.max_gen_toks, self.seed)
+        return other
 
     # ------------------------------------------------------------------ lm-eval's interface
 

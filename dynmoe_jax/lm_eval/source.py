@@ -24,7 +24,7 @@ from flax import nnx
 from dynmoe_jax import config as config_lib
 from dynmoe_jax import inference
 from dynmoe_jax.data import HFTokenizer
-from dynmoe_jax.generate import decode_layout
+from dynmoe_jax.generate import decode_graphdef, decode_layout
 from dynmoe_jax.model.config import ModelConfig
 from dynmoe_jax.pretrained import from_hf, hf_model_config
 from dynmoe_jax.train import run_record
@@ -78,6 +78,7 @@ class Source:
     params: Any
     mesh: Any  # the workdir's mesh, or None (one device)
     description: str
+    model_cfg: ModelConfig  # the graph's (a workdir's vocabulary is its tokenizer's)
 
 
 def kind_of(path: str | Path) -> Kind:
@@ -104,6 +105,15 @@ def _none(value: Any) -> Any:
     return None if value == "None" else value
 
 
+def _with_router(routing: Mapping[str, Any]) -> dict[str, Any]:
+    """``routing`` with 'None' read as None, and the router a threshold or a k implies."""
+    routing = {k: _none(v) for k, v in routing.items()}
+    implied = [r for name, r in (("threshold", "top_p"), ("top_k", "top_k")) if name in routing]
+    if implied and "router" not in routing:  # a threshold asks for top-p, a k for top-k
+        routing["router"] = implied[-1]
+    return routing
+
+
 def check_plan(pretrained: str, routing: Mapping[str, Any], dtype: str | None = None,
                max_length: int | None = None) -> Plan:  # fmt: skip
     """``pretrained`` resolved with ``routing`` (a subset of ``ROUTING_ARGS``) and ``dtype``,
@@ -113,10 +123,7 @@ def check_plan(pretrained: str, routing: Mapping[str, Any], dtype: str | None = 
         check(name in ROUTING_ARGS, name, routing[name],
               f"a model argument among pretrained, {', '.join(ROUTING_ARGS)}, dtype, "
               "batch_size, max_length, max_gen_toks, seed")  # fmt: skip
-    routing = {k: _none(v) for k, v in routing.items()}
-    implied = [r for name, r in (("threshold", "top_p"), ("top_k", "top_k")) if name in routing]
-    if implied and "router" not in routing:  # a threshold asks for top-p, a k for top-k
-        routing["router"] = implied[-1]
+    routing = _with_router(routing)
     path = Path(pretrained).expanduser().resolve()
     kind = kind_of(path)
     if kind is Kind.WORKDIR:
@@ -170,4 +177,19 @@ def load(plan: Plan) -> Source:
             params, description = nnx.state(model), f"{plan.path} (imported weights)"
             model_cfg = plan.model_cfg
         graphdef, params = decode_layout(model_cfg, params)
-    return Source(plan, tokenizer, graphdef, params, mesh, description)
+    return Source(plan, tokenizer, graphdef, params, mesh, description, model_cfg)
+
+
+def reroute(src: Source, routing: Mapping[str, Any]) -> Source:
+    """``src`` routed otherwise: the same parameters (the decode layout serves every routing,
+    ``generate.decode_graphdef``), a new graph; values checked as ``check_plan`` does."""
+    for name in routing:
+        check(name in ROUTING_ARGS, name, routing[name], f"one of {', '.join(ROUTING_ARGS)}")
+    check(src.model_cfg.moe is not None, "routing", dict(routing), "a model with MoE layers")
+    if "threshold" in routing and src.model_cfg.moe.target_k is not None:
+        invalid("threshold", routing["threshold"], "not settable: a steered run (target_k)")
+    moe = dataclasses.replace(src.model_cfg.moe, **_with_router(routing))
+    model_cfg = dataclasses.replace(src.model_cfg, moe=moe)
+    plan = dataclasses.replace(src.plan, model_cfg=model_cfg)
+    return dataclasses.replace(src, plan=plan, graphdef=decode_graphdef(model_cfg),
+                               model_cfg=model_cfg)  # fmt: skip

@@ -43,3 +43,15 @@ def test_a_plan_refuses_what_does_not_fit(trained):
     plan = source.check_plan(str(run.workdir), {"threshold": 0.3})
     assert plan.kind is source.Kind.WORKDIR and plan.max_length == run.config.seq_len
     assert plan.routing["threshold"] == 0.3
+
+
+def test_rerouting_reuses_the_weights_with_a_graph_of_the_new_routing():
+    plan = source.check_plan(str(MIXTRAL), {})
+    loaded = source.load(plan)
+    top_p = source.reroute(loaded, {"threshold": 0.9})
+    assert top_p.params is loaded.params
+    assert top_p.plan.routing["router"] == "top_p" and top_p.model_cfg.moe.threshold == 0.9
+    fresh = source.load(source.check_plan(str(MIXTRAL), {"threshold": 0.9}))
+    assert fresh.graphdef == top_p.graphdef
+    with pytest.raises(ConfigError, match="^moe.threshold=2 is invalid"):
+        source.reroute(loaded, {"threshold": 2})
