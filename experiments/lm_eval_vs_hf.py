@@ -22,7 +22,10 @@ request, on a random tiny Mixtral with a byte-level BPE tokenizer.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +66,7 @@ def run(python: Path | str, module: list[str], model_args: str, tasks: list[str]
                "--include_path", str(task_dir), "--batch_size", "8", "--limit", str(limit),
                "--output_path", str(out), "--log_samples"]  # fmt: skip
     env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    subprocess.run(command, check=True, env={**__import__("os").environ, **env})
+    subprocess.run(command, check=True, env={**os.environ, **env})
 
 
 def samples(out: Path, task: str) -> dict[int, dict]:
@@ -72,23 +75,28 @@ def samples(out: Path, task: str) -> dict[int, dict]:
 
 
 def compare(hf: Path, ours: Path, tasks: list[str]) -> dict:
+    """Request by request (lm-eval logs every answer as text)."""
     mc, gen, ppl = tasks
     a, b = samples(hf, mc), samples(ours, mc)
     pairs = [(x[0], y[0]) for d in a for x, y in zip(a[d]["resps"], b[d]["resps"], strict=True)]
-    rolling = [(a_[0][0], b_[0][0]) for a_, b_ in ((samples(hf, ppl)[d]["resps"],
-                                                    samples(ours, ppl)[d]["resps"])
-                                                   for d in samples(hf, ppl))]  # fmt: skip
+    r_hf, r_ours = samples(hf, ppl), samples(ours, ppl)
+    rolling = [(float(r_hf[d]["resps"][0][0]), float(r_ours[d]["resps"][0][0])) for d in r_hf]
     g_hf, g_ours = samples(hf, gen), samples(ours, gen)
-    same = sum(g_hf[d]["resps"] == g_ours[d]["resps"] for d in g_hf)
     return {
         "loglikelihoods": len(pairs),
         "max_abs_loglikelihood_difference": max(abs(float(x[0]) - float(y[0])) for x, y in pairs),
-        "is_greedy_identical": all(bool(x[1]) == bool(y[1]) for x, y in pairs),
+        "is_greedy_identical": all(x[1] == y[1] for x, y in pairs),
         "accuracy_identical": all(a[d]["acc"] == b[d]["acc"] for d in a),
+        "accuracy": {"hf": _mean(a, "acc"), "ours": _mean(b, "acc")},
         "rolling": len(rolling),
         "max_rolling_relative_difference": max(abs(x - y) / abs(x) for x, y in rolling),
-        "generations": len(g_hf), "identical_generations": same,
-    }  # fmt: skip
+        "generations": len(g_hf),
+        "identical_generations": sum(g_hf[d]["resps"] == g_ours[d]["resps"] for d in g_hf),
+    }
+
+
+def _mean(docs: dict[int, dict], metric: str) -> float:
+    return sum(float(d[metric]) for d in docs.values()) / len(docs)
 
 
 def main() -> None:
@@ -96,20 +104,26 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/lm_eval_vs_hf"))
     parser.add_argument("--limit", type=int, default=40)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--compare_only", action="store_true",
+                        help="compare the samples an earlier run left in --out")  # fmt: skip
     args = parser.parse_args()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    python = peer_python(out)
-    folder = checkpoint(out)
-    docs = task_files.build(task_files.pydoc_paragraphs(), n=100, seed=1)
-    tasks = task_files.write(out / "tasks", docs, PREFIX)
-    common = f"pretrained={folder},max_length={MAX_LENGTH}"
-    run(python, ["lm_eval", "run", "--model", "hf"], f"{common},dtype=float32", tasks,
-        out / "tasks", out / "hf", args.limit)  # fmt: skip
-    run(sys.executable, ["dynmoe_jax.lm_eval"], f"{common},dtype=float32", tasks, out / "tasks",
-        out / "ours", args.limit)  # fmt: skip
-    result = {"shape": vars(SHAPE) if hasattr(SHAPE, "__dict__") else str(SHAPE),
-              "limit": args.limit, **compare(out / "hf", out / "ours", tasks)}  # fmt: skip
+    tasks = [f"{PREFIX}_{kind}" for kind in task_files.KINDS]
+    if not args.compare_only:
+        python = peer_python(out)
+        folder = checkpoint(out)
+        docs = task_files.build(task_files.pydoc_paragraphs(), n=100, seed=1)
+        task_files.write(out / "tasks", docs, PREFIX)
+        common = f"pretrained={folder},max_length={MAX_LENGTH},dtype=float32"
+        for name in ("hf", "ours"):
+            shutil.rmtree(out / name, ignore_errors=True)  # one run's samples each
+        run(python, ["lm_eval", "run", "--model", "hf"], common, tasks, out / "tasks",
+            out / "hf", args.limit)  # fmt: skip
+        run(sys.executable, ["dynmoe_jax.lm_eval"], common, tasks, out / "tasks", out / "ours",
+            args.limit)  # fmt: skip
+    result = {"shape": dataclasses.asdict(SHAPE), "max_length": MAX_LENGTH, "limit": args.limit,
+              "peers": PEERS, **compare(out / "hf", out / "ours", tasks)}  # fmt: skip
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
