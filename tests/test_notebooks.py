@@ -22,11 +22,11 @@ KERNEL = "dynmoe-test-venv"
 
 
 class _KernelManager(KernelManager):
-    """Shuts its kernel down by request alone. jupyter_client interrupts a kernel (SIGINT)
-    before asking it to shut down; a kernel still inside a message handler then raises
-    KeyboardInterrupt wherever it is, JAX's garbage-collection callback included, and prints
-    the traceback on the standard error it shares with pytest, where it shows after a passing
-    run."""
+    """Shuts its kernel down by request alone. jupyter_client first sends SIGINT to the
+    kernel's process group; a process there with Python's default handler in place (the kernel
+    inside a message handler, or a child of it) raises KeyboardInterrupt wherever it is, JAX's
+    garbage-collection callback included, and prints the traceback on the standard error it
+    shares with pytest, where it shows after a passing run."""
 
     async def _async_interrupt_kernel(self) -> None:
         if not self.shutting_down:
