@@ -52,21 +52,27 @@ def test_an_unknown_task_is_one_line_before_the_model_loads():
 
 
 @pytest.mark.slow
-def test_an_example_task_runs_on_a_trained_workdir(trained, tmp_path):
+def test_the_example_tasks_run_on_a_trained_workdir(trained, tmp_path):
     run = trained("grouped")
+    tasks = ["dynmoe_pydoc_mc", "dynmoe_pydoc_gen", "dynmoe_pydoc_ppl"]
     # The tiny run's 32-token window is shorter than some of the task's endings.
     out = _cli("--model_args", f"pretrained={run.workdir},max_length=64", "--tasks",
-               "dynmoe_pydoc_mc",
-               "--limit", "6", "--batch_size", "4", "--output_path", str(tmp_path),
-               "--log_samples")  # fmt: skip
+               ",".join(tasks), "--limit", "4", "--batch_size", "4", "--output_path",
+               str(tmp_path), "--log_samples")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     (results_file,) = tmp_path.rglob("results_*.json")
-    entry = json.loads(results_file.read_text())["results"]["dynmoe_pydoc_mc"]
-    assert 0 <= entry["acc,none"] <= 1
-    assert 1 <= entry["experts_per_token"] <= 4
-    assert len(entry["experts_per_token_by_layer"]) == 2
-    assert entry["tokens_per_second"] > 0 and entry["scored_tokens"] > 0
-    assert list(tmp_path.rglob("samples_dynmoe_pydoc_mc_*.jsonl"))
+    results = json.loads(results_file.read_text())["results"]
+    assert 0 <= results["dynmoe_pydoc_mc"]["acc,none"] <= 1
+    assert 0 <= results["dynmoe_pydoc_gen"]["exact_match,first_word"] <= 1
+    assert results["dynmoe_pydoc_ppl"]["word_perplexity,none"] > 1
+    for task in tasks:
+        entry = results[task]
+        assert 1 <= entry["experts_per_token"] <= 4, task
+        assert len(entry["experts_per_token_by_layer"]) == 2
+        assert entry["tokens_per_second"] > 0 and entry["scored_tokens"] > 0
+        assert list(tmp_path.rglob(f"samples_{task}_*.jsonl"))
     table = out.stdout.splitlines()
-    assert table[-3].startswith("| task | metric | value | experts/token | tokens/s |")
-    assert table[-1].startswith("| dynmoe_pydoc_mc | acc |")
+    assert table[-5].startswith("| task | metric | value | experts/token | tokens/s |")
+    assert [line.split(" | ")[:2] for line in table[-3:]] == [
+        ["| dynmoe_pydoc_mc", "acc"], ["| dynmoe_pydoc_gen", "exact_match"],
+        ["| dynmoe_pydoc_ppl", "word_perplexity"]]  # fmt: skip
