@@ -23,6 +23,7 @@ Axis letters: E experts, N rows (tokens), D model width, F hidden width.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -38,11 +39,37 @@ def swiglu(x_ND: jax.Array, w_gate_DF, w_up_DF, w_down_FD) -> jax.Array:
     return (jax.nn.silu(x_ND @ w_gate_DF) * (x_ND @ w_up_DF)) @ w_down_FD
 
 
+# Up to this many rows, a float32 product with a weight stored [out, in] is written as a
+# multiply-reduce over the contiguous axis, which XLA's CPU backend hands to YNNPACK as one
+# streaming loop; its matmul at these rows packs the weight first and measured slower
+# (experiments/RESULTS.md, "Batched decoding").
+REDUCE_ROWS = 32
+
+
 def down(h_NF: jax.Array, w_down: jax.Array, split: bool) -> jax.Array:
     """h @ W_down for one expert's down weight: [F, D] when stacked, [D, F] per expert."""
     if not split:
         return h_NF @ w_down
-    return jax.lax.dot_general(h_NF, w_down, (((h_NF.ndim - 1,), (1,)), ((), ())))
+    return times_out_in(h_NF, w_down)
+
+
+def times_out_in(x_NI: jax.Array, w_OI: jax.Array) -> jax.Array:
+    """x @ w.T for rows x [..., I] and a weight stored [O, I], in x's dtype.
+
+    The form is chosen by rows and dtype, each the fastest measured on XLA's CPU backend at
+    decode sizes: one row, a matrix-vector product (float32), or a float32 multiply-reduce
+    (bfloat16, whose matrix-vector product XLA runs at a fraction of the bandwidth); 2 to
+    ``REDUCE_ROWS`` float32 rows, the multiply-reduce; otherwise the matmul. The reduce sums in
+    float32 whatever the dtype, as the matmul accumulates.
+    """
+    rows = math.prod(x_NI.shape[:-1])
+    half = w_OI.dtype != jnp.float32
+    if (rows == 1 and half) or (1 < rows <= REDUCE_ROWS and not half):
+        x_N1I = x_NI[..., None, :].astype(jnp.float32)
+        w_1OI = w_OI.astype(jnp.float32).reshape((1,) * (x_NI.ndim - 1) + w_OI.shape)
+        y_NO = jnp.sum(w_1OI * x_N1I, axis=-1)
+        return y_NO.astype(x_NI.dtype)
+    return jax.lax.dot_general(x_NI, w_OI, (((x_NI.ndim - 1,), (1,)), ((), ())))
 
 
 def expert_swiglu(x_ND: jax.Array, weights: ExpertWeights, e) -> jax.Array:

@@ -76,3 +76,17 @@ def test_split_and_stacked_layouts_round_trip_exactly():
     assert {a.dtype for w in half for a in w} == {jnp.dtype(jnp.bfloat16)}
     want = np.asarray(stacked[1][6].astype(jnp.bfloat16), np.float32)
     np.testing.assert_array_equal(np.asarray(half[1][6], np.float32), want)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 16), (2, 16), (8, 16), (3, 5, 16), (40, 16)])
+def test_times_out_in_equals_a_float64_product_in_each_form(shape, dtype):
+    # Rows pick the form (matrix-vector, multiply-reduce, matmul): each against float64.
+    k_x, k_w = jax.random.split(jax.random.key(5))
+    x_NI = jax.random.normal(k_x, shape).astype(dtype)
+    w_OI = jax.random.normal(k_w, (24, shape[-1])).astype(dtype)
+    want = np.asarray(x_NI, np.float64) @ np.asarray(w_OI, np.float64).T
+    got = experts.times_out_in(x_NI, w_OI)
+    assert got.dtype == dtype and got.shape == shape[:-1] + (24,)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == jnp.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, **tol)
