@@ -7,10 +7,10 @@
    batches go through ``--mode=eval``'s step (``train.make_eval_step``: the trained layout,
    its capacity) and, as log-likelihood requests (each window's first token the context, its
    other tokens the continuation), through the lm-eval model's scorer (the decode layout, rows
-   sorted and padded to buckets), with the run's batch size. One warm-up round compiles both;
-   then ``--repeats`` rounds time them in alternation (wall clock, host work included), so
-   load drift hits both alike. Printed: seconds per 1,000 tokens of each, their ratio, and the
-   largest difference between a window's log-likelihood and eval mode's on the same tokens.
+   sorted and padded to buckets, 8 rows a call: the model's default). One warm-up round
+   compiles both; then ``--repeats`` rounds time them in alternation (wall clock, host work
+   included), so load drift hits both alike. Printed: seconds per 1,000 tokens of each, their
+   ratio, and the difference between the windows' summed log-likelihood and eval mode's.
 2. **The example tasks** (multiple choice, generation, rolling perplexity; ``--limit`` documents
    each) through ``lm_eval.simple_evaluate``: per task its metric, experts per token and tokens
    per second, and the programs the scorer compiled.

@@ -11,7 +11,7 @@ setting (top-k at each ``--top_k``, top-p at each ``--thresholds``) reuses its w
 * ``held_out`` (a workdir's default): the three kinds of ``dynmoe_jax.lm_eval.task_files``
   (multiple choice, last word, rolling perplexity) built from the validation split of the
   run's own corpus, decoded from its token stream, so the model is scored on text it never
-  trained on, in its own domain;
+  trained on, in its own domain (written to ``runs/benchmarks_tasks/``);
 * ``shipped`` (a folder's default): the example tasks built from pydoc_data;
 * or any lm-eval task names, with ``--include_path`` for local ones.
 
@@ -55,7 +55,7 @@ def task_list(args, lm: DynMoELM, out: Path) -> tuple[list[str], list[str]]:
             str(task_files.SHIPPED)]  # fmt: skip
     if which == "held_out":
         docs = task_files.build(held_out_paragraphs(lm, args.pretrained), n=args.limit, seed=0)
-        folder = out.parent / f"{out.name}_tasks"
+        folder = Path("runs") / "benchmarks_tasks" / out.name  # absolute paths: not for git
         return task_files.write(folder, docs, "held_out"), [str(folder)]
     return which.split(","), [args.include_path] if args.include_path else []
 
