@@ -251,7 +251,8 @@ def _reason(e: BaseException) -> str:
 
 class Checkpointer:
     """Saves and restores one workdir's checkpoints. With ``create=False`` (reading a finished
-    run) a workdir without checkpoints is a FileNotFoundError and nothing is created."""
+    run) a workdir without checkpoints is a FileNotFoundError and nothing is created. ``write``
+    writes one step (``storage.orbax_write``; a test may make it fail)."""
 
     def __init__(
         self, workdir: str | Path, keep: int = 3, create: bool = True, write: Write = orbax_write
