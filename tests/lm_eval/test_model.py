@@ -74,6 +74,21 @@ def test_generate_until_equals_generate_and_stops_at_the_until_strings(imported)
         assert "e" not in text
 
 
+def test_sampled_generation_is_generate_at_the_temperature_with_the_seed(imported):
+    kwargs = {"until": [], "max_gen_toks": 5, "do_sample": True, "temperature": 0.7}
+    contexts = ["Harder tasks", "need more"]
+    texts = imported.generate_until(_requests("generate_until", [(c, kwargs) for c in contexts]))
+    tok = imported.tok
+    prompts = [tok.encode(c, special_tokens=False) for c in contexts]
+    rows = prompts + [prompts[0]] * (imported.batch_size - len(prompts))
+    src = imported.source
+    gen = generate_lib.generate(src.graphdef, src.params, rows, 5, temperature=0.7,
+                                seed=imported.seed, stop_id=tok.eos_id)  # fmt: skip
+    assert texts == [tok.decode(tokens) for tokens in gen.tokens[: len(contexts)]]
+    greedy = generate_lib.generate(src.graphdef, src.params, rows, 5, stop_id=tok.eos_id)
+    assert gen.tokens != greedy.tokens  # the draws are not the argmax
+
+
 def test_the_experts_of_a_task_are_the_layer_metric_over_its_scored_tokens(imported):
     lm = DynMoELM(pretrained=str(MIXTRAL), threshold=0.5, max_length=64, batch_size=2)
     args = [("Harder tasks", " need more experts"), ("The", " router")]
