@@ -4,7 +4,7 @@ Run from the repository root, in one of two modes:
 
     .venv/bin/python -m experiments.bench_decode --config default --new 100,400 [--full_window]
     .venv/bin/python -m experiments.bench_decode --checkpoint PATH [--thresholds 0.3 0.5 ...]
-        [--batch 1 8] [--new 64] [--repeats 3] [--json PATH]
+        [--batch 1 8] [--new 64] [--repeats 3] [--dtype float32 bfloat16] [--json PATH]
 
 **Config mode** (the default, ``--config default``): the config's model, freshly initialised
 (the rate does not depend on the weights), in the decode layout (``generate.decode_layout``),
@@ -18,9 +18,10 @@ experiments/RESULTS.md.
 
 **Checkpoint mode** (``--checkpoint PATH``, a Hugging Face folder, e.g. one written by
 ``experiments.make_checkpoint``): the folder is loaded once (``pretrained.from_hf``) and put in
-the decode layout once; every routing setting (the checkpoint's own top-k, then top-p at each
-of ``--thresholds``) reuses those parameters with its own graph (``generate.decode_graphdef``
-of the model's config with that router). For each setting and each batch size in ``--batch``,
+the decode layout once per ``--dtype`` (several are timed in the same rounds); every routing
+setting (the checkpoint's own top-k, then top-p at each of ``--thresholds``) reuses those
+parameters with its own graph (``generate.decode_graphdef`` of the model's config with that
+router). For each setting and each batch size in ``--batch``,
 ``generate`` decodes ``--new`` tokens greedily after fixed 8-token prompts (a different one per
 row, no stop token); one untimed round over every (setting, batch) compiles and warms up, then
 the ``--repeats`` timed rounds alternate over them likewise, so load drift hits all alike.
@@ -114,8 +115,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="checkpoint mode: size of the bandwidth probe (default 256)",
     )
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="checkpoint mode: compute dtype (default float32)")  # fmt: skip
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], nargs="+", default=None,
+                   help="checkpoint mode: compute dtypes, each its own decode layout, timed "
+                        "in the same rounds (default float32)")  # fmt: skip
     args = p.parse_args(argv)
     if args.checkpoint is None:
         _check_config_mode(p, args)
@@ -152,7 +154,7 @@ def _check_checkpoint_mode(p: argparse.ArgumentParser, args: argparse.Namespace)
     args.thresholds = sorted(set(args.thresholds or DEFAULT_THRESHOLDS))
     args.batch = sorted(set(args.batch or [1, 8]))
     args.copy_mib = args.copy_mib or 256
-    args.dtype = args.dtype or "float32"
+    args.dtype = list(dict.fromkeys(args.dtype or ["float32"]))
     try:
         pretrained.hf_model_config(args.checkpoint)
     except ConfigError as e:
@@ -227,37 +229,41 @@ def load(path: Path, dtype: str) -> tuple[model_lib.ModelConfig, nnx.State]:
 
 def run_checkpoint(args: argparse.Namespace) -> dict:
     """Every (setting, batch) row of the checkpoint mode (the module docstring)."""
-    model_cfg, params = load(args.checkpoint, args.dtype)
+    loaded = {dtype: load(args.checkpoint, dtype) for dtype in args.dtype}
+    model_cfg = loaded[args.dtype[0]][0]
     bandwidth = copy_bandwidth(args.copy_mib)
-    weights = weight_bytes(params)
     cases = [
-        (label, moe, generate_lib.decode_graphdef(dataclasses.replace(model_cfg, moe=moe)), b)
-        for label, moe in routing_settings(model_cfg.moe, args.thresholds)
+        (label, moe, generate_lib.decode_graphdef(dataclasses.replace(cfg, moe=moe)), b, dtype)
+        for dtype, (cfg, _) in loaded.items()
+        for label, moe in routing_settings(cfg.moe, args.thresholds)
         for b in args.batch
     ]
     rates: list[list[float]] = [[] for _ in cases]
     experts_per_token = [0.0] * len(cases)
     for repeat in range(args.repeats + 1):  # the first round compiles and warms up, untimed
-        for i, (_, _, graphdef, b) in enumerate(cases):
+        for i, (_, _, graphdef, b, dtype) in enumerate(cases):
             prompts_B = prompts(b, model_cfg.vocab_size)
-            gen = generate_lib.generate(graphdef, params, prompts_B, args.new)
+            gen = generate_lib.generate(graphdef, loaded[dtype][1], prompts_B, args.new)
             if repeat:
                 rates[i].append(gen.tokens_per_s)
             # Each row's first new token came from the prefill: the steps made the rest.
             experts_per_token[i] = float(np.mean([row[1:] for row in gen.experts]))
     rows = []
-    for (label, moe, _, b), rate, k in zip(cases, rates, experts_per_token, strict=True):
+    for (label, moe, _, b, dtype), rate, k in zip(cases, rates, experts_per_token, strict=True):
+        cfg, params = loaded[dtype]
+        weights = weight_bytes(params)
         union = expected_union(weights.num_experts, k, b)
-        cache = cache_bytes(model_cfg, b, len(PROMPT) + args.new)
+        cache = cache_bytes(cfg, b, len(PROMPT) + args.new)
         step = weights.step(b, union, cache)
         bound = b * bandwidth / step
         median = statistics.median(rate)
         rows.append({"setting": label, "router": moe.router.value, "top_k": moe.top_k,
                      "threshold": moe.threshold if moe.router is Router.TOP_P else None,
-                     "batch": b, "tokens_per_s": median, "all_tokens_per_s": rate,
+                     "dtype": dtype, "batch": b, "tokens_per_s": median, "all_tokens_per_s": rate,
                      "experts_per_token": k, "union_experts": union, "step_mib": step / 2**20,
                      "bound_tokens_per_s": bound, "of_bound": median / bound})  # fmt: skip
-    return {"mode": "checkpoint", "checkpoint": str(args.checkpoint), "dtype": args.dtype,
+    weights = weight_bytes(loaded[args.dtype[0]][1])
+    return {"mode": "checkpoint", "checkpoint": str(args.checkpoint), "dtype": " ".join(args.dtype),
             "new_tokens": args.new, "prompt_tokens": len(PROMPT), "repeats": args.repeats,
             "copy_gib_per_s": bandwidth / 2**30, "copy_mib": args.copy_mib,
             "weights_mib": {f.name: getattr(weights, f.name) / 2**20
@@ -267,12 +273,12 @@ def run_checkpoint(args: argparse.Namespace) -> dict:
 
 
 def checkpoint_table(out: dict) -> str:
-    header = ["setting", "B", "tokens/s (median)", "experts / token", "experts read / layer",
-              "MiB / step", "bound tokens/s", "of bound"]  # fmt: skip
+    header = ["setting", "dtype", "B", "tokens/s (median)", "experts / token",
+              "experts read / layer", "MiB / step", "bound tokens/s", "of bound"]  # fmt: skip
     body = [
-        [r["setting"], r["batch"], f"{r['tokens_per_s']:.1f}", f"{r['experts_per_token']:.2f}",
-         f"{r['union_experts']:.2f}", f"{r['step_mib']:.1f}", f"{r['bound_tokens_per_s']:.1f}",
-         f"{r['of_bound']:.0%}"]
+        [r["setting"], r["dtype"], r["batch"], f"{r['tokens_per_s']:.1f}",
+         f"{r['experts_per_token']:.2f}", f"{r['union_experts']:.2f}", f"{r['step_mib']:.1f}",
+         f"{r['bound_tokens_per_s']:.1f}", f"{r['of_bound']:.0%}"]
         for r in out["rows"]
     ]  # fmt: skip
     return report.markdown_table(header, body)
@@ -295,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(f"config={args.config} scan_layers={args.scan} {where}")
         print(config_table(out))
     else:
-        print(f"checkpoint={args.checkpoint} dtype={args.dtype} new={args.new} {where} "
+        print(f"checkpoint={args.checkpoint} dtype={' '.join(args.dtype)} new={args.new} {where} "
               f"copy bandwidth {out['copy_gib_per_s']:.1f} GiB/s")  # fmt: skip
         print(checkpoint_table(out))
     harness.write_json(args.json, report.jsonable(out))

@@ -412,6 +412,24 @@ def test_bench_decode_reports_positive_figures(tiny_checkpoint, tmp_path):
     assert rows[("top-p 0.5", 1)]["step_mib"] < rows[("top-2 (own)", 1)]["step_mib"]
 
 
+@pytest.mark.slow
+def test_bench_decode_pairs_dtypes_and_step_pieces_are_positive(tiny_checkpoint):
+    from experiments import bench_decode, bench_decode_step
+
+    argv = ["--checkpoint", str(tiny_checkpoint), "--thresholds", "0.5", "--batch", "2", "--new",
+            "3", "--repeats", "1", "--copy-mib", "4", "--dtype", "float32", "bfloat16"]  # fmt: skip
+    out = bench_decode.main(argv)
+    assert [(r["dtype"], r["setting"]) for r in out["rows"]] == [
+        ("float32", "top-2 (own)"), ("float32", "top-p 0.5"),
+        ("bfloat16", "top-2 (own)"), ("bfloat16", "top-p 0.5")]  # fmt: skip
+    assert all(r["tokens_per_s"] > 0 for r in out["rows"])
+    steps = bench_decode_step.main(["--checkpoint", str(tiny_checkpoint), "--batch", "2",
+                                    "--reps", "1", "--new", "3"])  # fmt: skip
+    (row,) = steps["rows"]
+    assert 1 <= row["union_per_layer"] <= 4 and row["loop_ms_per_step"] > 0
+    assert all(ms > 0 for ms in row["ms"].values()) and row["ideal_step_ms"] > 0
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [(["--batch", "2"], "argument --batch: only with --checkpoint"),
