@@ -27,9 +27,9 @@ drift hits them alike:
 
 And the ideals: the step's bytes (``bench.decode_bytes``, the union of the rows' experts
 counted exactly from the captured selections) over the copy bandwidth, and likewise the
-experts' bytes alone. Finally ``generate`` decodes --new tokens in the same process and its
-time per step, against the step piece's, gives the loop's own share (carry updates, the stop
-test, per-step writes; no host work runs inside the loop).
+experts' bytes alone. The loop, ``generate``'s compiled on-device loop of --new - 1 steps from
+the captured state, is timed in the same rounds: its time per step against the step piece's
+is the loop's own share (carry updates, the stop test, per-step writes; it runs no host work).
 
 Axis letters: B rows, D model width, L MoE layers, U experts some row selected, V vocabulary.
 """
@@ -67,9 +67,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="top-p at this threshold (default: the checkpoint's router)")  # fmt: skip
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--reps", type=flags.positive(int), default=20)
-    p.add_argument("--new", type=flags.positive(int), default=32, help="tokens for the loop")
+    p.add_argument("--new", type=flags.positive(int), default=16,
+                   help="new tokens (at least 2): the cache holds the prompt and these; the "
+                        "loop runs new - 1 steps")  # fmt: skip
     p.add_argument("--json", type=Path, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.new < 2:
+        p.error(f"argument --new: {args.new} is below 2 (the loop needs a step)")
+    return args
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,10 +89,11 @@ class StepInputs:
     used: list[list[int]]  # per MoE layer: the experts some row selected
 
 
-def capture(model, batch: int) -> StepInputs:
-    """Prefill B prompts, choose each row's next token, and record that step's inputs."""
+def capture(model, batch: int, positions: int) -> StepInputs:
+    """Prefill B prompts into a cache of ``positions``, choose each row's next token, and
+    record that step's inputs."""
     prompts = np.asarray(bench_decode.prompts(batch, model.cfg.vocab_size), np.int32)
-    cache = model.init_cache(batch, PROMPT_TOKENS + 8)
+    cache = model.init_cache(batch, positions)
     logits_BPV, _, cache = jax.jit(lambda m, t, c: m.decode(t, c, 0))(model, prompts, cache)
     token_B1 = jnp.argmax(logits_BPV[:, -1], axis=-1).astype(jnp.int32)[:, None]
     position_B = jnp.full((batch,), PROMPT_TOKENS, jnp.int32)
@@ -182,6 +188,18 @@ def _as_matmul(fn: Callable) -> Callable:
     return traced
 
 
+def loop_program(graphdef, params, inputs: StepInputs, steps: int) -> Callable[[], Any]:
+    """``generate``'s on-device loop of ``steps`` greedy steps from the captured state (no
+    stop id), compiled once: its time per step against the step piece's is the loop's own."""
+    b = inputs.token_B1.shape[0]
+    layers, vocab = len(inputs.moe_in), nnx.merge(graphdef, params).cfg.vocab_size
+    args = (graphdef, params, inputs.cache, inputs.token_B1[:, 0], inputs.position_B,
+            jnp.zeros((b, layers), jnp.float32), jnp.zeros((b, vocab), jnp.float32),
+            jnp.asarray([-1], jnp.int32), jnp.float32(0.0), jax.random.key(0))  # fmt: skip
+    loop = generate_lib._decode_loop.lower(*args, steps=steps, keep_logits=False).compile()
+    return lambda: jax.block_until_ready(loop(*args[1:]))
+
+
 def copy_program(mib: int) -> Callable[[], jax.Array]:
     """An in-place ``x + 1`` over ``mib`` MiB (moves twice that: read and write), as
     ``bench.decode_bytes.copy_bandwidth`` times it, here to be timed in alternation."""
@@ -197,20 +215,20 @@ def copy_program(mib: int) -> Callable[[], jax.Array]:
 
 def measure(model_cfg, params, graphdef, batch: int, args) -> dict:
     model = nnx.merge(graphdef, params)
-    inputs = capture(model, batch)
+    positions = PROMPT_TOKENS + args.new
+    inputs = capture(model, batch, positions)
     bench = harness.Bench(args.reps)
     programs = {name: bench.compile(fn, a) for name, (fn, a) in pieces(model, inputs).items()}
+    programs["loop"] = loop_program(graphdef, params, inputs, args.new - 1)
     weights = weight_bytes(params)
     union = float(np.mean([len(u) for u in inputs.used]))
     expert_bytes = union * weights.expert
     programs["copy"] = copy_program(COPY_MIB)
     timings = bench.time(programs)
-    gen = generate_lib.generate(graphdef, params, bench_decode.prompts(batch, model_cfg.vocab_size),
-                                args.new)  # fmt: skip
-    loop_ms = gen.decode_seconds / gen.decode_steps * 1e3
     ms = timings.medians
+    loop_ms = ms["loop"] / (args.new - 1)
     bandwidth = 2 * COPY_MIB * 2**20 / (ms["copy"] / 1e3)
-    step_bytes = weights.step(batch, union, cache_bytes(model_cfg, batch, PROMPT_TOKENS + 8))
+    step_bytes = weights.step(batch, union, cache_bytes(model_cfg, batch, positions))
     return {"batch": batch, "union_per_layer": union, "ms": ms, "all_ms": timings.all_ms,
             "loop_ms_per_step": loop_ms, "copy_gb_per_s": bandwidth / 1e9,
             "ideal_step_ms": step_bytes / bandwidth * 1e3,
