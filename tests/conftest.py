@@ -5,6 +5,7 @@ the tiny config with dotted overrides and trained tiny runs."""
 import atexit
 import os
 import shutil
+import signal
 import tempfile
 
 # Only two real cores back the 8 devices, so a collective can wait long on its peers; raise
@@ -30,6 +31,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import contextlib  # noqa: E402  (after the flags: JAX reads them when it is imported)
+import gc  # noqa: E402
 import io  # noqa: E402
 
 import jax  # noqa: E402
@@ -40,6 +42,19 @@ from tests.runs import Trained, tiny_config  # noqa: E402
 # An implicit broadcast between arrays of different ranks hides a wrong axis; every test runs
 # with it as an error, so that library and tests spell their broadcasts out.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.hookimpl(trylast=True)  # after the session's fixtures are torn down
+def pytest_sessionfinish(session) -> None:
+    """Frees JAX's programs and arrays before a pytest-xdist worker reports that it has
+    finished, then has the worker ignore SIGINT. Once every worker has reported, the controller
+    asks them to stop, and execnet sends one still running 5 s later a SIGINT; a worker still
+    freeing them got it inside JAX's garbage-collection callback, which printed a
+    KeyboardInterrupt traceback at the end of a passing `make test`."""
+    jax.clear_caches()
+    gc.collect()
+    if hasattr(session.config, "workerinput"):  # every result of this worker is reported
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture(scope="session")

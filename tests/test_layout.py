@@ -88,7 +88,7 @@ def test_no_module_grows_past_about_400_lines():
 
 TESTS = PACKAGE.parent / "tests"
 # Tests about the repository rather than one module of the package.
-REPOSITORY_TESTS = {"test_layout.py", "test_readme.py", "test_notebooks.py", "test_tmp_cleanup.py"}
+REPOSITORY_TESTS = {"test_layout.py", "test_readme.py", "test_notebooks.py", "test_pytest_setup.py"}
 
 
 def _without_test_file(path: Path) -> bool:

@@ -21,18 +21,6 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 KERNEL = "dynmoe-test-venv"
 
 
-class _KernelManager(KernelManager):
-    """Shuts its kernel down by request alone. jupyter_client first sends SIGINT to the
-    kernel's process group; a process there with Python's default handler in place (the kernel
-    inside a message handler, or a child of it) raises KeyboardInterrupt wherever it is, JAX's
-    garbage-collection callback included, and prints the traceback on the standard error it
-    shares with pytest, where it shows after a passing run."""
-
-    async def _async_interrupt_kernel(self) -> None:
-        if not self.shutting_down:
-            await super()._async_interrupt_kernel()
-
-
 def _kernel_manager(tmp_path: Path) -> KernelManager:
     """A kernel started with this interpreter (the venv's), whatever kernelspecs are installed."""
     spec_dir = tmp_path / "kernels" / KERNEL
@@ -44,7 +32,7 @@ def _kernel_manager(tmp_path: Path) -> KernelManager:
     }
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     specs = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")])
-    return _KernelManager(kernel_name=KERNEL, kernel_spec_manager=specs)
+    return KernelManager(kernel_name=KERNEL, kernel_spec_manager=specs)
 
 
 def _with_parameters(nb, parameters: dict) -> None:

@@ -1,6 +1,8 @@
-"""What the test suite leaves in the system's temporary folder: nothing, after a passing session
-(pyproject's tmp_path_retention_policy), so that the memory tests' gigabyte does not pile up
-run after run; a failing test keeps its folder to look at."""
+"""How the suite itself runs under pytest: what it leaves in the system's temporary folder
+(nothing after a passing session, pyproject's tmp_path_retention_policy, so that the memory
+tests' gigabyte does not pile up run after run; a failing test keeps its folder to look at),
+and the end of a pytest-xdist run (no KeyboardInterrupt traceback, conftest's
+pytest_sessionfinish)."""
 
 import os
 import subprocess
@@ -51,3 +53,37 @@ def test_a_failing_session_keeps_the_failed_tests_folder_not_the_passed_ones(tmp
     temp = _run_pytest(tmp_path, True, "-p", "no:xdist")
     kept = sorted(p.relative_to(temp).parts[-2:] for p in temp.rglob("*") if p.is_file())
     assert kept == [("corpus0", "tokens"), ("test_fails0", "kept")]  # a session's folders stay
+
+
+# A worker that is still collecting garbage after it has reported its results, as one holding
+# many JAX programs and arrays is at the end of a long session under load.
+SLOW_TEARDOWN = """
+import gc
+import time
+
+
+def _slow(phase, info):
+    if phase == "start":
+        time.sleep(0.5)
+
+
+def pytest_unconfigure(config):
+    if hasattr(config, "workerinput"):
+        gc.callbacks.append(_slow)
+        deadline = time.monotonic() + 6.5  # execnet interrupts a worker busy after 5 s
+        while time.monotonic() < deadline:
+            gc.collect()
+"""
+
+
+def test_an_xdist_worker_slow_to_exit_ends_the_run_without_a_traceback(tmp_path):
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "conftest.py").write_text(SLOW_TEARDOWN)
+    (suite / "test_suite.py").write_text("def test_passes():\n    pass\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # the suite's conftest, as a plugin
+    args = [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider",
+            "-n", "1", "--rootdir", str(suite), str(suite)]  # fmt: skip
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "KeyboardInterrupt" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
