@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import sys
 import warnings
 
 import jax
@@ -145,10 +144,12 @@ def _tokamax():
     from absl import flags
 
     # tokamax reads its options as absl flags and, where no one has parsed them yet, parses
-    # the whole sys.argv, which fails on any argument absl does not know (pytest's, argparse's).
-    # Parsing only the flags absl knows leaves the rest to the program that owns them.
+    # the whole sys.argv, which fails on any argument absl does not know (pytest's, argparse's)
+    # and on the validators of other modules' flags (a required flag of a command line that
+    # was imported, not run). Marking the flags parsed lets tokamax read its defaults and
+    # leaves sys.argv to the program that owns it.
     if not flags.FLAGS.is_parsed():
-        flags.FLAGS(sys.argv or ["python"], known_only=True)
+        flags.FLAGS.mark_as_parsed()
     return tokamax
 
 
