@@ -4,6 +4,7 @@ project's generate, and the experts each task gets against the layer metric."""
 
 import numpy as np
 import pytest
+from flax import nnx
 from lm_eval.api.instance import Instance
 
 from dynmoe_jax import config as config_lib
@@ -27,11 +28,28 @@ def imported():
     return DynMoELM(pretrained=str(MIXTRAL), threshold=0.5, max_length=64, batch_size=4)
 
 
+@pytest.fixture(scope="module")
+def reference():
+    """The fixture imported directly, routed as ``imported``: the independent forward."""
+    return from_hf(MIXTRAL, router="top_p", threshold=0.5, capacity_factor=None)
+
+
+_jitted = nnx.jit(lambda model, tokens: model(tokens))
+
+
+def _forward(model, ids):
+    """Logits [T, V] and experts [L, T] of one sequence, padded to 64 positions after it (the
+    model is causal) so that one program serves every call."""
+    tokens = np.zeros((1, 64), np.int32)
+    tokens[0, : len(ids)] = ids
+    logits, layers = _jitted(model, tokens)
+    return np.asarray(logits[0, : len(ids)]), np.asarray(layers["token_experts"])[:, 0, : len(ids)]
+
+
 def _logprob(model, context_ids, continuation_ids):
     """float64 log-probability of the continuation after the context, one full forward."""
     whole = [*context_ids, *continuation_ids]
-    logits, _ = model(np.asarray([whole[:-1]], np.int32))
-    logits = np.asarray(logits[0], np.float64)
+    logits = np.asarray(_forward(model, whole[:-1])[0], np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     n = len(continuation_ids)
@@ -43,12 +61,11 @@ def test_a_threshold_alone_routes_an_import_by_top_p(imported):
     assert imported.source.plan.routing["threshold"] == 0.5
 
 
-def test_loglikelihood_tokenises_as_lm_evals_hf_backend(imported):
+def test_loglikelihood_tokenises_as_lm_evals_hf_backend(imported, reference):
     """Trailing spaces of the context move to the continuation, the continuation is the tail
     of context + continuation, and an empty context is the end-of-text token."""
     args = [("Harder tasks need", " more experts"), ("Harder tasks ", "need"), ("", "tasks")]
     out = imported.loglikelihood(_requests("loglikelihood", args))
-    reference = from_hf(MIXTRAL, router="top_p", threshold=0.5, capacity_factor=None)
     tok = imported.tok
     expected = []
     for context, continuation in args:
@@ -89,20 +106,19 @@ def test_sampled_generation_is_generate_at_the_temperature_with_the_seed(importe
     assert gen.tokens != greedy.tokens  # the draws are not the argmax
 
 
-def test_the_experts_of_a_task_are_the_layer_metric_over_its_scored_tokens(imported):
-    lm = DynMoELM(pretrained=str(MIXTRAL), threshold=0.5, max_length=64, batch_size=2)
+def test_the_experts_of_a_task_are_the_layer_metric_over_its_scored_tokens(imported, reference):
+    lm = imported.with_routing()  # counters of its own
     args = [("Harder tasks", " need more experts"), ("The", " router")]
     lm.loglikelihood(_requests("loglikelihood", args[:1], task="one") +
                      _requests("loglikelihood", args[1:], task="two"))  # fmt: skip
-    reference = from_hf(MIXTRAL, router="top_p", threshold=0.5, capacity_factor=None)
     tok = lm.tok
     info = lm.get_model_info()["dynmoe_jax"]["tasks"]
     for task, (context, continuation) in zip(("one", "two"), args, strict=True):
         context_ids = tok.encode(context, special_tokens=False)
         whole = tok.encode(context + continuation, special_tokens=False)
-        _, layers = reference(np.asarray([whole[:-1]], np.int32))
+        _, experts_LT = _forward(reference, whole[:-1])
         n = len(whole) - len(context_ids)
-        per_layer = np.asarray(layers["token_experts"])[:, 0, -n:].mean(-1)
+        per_layer = experts_LT[:, -n:].mean(-1)
         np.testing.assert_allclose(info[task]["experts_per_token_by_layer"], per_layer,
                                    atol=1e-4)  # fmt: skip
         assert info[task]["scored_tokens"] == n

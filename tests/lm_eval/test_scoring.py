@@ -29,12 +29,19 @@ def model():
     return Decoder(CFG, rngs=nnx.Rngs(3))
 
 
+_forward = nnx.jit(lambda model, tokens: model(tokens))
+
+
 def _reference(model, context, continuation, max_length=MAX_LENGTH):
-    """float64 log-softmax of one unpadded sequence in the trained layout: the continuation's
-    log-probability, whether it is greedy, and its positions' experts per layer."""
+    """float64 log-softmax of one sequence in the trained layout: the continuation's
+    log-probability, whether it is greedy, and its positions' experts per layer. The sequence
+    runs alone, followed by zeros up to the window (the model is causal: what follows changes
+    nothing before it), so one program serves every request."""
     whole = [*context, *continuation][-(max_length + 1) :]
-    logits, layers = model(np.asarray([whole[:-1]], np.int32))
-    logits = np.asarray(logits[0], np.float64)
+    tokens = np.zeros((1, max_length), np.int32)
+    tokens[0, : len(whole) - 1] = whole[:-1]
+    logits, layers = _forward(model, tokens)
+    logits = np.asarray(logits[0, : len(whole) - 1], np.float64)
     logp = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
                                   keepdims=True)) - logits.max(-1, keepdims=True)  # fmt: skip
     n = len(continuation)
@@ -81,8 +88,10 @@ def test_batch_size_and_buckets_change_no_number(model):
 
 def test_a_greedy_continuation_is_flagged(model):
     context = REQUESTS[2][0]
-    logits, _ = model(np.asarray([context], np.int32))
-    best = int(np.argmax(np.asarray(logits[0, -1])))
+    tokens = np.zeros((1, MAX_LENGTH), np.int32)
+    tokens[0, : len(context)] = context
+    logits, _ = _forward(model, tokens)
+    best = int(np.argmax(np.asarray(logits[0, len(context) - 1])))
     (score,), _ = _scorer(model, batch_size=1).score([(context, [best])])
     assert score.greedy
     (worse,), _ = _scorer(model, batch_size=1).score([(context, [(best + 1) % V])])
