@@ -56,15 +56,17 @@ def down(h_NF: jax.Array, w_down: jax.Array, split: bool) -> jax.Array:
 def times_out_in(x_NI: jax.Array, w_OI: jax.Array) -> jax.Array:
     """x @ w.T for rows x [..., I] and a weight stored [O, I], in x's dtype.
 
-    The form is chosen by rows and dtype, each the fastest measured on XLA's CPU backend at
+    On XLA's CPU backend the form is chosen by rows and dtype, each the fastest measured at
     decode sizes: one row, a matrix-vector product (float32), or a float32 multiply-reduce
     (bfloat16, whose matrix-vector product XLA runs at a fraction of the bandwidth); 2 to
-    ``REDUCE_ROWS`` float32 rows, the multiply-reduce; otherwise the matmul. The reduce sums in
-    float32 whatever the dtype, as the matmul accumulates.
+    ``REDUCE_ROWS`` float32 rows, the multiply-reduce; otherwise the matmul. Other backends
+    always take the matmul. The reduce sums in float32 whatever the dtype, as the matmul
+    accumulates.
     """
     rows = math.prod(x_NI.shape[:-1])
     half = w_OI.dtype != jnp.float32
-    if (rows == 1 and half) or (1 < rows <= REDUCE_ROWS and not half):
+    reduce = (rows == 1 and half) or (1 < rows <= REDUCE_ROWS and not half)
+    if reduce and jax.default_backend() == "cpu":
         x_N1I = x_NI[..., None, :].astype(jnp.float32)
         w_1OI = w_OI.astype(jnp.float32).reshape((1,) * (x_NI.ndim - 1) + w_OI.shape)
         y_NO = jnp.sum(w_1OI * x_N1I, axis=-1)
