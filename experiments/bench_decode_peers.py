@@ -1,27 +1,31 @@
-"""This project's batched decoding against Hugging Face transformers on the same checkpoint,
-round by round, at B = 1 and 8.
+"""This project's batched decoding against Hugging Face transformers and llama.cpp on the
+same checkpoint, round by round, at B = 1 and 8.
 
 Run from the repository root on a Hugging Face folder (``experiments.make_checkpoint``):
 
-    .venv/bin/python -m experiments.bench_decode_peers --checkpoint PATH [--batch 1 8]
-        [--new 64] [--rounds 3] [--json PATH]
+    .venv/bin/python -m experiments.bench_decode_peers --checkpoint PATH [--llama]
+        [--batch 1 8] [--new 64] [--rounds 3] [--torch-threads 1 2] [--json PATH]
 
-transformers runs in its own virtual environment, which the script creates on first use in
+The peers run in their own virtual environment, which the script creates on first use in
 ``runs/peers/venv`` (``--venv``): a CPU torch from the machine's find-links alone where they
 have one (PyPI's default torch pulls CUDA wheels), then transformers, safetensors and numpy.
+With ``--llama``, llama-cpp-python is built there from its source distribution (downloaded to
+``runs/peers/src``; slow on few cores), and the checkpoint converted to a float32 GGUF file by
+the converter that distribution vendors, with a placeholder vocabulary of token ids (the
+benchmark feeds ids; the converter does not recognise the checkpoint's tokenizer).
 
-Each round times, for every batch size, this project's ``generate`` and then transformers'
-``generate`` in a subprocess of that environment (the model loaded once per round, one
-untimed call to warm up, then the timed calls): greedy, float32, ``--new`` new tokens after
-the same fixed 8-token prompts as ``bench_decode`` (a different one per row, all the same
-length, no stop token), the checkpoint's own router (top-2). Rates are rows x new tokens per
-second of the decode alone: for transformers, the time of generating ``--new`` tokens minus
-that of generating one (its prefill), over ``--new - 1`` steps; for this project,
-``Generation.tokens_per_s``. Rounds alternate the two so load drift hits them alike; the
-1-minute load average is noted per round. torch runs at each of ``--torch-threads`` (default 1
-and 2: on a loaded machine its spinning OpenMP threads made 2 threads several times slower
-than 1). llama.cpp is not part of it (its build on this
-machine's cores did not fit the time this was written in).
+Each round times, for every batch size, this project's ``generate`` and then each peer in a
+subprocess of that environment (the model loaded once per round, one untimed call to warm
+up, then the timed calls), at each of ``--torch-threads`` threads (default 1 and 2: on a
+loaded machine torch's spinning OpenMP threads made 2 threads several times slower than 1):
+greedy, float32, ``--new`` new tokens after the same fixed 8-token prompts as
+``bench_decode`` (a different one per row, all the same length, no stop token), the
+checkpoint's own router (top-2). Rates are rows x new tokens per second of the decode alone:
+transformers, the time of generating ``--new`` tokens minus that of generating one (its
+prefill), over ``--new - 1`` steps; llama.cpp, its ``--new - 1`` batched steps after the
+prefill (every row its own sequence in one batch, greedy on the host from each row's
+logits); this project, ``Generation.tokens_per_s``. Rounds alternate them so load drift hits
+all alike; the 1-minute load average is noted per round.
 
 Axis letters: B rows.
 """
@@ -35,6 +39,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tarfile
 import venv
 from collections.abc import Sequence
 from pathlib import Path
@@ -72,6 +77,74 @@ for b, prompts in prompts_by_batch.items():
 print(json.dumps({"tokens_per_s": out, "threads": torch.get_num_threads()}))
 """
 
+# Runs inside the peers' environment: argv = GGUF path, new, prompts by batch (JSON), threads.
+# Batched greedy decoding with llama.cpp's own API: every row its own sequence in one batch.
+LLAMA_WORKER = r"""
+import json, sys, time
+import numpy as np
+import llama_cpp as L
+path, new, prompts_by_batch = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+threads = int(sys.argv[4])
+L.llama_backend_init()
+model = L.llama_model_load_from_file(path.encode(), L.llama_model_default_params())
+vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+def decode(prompts, steps):
+    b, p = len(prompts), len(prompts[0])
+    cp = L.llama_context_default_params()
+    cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = b * (p + steps + 8), b * p, b * p, b
+    cp.n_threads = cp.n_threads_batch = threads
+    ctx = L.llama_init_from_model(model, cp)
+    batch = L.llama_batch_init(b * p, 0, b)
+    def run(tokens_by_row, start):
+        batch.n_tokens = 0
+        for row, tokens in enumerate(tokens_by_row):
+            for j, t in enumerate(tokens):
+                i = batch.n_tokens
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, start + j, 1
+                batch.seq_id[i][0], batch.logits[i] = row, j == len(tokens) - 1
+                batch.n_tokens += 1
+        assert L.llama_decode(ctx, batch) == 0
+        return [int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), (vocab,))))
+                for i in range(batch.n_tokens) if batch.logits[i]]
+    next_tokens = run(prompts, 0)
+    began = time.perf_counter()
+    for step in range(steps):
+        next_tokens = run([[t] for t in next_tokens], p + step)
+    seconds = time.perf_counter() - began
+    L.llama_batch_free(batch)
+    L.llama_free(ctx)
+    return b * steps / seconds
+out = {}
+for b, prompts in prompts_by_batch.items():
+    decode(prompts, 4)  # warm-up
+    out[b] = decode(prompts, new - 1)
+print(json.dumps({"tokens_per_s": out}))
+"""
+
+# llama.cpp's converter with a placeholder vocabulary of token ids (the benchmark feeds ids;
+# the checkpoint's tokenizer is not one the converter recognises). argv = llama.cpp folder, then
+# the converter's own arguments.
+CONVERT_IDS_ONLY = r"""
+import runpy, sys
+here = sys.argv.pop(1)
+sys.path[:0] = [here, here + "/gguf-py"]
+import conversion.llama as llama
+def ids_only(self):
+    n = self.hparams["vocab_size"]
+    w = self.gguf_writer
+    w.add_tokenizer_model("llama"); w.add_tokenizer_pre("default")
+    w.add_token_list([f"<t{i}>".encode() for i in range(n)])
+    w.add_token_scores([0.0] * n); w.add_token_types([1] * n); w.add_eos_token_id(0)
+for cls in vars(llama).values():
+    if isinstance(cls, type) and "set_vocab" in vars(cls):
+        cls.set_vocab = ids_only
+runpy.run_path(here + "/convert_hf_to_gguf.py", run_name="__main__")
+"""
+LLAMA_CMAKE = (
+    "-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
+    "-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF"
+)
+
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -81,7 +154,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=flags.positive(int), default=3)
     p.add_argument("--venv", type=Path, default=Path("runs/peers/venv"))
     p.add_argument("--torch-threads", type=flags.positive(int), nargs="+", default=[1, 2],
-                   help="torch's thread counts, each timed in every round")  # fmt: skip
+                   help="the peers' thread counts, each timed in every round")  # fmt: skip
+    p.add_argument("--llama", action="store_true",
+                   help="llama.cpp too (built from source on first use: slow)")  # fmt: skip
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if args.new < 2:
@@ -102,15 +177,62 @@ def peer_python(folder: Path) -> Path:
     return python
 
 
+def llama_gguf(python: Path, folder: Path, checkpoint: Path) -> Path:
+    """The checkpoint as a float32 GGUF file for llama.cpp, made on first use: llama-cpp-python
+    built from its source distribution into the peers' environment (``folder/src``), then
+    the checkpoint converted by the converter that distribution vendors."""
+    src = folder / "src"
+    if subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True).returncode:
+        harness.log(f"building llama-cpp-python from source in {src} (once; slow on few cores)")
+        subprocess.run([str(python), "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
+                        ":all:", "llama-cpp-python", "-d", str(src)], check=True)  # fmt: skip
+        env = dict(os.environ, CMAKE_ARGS=LLAMA_CMAKE,
+                   CMAKE_BUILD_PARALLEL_LEVEL=str(os.cpu_count() or 1))  # fmt: skip
+        subprocess.run([str(python), "-m", "pip", "install", "-q", str(_sdist(src)), "gguf",
+                        "sentencepiece"], check=True, env=env)  # fmt: skip
+    gguf = folder / f"{checkpoint.resolve().name}.f32.gguf"
+    if not gguf.exists():
+        if not list(src.glob("*.tar.gz")):
+            subprocess.run([str(python), "-m", "pip", "download", "-q", "--no-deps",
+                            "--no-binary", ":all:", "llama-cpp-python", "-d", str(src)],
+                           check=True)  # fmt: skip
+        llama_cpp_dir = _vendored_llama_cpp(_sdist(src), src)
+        subprocess.run([str(python), "-c", CONVERT_IDS_ONLY, str(llama_cpp_dir), str(checkpoint),
+                        "--outtype", "f32", "--outfile", str(gguf)], check=True)  # fmt: skip
+    return gguf
+
+
+def _sdist(src: Path) -> Path:
+    return sorted(src.glob("llama_cpp_python-*.tar.gz"))[-1]
+
+
+def _vendored_llama_cpp(sdist: Path, into: Path) -> Path:
+    """The sdist's vendor/llama.cpp folder (its converter, conversion package and gguf-py)."""
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name]
+        tar.extractall(into, members=members, filter="data")
+    return next(into.glob("llama_cpp_python-*/vendor/llama.cpp"))
+
+
 def transformers_rates(python: Path, checkpoint: Path, new: int, batches: list[int],
                        vocab: int, threads: int) -> dict[int, float]:  # fmt: skip
     """Decode tokens/s of transformers' greedy ``generate`` per batch size (one subprocess),
     torch on ``threads`` threads."""
+    return _worker_rates(python, TRANSFORMERS_WORKER, checkpoint, new, batches, vocab, threads)
+
+
+def llama_rates(python: Path, gguf: Path, new: int, batches: list[int], vocab: int,
+                threads: int) -> dict[int, float]:  # fmt: skip
+    """Decode tokens/s of llama.cpp's batched greedy decoding per batch size."""
+    return _worker_rates(python, LLAMA_WORKER, gguf, new, batches, vocab, threads)
+
+
+def _worker_rates(python, worker, path, new, batches, vocab, threads) -> dict[int, float]:
     prompts = {b: bench_decode.prompts(b, vocab) for b in batches}
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads))
-    done = subprocess.run([str(python), "-c", TRANSFORMERS_WORKER, str(checkpoint), str(new),
-                           json.dumps(prompts), str(threads)], check=True, capture_output=True,
-                          text=True, env=env)  # fmt: skip
+    done = subprocess.run([str(python), "-c", worker, str(path), str(new), json.dumps(prompts),
+                           str(threads)], check=True, capture_output=True, text=True,
+                          env=env)  # fmt: skip
     rates = json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"]
     return {int(b): r for b, r in rates.items()}
 
@@ -118,41 +240,47 @@ def transformers_rates(python: Path, checkpoint: Path, new: int, batches: list[i
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     python = peer_python(args.venv)
+    gguf = llama_gguf(python, args.venv.parent, args.checkpoint) if args.llama else None
     model_cfg, params = bench_decode.load(args.checkpoint, "float32")
     graphdef = generate_lib.decode_graphdef(model_cfg)
+    vocab = model_cfg.vocab_size
     for b in args.batch:  # compiles and warms up, untimed
-        generate_lib.generate(graphdef, params, bench_decode.prompts(b, model_cfg.vocab_size), 4)
+        generate_lib.generate(graphdef, params, bench_decode.prompts(b, vocab), 4)
+    peers = {"transformers": functools.partial(transformers_rates, python, args.checkpoint)}
+    if gguf is not None:
+        peers["llama.cpp"] = functools.partial(llama_rates, python, gguf)
     rounds = []
     for i in range(args.rounds):
-        ours = {}
-        for b in args.batch:
-            prompts = bench_decode.prompts(b, model_cfg.vocab_size)
-            ours[b] = generate_lib.generate(graphdef, params, prompts, args.new).tokens_per_s
-        peer = functools.partial(transformers_rates, python, args.checkpoint, args.new,
-                                 args.batch, model_cfg.vocab_size)  # fmt: skip
-        theirs = {t: peer(t) for t in args.torch_threads}
-        rounds.append({"round": i, "dynmoe_jax": ours, "transformers": theirs,
+        ours = {b: generate_lib.generate(graphdef, params, bench_decode.prompts(b, vocab),
+                                         args.new).tokens_per_s for b in args.batch}  # fmt: skip
+        theirs = {name: {t: fn(args.new, args.batch, vocab, t) for t in args.torch_threads}
+                  for name, fn in peers.items()}  # fmt: skip
+        rounds.append({"round": i, "dynmoe_jax": ours, "peers": theirs,
                        "load": harness.load_average()})  # fmt: skip
         harness.log(f"round {i}: {rounds[-1]}")
-    rows = []
-    for b in args.batch:
-        for t in args.torch_threads:
-            mine = [r["dynmoe_jax"][b] for r in rounds]
-            theirs = [r["transformers"][t][b] for r in rounds]
-            ratios = [m / p for m, p in zip(mine, theirs, strict=True)]
-            rows.append({"batch": b, "torch_threads": t, "dynmoe_jax": statistics.median(mine),
-                         "transformers": statistics.median(theirs), "ratio_by_round": ratios,
-                         "ratio_median": statistics.median(ratios)})  # fmt: skip
-    header = ["B", "torch threads", "dynmoe_jax tokens/s", "transformers tokens/s",
+    rows = [_row(rounds, b, name, t) for b in args.batch for name in peers
+            for t in args.torch_threads]  # fmt: skip
+    header = ["B", "peer", "threads", "dynmoe_jax tokens/s", "peer tokens/s",
               "ratio (median of rounds)"]  # fmt: skip
-    body = [[r["batch"], r["torch_threads"], f"{r['dynmoe_jax']:.1f}", f"{r['transformers']:.1f}",
-             f"{r['ratio_median']:.2f}"] for r in rows]  # fmt: skip
+    body = [[r["batch"], r["peer"], r["threads"], f"{r['dynmoe_jax']:.1f}",
+             f"{r['peer_tokens_per_s']:.1f}", f"{r['ratio_median']:.2f}"]
+            for r in rows]  # fmt: skip
     loads = [r["load"] for r in rounds]
     print(f"checkpoint={args.checkpoint} new={args.new} rounds={args.rounds} load {loads}")
     print(report.markdown_table(header, body))
     out = {"checkpoint": str(args.checkpoint), "new": args.new, "rounds": rounds, "rows": rows}
     harness.write_json(args.json, report.jsonable(out))
     return out
+
+
+def _row(rounds: list[dict], batch: int, peer: str, threads: int) -> dict:
+    """One (B, peer, threads) row: medians over the rounds and the paired ratios."""
+    mine = [r["dynmoe_jax"][batch] for r in rounds]
+    theirs = [r["peers"][peer][threads][batch] for r in rounds]
+    ratios = [m / p for m, p in zip(mine, theirs, strict=True)]
+    return {"batch": batch, "peer": peer, "threads": threads,
+            "dynmoe_jax": statistics.median(mine), "peer_tokens_per_s": statistics.median(theirs),
+            "ratio_by_round": ratios, "ratio_median": statistics.median(ratios)}  # fmt: skip
 
 
 if __name__ == "__main__":
