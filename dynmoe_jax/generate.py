@@ -75,13 +75,18 @@ class Generation:
     """What ``generate`` produced, row by row."""
 
     tokens: list[list[int]]  # the new tokens of each row (its stop token excluded)
-    experts: list[list[float]]  # per new token: experts of the position that chose it, mean
-    # over the MoE layers; ``experts_by_layer`` has them per layer, [n, L] per row
+    # per row, [n, L]: per new token, the experts of the position that chose it in each MoE layer
+    experts_by_layer: list[np.ndarray]
     logits: list[np.ndarray]  # per row, [n, V] float32 logits its tokens came from, if kept
     decode_steps: int  # one-token steps after the prefill, all rows together
     prefill_seconds: float
     decode_seconds: float
-    experts_by_layer: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+    @property
+    def experts(self) -> list[list[float]]:
+        """Per row, per new token: its experts, mean over the MoE layers (0 for a dense
+        model)."""
+        return [(e.sum(-1) / max(e.shape[-1], 1)).tolist() for e in self.experts_by_layer]
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -148,16 +153,14 @@ def _stop_ids(stop_id: int | Sequence[int] | None) -> list[int]:
 
 def _rows(tokens_BN, experts_BNL, logits_BNV, stops, steps, prefill_s, decode_s) -> Generation:
     """The per-row lists: each row cut before its first stop token."""
-    tokens, experts, by_layer, logits = [], [], [], []
+    tokens, by_layer, logits = [], [], []
     for b, row in enumerate(tokens_BN[:, : steps + 1].tolist()):
         n = next((i for i, token in enumerate(row) if token in stops), len(row))
         tokens.append(row[:n])
         by_layer.append(np.asarray(experts_BNL[b, :n], np.float32))
-        layers = max(experts_BNL.shape[-1], 1)  # a dense model: no layer, 0 experts
-        experts.append((experts_BNL[b, :n].sum(-1) / layers).tolist())
         if logits_BNV is not None:
             logits.append(np.asarray(logits_BNV[b, :n], np.float32))
-    return Generation(tokens, experts, logits, steps, prefill_s, decode_s, by_layer)
+    return Generation(tokens, by_layer, logits, steps, prefill_s, decode_s)
 
 
 def _choose(logits_BV, key, step, temperature):
