@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,19 +56,9 @@ def check_args(pretrained: str, dtype: Any, max_length: Any, max_gen_toks: Any, 
     check(isinstance(max_gen_toks, int) and max_gen_toks >= 1, "max_gen_toks", max_gen_toks,
           "an integer >= 1")  # fmt: skip
     check(isinstance(seed, int), "seed", seed, "an integer")
-    return source.check_plan(pretrained, routing, source._none(dtype), source._none(max_length))
-
-
-def check_model_args(args: dict[str, Any]) -> source.Plan:
-    """``check_args`` of lm-eval's parsed ``--model_args``, as the constructor would take them."""
-    args = dict(args)
-    known = {name: args.pop(name, default) for name, default in
-             (("pretrained", ""), ("dtype", None), ("max_length", None), ("max_gen_toks", 256),
-              ("seed", 0))}  # fmt: skip
-    _batch_size(args.pop("batch_size", DEFAULT_BATCH))
-    for ignored in ("max_batch_size", "device", "trust_remote_code"):
-        args.pop(ignored, None)
-    return check_args(**known, routing=args)
+    return source.check_plan(
+        pretrained, routing, source.none_from_text(dtype), source.none_from_text(max_length)
+    )
 
 
 @register_model(NAME)
@@ -230,6 +221,17 @@ class DynMoELM(TemplateLM):
     def _mesh(self) -> contextlib.AbstractContextManager:
         mesh = self.source.mesh
         return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+
+def check_model_args(args: dict[str, Any]) -> source.Plan:
+    """``check_args`` of lm-eval's parsed ``--model_args``, with the constructor's own
+    defaults (bound from its signature, so they are written once)."""
+    bound = inspect.signature(DynMoELM.__init__).bind(None, **args)
+    bound.apply_defaults()
+    given = bound.arguments
+    _batch_size(given["batch_size"])
+    return check_args(given["pretrained"], given["dtype"], given["max_length"],
+                      given["max_gen_toks"], given["seed"], given["routing"])  # fmt: skip
 
 
 def _by_task(tasks: list[str | None]) -> dict[str | None, list[int]]:

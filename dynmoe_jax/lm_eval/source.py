@@ -100,14 +100,14 @@ def _json(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _none(value: Any) -> Any:
+def none_from_text(value: Any) -> Any:
     """lm-eval passes every model argument as parsed text: 'None' means None."""
     return None if value == "None" else value
 
 
 def _with_router(routing: Mapping[str, Any]) -> dict[str, Any]:
     """``routing`` with 'None' read as None, and the router a threshold or a k implies."""
-    routing = {k: _none(v) for k, v in routing.items()}
+    routing = {k: none_from_text(v) for k, v in routing.items()}
     implied = [r for name, r in (("threshold", "top_p"), ("top_k", "top_k")) if name in routing]
     if implied and "router" not in routing:  # a threshold asks for top-p, a k for top-k
         routing["router"] = implied[-1]
@@ -141,17 +141,22 @@ def check_plan(pretrained: str, routing: Mapping[str, Any], dtype: str | None = 
     return Plan(path, kind, model_cfg, run, length)
 
 
+def _check_threshold_settable(routing: Mapping[str, Any], target_k: float | None) -> None:
+    """A run trained with ``moe.target_k`` keeps its thresholds: they are the controller's
+    state, which a config threshold would not replace."""
+    if "threshold" in routing and target_k is not None:
+        allowed = (f"not settable for this run: its thresholds are the trained controller's "
+                   f"state (moe.target_k={target_k}); evaluate them as trained, or pass "
+                   "router=top_k")  # fmt: skip
+        invalid("threshold", routing["threshold"], allowed)
+
+
 def _workdir_config(path: Path, routing: dict, dtype: str | None) -> config_lib.RunConfig:
     """The run's recorded config with the routing set as ``--config.moe.FIELD`` would."""
     record = run_record.load(path)
     if record is None:
         invalid(PRETRAINED, str(path), f"{ALLOWED_PATH}: the workdir has no config.json")
-    steered = record.config.moe.get("target_k")
-    if "threshold" in routing and steered is not None:
-        allowed = (f"not settable for this run: its thresholds are the trained controller's "
-                   f"state (moe.target_k={steered}); evaluate them as trained, or pass "
-                   "router=top_k")  # fmt: skip
-        invalid("threshold", routing["threshold"], allowed)
+    _check_threshold_settable(routing, record.config.moe.get("target_k"))
     overrides = {f"moe.{k}": str(v) for k, v in routing.items()}
     if dtype:
         overrides["model.dtype"] = str(dtype)
@@ -186,8 +191,7 @@ def reroute(src: Source, routing: Mapping[str, Any]) -> Source:
     for name in routing:
         check(name in ROUTING_ARGS, name, routing[name], f"one of {', '.join(ROUTING_ARGS)}")
     check(src.model_cfg.moe is not None, "routing", dict(routing), "a model with MoE layers")
-    if "threshold" in routing and src.model_cfg.moe.target_k is not None:
-        invalid("threshold", routing["threshold"], "not settable: a steered run (target_k)")
+    _check_threshold_settable(routing, src.model_cfg.moe.target_k)
     moe = dataclasses.replace(src.model_cfg.moe, **_with_router(routing))
     model_cfg = dataclasses.replace(src.model_cfg, moe=moe)
     plan = dataclasses.replace(src.plan, model_cfg=model_cfg)
