@@ -229,13 +229,8 @@ def test_truncated_files_fall_back_to_the_previous_step(tmp_path, capsys, monkey
     assert [p.name.split("-")[0] for p in (tmp_path / "checkpoints_unreadable").iterdir()] == ["2"]
 
 
-@pytest.mark.parametrize("content", [b"{garbled", b"", b"\xff\xfe", b"[1, 2]"])
-def test_an_unreadable_orbax_step_record_is_set_aside_without_an_error_log(
-    tmp_path, capsys, caplog, content
-):
-    tree, abstract = _two_steps(tmp_path)
-    record = tmp_path / "checkpoints" / "2" / ckpt_lib.STEP_RECORD
-    record.write_bytes(content)
+def _restores_step_2_without_a_log_warning(tmp_path, tree, abstract, caplog) -> None:
+    """``_two_steps``' newest checkpoint restores, and nothing is logged at WARNING or above."""
     with caplog.at_level(logging.DEBUG):
         ckpt = ckpt_lib.Checkpointer(tmp_path)
         step, got = ckpt.restore_latest(abstract)
@@ -243,6 +238,16 @@ def test_an_unreadable_orbax_step_record_is_set_aside_without_an_error_log(
     assert step == 2
     np.testing.assert_array_equal(got["w0"], tree["w0"] + 1)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+@pytest.mark.parametrize("content", [b"{garbled", b"", b"\xff\xfe", b"[1, 2]"])
+def test_an_unreadable_orbax_step_record_is_set_aside_without_an_error_log(
+    tmp_path, capsys, caplog, content
+):
+    tree, abstract = _two_steps(tmp_path)
+    record = tmp_path / "checkpoints" / "2" / ckpt_lib.STEP_RECORD
+    record.write_bytes(content)
+    _restores_step_2_without_a_log_warning(tmp_path, tree, abstract, caplog)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 1 and lines[0].startswith(
         f"warning: checkpoint at step 2: Orbax's step record {ckpt_lib.STEP_RECORD} is unreadable"
@@ -364,13 +369,7 @@ def test_a_save_that_runs_out_of_space_keeps_every_complete_checkpoint(tmp_path)
 def test_a_missing_orbax_step_record_is_replaced_with_one_line(tmp_path, capsys, caplog):
     tree, abstract = _two_steps(tmp_path)
     (tmp_path / "checkpoints" / "2" / ckpt_lib.STEP_RECORD).unlink()
-    with caplog.at_level(logging.DEBUG):
-        ckpt = ckpt_lib.Checkpointer(tmp_path)
-        step, got = ckpt.restore_latest(abstract)
-        ckpt.close()
-    assert step == 2
-    np.testing.assert_array_equal(got["w0"], tree["w0"] + 1)
-    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    _restores_step_2_without_a_log_warning(tmp_path, tree, abstract, caplog)
     assert capsys.readouterr().out == (
         f"warning: checkpoint at step 2: Orbax's step record {ckpt_lib.STEP_RECORD} was missing; "
         "wrote an empty one (the checkpoint itself is read as usual)\n"
