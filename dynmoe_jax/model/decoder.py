@@ -28,22 +28,7 @@ from dynmoe_jax.model.attention import cached_attention, causal_attention
 from dynmoe_jax.model.config import ModelConfig
 from dynmoe_jax.moe.experts import swiglu
 from dynmoe_jax.moe.layer import MoELayer
-
-# Metrics of every MoE layer that the model stacks along a leading L axis.
-LAYER_METRICS = (
-    "load_balance_loss",
-    "dynamic_loss",
-    "z_loss",
-    "experts_per_token",
-    "experts_per_token_max",
-    "slots_per_token",
-    "dropped_fraction",
-    "router_confidence",
-    "token_experts",
-    "expert_load",
-    "max_load_ratio",
-    "threshold",
-)
+from dynmoe_jax.moe.metrics import LAYER_METRICS
 
 
 def _matmul_2d(x_BTK: jax.Array, w_KY: jax.Array) -> jax.Array:

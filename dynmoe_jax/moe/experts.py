@@ -8,15 +8,15 @@ An MoE layer's three weights come in one of two layouts (``ExpertWeights``):
 
 * **stacked**: one array per weight with a leading expert axis, [E, D, F], [E, D, F],
   [E, F, D]. Training, checkpoints, imports and sharding over the ``expert`` mesh axis use it.
-* **per expert**: a tuple of E arrays per weight, in the compute dtype, the down projection
-  stored transposed: [D, F], [D, F] and [D, F]. The decode layout (``split_weights``), made
-  once outside ``jit``, for two measured reasons on XLA's CPU backend: a slice of a stacked
-  parameter is copied before a matmul reads it, even a static one, so a decode step that
-  reads only its tokens' experts would pay a copy of each, while separate arrays are read
-  where they lie; and a product with few rows reads a weight faster when the contraction
-  runs along its contiguous axis, which for the down projection means [D, F]
-  (experiments/RESULTS.md). The layer's paths take either layout, forward only for the
-  per-expert one.
+* **per expert**: a tuple of E arrays per weight, in the compute dtype, each stored
+  transposed, [out, in]: gate [F, D], up [F, D], down [D, F]. The decode layout
+  (``split_weights``), made once outside ``jit``, for two measured reasons on XLA's CPU
+  backend: a slice of a stacked parameter is copied before a matmul reads it, even a static
+  one, so a decode step that reads only its tokens' experts would pay a copy of each, while
+  separate arrays are read where they lie; and a product with few rows reads a weight faster
+  when the contraction runs along its contiguous axis, the ``in`` axis of [out, in]
+  (experiments/RESULTS.md, "Batched decoding"). The layer's paths take either layout, forward
+  only for the per-expert one.
 
 Axis letters: E experts, N rows (tokens), D model width, F hidden width.
 """
@@ -29,14 +29,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-# (gate, up, down): stacked arrays, or tuples of E per-expert arrays (down transposed).
+# (gate, up, down): stacked arrays [in, out], or tuples of E per-expert arrays [out, in].
 ExpertWeights = tuple[Any, Any, Any]
 NAMES = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")  # the MoE layer's parameters, in that order
 
 
-def swiglu(x_ND: jax.Array, w_gate_DF, w_up_DF, w_down_FD) -> jax.Array:
-    """SwiGLU of rows x [..., D] through one expert's (or a dense layer's) weights."""
-    return (jax.nn.silu(x_ND @ w_gate_DF) * (x_ND @ w_up_DF)) @ w_down_FD
+def swiglu(x_ND: jax.Array, w_gate, w_up, w_down, split: bool = False) -> jax.Array:
+    """SwiGLU of rows x [..., D] through one expert's (or a dense layer's) weights, stored
+    [in, out] (gate and up [D, F], down [F, D]), or [out, in] when ``split`` (the per-expert
+    layout)."""
+    return swiglu_parts(x_ND, w_gate, w_up, w_down, split)[0]
+
+
+def swiglu_parts(x_ND: jax.Array, w_gate, w_up, w_down, split: bool = False):
+    """(y_ND, gate pre-activation g_NF, up u_NF): ``swiglu`` with what its backward reuses."""
+    g_NF, u_NF = times(x_ND, w_gate, split), times(x_ND, w_up, split)
+    return times(jax.nn.silu(g_NF) * u_NF, w_down, split), g_NF, u_NF
 
 
 # Up to this many rows, a float32 product with a weight stored [out, in] is written as a
@@ -46,11 +54,9 @@ def swiglu(x_ND: jax.Array, w_gate_DF, w_up_DF, w_down_FD) -> jax.Array:
 REDUCE_ROWS = 32
 
 
-def down(h_NF: jax.Array, w_down: jax.Array, split: bool) -> jax.Array:
-    """h @ W_down for one expert's down weight: [F, D] when stacked, [D, F] per expert."""
-    if not split:
-        return h_NF @ w_down
-    return times_out_in(h_NF, w_down)
+def times(x_NI: jax.Array, w: jax.Array, split: bool) -> jax.Array:
+    """x @ W for one expert's weight: stored [in, out] when stacked, [out, in] per expert."""
+    return times_out_in(x_NI, w) if split else x_NI @ w
 
 
 def times_out_in(x_NI: jax.Array, w_OI: jax.Array) -> jax.Array:
@@ -67,6 +73,10 @@ def times_out_in(x_NI: jax.Array, w_OI: jax.Array) -> jax.Array:
     half = w_OI.dtype != jnp.float32
     reduce = (rows == 1 and half) or (1 < rows <= REDUCE_ROWS and not half)
     if reduce and jax.default_backend() == "cpu":
+        # The barrier keeps x's broadcast apart per weight: XLA would otherwise merge the
+        # identical broadcasts of two products of the same x (gate and up, or two experts)
+        # and write the [N, O, I] broadcast out whole before either reduce reads it.
+        x_NI, w_OI = jax.lax.optimization_barrier((x_NI, w_OI))
         x_N1I = x_NI[..., None, :].astype(jnp.float32)
         w_1OI = w_OI.astype(jnp.float32).reshape((1,) * (x_NI.ndim - 1) + w_OI.shape)
         y_NO = jnp.sum(w_1OI * x_N1I, axis=-1)
@@ -76,9 +86,7 @@ def times_out_in(x_NI: jax.Array, w_OI: jax.Array) -> jax.Array:
 
 def expert_swiglu(x_ND: jax.Array, weights: ExpertWeights, e) -> jax.Array:
     """Expert e's SwiGLU of rows x, either layout (``e`` a Python int for the per-expert one)."""
-    w_gate, w_up, w_down = (w[e] for w in weights)
-    h_NF = jax.nn.silu(x_ND @ w_gate) * (x_ND @ w_up)
-    return down(h_NF, w_down, is_split(weights[0]))
+    return swiglu(x_ND, *(w[e] for w in weights), split=is_split(weights[0]))
 
 
 def is_split(w: Any) -> bool:
@@ -91,8 +99,8 @@ def num_experts(w: Any) -> int:
 
 
 def expert_shape(w: Any) -> tuple[int, ...]:
-    """The shape of one expert's slice of the weight ``w``."""
-    return tuple(w[0].shape) if is_split(w) else tuple(w.shape[1:])
+    """One expert's weight's shape [in, out], whichever layout ``w`` is in."""
+    return tuple(reversed(w[0].shape)) if is_split(w) else tuple(w.shape[1:])
 
 
 def cast(weights: ExpertWeights, dtype) -> ExpertWeights:
@@ -106,25 +114,20 @@ def split_weights(weights: ExpertWeights, dtype=None) -> ExpertWeights:
     """The per-expert layout of (gate, up, down), in ``dtype`` (default: their own); eager."""
     if is_split(weights[0]):
         return weights if dtype is None else cast(weights, dtype)
-    per_expert = [[w[e] for e in range(w.shape[0])] for w in weights]
-    per_expert[2] = [w.T for w in per_expert[2]]  # a transpose outside jit: a new array
     dt = weights[0].dtype if dtype is None else dtype
-    return tuple(tuple(jnp.asarray(a, dt) for a in w) for w in per_expert)
+    # A transpose outside jit is a new array, [out, in] in memory.
+    return tuple(tuple(jnp.asarray(w[e].T, dt) for e in range(w.shape[0])) for w in weights)
 
 
 def stacked_weights(weights: ExpertWeights) -> ExpertWeights:
     """The stacked layout of (gate, up, down) (a copy when they are per expert)."""
     if not is_split(weights[0]):
         return weights
-    gate, up, down_DF = weights
-    return jnp.stack(gate), jnp.stack(up), jnp.stack([w.T for w in down_DF])
+    return tuple(jnp.stack([w_OI.T for w_OI in w]) for w in weights)
 
 
 def per_expert_swiglu(x_END: jax.Array, weights: ExpertWeights) -> jax.Array:
     """Every expert's SwiGLU on its own rows: x [E, N, D] -> [E, N, D] (capacity modes)."""
     if is_split(weights[0]):
         return jnp.stack([expert_swiglu(x_END[e], weights, e) for e in range(len(x_END))])
-    w_gate_EDF, w_up_EDF, w_down_EFD = weights
-    gate_ENF = jnp.einsum("END,EDF->ENF", x_END, w_gate_EDF)
-    up_ENF = jnp.einsum("END,EDF->ENF", x_END, w_up_EDF)
-    return jnp.einsum("ENF,EFD->END", jax.nn.silu(gate_ENF) * up_ENF, w_down_EFD)
+    return jax.vmap(swiglu)(x_END, *weights)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dynmoe_jax.moe import balance, decode, expert_parallel, experts, grouped, routing
+from dynmoe_jax.moe import balance, decode, expert_parallel, experts, grouped, metrics, routing
 from dynmoe_jax.moe import capacity as capacity_lib
 from dynmoe_jax.moe.balance import RoutingState
 from dynmoe_jax.moe.config import Dispatch, MoEConfig
@@ -146,7 +146,7 @@ class MoELayer(nnx.Module):
         else:
             y_GSD, kept, slots_per_token = self._with_capacity(x_GSD, r)
 
-        aux = _routing_metrics(logits_GSE, probs_GSE, r, kept, slots_per_token, valid_GS)
+        aux = metrics.routing_metrics(logits_GSE, probs_GSE, r, kept, slots_per_token, valid_GS)
         aux["token_experts"] = jnp.sum(r.mask, axis=-1, dtype=jnp.int32).reshape(b, t)
         aux["threshold"] = jnp.asarray(self.threshold(), jnp.float32)
         return y_GSD.reshape(b, t, d).astype(x_BTD.dtype), aux
@@ -267,33 +267,3 @@ def _group_size(group_size: int | None, batch: int, seq_len: int) -> int:
         allowed = f"a divisor of the tokens of one call (batch * seq_len = {batch} * {seq_len})"
         invalid("moe.group_size", group_size, allowed)
     return s
-
-
-def _routing_metrics(logits, probs, r: routing.Routing, kept, slots_per_token, valid) -> dict:
-    """Named aux losses and routing statistics of one layer call: means over the valid
-    tokens (all when ``valid`` is None).
-
-    kept: selections that were computed; slots_per_token: expert rows computed per token
-    (E*C/S with capacity; grouped: rows in use, block padding included, per token).
-    """
-    num_experts = probs.shape[-1]
-    mask_f = r.mask.astype(jnp.float32)
-    per_token = jnp.sum(mask_f, axis=-1)
-    total = jnp.sum(per_token)
-    selections = jnp.maximum(total, 1.0)  # 0 only when every token is padding
-    load_E = jnp.sum(mask_f.reshape(-1, num_experts), axis=0) / selections
-    counts = jnp.ones_like(per_token, bool) if valid is None else valid
-    mean = lambda x: routing.token_mean(x[..., None], valid)[0]  # noqa: E731
-    return {
-        "load_balance_loss": routing.load_balance_loss(probs, r.mask, valid),
-        "dynamic_loss": routing.dynamic_loss(logits, valid),
-        "z_loss": routing.z_loss(logits, valid),
-        "experts_per_token": mean(per_token),
-        "experts_per_token_max": jnp.max(jnp.where(counts, per_token, 0.0)),
-        "experts_per_token_min": jnp.min(jnp.where(counts, per_token, num_experts)),
-        "slots_per_token": jnp.asarray(slots_per_token, jnp.float32),
-        "dropped_fraction": (total - kept) / selections,
-        "expert_load": load_E,
-        "max_load_ratio": num_experts * jnp.max(load_E),
-        "router_confidence": mean(jnp.max(probs, axis=-1)),
-    }

@@ -6,12 +6,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dynmoe_jax.moe import metrics as layer_metrics
 from dynmoe_jax.train.batches import Batch
 from dynmoe_jax.train.task import Task
-
-# Per-layer metrics averaged into one number for the log.
-LAYER_MEANS = ("experts_per_token", "slots_per_token", "dropped_fraction", "router_confidence",
-               "max_load_ratio")  # fmt: skip
 
 
 def cross_entropy(logits_BTV, targets_BT, weights_BT) -> tuple[jax.Array, jax.Array]:
@@ -29,21 +26,14 @@ def forward(task: Task, params, batch: Batch) -> tuple[jax.Array, dict[str, jax.
     nll, count = cross_entropy(logits, batch["targets"], batch["weights"])
     lm_loss = nll / jnp.maximum(count, 1.0)
     w = task.config.loss
-    metrics = {"lm_loss": lm_loss}
-    loss = lm_loss
-    for name, weight in (
-        ("load_balance_loss", w.load_balance_weight),
-        ("dynamic_loss", w.dynamic_weight),
-        ("z_loss", w.z_loss_weight),
-    ):
-        value = jnp.mean(layer[name]) if layer else jnp.zeros(())
-        metrics[name] = value
-        loss = loss + weight * value
-    metrics["loss"] = loss
+    weights = {"load_balance_loss": w.load_balance_weight, "dynamic_loss": w.dynamic_weight,
+               "z_loss": w.z_loss_weight}  # fmt: skip
+    # Without MoE layers the aux losses are logged as 0, so every run logs the same keys.
+    metrics = {name: jnp.zeros(()) for name in weights}
     if layer:
-        metrics.update({k: jnp.mean(layer[k]) for k in LAYER_MEANS})
-        metrics["experts_per_layer"] = layer["experts_per_token"]
-        metrics["threshold_per_layer"] = layer["threshold"]
-        metrics["expert_load_per_layer"] = layer["expert_load"]
-        metrics["experts_per_token_max"] = jnp.max(layer["experts_per_token_max"])
+        metrics |= layer_metrics.summarise(layer)
+    loss = lm_loss
+    for name, weight in weights.items():
+        loss = loss + weight * metrics[name]
+    metrics |= {"lm_loss": lm_loss, "loss": loss}
     return loss, metrics

@@ -30,7 +30,9 @@ def test_per_expert_layout_gives_the_same_outputs_in_every_mode(router_kw):
         layer.split_experts()
         assert experts.is_split(layer.w_gate_EDF.get_value())
         assert len(layer.w_down_EFD.get_value()) == E
-        assert layer.w_down_EFD.get_value()[0].shape == (D, F)  # the down weight transposed
+        # Every weight stored [out, in] per expert.
+        assert layer.w_gate_EDF.get_value()[0].shape == (F, D)
+        assert layer.w_down_EFD.get_value()[0].shape == (D, F)
         y_split, _ = _forward(layer, x)
         np.testing.assert_allclose(y_split, y_stacked, rtol=1e-6, atol=1e-6, err_msg=dispatch)
 
@@ -66,15 +68,17 @@ def test_split_and_stacked_layouts_round_trip_exactly():
     split = experts.split_weights(stacked)
     assert experts.is_split(split[0]) and not experts.is_split(stacked[0])
     assert experts.num_experts(split[2]) == experts.num_experts(stacked[2]) == E
-    # The down projection is stored transposed per expert: [D, F] instead of [F, D].
-    assert experts.expert_shape(split[2]) == (D, F) and experts.expert_shape(stacked[2]) == (F, D)
-    np.testing.assert_array_equal(split[2][3], np.asarray(stacked[2][3]).T)
+    # Each weight stored [out, in] per expert; expert_shape gives [in, out] in both layouts.
+    for w_split, w_stacked in zip(split, stacked, strict=True):
+        assert experts.expert_shape(w_split) == experts.expert_shape(w_stacked)
+        np.testing.assert_array_equal(w_split[3], np.asarray(w_stacked[3]).T)
+    assert split[0][0].shape == (F, D) and split[2][0].shape == (D, F)
     for back, want in zip(experts.stacked_weights(split), stacked, strict=True):
         np.testing.assert_array_equal(back, want)
     assert experts.split_weights(split) is split  # already per expert: nothing to do
     half = experts.split_weights(stacked, jnp.bfloat16)
     assert {a.dtype for w in half for a in w} == {jnp.dtype(jnp.bfloat16)}
-    want = np.asarray(stacked[1][6].astype(jnp.bfloat16), np.float32)
+    want = np.asarray(stacked[1][6].T.astype(jnp.bfloat16), np.float32)
     np.testing.assert_array_equal(np.asarray(half[1][6], np.float32), want)
 
 

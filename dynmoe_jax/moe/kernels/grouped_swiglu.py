@@ -136,12 +136,10 @@ def _forward(sizes, x_RD, weights, start_E, count_E, save: bool):
 
     def expert(e, carry, expert_weights):
         def run(c):
-            wg_DF, wu_DF, w_down = expert_weights()  # down: [F, D], or [D, F] when split
+            weights_e = expert_weights()
 
             def chunk(rows, row, c):
-                x_ZD = _rows(x_RD, row, rows)
-                g_ZF, u_ZF = x_ZD @ wg_DF, x_ZD @ wu_DF
-                y_ZD = experts.down(jax.nn.silu(g_ZF) * u_ZF, w_down, split)
+                y_ZD, g_ZF, u_ZF = experts.swiglu_parts(_rows(x_RD, row, rows), *weights_e, split)
                 saved = (_put(c[1], g_ZF, row), _put(c[2], u_ZF, row)) if save else ()
                 return (_put(c[0], y_ZD, row), *saved)
 
