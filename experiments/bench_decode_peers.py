@@ -62,19 +62,19 @@ path, new, prompts_by_batch = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv
 torch.set_num_threads(int(sys.argv[4]))
 torch.manual_seed(0)
 model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
-out = {}
+out, tokens = {}, {}
 def run(ids, n):
     began = time.perf_counter()
     with torch.inference_mode():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                       min_new_tokens=n, do_sample=False, pad_token_id=0)
-    return time.perf_counter() - began
+        done = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, pad_token_id=0)
+    return time.perf_counter() - began, done[:, ids.shape[1]:].tolist()
 for b, prompts in prompts_by_batch.items():
     ids = torch.tensor(prompts)
     run(ids, 4)  # warm-up
-    whole, first = run(ids, new), run(ids, 1)
+    (whole, tokens[b]), (first, _) = run(ids, new), run(ids, 1)
     out[b] = len(prompts) * (new - 1) / max(whole - first, 1e-9)
-print(json.dumps({"tokens_per_s": out, "threads": torch.get_num_threads()}))
+print(json.dumps({"tokens_per_s": out, "tokens": tokens, "threads": torch.get_num_threads()}))
 """
 
 # Runs inside the peers' environment: argv = GGUF path, new, prompts by batch (JSON), threads.
@@ -214,27 +214,40 @@ def _vendored_llama_cpp(sdist: Path, into: Path) -> Path:
     return next(into.glob("llama_cpp_python-*/vendor/llama.cpp"))
 
 
-def transformers_rates(python: Path, checkpoint: Path, new: int, batches: list[int],
-                       vocab: int, threads: int) -> dict[int, float]:  # fmt: skip
-    """Decode tokens/s of transformers' greedy ``generate`` per batch size (one subprocess),
-    torch on ``threads`` threads."""
-    return _worker_rates(python, TRANSFORMERS_WORKER, checkpoint, new, batches, vocab, threads)
+def transformers_run(python: Path, checkpoint: Path, new: int, batches: list[int],
+                     vocab: int, threads: int) -> dict:  # fmt: skip
+    """transformers' greedy ``generate`` per batch size (one subprocess), torch on ``threads``
+    threads: ``{"tokens_per_s": {B: rate}, "tokens": {B: the new tokens of each row}}``."""
+    return _worker(python, TRANSFORMERS_WORKER, checkpoint, new, batches, vocab, threads)
 
 
-def llama_rates(python: Path, gguf: Path, new: int, batches: list[int], vocab: int,
-                threads: int) -> dict[int, float]:  # fmt: skip
-    """Decode tokens/s of llama.cpp's batched greedy decoding per batch size."""
-    return _worker_rates(python, LLAMA_WORKER, gguf, new, batches, vocab, threads)
+def llama_run(python: Path, gguf: Path, new: int, batches: list[int], vocab: int,
+              threads: int) -> dict:  # fmt: skip
+    """llama.cpp's batched greedy decoding per batch size: ``{"tokens_per_s": {B: rate}}``."""
+    return _worker(python, LLAMA_WORKER, gguf, new, batches, vocab, threads)
 
 
-def _worker_rates(python, worker, path, new, batches, vocab, threads) -> dict[int, float]:
+def _worker(python, worker, path, new, batches, vocab, threads) -> dict:
     prompts = {b: bench_decode.prompts(b, vocab) for b in batches}
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads))
     done = subprocess.run([str(python), "-c", worker, str(path), str(new), json.dumps(prompts),
                            str(threads)], check=True, capture_output=True, text=True,
                           env=env)  # fmt: skip
-    rates = json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"]
-    return {int(b): r for b, r in rates.items()}
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    return {key: {int(b): v for b, v in out[key].items()} for key in ("tokens_per_s", "tokens")
+            if key in out}  # fmt: skip
+
+
+def agreement(ours: dict[int, list], theirs: dict[int, list]) -> dict[int, dict]:
+    """Per batch size: rows whose greedy tokens are all equal, and equal tokens, of all."""
+    out = {}
+    for b, rows in ours.items():
+        pairs = list(zip(rows, theirs[b], strict=True))
+        same = [sum(int(x == y) for x, y in zip(m, t, strict=True)) for m, t in pairs]
+        out[b] = {"rows_equal": sum(s == len(m) for s, (m, _) in zip(same, pairs, strict=True)),
+                  "rows": len(rows), "tokens_equal": sum(same),
+                  "tokens": sum(len(m) for m, _ in pairs)}  # fmt: skip
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -246,16 +259,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     vocab = model_cfg.vocab_size
     for b in args.batch:  # compiles and warms up, untimed
         generate_lib.generate(graphdef, params, bench_decode.prompts(b, vocab), 4)
-    peers = {"transformers": functools.partial(transformers_rates, python, args.checkpoint)}
+    peers = {"transformers": functools.partial(transformers_run, python, args.checkpoint)}
     if gguf is not None:
-        peers["llama.cpp"] = functools.partial(llama_rates, python, gguf)
-    rounds = []
+        peers["llama.cpp"] = functools.partial(llama_run, python, gguf)
+    rounds, agree = [], []
     for i in range(args.rounds):
-        ours = {b: generate_lib.generate(graphdef, params, bench_decode.prompts(b, vocab),
-                                         args.new).tokens_per_s for b in args.batch}  # fmt: skip
-        theirs = {name: {t: fn(args.new, args.batch, vocab, t) for t in args.torch_threads}
-                  for name, fn in peers.items()}  # fmt: skip
-        rounds.append({"round": i, "dynmoe_jax": ours, "peers": theirs,
+        runs = {b: generate_lib.generate(graphdef, params, bench_decode.prompts(b, vocab),
+                                         args.new) for b in args.batch}  # fmt: skip
+        ours = {b: g.tokens_per_s for b, g in runs.items()}
+        outs = {name: {t: fn(args.new, args.batch, vocab, t) for t in args.torch_threads}
+                for name, fn in peers.items()}  # fmt: skip
+        theirs = {name: {t: o["tokens_per_s"] for t, o in by.items()} for name, by in outs.items()}
+        hf = outs["transformers"][args.torch_threads[0]]["tokens"]
+        agree.append(agreement({b: g.tokens for b, g in runs.items()}, hf))
+        rounds.append({"round": i, "dynmoe_jax": ours, "peers": theirs, "agreement": agree[-1],
                        "load": harness.load_average()})  # fmt: skip
         harness.log(f"round {i}: {rounds[-1]}")
     rows = [_row(rounds, b, name, t) for b in args.batch for name in peers
@@ -268,6 +285,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     loads = [r["load"] for r in rounds]
     print(f"checkpoint={args.checkpoint} new={args.new} rounds={args.rounds} load {loads}")
     print(report.markdown_table(header, body))
+    for b, a in agree[-1].items():
+        print(
+            f"B = {b}: greedy tokens equal to transformers' on {a['rows_equal']} of {a['rows']}"
+            f" rows ({a['tokens_equal']} of {a['tokens']} tokens)"
+        )
     out = {"checkpoint": str(args.checkpoint), "new": args.new, "rounds": rounds, "rows": rows}
     harness.write_json(args.json, report.jsonable(out))
     return out

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import bench_moe, grouped_breakdown
+from experiments import bench_decode_peers, bench_moe, grouped_breakdown
 from experiments.bench import dense, harness, layers
 from experiments.flops import swiglu_fwd_bwd_flops
 
@@ -449,3 +449,11 @@ def test_bench_decode_refuses_bad_flags_in_one_line(argv, message, tiny_checkpoi
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert message in err, err
+
+
+def test_peer_agreement_counts_equal_rows_and_tokens():
+    ours = {1: [[5, 6, 7]], 2: [[1, 2, 3], [4, 4, 4]]}
+    theirs = {1: [[5, 6, 7]], 2: [[1, 2, 3], [4, 9, 4]]}
+    got = bench_decode_peers.agreement(ours, theirs)
+    assert got[1] == {"rows_equal": 1, "rows": 1, "tokens_equal": 3, "tokens": 3}
+    assert got[2] == {"rows_equal": 1, "rows": 2, "tokens_equal": 5, "tokens": 6}
