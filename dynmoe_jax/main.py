@@ -249,20 +249,16 @@ def disk_full_message(error: OSError, workdir: str) -> str:
     return f"{error.strerror} writing {where}; free some space: {rerun}"
 
 
-def run_mode(make_step=None, write_checkpoint=None) -> None:
+def run_mode() -> None:
     """Runs ``--mode`` with the parsed flags; every expected failure ends in one line, exit 2,
-    and Ctrl-C in one line saying where a rerun resumes. ``make_step``: the train step
-    factory, ``write_checkpoint`` the checkpoint writer (None: the library's; a test may
-    poison either)."""
+    and Ctrl-C in one line saying where a rerun resumes."""
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     init_distributed()
     from dynmoe_jax import inference, plan, train
     from dynmoe_jax.train import checkpoint
 
-    given = {"make_step": make_step, "write_checkpoint": write_checkpoint}
-    hooks = {k: v for k, v in given.items() if v is not None}
     modes = {
-        "train": lambda run: train.train_and_evaluate(run, FLAGS.workdir, **hooks),
+        "train": lambda run: train.train_and_evaluate(run, FLAGS.workdir),
         "eval": lambda run: inference.evaluate_workdir(run, FLAGS.workdir),
         "sample": _sample,
         "plan": lambda run: plan.print_plan(run, FLAGS.device_memory_bytes),

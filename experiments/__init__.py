@@ -10,7 +10,7 @@ reads; ``gpu_bench.sh`` and ``gpu_train.sh`` are the prepared runs for one GPU.
 
 Analyses: ``compare_routers``, ``difficulty``, ``sweep_threshold``, ``pretrained_top_p``, with
 their shared pieces: ``variants`` (the small language models they train), ``run_cache`` (train
-once, reuse the finished run), ``configs`` (the one place that touches the library's configs
-and training entry points), ``flops`` (FLOP and parameter arithmetic), ``stats``, ``report``
-(tables and results files), ``plots`` and ``tasks`` (the synthetic task suite).
+once, reuse the finished run), ``flops`` (FLOP arithmetic), ``stats``, ``report`` (tables and
+results files), ``plots`` and ``tasks`` (the synthetic task suite). They call the library
+directly: its configs, ``train``, ``plan`` and ``inference``.
 """

@@ -16,6 +16,7 @@ twice the time of 2 layers. Measured figures: experiments/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import importlib
 from collections.abc import Sequence
 
 import jax
@@ -23,8 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 from ml_collections import ConfigDict
 
+from dynmoe_jax import config as config_lib
 from dynmoe_jax.model.decoder import Decoder
-from experiments import configs
 from experiments.bench import flags
 from experiments.bench.harness import Bench, Program
 
@@ -44,14 +45,12 @@ def _layer_counts(text: str) -> list[int]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="tiny", help="a module of dynmoe_jax.configs")
+    p.add_argument("--config", type=flags.shipped_config, default="tiny",
+                   help="a module of dynmoe_jax.configs")  # fmt: skip
     p.add_argument("--layers", type=_layer_counts, default=[],
                    help="comma-separated; '' = the config's")  # fmt: skip
     p.add_argument("--steps", type=flags.positive(int), default=5, help="timed calls per layout")
-    args = p.parse_args(argv)
-    if not configs.is_named(args.config):
-        p.error(f"argument --config: {args.config} is not a module of dynmoe_jax.configs")
-    return args
+    return p.parse_args(argv)
 
 
 def _loss_fn(graphdef, config: ConfigDict):
@@ -74,9 +73,10 @@ def _loss_fn(graphdef, config: ConfigDict):
 
 def case(bench: Bench, config: ConfigDict, layers: int, scan: bool) -> Program:
     """The loss's value and gradients at ``layers`` layers, scanned or not, compiled."""
-    c = configs.copy_of(config)
+    c = config.copy_and_resolve_references()
     c.model.num_layers, c.model.scan_layers = layers, scan
-    graphdef, params = nnx.split(Decoder(configs.model_config(c), rngs=nnx.Rngs(0)), nnx.Param)
+    model_cfg = config_lib.resolve(c).model
+    graphdef, params = nnx.split(Decoder(model_cfg, rngs=nnx.Rngs(0)), nnx.Param)
     tokens_BT = jax.random.randint(jax.random.key(1), (c.batch_size, c.seq_len + 1), 0,
                                    c.vocab_size)  # fmt: skip
     return bench.compile(_loss_fn(graphdef, c), (params, tokens_BT))
@@ -84,7 +84,7 @@ def case(bench: Bench, config: ConfigDict, layers: int, scan: bool) -> Program:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    config = configs.named(args.config)
+    config = importlib.import_module(f"dynmoe_jax.configs.{args.config}").get_config()
     counts = args.layers or [config.model.num_layers]
     bench = Bench(args.steps)
     print(f"config={args.config} remat={config.model.remat} dtype={config.model.dtype} "

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import statistics
 import sys
 from collections.abc import Sequence
@@ -60,12 +61,13 @@ import jax
 import numpy as np
 from flax import nnx
 
+from dynmoe_jax import config as config_lib
 from dynmoe_jax import generate as generate_lib
 from dynmoe_jax import model as model_lib
 from dynmoe_jax import pretrained
 from dynmoe_jax.moe.routing import Router
 from dynmoe_jax.validation import ConfigError
-from experiments import configs, report
+from experiments import report
 from experiments.bench import flags, harness
 from experiments.bench.decode_bytes import cache_bytes, copy_bandwidth, expected_union, weight_bytes
 
@@ -90,7 +92,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The flags, each checked against its mode; a bad one ends in one argparse line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--config", default=None, help="config mode: a module of dynmoe_jax.configs")
+    mode.add_argument("--config", type=flags.shipped_config, default=None,
+                      help="config mode: a module of dynmoe_jax.configs")  # fmt: skip
     mode.add_argument("--checkpoint", type=Path, default=None, help="a Hugging Face model folder")
     p.add_argument("--new", type=_lengths, default=None,
                    help="new tokens per request (config mode: several, by commas; default "
@@ -139,8 +142,6 @@ def _check_config_mode(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         p.error(f"argument {_flag(name)}: only with --checkpoint")
     args.config = args.config or "default"
     args.new = args.new or [100, 400]
-    if not configs.is_named(args.config):
-        p.error(f"argument --config: {args.config} is not a module of dynmoe_jax.configs")
 
 
 def _check_checkpoint_mode(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -166,9 +167,9 @@ def _check_checkpoint_mode(p: argparse.ArgumentParser, args: argparse.Namespace)
 
 def run_config(args: argparse.Namespace) -> dict:
     """The rate at each number of new tokens for the config's fresh model, at B = 1."""
-    config = configs.named(args.config)
+    config = importlib.import_module(f"dynmoe_jax.configs.{args.config}").get_config()
     config.model.scan_layers = args.scan
-    model_cfg = configs.model_config(config)
+    model_cfg = config_lib.resolve(config).model
     params = nnx.split(model_lib.Decoder(model_cfg, rngs=nnx.Rngs(0)))[1]
     graphdef, params = generate_lib.decode_layout(model_cfg, params)
     prompt = prompts(1, model_cfg.vocab_size)[0]

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import configs, plots, report, run_cache, stats, tasks, variants
+from dynmoe_jax import config as config_lib
+from experiments import plots, report, run_cache, stats, tasks, variants
 from experiments.tasks import TASKS
 
 MODULE = "experiments.difficulty"
@@ -153,7 +154,7 @@ def run_tokens(args: argparse.Namespace) -> tuple[dict, dict]:
         config = variants.lm_config("top_p", seed, args.scale, args.threshold, args.lm_steps)
         workdir = args.runs_dir / variants.run_name("top_p", seed, args.scale, args.threshold)
         run_cache.run_or_load(config, workdir)
-        run = configs.restore(config, workdir)
+        run = inference.restore(config_lib.resolve(config), workdir)
         per_token = inference.token_statistics(
             run.task.graphdef, run.params, run.data.eval_batches()
         )

@@ -57,12 +57,15 @@ from pathlib import Path
 
 import jax
 
+from dynmoe_jax import config as config_lib
+from dynmoe_jax import data as data_lib
 from dynmoe_jax import plan as plan_lib
-from experiments import configs
+from dynmoe_jax import train
+from dynmoe_jax.configs import paper
 
 out, workdir = sys.argv[1], Path(sys.argv[2])
 size = {k: float(v) for k, v in (a.split("=") for a in sys.argv[3:])}
-c = configs.named("paper")
+c = paper.get_config()
 c.dataset, c.mesh_shape, c.grad_accum_steps = "pydoc", "", 1
 c.vocab_size, c.seq_len, c.batch_size = int(size["vocab"]), int(size["seq_len"]), int(size["batch"])
 c.num_train_steps = int(size["steps"])
@@ -77,15 +80,17 @@ c.moe.num_experts = int(size["experts"])
 c.moe.group_size = c.seq_len
 c.lock()
 
-data = configs.data(c)  # trains (or reads) the tokenizer: its real vocabulary size
+# Trains (or reads) the tokenizer: its real vocabulary size.
+data = data_lib.from_config(config_lib.resolve(c).data)
 print(data.summary(), file=sys.stderr)
-planned = configs.copy_of(c)
+planned = c.copy_and_resolve_references()
 planned.vocab_size = data.vocab_size
-plan = plan_lib.plan(configs.resolved(planned), size["memory"],
+run = config_lib.resolve(planned)
+plan = plan_lib.plan(run, size["memory"],
                      log=lambda line: print(line, file=sys.stderr))
 print(f"plan: {json.dumps(plan)}", file=sys.stderr)
 
-configs.train_with_data(planned, workdir, data, c.dataset)
+train.train_with_data(run, workdir, data, c.dataset)
 records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 rates = [r["tokens_per_sec"] for r in records if r.get("split") == "train"]
 steady = rates[1:] or rates  # the first window includes compilation
@@ -93,7 +98,7 @@ tokens_per_sec = sum(steady) / len(steady)
 tokens_per_step = c.batch_size * c.seq_len
 achieved = tokens_per_sec / tokens_per_step * plan["flops_per_step"]
 peak = size["peak_tflops"] * 1e12
-model_cfg = configs.model_config(planned)  # its vocabulary: the tokenizer's
+model_cfg = run.model  # its vocabulary: the tokenizer's
 embed = 0 if model_cfg.tie_embeddings else data.vocab_size * model_cfg.d_model
 analytic = plan_lib.analytic_flops(
     model_cfg, plan["active_params"] - embed, tokens_per_step, c.seq_len

@@ -39,11 +39,14 @@ import jax
 import numpy as np
 from ml_collections import ConfigDict
 
+from dynmoe_jax import config as config_lib
+from dynmoe_jax import data as data_lib
 from dynmoe_jax import generate as generate_lib
 from dynmoe_jax import train as train_lib
+from dynmoe_jax.configs import pretrained as pretrained_config
 from dynmoe_jax.pretrained import init_from as init_from_lib
 from dynmoe_jax.validation import ConfigError
-from experiments import configs, plots, report
+from experiments import plots, report
 
 MODULE = "experiments.pretrained_top_p"
 DEFAULT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -84,8 +87,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def base_config(args: argparse.Namespace) -> ConfigDict:
     """The fine-tuning config with this evaluation's corpus, sizes and a drop-free router."""
-    c = configs.named("pretrained")
-    c.init_from = configs.checked_init_from(args.path)
+    c = pretrained_config.get_config()
+    c.init_from = init_from_lib.check_path(args.path)
     c.dataset, c.data_dir = args.dataset, args.data_dir
     c.seq_len, c.batch_size, c.eval_batches = args.seq_len, args.batch_size, args.eval_batches
     c.mesh_shape = args.mesh_shape
@@ -113,7 +116,7 @@ def label(setting: dict, native_k: int | None = None) -> str:
 
 
 def with_setting(config: ConfigDict, setting: dict) -> ConfigDict:
-    c = configs.copy_of(config)
+    c = config.copy_and_resolve_references()
     for field, value in setting.items():
         c.moe[field] = value
     return c
@@ -122,7 +125,7 @@ def with_setting(config: ConfigDict, setting: dict) -> ConfigDict:
 def evaluate_setting(config: ConfigDict, setting: dict, data, params) -> dict:
     """Validation loss, perplexity and experts per token (per layer) under ``setting``."""
     c = with_setting(config, setting)
-    task = configs.build_task(c, data.vocab_size)
+    task = train_lib.build_task(config_lib.resolve(c), data.vocab_size)
     eval_step = train_lib.make_eval_step(task)
     with jax.set_mesh(task.mesh):
         return train_lib.evaluate(eval_step, params, data.eval_batches(c.eval_batches))
@@ -133,7 +136,7 @@ def decode_rates(config: ConfigDict, todo: Sequence[dict], task, decode_params,
     """(decode tokens/s, experts per new token) of each setting at B=1 over one decode layout
     (``decode_params``), with a graph per setting: an untimed round, then a timed one."""
     graphdefs = [
-        generate_lib.decode_graphdef(configs.model_config(with_setting(config, setting)))
+        generate_lib.decode_graphdef(config_lib.resolve(with_setting(config, setting)).model)
         for setting in todo
     ]
     out = []
@@ -155,15 +158,15 @@ def decode_prompt(data) -> list[int]:
 
 def run(args: argparse.Namespace) -> dict:
     config = base_config(args)
-    configs.check(config)  # every one-line error before the corpus is read
-    native_cfg = configs.model_config(config).moe
+    resolved = config_lib.check_config(config)  # every one-line error before the corpus is read
+    native_cfg = resolved.model.moe
     native_k, experts = native_cfg.top_k, native_cfg.num_experts
     todo = settings(args.ks, args.thresholds, native_k, experts)
     for setting in todo:  # a bad threshold or k fails here, before anything is loaded
-        configs.model_config(with_setting(config, setting))
-    data = configs.data(config)
+        config_lib.resolve(with_setting(config, setting))
+    data = data_lib.from_config(resolved.data)
     print(data.summary())
-    task = configs.build_task(config, data.vocab_size)
+    task = train_lib.build_task(resolved, data.vocab_size)
     params = init_from_lib.load_params(task)
     rows = []
     for i, setting in enumerate(todo, 1):

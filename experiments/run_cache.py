@@ -1,9 +1,11 @@
 """The run cache of the experiments: train a config once in its workdir, reuse the finished run.
 
-A workdir under ``runs/experiments/`` (git-ignored) holds one run; once it has finished, a
-summary (``SUMMARY_FILE``) records its config, final metrics and timings. A later script that
-asks for the same config on the same corpus reads the run back instead of training again;
-anything else in the workdir is refused, never silently reused or deleted.
+A workdir under ``runs/experiments/`` (git-ignored) holds one run. The library's run record
+(``config.json``, ``dynmoe_jax.train.run_record``) says which config and corpus it trained;
+once it has finished, a summary (``SUMMARY_FILE``) adds what the library does not record: the
+final metrics and the wall time. A later script that asks for the same config on the same
+corpus reads the run back instead of training again; anything else in the workdir is refused,
+never silently reused or deleted.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
-from experiments import configs
+from dynmoe_jax import config as config_lib
+from dynmoe_jax import train
+from dynmoe_jax.train import run_record
 from experiments.report import REPO_ROOT, jsonable
 
 RUNS_DIR = REPO_ROOT / "runs" / "experiments"
-SUMMARY_FILE = "experiment_run.json"  # written into a workdir once its run has finished
+SUMMARY_FILE = "experiment_run.json"  # final metrics and timings, once the run has finished
 
 Trainer = Callable[[ConfigDict, Path], dict]
 
@@ -58,12 +62,6 @@ def steady_step_ms(train_records: Sequence[dict], tokens_per_step: int) -> float
     if not rates:
         return float("nan")
     return 1000.0 * tokens_per_step / float(np.median(rates))
-
-
-def trained_corpus(workdir: Path) -> str | None:
-    """The corpus a run was trained on, as its workdir's run record says (the corpus actually
-    used, a fallback included); None when there is no record."""
-    return configs.recorded_corpus(workdir)
 
 
 def same_config(saved: dict, current: dict) -> bool:
@@ -112,21 +110,28 @@ def load_run(workdir: Path, config: ConfigDict) -> RunResult | None:
     summary_path = workdir / SUMMARY_FILE
     if not summary_path.exists():
         raise RunCacheError(f"{workdir} holds an unfinished run; {fix}")
-    summary = json.loads(summary_path.read_text())
-    if not same_config(json.loads(summary["config"]), json.loads(configs.to_json(config))):
+    record = run_record.load(workdir)
+    if record is None:
+        raise RunCacheError(f"{workdir} holds no record of its corpus, not "
+                            f"dataset={config.dataset!r}; {fix}")  # fmt: skip
+    ours = json.loads(config_lib.as_dict(config_lib.resolve(config)).to_json())
+    if not same_config(record.config.to_dict(), ours):
         raise RunCacheError(f"{workdir} holds a run of another config; {fix}")
-    corpus = trained_corpus(workdir)
-    if corpus != config.dataset:
-        found = "no record of its corpus" if corpus is None else f"a run on dataset={corpus!r}"
-        raise RunCacheError(f"{workdir} holds {found}, not dataset={config.dataset!r}; {fix}")
-    return _read_run(workdir, config, summary)
+    if record.corpus != config.dataset:
+        raise RunCacheError(f"{workdir} holds a run on dataset={record.corpus!r}, not "
+                            f"dataset={config.dataset!r}; {fix}")  # fmt: skip
+    return _read_run(workdir, config, json.loads(summary_path.read_text()))
+
+
+def _train_and_evaluate(config: ConfigDict, workdir: Path) -> dict:
+    return train.train_and_evaluate(config_lib.resolve(config), workdir)
 
 
 def run_or_load(
     config: ConfigDict,
     workdir: Path,
     fresh: bool = False,
-    train: Trainer = configs.train_and_evaluate,
+    train: Trainer = _train_and_evaluate,
 ) -> RunResult:
     """Trains ``config`` in ``workdir`` (with the library's ``train_and_evaluate``, or
     ``train``), or reuses the finished run there, so that the scripts share runs and can be
@@ -146,7 +151,6 @@ def run_or_load(
     wall_s = time.perf_counter() - start
     train_records = [r for r in _metrics(workdir) if r.get("split") == "train"]
     summary = {
-        "config": configs.to_json(config),
         "final": jsonable(final),
         "wall_s": wall_s,
         "step_ms": steady_step_ms(train_records, config.batch_size * config.seq_len),

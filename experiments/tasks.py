@@ -1,5 +1,5 @@
 """A synthetic suite of tasks of graded difficulty (copying 4 digits, then sums of 1- to
-4-digit numbers), trained through the library's loop as its own ``RunData``.
+4-digit numbers), trained through the library's loop as its own data (``train.RunData``).
 
 Each validation record of such a run also holds per-task statistics (``task_*`` fields of
 metrics.jsonl), so the experts per task can be followed over training.
@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 from ml_collections import ConfigDict
 
-from experiments import configs, run_cache, variants
+from dynmoe_jax import config as config_lib
+from dynmoe_jax import train
+from experiments import run_cache, variants
 
 # Token ids of the synthetic vocabulary. 0 is never produced (the library's padding id).
 PAD = 0
@@ -146,12 +148,16 @@ class TaskSuiteData:
         self.vocab_size = VOCAB_SIZE
         self.seed, self.batch_size, self.seq_len = config.seed, config.batch_size, config.seq_len
 
-    def train_batch(self, step: int) -> dict[str, np.ndarray]:
+    def train_batch(self, step: int, rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        """The global batch ``step`` (``rows`` is not read: the loop takes the whole batch)."""
         batch = make_batch(np.random.default_rng([self.seed, step]), self.batch_size, self.seq_len)
         batch.pop("task")
         return batch
 
-    def eval_batches(self, max_batches: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    def eval_batches(
+        self, max_batches: int | None = None, rows: Sequence[int] | None = None
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """The validation batches, whole (``rows`` is not read), each with its task labels."""
         rng = np.random.default_rng(EVAL_SEED)
         task_ids = np.repeat(np.arange(len(TASKS)), self.batch_size // len(TASKS))
         for _ in range(EVAL_BATCHES if max_batches is None else max_batches):
@@ -208,7 +214,8 @@ def train_tasks(config: ConfigDict, workdir: Path) -> dict:
         return {PREFIX + k: v for k, v in stats.items()}
 
     # Recorded as corpus "synthetic" (the config's dataset), as the run cache checks.
-    return configs.train_with_data(config, workdir, data, config.dataset, per_task)
+    run = config_lib.resolve(config)
+    return train.train_with_data(run, workdir, data, config.dataset, per_task)
 
 
 def task_history(run: run_cache.RunResult) -> list[dict]:

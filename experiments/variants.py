@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ml_collections import ConfigDict
 
-from experiments import configs
+from dynmoe_jax.configs import default
 
 # The models of the router comparison. Each maps to config changes in `lm_config`.
 VARIANTS = (
@@ -77,7 +77,7 @@ def lm_config(
         raise ValueError(f"variant={variant!r} is invalid: allowed {' | '.join(VARIANTS)}")
     if scale < 1:
         raise ValueError(f"scale={scale} is invalid: allowed an integer >= 1")
-    c = configs.named("default")
+    c = default.get_config()
     c.seed = seed
     c.dataset = "kjv"
     c.fallback_dataset = ""  # the committed results are on the Bible: never train on another corpus

@@ -1,38 +1,43 @@
-"""Fault injection for the tests: a checkpoint writer that runs out of disk space partway
-through one chosen step, as a filesystem that fills during training does.
+"""Fault injection for the tests: Orbax's save runs out of disk space partway through one chosen
+step, as a filesystem that fills during training does.
 
-The library's writer knows nothing of this: ``train_and_evaluate(write_checkpoint=...)`` and
-``Checkpointer(write=...)`` take the wrapped writer.
+The library knows nothing of this: ``full_disk_at`` replaces Orbax's ``CheckpointManager.save``
+while it is entered, and the CLI below runs inside it.
 
     python -m tests.disk_full STEP --config=... --workdir=...   # the CLI, the disk full at STEP
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
-from dynmoe_jax.train import storage
+import orbax.checkpoint as ocp
 
 PARTIAL_BYTES = 4096  # what the failing write leaves in the step's temporary directory
 
 
-def full_disk_at(step: int):
-    """A writer like ``storage.orbax_write`` whose write of ``step`` fails with ENOSPC after
-    putting the start of a file in Orbax's temporary directory for that step."""
+@contextlib.contextmanager
+def full_disk_at(step: int) -> Iterator[None]:
+    """Within it, Orbax's save of ``step`` fails with ENOSPC after putting the start of a file
+    in its temporary directory for that step; other steps are saved as usual."""
+    save = ocp.CheckpointManager.save
 
-    def write(manager, at: int, args) -> None:
+    def full(manager, at: int, *args, **kwargs):
         if at != step:
-            storage.orbax_write(manager, at, args)
-            return
+            return save(manager, at, *args, **kwargs)
         partial = Path(manager.directory) / f"{at}.orbax-checkpoint-tmp" / "state" / "d" / "0"
         partial.parent.mkdir(parents=True)
         partial.write_bytes(b"\0" * PARTIAL_BYTES)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial))
 
-    return write
+    with mock.patch.object(ocp.CheckpointManager, "save", full):
+        yield
 
 
 if __name__ == "__main__":
@@ -41,9 +46,5 @@ if __name__ == "__main__":
     from dynmoe_jax import main
 
     full_step = int(sys.argv.pop(1))
-
-    def run(argv):
-        del argv
-        main.run_mode(write_checkpoint=full_disk_at(full_step))
-
-    app.run(run, flags_parser=main.parse_flags)
+    with full_disk_at(full_step):
+        app.run(main.main, flags_parser=main.parse_flags)

@@ -1,8 +1,8 @@
-"""Fault injection for the tests: a train step that sees a NaN loss at one chosen step.
+"""Fault injection for the tests: training data whose batch of one chosen step has NaN weights,
+so the loss and every gradient of that step are NaN, as a real overflow would make them.
 
-The library's step knows nothing of this: the wrapper gives the step a batch whose weights are
-NaN, so the loss and every gradient of that step are NaN, as a real overflow would make them.
-``train_and_evaluate`` takes the wrapped step factory (``make_step``).
+The library knows nothing of this: ``train.train_with_data`` takes the wrapped data, and the
+CLI below reads it where ``train_and_evaluate`` reads its corpus (``data.from_config``).
 
     python -m tests.nan_injection STEP --config=... --workdir=...   # the CLI, poisoned at STEP
 """
@@ -10,27 +10,28 @@ NaN, so the loss and every gradient of that step are NaN, as a real overflow wou
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
-import jax.numpy as jnp
+import numpy as np
 
-from dynmoe_jax import train
+from dynmoe_jax import data as data_lib
 
 
-def nan_at(step: int):
-    """A step factory like ``train.make_train_step`` whose step number ``step`` (1-based) is
-    NaN."""
+class NanAt:
+    """``data`` (a ``data.Data``) whose train batch of step number ``step`` (1-based) has NaN
+    weights; everything else is read from ``data``."""
 
-    def make(task):
-        train_step = train.make_train_step(task)
+    def __init__(self, data: data_lib.Data, step: int):
+        self.data, self.step = data, step
 
-        def poisoned(state, batch):
-            if int(state.step) + 1 == step:
-                batch = dict(batch, weights=batch["weights"] * jnp.nan)
-            return train_step(state, batch)
+    def __getattr__(self, name: str):
+        return getattr(self.data, name)
 
-        return poisoned
-
-    return make
+    def train_batch(self, index: int, rows: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        batch = self.data.train_batch(index, rows)
+        if index + 1 == self.step:  # batch ``index`` is read by step ``index + 1``
+            batch = dict(batch, weights=batch["weights"] * np.nan)
+        return batch
 
 
 if __name__ == "__main__":
@@ -39,9 +40,6 @@ if __name__ == "__main__":
     from dynmoe_jax import main
 
     poisoned_step = int(sys.argv.pop(1))
-
-    def run(argv):
-        del argv
-        main.run_mode(make_step=nan_at(poisoned_step))
-
-    app.run(run, flags_parser=main.parse_flags)
+    read = data_lib.from_config
+    data_lib.from_config = lambda *a, **k: NanAt(read(*a, **k), poisoned_step)
+    app.run(main.main, flags_parser=main.parse_flags)

@@ -10,8 +10,7 @@ importing one module of the package (its config, say) does not import all of the
 import importlib
 
 _HOMES = {
-    "batches": ("Batch", "RunData", "check_batch_split", "process_rows", "put_batch",
-                "read_eval_batches", "read_train_batch"),
+    "batches": ("Batch", "RunData", "check_batch_split", "process_rows", "put_batch"),
     "evaluation": ("describe_validation", "evaluate"),
     "loop": ("NonFiniteError", "train_and_evaluate", "train_with_data"),
     "loss": ("cross_entropy", "forward"),

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import jax
 import numpy as np
 
-from dynmoe_jax import data as data_lib
 from dynmoe_jax.validation import check
 
 if TYPE_CHECKING:  # task.py checks batch splits with this module
@@ -19,13 +18,17 @@ Batch = dict[str, np.ndarray]
 
 
 class RunData(Protocol):
-    """What the loop reads from its data (``data.Data`` or an experiment's own tasks)."""
+    """What the loop reads from its data (``data.Data`` or any other source). ``rows``: only
+    these rows of each global batch, in this order (those this process's devices hold; None:
+    all); a source may return the whole global batch instead, which ``put_batch`` also takes."""
 
     vocab_size: int
 
-    def train_batch(self, step: int) -> Batch: ...
+    def train_batch(self, step: int, rows: Sequence[int] | None = None) -> Batch: ...
 
-    def eval_batches(self, max_batches: int | None = None) -> Iterable[Batch]: ...
+    def eval_batches(
+        self, max_batches: int | None = None, rows: Sequence[int] | None = None
+    ) -> Iterable[Batch]: ...
 
     def unigram_cross_entropy(self, max_batches: int | None = None) -> float: ...
 
@@ -84,17 +87,3 @@ def put_batch(task: Task, batch: Batch) -> dict[str, jax.Array]:
         if k in local
     }
 
-
-def read_train_batch(data: RunData, step: int, rows: np.ndarray) -> Batch:
-    """Batch ``step``: only ``rows`` of it where the data reads by row (``data.Data``), the
-    global batch otherwise (``put_batch`` takes either)."""
-    if isinstance(data, data_lib.Data):
-        return data.train_batch(step, rows)
-    return data.train_batch(step)
-
-
-def read_eval_batches(data: RunData, max_batches: int | None, rows: np.ndarray):
-    """``data.eval_batches(max_batches)``, only ``rows`` of each where the data reads by row."""
-    if isinstance(data, data_lib.Data):
-        return data.eval_batches(max_batches, rows)
-    return data.eval_batches(max_batches)

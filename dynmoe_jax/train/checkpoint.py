@@ -48,7 +48,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dynmoe_jax.model import layer_stack
 from dynmoe_jax.train.storage import (
     CheckpointSpaceError,
-    Write,
     discard_unfinished,
     failures_raised_not_logged,
     free_bytes,
@@ -251,19 +250,15 @@ def _reason(e: BaseException) -> str:
 
 class Checkpointer:
     """Saves and restores one workdir's checkpoints. With ``create=False`` (reading a finished
-    run) a workdir without checkpoints is a FileNotFoundError and nothing is created. ``write``
-    writes one step (``storage.orbax_write``; a test may make it fail)."""
+    run) a workdir without checkpoints is a FileNotFoundError and nothing is created."""
 
-    def __init__(
-        self, workdir: str | Path, keep: int = 3, create: bool = True, write: Write = orbax_write
-    ):
+    def __init__(self, workdir: str | Path, keep: int = 3, create: bool = True):
         self.workdir = Path(workdir).absolute()
         self.directory = self.workdir / "checkpoints"
         if not create and not self.directory.is_dir():
             raise FileNotFoundError(f"no checkpoint under {self.directory}: train first")
         self._keep = keep
         self._create = create
-        self._write = write
         self._failed = False  # a save failed: Orbax's pending work is abandoned, not awaited
         self._repair_step_records()
         self._manager = self._open()
@@ -316,7 +311,7 @@ class Checkpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         try:
             with failures_raised_not_logged():
-                self._write(self._manager, step, args)
+                orbax_write(self._manager, step, args)
         except Exception as e:
             if not out_of_space(e):
                 raise
@@ -343,8 +338,7 @@ class Checkpointer:
         args = ocp.args.Composite(state=state_args, meta=ocp.args.JsonRestore())
         _check_stored_values(self.directory / str(step) / "state")
         restored = self._manager.restore(step, args=args)
-        # Compared path by path: a target of other containers (a NamedTuple for a saved dict)
-        # may order the same arrays differently.
+        # Compared path by path: a partial restore reads some of the saved arrays.
         saved = dict(zip(restored.meta["layout"], restored.meta["fingerprint"], strict=True))
         got = dict(zip(_layout(restored.state), fingerprint(restored.state), strict=True))
         if _within(saved, set(got), partial) != got:

@@ -18,15 +18,9 @@ from dynmoe_jax.config import RunConfig, check_config
 from dynmoe_jax.train import checkpoint as ckpt_lib
 from dynmoe_jax.train import metrics as metrics_lib
 from dynmoe_jax.train import run_record
-from dynmoe_jax.train.batches import (
-    RunData,
-    process_rows,
-    put_batch,
-    read_eval_batches,
-    read_train_batch,
-)
+from dynmoe_jax.train.batches import RunData, process_rows, put_batch
 from dynmoe_jax.train.evaluation import describe_validation, evaluate
-from dynmoe_jax.train.step import TrainStep, make_eval_step, make_train_step
+from dynmoe_jax.train.step import make_eval_step, make_train_step
 from dynmoe_jax.train.task import Task, TrainState, build_task, restore_or_init, save_state
 
 
@@ -34,27 +28,16 @@ class NonFiniteError(FloatingPointError):
     """Training met a non-finite loss or gradient with ``nonfinite='stop'``."""
 
 
-StepFactory = Callable[[Task], TrainStep]
-
-
-def train_and_evaluate(
-    config: RunConfig,
-    workdir: str | Path,
-    make_step: StepFactory = make_train_step,
-    write_checkpoint: ckpt_lib.Write = ckpt_lib.orbax_write,
-) -> dict:
+def train_and_evaluate(config: RunConfig, workdir: str | Path) -> dict:
     """Trains (resuming from the workdir's latest checkpoint) and returns the final validation
-    metrics. Writes metrics.jsonl, TensorBoard events, checkpoints and the experts plot.
-    ``make_step`` builds the train step from the task, and ``write_checkpoint`` writes one
-    checkpoint (a test may wrap either)."""
+    metrics. Writes metrics.jsonl, TensorBoard events, checkpoints and the experts plot."""
     check_config(config)  # every data-free check, before reading or compiling
     workdir = Path(workdir)
     data = data_lib.from_config(config.data)
     dataset = data.config.dataset  # the fallback corpus, if the config named one and used it
     run_record.check_corpus(workdir, dataset)
     print(data.summary())
-    return train_with_data(config, workdir, data, dataset, make_step=make_step,
-                           write_checkpoint=write_checkpoint)  # fmt: skip
+    return train_with_data(config, workdir, data, dataset)
 
 
 ValidationExtras = Callable[[Task, Any], dict]
@@ -66,8 +49,6 @@ def train_with_data(
     data: RunData,
     dataset: str,
     validation_extras: ValidationExtras | None = None,
-    make_step: StepFactory = make_train_step,
-    write_checkpoint: ckpt_lib.Write = ckpt_lib.orbax_write,
 ) -> dict:
     """``train_and_evaluate`` on ``data`` (named ``dataset`` in the logs). Each validation
     record also holds ``validation_extras(task, params)``, if given (JSON-able values).
@@ -77,13 +58,13 @@ def train_with_data(
     records the run once its state is restored or made (a refused run writes nothing)."""
     workdir = Path(workdir)
     task = build_task(config, data.vocab_size)
-    checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints, write=write_checkpoint)
+    checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
     state = restore_or_init(task, checkpointer)
     run_record.save(config, workdir, dataset)
     start = int(state.step)
     lead = jax.process_index() == 0  # one process writes the logs of a multi-host run
     writer = metrics_lib.MetricsWriter(workdir, resume_step=start, enabled=lead)
-    loop = _Loop(task, data, checkpointer, writer, validation_extras, make_step)
+    loop = _Loop(task, data, checkpointer, writer, validation_extras)
     try:
         with jax.set_mesh(task.mesh):  # the layer's sharding constraints read this mesh
             state, final = loop.run(state, start)
@@ -100,11 +81,11 @@ def train_with_data(
 class _Loop:
     """The step loop with its progress bar, periodic logging, validation and checkpointing."""
 
-    def __init__(self, task, data, checkpointer, writer, validation_extras, make_step):
+    def __init__(self, task, data, checkpointer, writer, validation_extras):
         self.task, self.data = task, data
         self.checkpointer, self.writer = checkpointer, writer
         self.validation_extras = validation_extras
-        self.train_step = make_step(task)
+        self.train_step = make_train_step(task)
         self.eval_step = make_eval_step(task)
         self.tokens_per_step = task.config.batch_size * task.config.seq_len
         self.rows = process_rows(task)  # the rows of each batch this process reads
@@ -132,7 +113,7 @@ class _Loop:
         window_start, window_steps = time.perf_counter(), 0
         previous = None  # metrics of the step dispatched before this one
         for step in range(start + 1, total + 1):
-            batch = put_batch(self.task, read_train_batch(self.data, step - 1, self.rows))
+            batch = put_batch(self.task, self.data.train_batch(step - 1, self.rows))
             state, metrics = self.train_step(state, batch)
             window_steps += 1
             if previous is not None:
@@ -180,7 +161,7 @@ class _Loop:
             )
 
     def _eval_batches(self):
-        return read_eval_batches(self.data, self.task.config.eval_batches, self.rows)
+        return self.data.eval_batches(self.task.config.eval_batches, self.rows)
 
     def validate(self, state: TrainState, step: int) -> dict:
         result = evaluate(self.eval_step, state.params, self._eval_batches())

@@ -15,7 +15,6 @@ import contextlib
 import errno
 import logging
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +25,6 @@ from absl import logging as absl_logging
 
 class CheckpointSpaceError(OSError):
     """A checkpoint did not fit on the workdir's filesystem; the complete ones are kept."""
-
-
-# Writes one step: (manager, step, args). The default is Orbax's; a caller may wrap it (the
-# tests make one that fails partway, as a full disk would).
-Write = Callable[[ocp.CheckpointManager, int, ocp.args.Composite], None]
 
 
 def orbax_write(manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite) -> None:

@@ -8,8 +8,10 @@ A bad value ends in argparse's one line, which names the flag (``argument --reps
 from __future__ import annotations
 
 import argparse
+import pkgutil
 from collections.abc import Callable
 
+from dynmoe_jax import configs
 from experiments.bench.layers import LayerShape
 
 
@@ -35,6 +37,13 @@ def unit_interval(text: str) -> float:
 
 
 unit_interval.__name__ = "float"
+
+
+def shipped_config(name: str) -> str:
+    """An argparse type: the name of a module of ``dynmoe_jax.configs`` (default, tiny, ...)."""
+    if name not in {m.name for m in pkgutil.iter_modules(configs.__path__)}:
+        raise argparse.ArgumentTypeError(f"{name} is not a module of dynmoe_jax.configs")
+    return name
 
 
 def add_layer_shape(p: argparse.ArgumentParser) -> None:

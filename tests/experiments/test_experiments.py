@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments import configs, flops, report, run_cache, stats, sweep_threshold, tasks, variants
+from dynmoe_jax import config as config_lib
+from dynmoe_jax.train import run_record
+from experiments import flops, report, run_cache, stats, sweep_threshold, tasks, variants
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -125,14 +127,13 @@ def test_lm_config_variants_match_activated_parameters():
 def _fake_run(workdir, config, corpus="kjv"):
     """A finished run's files, as run_or_load and the library leave them, without training."""
     workdir.mkdir(parents=True)
-    summary = {"config": config.to_json(sort_keys=True), "final": {"loss": 2.5},
-               "wall_s": 12.0, "step_ms": 80.0}  # fmt: skip
+    summary = {"final": {"loss": 2.5}, "wall_s": 12.0, "step_ms": 80.0}
     (workdir / run_cache.SUMMARY_FILE).write_text(json.dumps(summary))
     records = [{"step": 5, "split": "train", "loss": 3.0},
                {"step": 5, "split": "validation", "loss": 2.5}]  # fmt: skip
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     if corpus is not None:  # the library's record of the corpus it trained on
-        configs.save_run_record(config, workdir, corpus)
+        run_record.save(config_lib.resolve(config), workdir, corpus)
 
 
 def _no_training(config, workdir):
@@ -157,7 +158,8 @@ def test_finished_runs_are_reused_only_with_the_same_config(tmp_path):
 def test_a_run_on_another_corpus_is_refused_not_deleted(tmp_path, corpus, message):
     config = variants.lm_config("top_p", 0, steps=5)
     _fake_run(tmp_path / "run", config, corpus=corpus)
-    assert run_cache.trained_corpus(tmp_path / "run") == corpus
+    record = run_record.load(tmp_path / "run")
+    assert (record and record.corpus) == corpus
     with pytest.raises(run_cache.RunCacheError, match=message):
         run_cache.run_or_load(config, tmp_path / "run", train=_no_training)
     kept = {p.name for p in (tmp_path / "run").iterdir()}
@@ -250,7 +252,7 @@ def test_task_and_token_statistics_on_a_tiny_model():
     from dynmoe_jax import train as train_lib
 
     config = _tiny_tasks_config()
-    task = configs.build_task(config, tasks.VOCAB_SIZE)
+    task = train_lib.build_task(config_lib.resolve(config), tasks.VOCAB_SIZE)
     params = train_lib.init_state(task).params
     batches = list(tasks.TaskSuiteData(config).eval_batches(1))
     per_task = tasks.task_statistics(task.graphdef, params, batches)

@@ -16,12 +16,13 @@ import jax
 import numpy as np
 import pytest
 
+from dynmoe_jax import data as data_lib
 from dynmoe_jax import inference, train
 from dynmoe_jax.moe import balance
 from dynmoe_jax.train import checkpoint as ckpt_lib
 from dynmoe_jax.train import loop
 from tests.disk_full import full_disk_at
-from tests.nan_injection import nan_at
+from tests.nan_injection import NanAt
 from tests.runs import DISPATCHES, records
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -141,7 +142,8 @@ def test_same_seed_same_metrics(trained, dispatch, tmp_path):
 @pytest.mark.parametrize("dispatch", DISPATCHES)
 def test_nan_is_skipped_and_counted(tiny_run, dispatch, tmp_path):
     config = tiny_run(**{"moe.dispatch": dispatch})
-    final = train.train_and_evaluate(config, tmp_path / "bad", make_step=nan_at(2))
+    data = NanAt(data_lib.from_config(config.data), 2)
+    final = train.train_with_data(config, tmp_path / "bad", data, config.data.dataset)
     logged = [r for r in records(tmp_path / "bad") if r["split"] == "train"]
     assert [r["nonfinite_steps"] for r in logged] == [1.0, 1.0, 1.0]
     assert np.isfinite(final["loss"])
@@ -175,8 +177,8 @@ def test_a_full_disk_stops_the_run_at_that_save_and_a_rerun_matches_an_uninterru
     run = trained("grouped")
     workdir = tmp_path / "run"
     message = r"for the checkpoint of step 3 .*: no checkpoint is complete yet"
-    with pytest.raises(ckpt_lib.CheckpointSpaceError, match=message):
-        train.train_and_evaluate(run.config, workdir, write_checkpoint=full_disk_at(3))
+    with pytest.raises(ckpt_lib.CheckpointSpaceError, match=message), full_disk_at(3):
+        train.train_and_evaluate(run.config, workdir)
     assert max(r["step"] for r in records(workdir)) == 3  # not one step past the failed save
     assert list((workdir / "checkpoints").iterdir()) == []  # its unfinished files removed
     train.train_and_evaluate(run.config, workdir)  # space freed: the same call again

@@ -12,7 +12,6 @@ from dynmoe_jax import data as data_lib
 from dynmoe_jax import train
 from dynmoe_jax.moe import balance
 from dynmoe_jax.train import step as step_lib
-from tests.nan_injection import nan_at
 from tests.runs import DISPATCHES
 from tests.train.synthetic import V, counting_batch
 
@@ -59,11 +58,12 @@ def test_bf16_run_keeps_parameters_and_optimizer_state_in_float32(runs):
 def test_skipped_step_leaves_the_state_unchanged(tiny_run):
     task = train.build_task(tiny_run(), 512)
     data = data_lib.from_config(tiny_run())
-    batch = train.put_batch(task, data.train_batch(0))
+    batch = data.train_batch(0)
+    poisoned = train.put_batch(task, dict(batch, weights=batch["weights"] * np.nan))
     with jax.set_mesh(task.mesh):
         state = train.init_state(task)
         before = jax.device_get(state)
-        after, metrics = nan_at(1)(task)(state, batch)
+        after, metrics = train.make_train_step(task)(state, poisoned)
     after = jax.device_get(after)
     assert np.isnan(metrics["loss"]) and int(after.step) == 1
     assert (int(after.nonfinite_steps), int(after.first_nonfinite_step)) == (1, 1)
