@@ -25,6 +25,7 @@ import functools
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from jax.sharding import Mesh
@@ -34,6 +35,8 @@ from dynmoe_jax import sharding, validation
 from dynmoe_jax.data.pipeline import DataConfig
 from dynmoe_jax.model.config import FFN, ModelConfig
 from dynmoe_jax.moe.config import MoEConfig
+from dynmoe_jax.pretrained.hf_config import CONFIG_FILE, hf_model_config
+from dynmoe_jax.pretrained.load import check_folder
 from dynmoe_jax.train.config import LossConfig, TrainConfig
 from dynmoe_jax.validation import ConfigError, enum_value, invalid
 
@@ -234,9 +237,7 @@ def resolve(config: ConfigDict) -> RunConfig:
     for path in field_paths(config):
         if path not in known:
             unknown_field(path, _get(config, path))
-    from dynmoe_jax.pretrained import init_from
-
-    folder = init_from.check_path(config.get("init_from", ""))  # absolute, or ''
+    folder = check_init_from(config.get("init_from", ""))  # absolute, or ''
     try:
         data = DataConfig(**{**_section(config, "", DataConfig), "init_from": folder})
         train = TrainConfig(**_section(config, "", TrainConfig))
@@ -245,6 +246,28 @@ def resolve(config: ConfigDict) -> RunConfig:
     except TypeError as e:  # a comparison of a value of the wrong type
         raise ConfigError(f"a config value has the wrong type: {e}") from None
     return RunConfig(data=data, train=train, model=model, loss=loss)
+
+
+INIT_FROM_ALLOWED = (
+    f"a Hugging Face model folder holding {CONFIG_FILE}, *.safetensors, tokenizer.json"
+)
+
+
+def check_init_from(value: Any) -> str:
+    """One-line error unless ``value`` is '' or a folder with config.json; returns the folder
+    as an absolute path ('' when unset). None (what a config that needs a checkpoint sets)
+    asks for one."""
+    if value is None:
+        invalid("init_from", value, f"{INIT_FROM_ALLOWED}: this config needs "
+                "--config.init_from=PATH")  # fmt: skip
+    validation.check(
+        isinstance(value, str), "init_from", value, f"'' (none) or {INIT_FROM_ALLOWED}"
+    )
+    if not value:
+        return ""
+    folder = Path(value).expanduser()
+    validation.check((folder / CONFIG_FILE).is_file(), "init_from", value, INIT_FROM_ALLOWED)
+    return str(folder.resolve())
 
 
 def routing_overrides(config: ConfigDict) -> dict[str, Any]:
@@ -264,10 +287,8 @@ def _model_config(config: ConfigDict, data: DataConfig) -> ModelConfig:
     """The model: the config's own, or an imported checkpoint's with the config's routing."""
     model = _section(config, "model", ModelConfig)
     if data.init_from:
-        from dynmoe_jax.pretrained import init_from
-
         extras = {"dtype": model.get("dtype", "float32"), "remat": model.get("remat", "none")}
-        return init_from.model_config(data.init_from, {**routing_overrides(config), **extras})
+        return hf_model_config(data.init_from, **{**routing_overrides(config), **extras})
     # The model's own fields first, so that an error names model.d_model, not moe.d_model.
     ffn = enum_value(FFN, "model.ffn", model.pop("ffn", FFN.MOE))
     shape = ModelConfig(vocab_size=data.vocab_size, ffn=FFN.DENSE, **model)
@@ -322,9 +343,7 @@ def check_config(config: ConfigDict | RunConfig, devices=None) -> RunConfig:
     run = config if isinstance(config, RunConfig) else resolve(config)
     mesh_for(run, devices)
     if run.init_from:  # its tensors and tokenizer, from headers: nothing read or made yet
-        from dynmoe_jax.pretrained import init_from
-
-        init_from.check_folder(run.init_from, run.model)
+        check_folder(run.init_from, run.model)
     return run
 
 

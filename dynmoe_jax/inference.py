@@ -37,11 +37,10 @@ from dynmoe_jax.generate import (  # noqa: F401 (generate_full_window: re-export
     generate_full_window,
     no_capacity_config,
 )
-from dynmoe_jax.pretrained import init_from as init_from_lib
 from dynmoe_jax.sample_checks import check_max_new_tokens, check_temperature, read_prompt_file
 from dynmoe_jax.train import checkpoint as ckpt_lib
 from dynmoe_jax.train import run_record
-from dynmoe_jax.train.task import restore_params
+from dynmoe_jax.train.task import imported_params, restore_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +63,7 @@ class Restored:
 
     def inference_graphdef(self):
         """The model's graph with no capacity limit: every selected expert computes."""
-        return inference_graphdef(self.task.model_cfg)
+        return inference_graphdef(self.task.config.model)
 
 
 def restore(config: RunConfig, workdir: str | Path) -> Restored:
@@ -80,7 +79,7 @@ def restore(config: RunConfig, workdir: str | Path) -> Restored:
     except FileNotFoundError:
         if not config.init_from:
             raise
-        params = init_from_lib.load_params(task)
+        params = imported_params(task)
         return Restored(data, dataset, task, 0, params, config.init_from)
     return Restored(data, dataset, task, step, params)
 
@@ -198,9 +197,9 @@ def sampler(config: RunConfig, workdir: str | Path) -> Sampler:
     """The newest checkpoint of ``workdir`` (or its imported weights) ready to sample from; the
     trained layout is dropped once the decode layout is made."""
     run = restore(config, workdir)
-    graphdef, params = decode_layout(run.task.model_cfg, run.params)
+    graphdef, params = decode_layout(run.task.config.model, run.params)
     return Sampler(run.data.tokenizer, graphdef, params, run.task.mesh,
-                   run.task.model_cfg.moe is not None, config.seq_len)  # fmt: skip
+                   run.task.config.model.moe is not None, config.seq_len)  # fmt: skip
 
 
 def sample_batch(s: Sampler, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,

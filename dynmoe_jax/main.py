@@ -12,7 +12,7 @@ reading anything, and prints the plan as one JSON object on its last line (``pla
 
 ``--config.init_from=PATH`` starts from a Hugging Face MoE checkpoint folder: training
 fine-tunes it, eval and sample use its weights while the workdir holds no checkpoint
-(``pretrained/init_from.py``; ``configs/pretrained.py`` holds fine-tuning defaults).
+(``pretrained/load.py``; ``configs/pretrained.py`` holds fine-tuning defaults).
 
 Every mistake on the command line (a missing config file, a misspelt field, a bad value,
 a bad sampling flag) ends in one ``error: ...`` line and exit code 2, before any data is read

@@ -135,9 +135,10 @@ def plan(config: RunConfig, device_memory_bytes: float = DEVICE_MEMORY_BYTES, de
     """
     check_config(config, devices)
     task = train_lib.build_task(config, None, devices)
-    abstract = model_lib.abstract_decoder(task.model_cfg)
+    model_cfg = task.config.model
+    abstract = model_lib.abstract_decoder(model_cfg)
     total, experts = count_params(abstract)
-    active = active_params(task.model_cfg, total, experts)
+    active = active_params(model_cfg, total, experts)
     state = train_lib.abstract_state(task)
     params_bytes = bytes_per_device(state.params)
     opt_bytes = bytes_per_device(state.opt_state)
@@ -146,10 +147,10 @@ def plan(config: RunConfig, device_memory_bytes: float = DEVICE_MEMORY_BYTES, de
     log(f"plan: compiled in {compile_s:.1f} s")
     temp_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
     # The input lookup is a gather, not a matmul; a tied table is also the output head.
-    embed = 0 if task.model_cfg.tie_embeddings else math.prod(abstract.embed_VD.shape)
+    embed = 0 if model_cfg.tie_embeddings else math.prod(abstract.embed_VD.shape)
     tokens = config.batch_size * config.seq_len
-    analytic = analytic_flops(task.model_cfg, active - embed, tokens, config.seq_len)
-    has_loops = config.grad_accum_steps > 1 or task.model_cfg.scan_layers
+    analytic = analytic_flops(model_cfg, active - embed, tokens, config.seq_len)
+    has_loops = config.grad_accum_steps > 1 or model_cfg.scan_layers
     flops, source = _flops(compiled, analytic, task.mesh.size, has_loops)
     parts = {"params": params_bytes, "optimizer": opt_bytes, "temporaries": temp_bytes}
     check_fits_memory(sum(parts.values()), parts, device_memory_bytes)

@@ -144,11 +144,18 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 def check_fits(mesh: Mesh, *, batch_size: int, num_experts: int | None, num_heads: int,
                d_ff: int, expert_d_ff: int | None, grad_accum_steps: int = 1,
-               num_kv_heads: int | None = None) -> None:  # fmt: skip
+               num_kv_heads: int | None = None,
+               process_count: int | None = None) -> None:  # fmt: skip
     """Divisibility checks, run before compiling, each naming the field at fault.
 
     ``num_kv_heads``: grouped-query attention's key/value heads (None: as many as heads).
+    ``process_count``: the processes that each read an equal share of every batch (default:
+    this runtime's).
     """
+    count = jax.process_count() if process_count is None else process_count
+    allowed = f"a multiple of the process count {count} (each process reads an equal share)"
+    if batch_size % count:
+        invalid("batch_size", batch_size, allowed, MeshError)
     dp, ep, mp = data_parallel_size(mesh), mesh.shape["expert"], mesh.shape["model"]
     micro = batch_size // grad_accum_steps
     kv = num_heads if num_kv_heads is None else num_kv_heads

@@ -1,5 +1,6 @@
-"""The tiny config with dotted overrides and the records of a run's log, shared by the tests
-(conftest.py builds its fixtures from them; subprocess helpers import them directly)."""
+"""The tiny config with dotted overrides, a batch placed as the loop places it, and the
+records of a run's log, shared by the tests (conftest.py builds its fixtures from them;
+subprocess helpers import them directly)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from dynmoe_jax import train
 from dynmoe_jax.config import RunConfig
 from dynmoe_jax.configs import tiny
 
@@ -32,6 +34,11 @@ def set_fields(config: ConfigDict, **overrides: Any) -> ConfigDict:
 def tiny_config(**overrides: Any) -> ConfigDict:
     """configs/tiny.py with ``overrides`` set by dotted path."""
     return set_fields(tiny.get_config(), **overrides)
+
+
+def placed(task: train.Task, batch: dict) -> dict:
+    """``batch`` on ``task``'s mesh, as the training loop places it."""
+    return train.put_batch(task.batch_sharding, task.config.batch_size, batch)
 
 
 def records(workdir: str | Path, *, timing: bool = True) -> list[dict]:

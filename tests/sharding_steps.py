@@ -8,6 +8,7 @@ import jax
 from dynmoe_jax import config as config_lib
 from dynmoe_jax import data as data_lib
 from dynmoe_jax import train
+from tests.runs import placed
 from tests.runs import tiny_config as tiny_config_dict
 
 
@@ -40,13 +41,13 @@ def run_steps(
     task = train.build_task(config, data.vocab_size, devices)
     state = train.init_state(task)
     step = train.make_train_step(task)
-    rows = train.process_rows(task)
+    rows = train.process_rows(task.batch_sharding, (config.batch_size, config.seq_len))
     losses, windows = [], 0
     with jax.set_mesh(task.mesh):
         for i in range(num_steps):
             batch = data.train_batch(i, rows)
             windows += len(batch["inputs"])
-            state, metrics = step(state, train.put_batch(task, batch))
+            state, metrics = step(state, placed(task, batch))
             losses.append(float(metrics["loss"]))
     if reads is not None:
         reads.update(rows=rows.tolist(), windows_read=windows)

@@ -13,8 +13,7 @@ import pytest
 
 from dynmoe_jax import config as config_lib
 from dynmoe_jax.configs import default, paper, pretrained, tiny
-from dynmoe_jax.model.config import FFN
-from dynmoe_jax.model.layer_stack import Remat
+from dynmoe_jax.model.config import FFN, Remat
 from dynmoe_jax.moe.config import MoEConfig
 from dynmoe_jax.pretrained.hf_config import allowed_overrides
 from dynmoe_jax.validation import ConfigError
@@ -167,6 +166,22 @@ def test_a_config_that_needs_a_checkpoint_says_so_and_an_imported_one_keeps_its_
     own_k = json.loads((FIXTURES / "olmoe" / "config.json").read_text())["num_experts_per_tok"]
     assert run.moe.router.value == "top_p" and run.moe.top_k == own_k  # the checkpoint's k
     assert run.model.remat is Remat.FULL
+
+
+def test_init_from_is_a_folder_with_config_json_in_one_line(tmp_path):
+    olmoe = FIXTURES / "olmoe"
+    assert config_lib.check_init_from("") == ""
+    assert config_lib.check_init_from(str(olmoe)) == str(olmoe)
+    allowed = config_lib.INIT_FROM_ALLOWED
+    cases = {
+        str(tmp_path): f"{str(tmp_path)!r} is invalid: allowed {allowed}",
+        None: f"None is invalid: allowed {allowed}: this config needs --config.init_from=PATH",
+        3: f"3 is invalid: allowed '' (none) or {allowed}",
+    }
+    for value, message in cases.items():
+        with pytest.raises(ConfigError) as err:
+            config_lib.check_init_from(value)
+        assert str(err.value) == f"init_from={message}"
 
 
 def test_the_docs_table_is_generated_from_the_declarations():

@@ -1,7 +1,7 @@
 """The package's layout: no import cycle between its modules, no module grows past about 400
 lines, and the tests mirror the modules (tests/moe/test_layer.py for dynmoe_jax/moe/layer.py).
-Imports under ``TYPE_CHECKING`` are left out (they never run); imports inside
-functions count (they are a dependency all the same)."""
+Every import counts: those inside functions and those under ``TYPE_CHECKING`` are a dependency
+all the same (a cycle hidden in either is still a cycle)."""
 
 import ast
 from pathlib import Path
@@ -20,16 +20,10 @@ def _modules() -> dict[str, Path]:
 
 
 def _imports(path: Path, known: set[str]) -> set[str]:
-    """The package's modules that ``path`` imports, outside ``if TYPE_CHECKING:`` blocks."""
-    tree = ast.parse(path.read_text())
-    skipped = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
-            skipped.update(id(n) for n in ast.walk(node))
+    """The package's modules that ``path`` imports anywhere: at the top, inside functions or
+    under ``if TYPE_CHECKING:``."""
     out = set()
-    for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name in known)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -79,6 +73,22 @@ def test_no_import_cycle():
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_imports_inside_functions_and_under_type_checking_count(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from dynmoe_jax import sharding\n"
+        "if TYPE_CHECKING:\n"
+        "    from dynmoe_jax.train.task import Task\n"
+        "def f():\n"
+        "    import dynmoe_jax.config\n"
+        "    from dynmoe_jax.pretrained import load\n"
+    )
+    known = {"dynmoe_jax.sharding", "dynmoe_jax.train.task", "dynmoe_jax.config",
+             "dynmoe_jax.pretrained.load", "dynmoe_jax.plan"}  # fmt: skip
+    assert _imports(source, known) == known - {"dynmoe_jax.plan"}
 
 
 def test_no_module_grows_past_about_400_lines():

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dynmoe_jax import main
-from dynmoe_jax.pretrained import init_from
+from dynmoe_jax.config import INIT_FROM_ALLOWED
 from dynmoe_jax.validation import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,9 +56,9 @@ def test_cli_rejects_bad_config_before_compiling(tmp_path, flag, message):
          "error: --config='dynmoe_jax/configs/nope.py' is invalid: allowed a config file that "
          "exists, e.g. dynmoe_jax/configs/default.py"),
         ([f"--config={TINY}", "--config.init_from=no/such/folder", "--mode=eval"],
-         f"error: init_from='no/such/folder' is invalid: allowed {init_from.ALLOWED}"),
+         f"error: init_from='no/such/folder' is invalid: allowed {INIT_FROM_ALLOWED}"),
         (["--config=dynmoe_jax/configs/pretrained.py"],
-         f"error: init_from=None is invalid: allowed {init_from.ALLOWED}: this config needs "
+         f"error: init_from=None is invalid: allowed {INIT_FROM_ALLOWED}: this config needs "
          "--config.init_from=PATH"),
     ],
 )  # fmt: skip

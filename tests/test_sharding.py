@@ -114,6 +114,18 @@ def test_mesh_errors_before_compiling(overrides, message):
         check_config(config)
 
 
+def test_the_batch_splits_evenly_over_the_processes():
+    mesh = sharding.make_mesh("")
+    sizes = dict(num_experts=None, num_heads=2, d_ff=8, expert_d_ff=None)
+    with pytest.raises(ConfigError) as err:
+        sharding.check_fits(mesh, batch_size=6, process_count=4, **sizes)
+    assert str(err.value) == (
+        "batch_size=6 is invalid: allowed a multiple of the process count 4 (each process "
+        "reads an equal share)"
+    )
+    sharding.check_fits(mesh, batch_size=8, process_count=4, **sizes)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))

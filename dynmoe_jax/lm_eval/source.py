@@ -172,13 +172,10 @@ def load(plan: Plan) -> Source:
             restored = inference.restore(plan.run, plan.path)
             tokenizer, mesh = restored.data.tokenizer, restored.task.mesh
             params, description = restored.params, f"{plan.path} ({restored.source})"
-            model_cfg = restored.task.model_cfg  # its vocabulary is the tokenizer's
+            model_cfg = restored.task.config.model  # its vocabulary is the tokenizer's
         else:
             tokenizer, mesh = HFTokenizer.from_dir(plan.path), None
-            moe = plan.model_cfg.moe
-            overrides = {k: getattr(moe, k) for k in ROUTING_ARGS} if moe else {}
-            model = from_hf(plan.path, dtype=plan.model_cfg.dtype, **overrides,
-                            capacity_factor=None)  # fmt: skip
+            model = from_hf(plan.path, plan.model_cfg)
             params, description = nnx.state(model), f"{plan.path} (imported weights)"
             model_cfg = plan.model_cfg
         graphdef, params = decode_layout(model_cfg, params)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from dynmoe_jax.model.layer_stack import Remat
 from dynmoe_jax.moe.config import DTYPES, MoEConfig, dtype_name
 from dynmoe_jax.validation import (
     check,
@@ -23,6 +22,14 @@ from dynmoe_jax.validation import (
 class FFN(str, enum.Enum):
     MOE = "moe"  # an MoE layer every moe_every-th layer, dense ones between
     DENSE = "dense"  # the dense baseline: no MoE layer
+
+
+class Remat(enum.Enum):
+    """What the backward pass recomputes (``layer_stack`` maps each to a policy)."""
+
+    NONE = "none"  # keep every activation for the backward pass
+    FULL = "full"  # keep only each block's input; recompute the rest
+    DOTS = "dots"  # keep the outputs of matmuls without batch dimensions
 
 
 _BOOL = ("True | False", lambda v, _: isinstance(v, bool))

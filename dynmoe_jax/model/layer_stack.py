@@ -13,7 +13,6 @@ The leading axis carries the logical name ``layers`` (replicated by the sharding
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from typing import Any
 
@@ -21,14 +20,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dynmoe_jax.model.config import Remat
+
 LAYERS_AXIS = "layers"
 SCANNED, TAIL, BLOCKS = "scan_blocks", "tail_blocks", "blocks"
-
-
-class Remat(enum.Enum):
-    NONE = "none"  # keep every activation for the backward pass
-    FULL = "full"  # keep only each block's input; recompute the rest
-    DOTS = "dots"  # keep the outputs of matmuls without batch dimensions
 
 
 # 'dots' keeps the projections' and feed-forwards' outputs (linear in T) and recomputes the

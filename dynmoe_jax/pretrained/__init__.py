@@ -1,6 +1,6 @@
 """Hugging Face MoE checkpoints: ``hf_config`` (config.json to ModelConfig), ``hf_layout``
-(tensor layouts), ``safetensors_io`` (reading and writing), ``load`` (``from_hf``) and
-``init_from`` (training from an imported checkpoint)."""
+(tensor layouts), ``safetensors_io`` (reading and writing) and ``load`` (``from_hf``, and
+the checks of a folder that a run starts from, ``--config.init_from``)."""
 
 from dynmoe_jax.pretrained.hf_config import (
     FAMILIES,

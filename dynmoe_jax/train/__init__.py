@@ -10,13 +10,13 @@ importing one module of the package (its config, say) does not import all of the
 import importlib
 
 _HOMES = {
-    "batches": ("Batch", "RunData", "check_batch_split", "process_rows", "put_batch"),
+    "batches": ("Batch", "RunData", "process_rows", "put_batch"),
     "evaluation": ("describe_validation", "evaluate"),
     "loop": ("NonFiniteError", "train_and_evaluate", "train_with_data"),
     "loss": ("cross_entropy", "forward"),
     "step": ("make_eval_step", "make_train_step"),
-    "task": ("Task", "TrainState", "abstract_state", "build_task", "init_state",
-             "restore_or_init", "restore_state", "save_state"),
+    "task": ("Task", "TrainState", "abstract_state", "build_task", "imported_params",
+             "init_state", "restore_or_init", "restore_state", "save_state"),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _HOMES.items() for name in names}
 __all__ = sorted(_MODULE_OF)

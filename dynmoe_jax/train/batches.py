@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import jax
 import numpy as np
-
-from dynmoe_jax.validation import check
-
-if TYPE_CHECKING:  # task.py checks batch splits with this module
-    from dynmoe_jax.train.task import Task
-
+from jax.sharding import NamedSharding
 
 Batch = dict[str, np.ndarray]
 
@@ -39,51 +34,42 @@ class RunData(Protocol):
 BATCH_KEYS = ("inputs", "targets", "weights", "valid")
 
 
-def check_batch_split(batch_size: int, process_count: int | None = None) -> None:
-    """Each process reads its own share of every batch: ``batch_size`` must divide evenly."""
-    count = jax.process_count() if process_count is None else process_count
-    allowed = f"a multiple of the process count {count} (each process reads an equal share)"
-    check(batch_size % count == 0, "batch_size", batch_size, allowed)
-
-
-def process_rows(task: Task) -> np.ndarray:
-    """Rows of the global batch that this process's devices hold, ascending: the only rows
-    it reads (all of them with one process). ``make_array_from_process_local_data`` takes
-    them concatenated in this order."""
-    shape = (task.config.batch_size, task.config.seq_len)
+def process_rows(sharding: NamedSharding, shape: tuple[int, ...]) -> np.ndarray:
+    """Rows of the global batch of ``shape`` (rows first) placed by ``sharding`` that this
+    process's devices hold, ascending: the only rows it reads (all of them with one process).
+    ``make_array_from_process_local_data`` takes them concatenated in this order."""
     rows: set[int] = set()
-    for index in task.batch_sharding.addressable_devices_indices_map(shape).values():
+    for index in sharding.addressable_devices_indices_map(shape).values():
         rows.update(range(*index[0].indices(shape[0])))
     return np.array(sorted(rows), dtype=np.int64)
 
 
-def put_batch(task: Task, batch: Batch) -> dict[str, jax.Array]:
-    """Places a batch onto the mesh: either this process's rows of the global batch (those of
-    ``process_rows``, in that order) or the whole global batch, the same on every process, of
-    which each process keeps its own rows. Keys other than ``BATCH_KEYS`` (labels an experiment
-    carries along) stay on the host."""
+def put_batch(sharding: NamedSharding, batch_size: int, batch: Batch) -> dict[str, jax.Array]:
+    """Places a batch onto the mesh by ``sharding``: either this process's rows of the global
+    batch of ``batch_size`` rows (those of ``process_rows``, in that order) or the whole global
+    batch, the same on every process, of which each process keeps its own rows. Keys other
+    than ``BATCH_KEYS`` (labels an experiment carries along) stay on the host."""
     if jax.process_count() == 1:  # every row is local: the batch is the global array
         # make_array_from_callback: cheaper than make_array_from_process_local_data for the
         # same array (experiments/RESULTS.md, data pipeline).
         return {
             k: jax.make_array_from_callback(
-                batch[k].shape, task.batch_sharding, lambda idx, v=batch[k]: v[idx]
+                batch[k].shape, sharding, lambda idx, v=batch[k]: v[idx]
             )
             for k in BATCH_KEYS
             if k in batch
         }
-    rows, size = process_rows(task), task.config.batch_size
+    rows = process_rows(sharding, (batch_size, *batch["inputs"].shape[1:]))
     local = batch
-    if len(batch["inputs"]) == size:
+    if len(batch["inputs"]) == batch_size:
         local = {k: batch[k][rows] for k in BATCH_KEYS if k in batch}
     elif len(batch["inputs"]) != len(rows):
         raise ValueError(f"a batch of {len(batch['inputs'])} rows is neither the global batch "
-                         f"({size}) nor this process's {len(rows)} rows")  # fmt: skip
+                         f"({batch_size}) nor this process's {len(rows)} rows")  # fmt: skip
     return {
         k: jax.make_array_from_process_local_data(
-            task.batch_sharding, np.asarray(local[k]), (size, *local[k].shape[1:])
+            sharding, np.asarray(local[k]), (batch_size, *local[k].shape[1:])
         )
         for k in BATCH_KEYS
         if k in local
     }
-

@@ -88,7 +88,8 @@ class _Loop:
         self.train_step = make_train_step(task)
         self.eval_step = make_eval_step(task)
         self.tokens_per_step = task.config.batch_size * task.config.seq_len
-        self.rows = process_rows(task)  # the rows of each batch this process reads
+        shape = (task.config.batch_size, task.config.seq_len)
+        self.rows = process_rows(task.batch_sharding, shape)  # the rows this process reads
         self.bar = None
         self.compiled = False  # whether a step of this process has finished (compiling it)
 
@@ -113,7 +114,8 @@ class _Loop:
         window_start, window_steps = time.perf_counter(), 0
         previous = None  # metrics of the step dispatched before this one
         for step in range(start + 1, total + 1):
-            batch = put_batch(self.task, self.data.train_batch(step - 1, self.rows))
+            host = self.data.train_batch(step - 1, self.rows)
+            batch = put_batch(self.task.batch_sharding, cfg.batch_size, host)
             state, metrics = self.train_step(state, batch)
             window_steps += 1
             if previous is not None:

@@ -76,15 +76,16 @@ def make_train_step(task: Task) -> TrainStep:
 def update_routing(task: Task, params: Any, metrics: dict) -> Any:
     """``params`` with each MoE layer's routing state moved by the rules of ``moe/balance.py``
     from this step's metrics (means over the global batch, and over its micro-batches)."""
-    moe = task.model_cfg.moe
+    model_cfg = task.config.model
+    moe = model_cfg.moe
     if moe is None or (moe.target_k is None and not moe.bias_balance):
         return params
     model = nnx.merge(task.graphdef, params)
     k_L, load_LE = metrics["experts_per_layer"], metrics["expert_load_per_layer"]
     first = 0
     for layer in model.moe_layers():
-        count = task.model_cfg.num_moe_layers if task.model_cfg.scan_layers else 1
-        at = slice(first, first + count) if task.model_cfg.scan_layers else first
+        count = model_cfg.num_moe_layers if model_cfg.scan_layers else 1
+        at = slice(first, first + count) if model_cfg.scan_layers else first
         layer.update_routing(k_L[at], load_LE[at])
         first += count
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -105,4 +106,5 @@ def make_eval_step(task: Task) -> Callable[[Any, Batch], dict]:
         return out
 
     jitted = jax.jit(eval_step, in_shardings=(task.state_shardings.params, task.batch_sharding))
-    return lambda params, batch: jitted(params, put_batch(task, batch))
+    size = task.config.batch_size
+    return lambda params, batch: jitted(params, put_batch(task.batch_sharding, size, batch))

@@ -19,12 +19,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dynmoe_jax import sharding as sharding_lib
 from dynmoe_jax.config import RunConfig, mesh_for
-from dynmoe_jax.model.config import ModelConfig
 from dynmoe_jax.model.decoder import Decoder, abstract_decoder
 from dynmoe_jax.moe import balance
-from dynmoe_jax.pretrained import init_from as init_from_lib
+from dynmoe_jax.pretrained.hf_config import PretrainedError
+from dynmoe_jax.pretrained.load import check_vocabulary, from_hf
 from dynmoe_jax.train import checkpoint as ckpt_lib
-from dynmoe_jax.train.batches import check_batch_split
 
 
 class TrainState(NamedTuple):
@@ -39,10 +38,10 @@ class TrainState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """Everything a run needs besides its state: built once from the config."""
+    """Everything a run needs besides its state: built once from the config, whose model is
+    the one built (its vocabulary the data's)."""
 
     config: RunConfig
-    model_cfg: ModelConfig
     graphdef: Any
     optimizer: optax.GradientTransformation
     schedule: Callable[[int], float]
@@ -88,16 +87,15 @@ def build_task(config: RunConfig, vocab_size: int | None, devices=None) -> Task:
     """Model, optimizer, mesh and shardings; every check here runs before any compilation.
     ``vocab_size``: the data's (None: the configured one). With ``init_from`` the model is the
     checkpoint's, with the config's routing."""
-    check_batch_split(config.batch_size)
-    if config.init_from:
+    mesh = mesh_for(config, devices)
+    if config.init_from:  # the checkpoint's vocabulary: its embedding's rows
         if vocab_size is not None:
-            init_from_lib.check_vocabulary(config.init_from, config.model, vocab_size)
-        model_cfg = config.model  # the checkpoint's vocabulary: its embedding's rows
+            check_vocabulary(config.init_from, config.model, vocab_size)
     else:
         vocab = config.vocab_size if vocab_size is None else vocab_size
-        model_cfg = dataclasses.replace(config.model, vocab_size=vocab)
-    mesh = mesh_for(config, devices)
-    abstract_model = abstract_decoder(model_cfg)
+        model = dataclasses.replace(config.model, vocab_size=vocab)
+        config = dataclasses.replace(config, model=model)
+    abstract_model = abstract_decoder(config.model)
     schedule = learning_rate_schedule(config)
     optimizer = make_optimizer(config, schedule)
     param_specs = sharding_lib.param_specs(abstract_model)
@@ -120,7 +118,6 @@ def build_task(config: RunConfig, vocab_size: int | None, devices=None) -> Task:
     )
     return Task(
         config=config,
-        model_cfg=model_cfg,
         graphdef=nnx.graphdef(abstract_model),
         optimizer=optimizer,
         schedule=schedule,
@@ -142,7 +139,7 @@ def _step_zero(task: Task, params) -> TrainState:
 
 def _init_fn(task: Task) -> Callable[[], TrainState]:
     def init():
-        model = Decoder(task.model_cfg, rngs=nnx.Rngs(task.config.seed))
+        model = Decoder(task.config.model, rngs=nnx.Rngs(task.config.seed))
         return _step_zero(task, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
     return init
@@ -157,9 +154,25 @@ def init_state(task: Task) -> TrainState:
         return jax.jit(_init_fn(task), out_shardings=task.state_shardings)()
 
 
+def imported_params(task: Task) -> Any:
+    """The weights of the config's ``init_from`` checkpoint as the pure dict of ``task``'s
+    params, each on its sharding."""
+    folder = task.config.init_from
+    model = from_hf(folder, task.config.model, mesh=task.mesh)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    wanted = task.state_shardings.params
+    if jax.tree.structure(params) != jax.tree.structure(wanted):
+        raise PretrainedError(
+            f"init_from={folder!r}: the imported parameters do not form the tree of the "
+            "configured model"
+        )
+    print(f"initialised from {folder} (imported weights)")
+    return jax.device_put(params, wanted)
+
+
 def _imported_state(task: Task) -> TrainState:
     """Step 0 with the imported weights and a fresh optimizer state."""
-    params = init_from_lib.load_params(task)
+    params = imported_params(task)
     shardings = task.state_shardings
     init = jax.jit(
         lambda p: _step_zero(task, p), in_shardings=(shardings.params,), out_shardings=shardings

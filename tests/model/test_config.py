@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from dynmoe_jax.model.layer_stack import Remat
+from dynmoe_jax.model.config import Remat
 from tests.model.decoders import (
     model_config,
 )

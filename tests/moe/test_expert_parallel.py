@@ -16,6 +16,7 @@ from dynmoe_jax import MoELayer, sharding, train
 from dynmoe_jax.moe import expert_parallel
 from tests import reference as ref
 from tests.moe.test_decode import ROUTERS, _forward, _layer, _x
+from tests.runs import placed
 from tests.sharding_steps import task_and_data
 
 D = 16
@@ -59,7 +60,7 @@ COLLECTIVES = {"index": ("all-to-all",), "grouped": ("all-gather", "reduce-scatt
 def test_expert_parallel_step_collectives(data_dir, dispatch):
     task, data = task_and_data("data=2,expert=4", data_dir, **{"moe.dispatch": dispatch})
     state = train.abstract_state(task)
-    batch = train.put_batch(task, data.train_batch(0))
+    batch = placed(task, data.train_batch(0))
     with jax.set_mesh(task.mesh):
         hlo = train.make_train_step(task).lower(state, batch).compile().as_text()
     for op in COLLECTIVES[dispatch]:  # index: the all-to-all of GShard; grouped: the ring

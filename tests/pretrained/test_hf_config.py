@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 import tokenizers
 
-from dynmoe_jax.model.layer_stack import Remat
+from dynmoe_jax.model.config import Remat
 from dynmoe_jax.pretrained import PretrainedError, from_hf, hf_model_config
 from dynmoe_jax.validation import ConfigError
 from tests.pretrained.hf_fixtures import (

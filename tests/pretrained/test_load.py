@@ -1,6 +1,7 @@
 """Importing Hugging Face MoE checkpoints (from_hf): logits equal to transformers' for every
 family, bfloat16 tensors, top-p at threshold 1 as the dense mixture, experts sharded over a
-mesh, a truncated file in one line, and peak memory."""
+mesh, a truncated file in one line, and peak memory; a resolved model config built as given;
+the checks of a folder that a run starts from (``--config.init_from``) and of its vocabulary."""
 
 from __future__ import annotations
 
@@ -16,12 +17,17 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from dynmoe_jax import sharding
+from dynmoe_jax import config as config_lib
+from dynmoe_jax import sharding, train
+from dynmoe_jax.configs import pretrained as pretrained_config
 from dynmoe_jax.moe.layer import MoELayer
 from dynmoe_jax.pretrained import PretrainedError, from_hf, hf_model_config
+from dynmoe_jax.pretrained import load as load_lib
+from dynmoe_jax.validation import ConfigError
 from tests.pretrained.hf_fixtures import (
     FAMILY_DIRS,
     FIXTURES,
+    broken_copy,
     edited_copy,
     forward,
     transformers_logits,
@@ -168,3 +174,73 @@ def test_import_peak_memory(tmp_path):
     print(f"checkpoint {size / 2**20:.0f} MiB, resident growth {growth / 2**20:.0f} MiB, "
           f"ratio {ratio:.2f}")  # fmt: skip
     assert 0.9 < ratio < 1.5
+
+
+def test_a_resolved_config_is_built_as_given_and_not_with_overrides_too():
+    cfg = hf_model_config(FIXTURES / "olmoe", router="top_p", threshold=0.5)
+    model = from_hf(FIXTURES / "olmoe", cfg)
+    assert model.cfg == cfg and model.cfg.moe.threshold == 0.5
+    with pytest.raises(TypeError, match="a resolved cfg or overrides, not both"):
+        from_hf(FIXTURES / "olmoe", cfg, router="top_k")
+
+
+# ----------------------------------------------------------------------------- init_from
+
+
+def test_the_vocabulary_must_be_the_tokenizers_with_at_most_its_padding():
+    cfg = hf_model_config(FIXTURES / "olmoe")  # a vocabulary of 128
+    load_lib.check_vocabulary(str(FIXTURES / "olmoe"), cfg, 128)
+    with pytest.raises(ConfigError) as err:
+        load_lib.check_vocabulary("ckpt", cfg, 129)
+    assert str(err.value) == (
+        "init_from='ckpt' is invalid: allowed a checkpoint whose vocab_size (128) covers the "
+        "129 ids of its tokenizer.json"
+    )
+    # Twice the ids, or the next multiple of 128 for a tiny vocabulary.
+    assert load_lib.most_rows(128) == 256 and load_lib.most_rows(40) == 128
+
+
+def _expected(kind: str, folder) -> str:
+    return {
+        "shard": f"{folder / 'model-00002-of-00002.safetensors'}: missing, though "
+                 "model.safetensors.index.json lists it (1 of 2 shards missing)",
+        "shape": f"{folder / 'model.safetensors'}:model.norm.weight.shape=(31,) is invalid: "
+                 "allowed (32,) (for final_norm.scale_D)",
+        "vocab=512": f"init_from={str(folder)!r} is invalid: allowed a tokenizer.json of the "
+                     "checkpoint's own vocabulary: config.json's vocab_size (512) is more than "
+                     "256, the padding of its tokenizer's 128 ids (a tokenizer of another "
+                     "model?)",
+    }[kind]  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["shard", "shape", "vocab=512"])
+def test_a_broken_folder_is_refused_before_any_data_is_read(kind, tmp_path):
+    folder = broken_copy(kind, tmp_path / "ckpt")
+    c = pretrained_config.get_config()
+    c.init_from, c.data_dir = str(folder), str(tmp_path / "cache")
+    with pytest.raises(ConfigError) as err:
+        config_lib.check_config(c)
+    assert str(err.value) == _expected(kind, folder)
+    with pytest.raises(ConfigError) as err:
+        train.train_and_evaluate(config_lib.resolve(c), tmp_path / "run")
+    assert str(err.value) == _expected(kind, folder)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_missing_shard_is_a_pretrained_error_in_python(tmp_path):
+    folder = broken_copy("shard", tmp_path / "ckpt")
+    with pytest.raises(PretrainedError) as err:
+        from_hf(folder)
+    assert str(err.value) == _expected("shard", folder)
+
+
+def test_padding_rows_are_accepted_with_one_note(tmp_path, capsys):
+    folder = broken_copy("vocab=192", tmp_path / "ckpt")  # 128 ids padded to 192 rows
+    c = pretrained_config.get_config()
+    c.init_from = str(folder)
+    config_lib.check_config(c)
+    config_lib.check_config(c)  # an unchanged folder is checked, and noted, once
+    assert capsys.readouterr().err == (
+        f"note: init_from={folder}: the embedding has 192 rows, the tokenizer 128 ids; the "
+        "other 64 rows are padding that no text encodes to\n"
+    )

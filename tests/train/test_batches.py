@@ -1,21 +1,17 @@
-"""Batches onto the mesh: the rows each process reads, the batch size's split over processes,
-and each device's rows of a placed batch."""
+"""Batches onto the mesh: the rows each process reads and each device's rows of a placed
+batch."""
 
 import numpy as np
-import pytest
 
 from dynmoe_jax import train
-from dynmoe_jax.validation import ConfigError
 from tests.sharding_steps import task_and_data
 
 
-def test_one_process_reads_every_row_and_batch_size_splits_over_processes(data_dir):
+def test_one_process_reads_every_row(data_dir):
     task, _ = task_and_data("data=2,expert=4", data_dir)
-    np.testing.assert_array_equal(train.process_rows(task), np.arange(task.config.batch_size))
-    with pytest.raises(ConfigError, match=r"^batch_size=6 is invalid: allowed a multiple of the "
-                       r"process count 4 \(each process reads an equal share\)$"):  # fmt: skip
-        train.check_batch_split(6, process_count=4)
-    train.check_batch_split(8, process_count=4)
+    shape = (task.config.batch_size, task.config.seq_len)
+    rows = train.process_rows(task.batch_sharding, shape)
+    np.testing.assert_array_equal(rows, np.arange(task.config.batch_size))
 
 
 def test_put_batch_gives_each_device_its_rows_and_leaves_labels_on_the_host(data_dir):
@@ -23,7 +19,7 @@ def test_put_batch_gives_each_device_its_rows_and_leaves_labels_on_the_host(data
     inputs = np.arange(8 * 32, dtype=np.int32).reshape(8, 32)
     batch = {"inputs": inputs, "targets": inputs + 1, "weights": np.ones((8, 32), np.float32),
              "task": np.arange(8)}  # fmt: skip
-    placed = train.put_batch(task, batch)
+    placed = train.put_batch(task.batch_sharding, 8, batch)
     assert set(placed) == {"inputs", "targets", "weights"}  # "task" is an experiment's label
     np.testing.assert_array_equal(placed["targets"], inputs + 1)
     # Batch over (data, expert) = 8 devices: one row each, every row on exactly one device.

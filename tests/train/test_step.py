@@ -12,7 +12,7 @@ from dynmoe_jax import data as data_lib
 from dynmoe_jax import train
 from dynmoe_jax.moe import balance
 from dynmoe_jax.train import step as step_lib
-from tests.runs import DISPATCHES
+from tests.runs import DISPATCHES, placed
 from tests.train.synthetic import V, counting_batch
 
 STEPS = 20
@@ -25,7 +25,7 @@ def _run(tiny_run, dtype: str, dispatch: str):
     step_fn = train.make_train_step(task)
     losses = []
     for step in range(STEPS):
-        state, metrics = step_fn(state, train.put_batch(task, counting_batch(step)))
+        state, metrics = step_fn(state, placed(task, counting_batch(step)))
         assert metrics["loss"].dtype == jnp.float32
         losses.append(float(metrics["lm_loss"]))
     return task, state, np.asarray(losses)
@@ -59,7 +59,7 @@ def test_skipped_step_leaves_the_state_unchanged(tiny_run):
     task = train.build_task(tiny_run(), 512)
     data = data_lib.from_config(tiny_run())
     batch = data.train_batch(0)
-    poisoned = train.put_batch(task, dict(batch, weights=batch["weights"] * np.nan))
+    poisoned = placed(task, dict(batch, weights=batch["weights"] * np.nan))
     with jax.set_mesh(task.mesh):
         state = train.init_state(task)
         before = jax.device_get(state)
@@ -108,7 +108,7 @@ def test_a_train_step_moves_the_state_by_its_rules_and_not_by_the_optimizer(tiny
     with jax.set_mesh(task.mesh):
         state = train.init_state(task)
         before = _states(jax.device_get(state.params))
-        after_state, metrics = train.make_train_step(task)(state, train.put_batch(task, batch))
+        after_state, metrics = train.make_train_step(task)(state, placed(task, batch))
     after = _states(jax.device_get(after_state.params))
     assert len(before) == 6 if not scan else len(before) == 3  # threshold, integral, bias
     k_L = np.asarray(metrics["experts_per_layer"])
