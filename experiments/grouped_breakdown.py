@@ -60,7 +60,9 @@ def layer_rows(layer: MoELayer, x_BTD: jax.Array) -> tuple[jax.Array, int]:
     sequence), from the layer's own routing and selections."""
     cfg = layer.config
     g, s = x_BTD.shape[0], x_BTD.shape[1]
-    sel = layer.grouped_selections(layer.route(x_BTD)[2], s)
+    r = layer.route(x_BTD)[2]
+    sel = grouped.select_groups(r.mask, r.rank, r.weights, budget=cfg.budget(s),
+                                num_ranks=cfg.max_selections, order=cfg.drop_order)  # fmt: skip
     rows = grouped.num_rows(g * cfg.budget(s), cfg.num_experts, cfg.block_size)
     return grouped.layout(sel, s, cfg.num_experts, cfg.block_size, rows).group_sizes_E, rows
 

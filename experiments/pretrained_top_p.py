@@ -44,7 +44,6 @@ from dynmoe_jax import data as data_lib
 from dynmoe_jax import generate as generate_lib
 from dynmoe_jax import train as train_lib
 from dynmoe_jax.configs import pretrained as pretrained_config
-from dynmoe_jax.pretrained import init_from as init_from_lib
 from dynmoe_jax.validation import ConfigError
 from experiments import plots, report
 
@@ -88,7 +87,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def base_config(args: argparse.Namespace) -> ConfigDict:
     """The fine-tuning config with this evaluation's corpus, sizes and a drop-free router."""
     c = pretrained_config.get_config()
-    c.init_from = init_from_lib.check_path(args.path)
+    c.init_from = config_lib.check_init_from(args.path)
     c.dataset, c.data_dir = args.dataset, args.data_dir
     c.seq_len, c.batch_size, c.eval_batches = args.seq_len, args.batch_size, args.eval_batches
     c.mesh_shape = args.mesh_shape
@@ -167,7 +166,7 @@ def run(args: argparse.Namespace) -> dict:
     data = data_lib.from_config(resolved.data)
     print(data.summary())
     task = train_lib.build_task(resolved, data.vocab_size)
-    params = init_from_lib.load_params(task)
+    params = train_lib.imported_params(task)
     rows = []
     for i, setting in enumerate(todo, 1):
         start = time.perf_counter()
@@ -177,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"[{i}/{len(todo)}] {label(setting, native_k)}: perplexity "
               f"{result['perplexity']:.3f}, experts per token {result['experts_per_token']:.2f} "
               f"({wall:.1f} s)", flush=True)  # fmt: skip
-    _, decode_params = generate_lib.decode_layout(task.model_cfg, params)
+    _, decode_params = generate_lib.decode_layout(task.config.model, params)
     del params  # nothing reads the imported layout again: its experts are freed
     prompt = decode_prompt(data)
     rates = decode_rates(config, todo, task, decode_params, prompt, args.decode_tokens)

@@ -21,6 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from dynmoe_jax.moe import rows
 from dynmoe_jax.moe.priority import ByExpert, priority_list, sort_by_expert
 
 
@@ -39,15 +40,22 @@ class Slots(NamedTuple):
     kept_SE: jax.Array
 
 
+def selections(group_size: int, k: float, capacity_factor: float) -> int:
+    """The one sizing rule of both modes: a group of S tokens selecting k experts each is
+    sized for ``ceil(capacity_factor * k * S)`` selections, at least 1."""
+    return max(1, math.ceil(capacity_factor * k * group_size))
+
+
 def capacity(
     group_size: int, num_experts: int, expected_k: float, capacity_factor: float | None
 ) -> int:
-    """Slots per expert per group: ``ceil(capacity_factor * S * expected_k / E)``, at least 1
-    and at most S (a token visits an expert at most once). ``None`` means no dropping."""
+    """Slots per expert per group: the group's ``selections`` shared over the E experts,
+    rounded up (``ceil(ceil(a) / E) = ceil(a / E)``), at most S (a token visits an expert at
+    most once). ``None`` means no dropping."""
     if capacity_factor is None:
         return group_size
-    c = math.ceil(capacity_factor * group_size * expected_k / num_experts)
-    return max(1, min(group_size, c))
+    per_expert = -(-selections(group_size, expected_k, capacity_factor) // num_experts)
+    return min(group_size, per_expert)
 
 
 def _slot_per_selection(by: ByExpert, num_slots: int) -> jax.Array:
@@ -110,8 +118,7 @@ def einsum_combine(
 def index_dispatch(x_SD: jax.Array, slots: Slots, num_slots: int) -> jax.Array:
     """x_SD -> x_ECD by gathering the token ids of the slot table."""
     del num_slots  # implied by the table's shape
-    # Empty slots hold zeros, so the experts compute zeros there (SwiGLU has no bias).
-    return jnp.where(slots.valid_EC[..., None], x_SD[slots.token_EC], 0).astype(x_SD.dtype)
+    return rows.gather(x_SD, slots.token_EC, slots.valid_EC)
 
 
 def index_combine(
@@ -119,12 +126,9 @@ def index_combine(
 ) -> jax.Array:
     """y_ECD -> y_SD by scatter-adding each slot's weighted output to its token."""
     del num_slots
-    token_EC = slots.token_EC
     expert_E1 = jnp.arange(weights_SE.shape[1])[:, None]
-    w_EC = jnp.where(slots.valid_EC, weights_SE[token_EC, expert_E1], 0.0).astype(y_ECD.dtype)
-    num_tokens = weights_SE.shape[0]
-    y_SD = jnp.zeros((num_tokens, y_ECD.shape[-1]), y_ECD.dtype)
-    return y_SD.at[token_EC].add(w_EC[..., None] * y_ECD)
+    w_EC = weights_SE[slots.token_EC, expert_E1]
+    return rows.scatter_add(y_ECD, slots.token_EC, w_EC, slots.valid_EC, weights_SE.shape[0])
 
 
 class DispatchFns(NamedTuple):
@@ -132,7 +136,7 @@ class DispatchFns(NamedTuple):
     combine: Callable[[jax.Array, jax.Array, Slots, int], jax.Array]
 
 
-# The capacity modes; the grouped mode has its own pair (grouped.dispatch, grouped.combine).
+# The capacity modes (the grouped mode gathers and scatters its buffer's rows in grouped.py).
 DISPATCH_FNS = {
     "einsum": DispatchFns(einsum_dispatch, einsum_combine),
     "index": DispatchFns(index_dispatch, index_combine),

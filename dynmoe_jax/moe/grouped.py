@@ -8,8 +8,8 @@
    so that a block of rows belongs to one expert. R is static:
    ``R = B * ceil((G * budget + E * (B - 1)) / B)`` bounds the rows in use, because padding
    adds at most B - 1 rows per expert.
-3. ``dispatch`` gathers each row's token; ``combine`` scatter-adds each row's output, weighted,
-   back to its token. Padding rows read token 0 and are masked out of the combine.
+3. ``rows.gather`` gathers each row's token; ``rows.scatter_add`` adds each row's output,
+   weighted, back to its token. Padding rows read token 0 and are masked out of the combine.
 
 The order of rows within an expert is the priority order, as in the capacity modes, so a
 ``capacity_factor=None`` run computes exactly what the index mode computes.
@@ -27,13 +27,15 @@ one group, Q = G * P entries of every group, R rows of the buffer, D model width
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax.moe import experts
+from dynmoe_jax.moe import experts, rows
+from dynmoe_jax.moe.capacity import selections
 from dynmoe_jax.moe.kernels.grouped_matmul import Backend
 from dynmoe_jax.moe.kernels.grouped_swiglu import grouped_swiglu
 from dynmoe_jax.moe.priority import priority_list, sort_by_expert
@@ -47,12 +49,13 @@ class DropOrder(str, enum.Enum):
 
 
 def budget(group_size: int, k: float, capacity_factor: float | None, num_ranks: int) -> int:
-    """Selections a group may keep: ``ceil(capacity_factor * k * S)``, at least 1 and at most
-    the S * K entries of its priority list; ``None`` means S * K (nothing is ever dropped)."""
+    """Selections a group may keep: ``capacity_factor * k * S`` rounded up
+    (``capacity.selections``), at most the S * K entries of its priority list; ``None`` means
+    S * K (nothing is ever dropped)."""
     entries = group_size * num_ranks
     if capacity_factor is None:
         return entries
-    return max(1, min(entries, math.ceil(capacity_factor * k * group_size)))
+    return min(entries, selections(group_size, k, capacity_factor))
 
 
 def num_rows(num_kept: int, num_experts: int, block_size: int) -> int:
@@ -98,6 +101,19 @@ def select(
     return Selections(jnp.where(kept_P, key_P, num_experts), token_P, weight_P)
 
 
+def select_groups(
+    mask_GSE: jax.Array,
+    rank_GSE: jax.Array,
+    weights_GSE: jax.Array,
+    budget: int,
+    num_ranks: int,
+    order: DropOrder = DropOrder.RANK,
+) -> Selections:
+    """``select`` for every group: each group's selections kept under its budget ([G, P])."""
+    fn = functools.partial(select, budget=budget, num_ranks=num_ranks, order=order)
+    return jax.vmap(fn)(mask_GSE, rank_GSE, weights_GSE)
+
+
 class Layout(NamedTuple):
     """The buffer's rows.
 
@@ -139,19 +155,6 @@ def layout(
     return Layout(token_R, weight_R, valid_R, padded_E.astype(jnp.int32))
 
 
-def dispatch(x_MD: jax.Array, lay: Layout) -> jax.Array:
-    """x_MD (all tokens) -> x_RD: each row's token, zeros on padding rows."""
-    return jnp.where(lay.valid_R[:, None], x_MD[lay.token_R], 0).astype(x_MD.dtype)
-
-
-def combine(y_RD: jax.Array, lay: Layout, num_tokens: int) -> jax.Array:
-    """y_RD -> y_MD by scatter-adding each row's weighted output to its token."""
-    # `where`, not a product alone: a kernel may leave rows past the last in use uninitialised.
-    w_R1 = lay.weight_R[:, None].astype(y_RD.dtype)
-    y_RD = jnp.where(lay.valid_R[:, None], w_R1 * y_RD, 0)
-    return jnp.zeros((num_tokens, y_RD.shape[-1]), y_RD.dtype).at[lay.token_R].add(y_RD)
-
-
 def experts_on_selections(
     x_GSD: jax.Array,
     sel: Selections,
@@ -170,10 +173,9 @@ def experts_on_selections(
     local_P = sel.expert_P - expert_offset
     mine_P = (local_P >= 0) & (local_P < num_local)
     sel = sel._replace(expert_P=jnp.where(mine_P, local_P, num_local))
-    rows = num_rows(g * budget, num_local, block_size)
-    lay = layout(sel, s, num_local, block_size, rows)
-    x_RD = dispatch(x_GSD.reshape(g * s, d), lay)
+    lay = layout(sel, s, num_local, block_size, num_rows(g * budget, num_local, block_size))
+    x_RD = rows.gather(x_GSD.reshape(g * s, d), lay.token_R, lay.valid_R)
     # One fused chunk loop on CPU, three grouped matmuls elsewhere.
     y_RD = grouped_swiglu(x_RD, lay.group_sizes_E, *weights, block_size=block_size, backend=backend)
-    y_MD = combine(y_RD, lay, g * s)
+    y_MD = rows.scatter_add(y_RD, lay.token_R, lay.weight_R, lay.valid_R, g * s)
     return y_MD.reshape(g, s, d), jnp.sum(lay.group_sizes_E, dtype=jnp.float32)

@@ -173,13 +173,6 @@ class MoELayer(nnx.Module):
             r = r._replace(mask=r.mask & keep_GS1, weights=jnp.where(keep_GS1, r.weights, 0.0))
         return logits_GSE, probs_GSE, r
 
-    def grouped_selections(self, r: routing.Routing, group_size: int) -> grouped.Selections:
-        """Grouped mode: each group's selections kept under its budget (fields [G, P])."""
-        cfg = self.config
-        select = functools.partial(grouped.select, budget=cfg.budget(group_size),
-                                   num_ranks=cfg.max_selections, order=cfg.drop_order)  # fmt: skip
-        return jax.vmap(select)(r.mask, r.rank, r.weights)
-
     def _with_capacity(self, x_GSD: jax.Array, r: routing.Routing) -> tuple:
         """Fixed capacity per group: returns (y_GSD, kept selections, slots per token)."""
         cfg = self.config
@@ -224,7 +217,8 @@ class MoELayer(nnx.Module):
         cfg = self.config
         g, s, _ = x_GSD.shape
         budget = cfg.budget(s)
-        sel = self.grouped_selections(r, s)
+        sel = grouped.select_groups(r.mask, r.rank, r.weights, budget=budget,
+                                    num_ranks=cfg.max_selections, order=cfg.drop_order)  # fmt: skip
         weights = self.expert_weights()
         kw = {"budget": budget, "block_size": cfg.block_size, "backend": cfg.matmul_backend}
         mesh = jax.sharding.get_abstract_mesh()

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dynmoe_jax.moe import grouped
+from dynmoe_jax.moe import rows as rows_lib
 
 MASK = jnp.asarray([[1, 0], [1, 1], [1, 0]], bool)
 
@@ -37,10 +38,10 @@ def test_grouped_select_and_layout_hand_worked():
     np.testing.assert_array_equal(lay.token_R[:3], [0, 2, 1])
     np.testing.assert_array_equal(lay.valid_R, [1, 1, 1, 0, 0, 0])
     x = jnp.asarray([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
-    x_RD = grouped.dispatch(x, lay)
+    x_RD = rows_lib.gather(x, lay.token_R, lay.valid_R)
     np.testing.assert_array_equal(x_RD, [[1, 0], [3, 3], [0, 2], [0, 0], [0, 0], [0, 0]])
     y_RD = x_RD * jnp.asarray([10.0, 10, 100, 7, 7, 7])[:, None] + 1  # padding is ignored
-    y = grouped.combine(y_RD, lay, 3)
+    y = rows_lib.scatter_add(y_RD, lay.token_R, lay.weight_R, lay.valid_R, 3)
     np.testing.assert_allclose(y, [[5.5, 0.5], [0.75, 150.75], [31.0, 31.0]])
 
 
