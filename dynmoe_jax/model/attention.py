@@ -1,7 +1,7 @@
 """Causal softmax attention with grouped-query heads, its implementation chosen per call.
 
-Axis letters: B batch, T query positions, U key positions, N query heads, J key/value heads,
-H head width.
+Axis letters (the package's glossary): B batch, T query positions, U key positions, N query
+heads, J key/value heads, I query heads per key/value head (N = J * I), H head width.
 
 * float32: ``jax.nn.dot_product_attention`` with XLA, scores and softmax in float32.
 * bfloat16 / float16 on GPU, head width a multiple of 8 up to 128: the cuDNN fused kernel,
@@ -35,7 +35,7 @@ def implementation(dtype, head_width: int, backend: str | None = None) -> str:
 
 
 def causal_attention(q_BTNH: jax.Array, k_BUJH: jax.Array, v_BUJH: jax.Array) -> jax.Array:
-    """Causal attention, 1/sqrt(H) scaled. Query head n reads key/value head n // G, the layout
+    """Causal attention, 1/sqrt(H) scaled. Query head n reads key/value head n // I, the layout
     of Hugging Face's ``repeat_kv`` and of ``jax.nn.dot_product_attention``."""
     impl = implementation(q_BTNH.dtype, q_BTNH.shape[-1])
     if impl == "xla_low_precision":
@@ -97,17 +97,17 @@ def cached_attention(
     """Attention of T queries at positions start .. start + T - 1 over a key/value cache of U
     positions (decoding; ``start`` a scalar or one per row [B]): query t sees the keys at
     positions <= start + t, so the cache's unwritten tail never counts. Scores and softmax in
-    float32; query head n reads key/value head n // G, as ``causal_attention``."""
+    float32; query head n reads key/value head n // I, as ``causal_attention``."""
     b, t, n, h = q_BTNH.shape
     u, j = k_BUJH.shape[1], k_BUJH.shape[2]
-    q_BTJGH = q_BTNH.reshape(b, t, j, n // j, h)
-    scores_BJGTU = jnp.einsum(
-        "BTJGH,BUJH->BJGTU", q_BTJGH, k_BUJH, preferred_element_type=jnp.float32
+    q_BTJIH = q_BTNH.reshape(b, t, j, n // j, h)
+    scores_BJITU = jnp.einsum(
+        "BTJIH,BUJH->BJITU", q_BTJIH, k_BUJH, preferred_element_type=jnp.float32
     )
     start_B = jnp.broadcast_to(jnp.asarray(start), (b,))
     last_BT = start_B[:, None] + jnp.arange(t)[None, :]
     visible_B11TU = (jnp.arange(u)[None, None, :] <= last_BT[..., None])[:, None, None]
-    scores_BJGTU = jnp.where(visible_B11TU, scores_BJGTU * (h**-0.5), jnp.finfo(jnp.float32).min)
-    probs_BJGTU = jax.nn.softmax(scores_BJGTU, axis=-1).astype(v_BUJH.dtype)
-    out_BTJGH = jnp.einsum("BJGTU,BUJH->BTJGH", probs_BJGTU, v_BUJH)
-    return out_BTJGH.reshape(b, t, n, h)
+    scores_BJITU = jnp.where(visible_B11TU, scores_BJITU * (h**-0.5), jnp.finfo(jnp.float32).min)
+    probs_BJITU = jax.nn.softmax(scores_BJITU, axis=-1).astype(v_BUJH.dtype)
+    out_BTJIH = jnp.einsum("BJITU,BUJH->BTJIH", probs_BJITU, v_BUJH)
+    return out_BTJIH.reshape(b, t, n, h)
