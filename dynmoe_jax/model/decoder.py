@@ -2,7 +2,9 @@
 
 Axis letters (the package docstring's glossary): B batch, T sequence (queries), U key
 positions, D model width, F hidden width, N heads, J key/value heads (grouped-query
-attention: each serves N / J query heads), H head width, V vocabulary, L layers.
+attention: each serves N / J query heads), H head width, V vocabulary, L layers, O
+super-blocks; X and Y a matmul's input and output widths, A the heads of a projection (N or
+J).
 
 Block: x + Attention(RMSNorm(x)), then h + FFN(RMSNorm(h)) with FFN = MoELayer in every
 ``moe_every``-th layer (the last of each run of ``moe_every``) and a dense SwiGLU elsewhere;
@@ -31,11 +33,11 @@ from dynmoe_jax.moe.layer import MoELayer
 from dynmoe_jax.moe.metrics import LAYER_METRICS
 
 
-def _matmul_2d(x_BTK: jax.Array, w_KY: jax.Array) -> jax.Array:
-    """x [B, T, K] @ w [K, Y] written as one [B*T, K] x [K, Y] product: XLA on CPU ran the
+def _matmul_2d(x_BTX: jax.Array, w_XY: jax.Array) -> jax.Array:
+    """x [B, T, X] @ w [X, Y] written as one [B*T, X] x [X, Y] product: XLA on CPU ran the
     einsums over [B, T, ...] and [D, N, H] operands slower at decode sizes."""
-    b, t, k = x_BTK.shape
-    return (x_BTK.reshape(b * t, k) @ w_KY).reshape(b, t, -1)
+    b, t, width = x_BTX.shape
+    return (x_BTX.reshape(b * t, width) @ w_XY).reshape(b, t, -1)
 
 
 def _param(rngs, shape, fan_in_axes, logical_axes, scale=1.0) -> nnx.Param:
@@ -101,12 +103,12 @@ class Attention(nnx.Module):
 
     def _project(self, x_BTD, w, bias, norm) -> jax.Array:
         """x projected to heads ([B, T, heads, H]), plus its bias, then normed over all heads."""
-        w_DKH = w[...].astype(self.cfg.dtype)
-        y = _matmul_2d(x_BTD, w_DKH.reshape(w_DKH.shape[0], -1)).reshape(
-            x_BTD.shape[:2] + w_DKH.shape[1:]
+        w_DAH = w[...].astype(self.cfg.dtype)
+        y = _matmul_2d(x_BTD, w_DAH.reshape(w_DAH.shape[0], -1)).reshape(
+            x_BTD.shape[:2] + w_DAH.shape[1:]
         )
         if bias is not None:
-            y = y + bias[...].astype(w_DKH.dtype)[None, None]
+            y = y + bias[...].astype(w_DAH.dtype)[None, None]
         if norm is not None:
             y = norm(y.reshape(y.shape[:2] + (-1,))).reshape(y.shape)
         return y
@@ -125,8 +127,8 @@ class Attention(nnx.Module):
 
     def _out(self, out_BTNH):
         b, t, n, h = out_BTNH.shape
-        wo_KD = self.wo_NHD[...].astype(self.cfg.dtype).reshape(n * h, -1)
-        return _matmul_2d(out_BTNH.reshape(b, t, n * h), wo_KD)
+        wo_XD = self.wo_NHD[...].astype(self.cfg.dtype).reshape(n * h, -1)
+        return _matmul_2d(out_BTNH.reshape(b, t, n * h), wo_XD)
 
     def __call__(self, x_BTD):
         q_BTNH, k_BUJH, v_BUJH = self._qkv(x_BTD, jnp.arange(x_BTD.shape[1]))
@@ -217,11 +219,11 @@ class SuperBlock(nnx.Module):
             aux = layer_aux if layer_aux is not None else aux
         return x_BTD, aux
 
-    def decode(self, x_BTD, k_MBUJH, v_MBUJH, start):
+    def decode(self, x_BTD, k_LBUJH, v_LBUJH, start):
         """``__call__`` with the blocks' key/value caches stacked on a leading axis."""
         aux, ks, vs = None, [], []
         for j, block in enumerate(self.blocks):
-            x_BTD, layer_aux, k_BUJH, v_BUJH = block.decode(x_BTD, k_MBUJH[j], v_MBUJH[j], start)
+            x_BTD, layer_aux, k_BUJH, v_BUJH = block.decode(x_BTD, k_LBUJH[j], v_LBUJH[j], start)
             aux = layer_aux if layer_aux is not None else aux
             ks.append(k_BUJH)
             vs.append(v_BUJH)
@@ -306,11 +308,12 @@ class Decoder(nnx.Module):
         first = 0
         if cfg.scan_layers:
             first = cfg.num_layers // cfg.moe_every * cfg.moe_every
-            x_BTD, aux, k_S, v_S = _scan_decode(
+            x_BTD, aux, scanned_k_LBUJH, scanned_v_LBUJH = _scan_decode(
                 self.scan_blocks, x_BTD, k_LBUJH[:first], v_LBUJH[:first], start, cfg.moe_every
             )
             experts = list(aux["token_experts"]) if aux is not None else []
-            k_LBUJH, v_LBUJH = k_LBUJH.at[:first].set(k_S), v_LBUJH.at[:first].set(v_S)
+            k_LBUJH = k_LBUJH.at[:first].set(scanned_k_LBUJH)
+            v_LBUJH = v_LBUJH.at[:first].set(scanned_v_LBUJH)
         blocks = self.tail_blocks if cfg.scan_layers else self.blocks
         for i, block in enumerate(blocks, start=first):
             x_BTD, aux, k_BUJH, v_BUJH = block.decode(x_BTD, k_LBUJH[i], v_LBUJH[i], start)
@@ -342,17 +345,17 @@ def _scan_decode(stacked: SuperBlock, x_BTD, k_LBUJH, v_LBUJH, start, moe_every:
     """``SuperBlock.decode`` scanned over the stacked super-blocks, the caches of their
     layers (layer k * m + j is super-block k's block j) scanned with them."""
     graphdef, state = nnx.split(stacked)
-    k_SMBUJH, v_SMBUJH = (a.reshape(-1, moe_every, *a.shape[1:]) for a in (k_LBUJH, v_LBUJH))
+    k_OLBUJH, v_OLBUJH = (a.reshape(-1, moe_every, *a.shape[1:]) for a in (k_LBUJH, v_LBUJH))
 
     def body(y_BTD, xs):
-        st, k_MBUJH, v_MBUJH = xs
-        y_BTD, aux, k_MBUJH, v_MBUJH = nnx.merge(graphdef, st).decode(
-            y_BTD, k_MBUJH, v_MBUJH, start
+        st, k_LBUJH, v_LBUJH = xs  # one super-block's layers
+        y_BTD, aux, k_LBUJH, v_LBUJH = nnx.merge(graphdef, st).decode(
+            y_BTD, k_LBUJH, v_LBUJH, start
         )
-        return y_BTD, (aux, k_MBUJH, v_MBUJH)
+        return y_BTD, (aux, k_LBUJH, v_LBUJH)
 
-    x_BTD, (aux, k_SMBUJH, v_SMBUJH) = jax.lax.scan(body, x_BTD, (state, k_SMBUJH, v_SMBUJH))
-    return x_BTD, aux, k_SMBUJH.reshape(k_LBUJH.shape), v_SMBUJH.reshape(v_LBUJH.shape)
+    x_BTD, (aux, k_OLBUJH, v_OLBUJH) = jax.lax.scan(body, x_BTD, (state, k_OLBUJH, v_OLBUJH))
+    return x_BTD, aux, k_OLBUJH.reshape(k_LBUJH.shape), v_OLBUJH.reshape(v_LBUJH.shape)
 
 
 def abstract_decoder(cfg: ModelConfig) -> Decoder:
