@@ -12,7 +12,8 @@
   keys and values at positions the row overwrites before any of its queries can see them.
 * ``generate_full_window`` recomputes the whole window for every token: the reference.
 
-Axis letters: B rows, P prompt positions (padded), N new tokens, V vocabulary, L MoE layers.
+Axis letters (the package's glossary): B rows, T positions (the padded prompt's, or the new
+tokens'), V vocabulary, L MoE layers.
 """
 
 from __future__ import annotations
@@ -120,16 +121,16 @@ def generate(
     longest = int(lengths_B.max())
     if prompt_length is not None and prompt_length < longest:
         raise ValueError(f"prompt_length={prompt_length} is shorter than a prompt ({longest})")
-    prompt_BP = np.zeros((len(prompts), prompt_length or longest), np.int32)
+    prompt_BT = np.zeros((len(prompts), prompt_length or longest), np.int32)
     for b, p in enumerate(prompts):
-        prompt_BP[b, : len(p)] = p
+        prompt_BT[b, : len(p)] = p
     cache = nnx.merge(graphdef, params).init_cache(
-        len(prompts), prompt_BP.shape[1] + max_new_tokens
+        len(prompts), prompt_BT.shape[1] + max_new_tokens
     )
     args = (jnp.float32(temperature), jax.random.key(seed))
-    prefill = _prefill.lower(graphdef, params, prompt_BP, lengths_B, cache, *args).compile()
+    prefill = _prefill.lower(graphdef, params, prompt_BT, lengths_B, cache, *args).compile()
     began = time.perf_counter()
-    first = jax.block_until_ready(prefill(params, prompt_BP, lengths_B, cache, *args))
+    first = jax.block_until_ready(prefill(params, prompt_BT, lengths_B, cache, *args))
     prefill_seconds = time.perf_counter() - began
     token_B, experts_B, logits_BV, cache = first
     stops = _stop_ids(stop_id)
@@ -140,8 +141,8 @@ def generate(
     began = time.perf_counter()
     out = jax.block_until_ready(loop(*loop_args[1:]))
     decode_seconds = time.perf_counter() - began
-    tokens_BN, experts_BNL, logits_BNV, steps = jax.device_get(out)
-    return _rows(tokens_BN, experts_BNL, logits_BNV if keep_logits else None, stops,
+    tokens_BT, experts_BTL, logits_BTV, steps = jax.device_get(out)
+    return _rows(tokens_BT, experts_BTL, logits_BTV if keep_logits else None, stops,
                  int(steps), prefill_seconds, decode_seconds)  # fmt: skip
 
 
@@ -151,15 +152,15 @@ def _stop_ids(stop_id: int | Sequence[int] | None) -> list[int]:
     return [int(stop_id)] if np.ndim(stop_id) == 0 else [int(i) for i in stop_id]
 
 
-def _rows(tokens_BN, experts_BNL, logits_BNV, stops, steps, prefill_s, decode_s) -> Generation:
+def _rows(tokens_BT, experts_BTL, logits_BTV, stops, steps, prefill_s, decode_s) -> Generation:
     """The per-row lists: each row cut before its first stop token."""
     tokens, by_layer, logits = [], [], []
-    for b, row in enumerate(tokens_BN[:, : steps + 1].tolist()):
+    for b, row in enumerate(tokens_BT[:, : steps + 1].tolist()):
         n = next((i for i, token in enumerate(row) if token in stops), len(row))
         tokens.append(row[:n])
-        by_layer.append(np.asarray(experts_BNL[b, :n], np.float32))
-        if logits_BNV is not None:
-            logits.append(np.asarray(logits_BNV[b, :n], np.float32))
+        by_layer.append(np.asarray(experts_BTL[b, :n], np.float32))
+        if logits_BTV is not None:
+            logits.append(np.asarray(logits_BTV[b, :n], np.float32))
     return Generation(tokens, by_layer, logits, steps, prefill_s, decode_s)
 
 
@@ -180,13 +181,13 @@ def _layer_experts(experts_LBT, at_B) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-def _prefill(graphdef, params, prompt_BP, lengths_B, cache, temperature, key):
+def _prefill(graphdef, params, prompt_BT, lengths_B, cache, temperature, key):
     """Every prompt into the cache; each row's first new token, its experts and logits."""
-    logits_BPV, experts_LBP, cache = nnx.merge(graphdef, params).decode(prompt_BP, cache, 0)
+    logits_BTV, experts_LBT, cache = nnx.merge(graphdef, params).decode(prompt_BT, cache, 0)
     last_B = lengths_B - 1
-    logits_BV = jnp.take_along_axis(logits_BPV, last_B[:, None, None], axis=1)[:, 0]
+    logits_BV = jnp.take_along_axis(logits_BTV, last_B[:, None, None], axis=1)[:, 0]
     token_B = _choose(logits_BV, key, 0, temperature)
-    return token_B, _layer_experts(experts_LBP, last_B), logits_BV, cache
+    return token_B, _layer_experts(experts_LBT, last_B), logits_BV, cache
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames=("steps", "keep_logits"))
@@ -197,34 +198,34 @@ def _decode_loop(graphdef, params, cache, token_B, position_B, experts_BL, logit
     steps run)."""
     model = nnx.merge(graphdef, params)
     b, v = logits_BV.shape
-    tokens_BN = jnp.zeros((b, steps + 1), jnp.int32).at[:, 0].set(token_B)
-    experts_BNL = jnp.zeros((b, steps + 1, experts_BL.shape[1]), jnp.float32)
-    experts_BNL = experts_BNL.at[:, 0].set(experts_BL)
+    tokens_BT = jnp.zeros((b, steps + 1), jnp.int32).at[:, 0].set(token_B)
+    experts_BTL = jnp.zeros((b, steps + 1, experts_BL.shape[1]), jnp.float32)
+    experts_BTL = experts_BTL.at[:, 0].set(experts_BL)
     kept = (b, steps + 1, v) if keep_logits else (b, 1, v)
-    logits_BNV = jnp.zeros(kept, jnp.float32).at[:, 0].set(logits_BV)
+    logits_BTV = jnp.zeros(kept, jnp.float32).at[:, 0].set(logits_BV)
 
     def running(state):
         i, done_B = state[0], state[3]
         return (i < steps) & ~jnp.all(done_B)
 
     def step(state):
-        i, cache, token_B, done_B, position_B, tokens_BN, experts_BNL, logits_BNV = state
+        i, cache, token_B, done_B, position_B, tokens_BT, experts_BTL, logits_BTV = state
         logits_B1V, experts_LB1, cache = model.decode(token_B[:, None], cache, position_B)
         logits_BV = logits_B1V[:, 0]
         token_B = _choose(logits_BV, key, i + 1, temperature)
-        tokens_BN = tokens_BN.at[:, i + 1].set(token_B)
-        experts_BNL = experts_BNL.at[:, i + 1].set(
+        tokens_BT = tokens_BT.at[:, i + 1].set(token_B)
+        experts_BTL = experts_BTL.at[:, i + 1].set(
             _layer_experts(experts_LB1, jnp.zeros_like(token_B))
         )
         if keep_logits:
-            logits_BNV = logits_BNV.at[:, i + 1].set(logits_BV)
+            logits_BTV = logits_BTV.at[:, i + 1].set(logits_BV)
         done_B = done_B | jnp.isin(token_B, stop)
-        return i + 1, cache, token_B, done_B, position_B + 1, tokens_BN, experts_BNL, logits_BNV
+        return i + 1, cache, token_B, done_B, position_B + 1, tokens_BT, experts_BTL, logits_BTV
 
-    init = (jnp.int32(0), cache, token_B, jnp.isin(token_B, stop), position_B, tokens_BN,
-            experts_BNL, logits_BNV)  # fmt: skip
-    i, _, _, _, _, tokens_BN, experts_BNL, logits_BNV = jax.lax.while_loop(running, step, init)
-    return tokens_BN, experts_BNL, logits_BNV, i
+    init = (jnp.int32(0), cache, token_B, jnp.isin(token_B, stop), position_B, tokens_BT,
+            experts_BTL, logits_BTV)  # fmt: skip
+    i, _, _, _, _, tokens_BT, experts_BTL, logits_BTV = jax.lax.while_loop(running, step, init)
+    return tokens_BT, experts_BTL, logits_BTV, i
 
 
 def generate_full_window(
@@ -237,9 +238,9 @@ def generate_full_window(
     tokens, logits = list(prompt_ids), []
     began = None
     for _ in range(max_new_tokens):
-        padded_1U = np.zeros((1, window), np.int32)
-        padded_1U[0, : len(tokens)] = tokens
-        logits.append(np.asarray(_logits_at(graphdef, params, padded_1U, len(tokens) - 1)))
+        padded_1T = np.zeros((1, window), np.int32)
+        padded_1T[0, : len(tokens)] = tokens
+        logits.append(np.asarray(_logits_at(graphdef, params, padded_1T, len(tokens) - 1)))
         tokens.append(int(np.argmax(logits[-1])))
         began = time.perf_counter() if began is None else began
     calls = max_new_tokens - 1
@@ -248,7 +249,7 @@ def generate_full_window(
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _logits_at(graphdef, params, tokens_1U, position):
+def _logits_at(graphdef, params, tokens_1T, position):
     # The model is causal: the padding after `position` does not change its logits.
-    logits_1UV, _ = nnx.merge(graphdef, params)(tokens_1U)
-    return logits_1UV[0, position]
+    logits_1TV, _ = nnx.merge(graphdef, params)(tokens_1T)
+    return logits_1TV[0, position]

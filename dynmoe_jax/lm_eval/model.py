@@ -201,10 +201,10 @@ class DynMoELM(TemplateLM):
                            stop_id=self._stop_ids(until))  # fmt: skip
         seconds = (gen.prefill_seconds + gen.decode_seconds) / len(prompts)
         texts = []
-        for prompt, tokens, experts_NL in zip(prompts, gen.tokens, gen.experts_by_layer,
+        for prompt, tokens, experts_TL in zip(prompts, gen.tokens, gen.experts_by_layer,
                                               strict=False):  # fmt: skip
             texts.append(_cut(self.tok_decode(tokens), until))
-            self.counters[task].add(experts_NL.sum(0), len(tokens), len(prompt) + len(tokens),
+            self.counters[task].add(experts_TL.sum(0), len(tokens), len(prompt) + len(tokens),
                                     seconds)  # fmt: skip
         return texts
 
