@@ -4,8 +4,8 @@ With a few tokens per call (decode steps, small batches) an MoE layer is bound b
 expert weights, not by arithmetic. This path lists the u experts that some token of the call
 selected and runs every token of the call through each of them, adding each output with the
 token's combine weight (zero where the token did not select that expert): u weight reads and
-u * N rows. u is a traced count, so one compiled program serves every k and every p; the loop
-has a static length U (at most every expert the call could select) and its steps past u do
+u * M rows. u is a traced count, so one compiled program serves every k and every p; the loop
+has a static length W (at most every expert the call could select) and its steps past u do
 nothing. When every expert is in use the loop gives way to a plain sum over all of them.
 
 Weights in the per-expert layout (``experts.split_weights``) are reached through a switch over the E
@@ -14,7 +14,8 @@ the expert id: on GPU and TPU the slice feeds the matmul, on CPU it is a copy pe
 (hence the decode layout). Nothing is ever dropped, so the path serves only calls whose
 configured dispatch could drop nothing either (``MoEConfig.takes_decode_path``).
 
-Axis letters: N tokens of the call, E experts, U the loop's length, D model width.
+Axis letters (the package's glossary): M tokens of the call, E experts, W the loop's length,
+D model width.
 """
 
 from __future__ import annotations
@@ -29,39 +30,39 @@ from dynmoe_jax.moe.experts import ExpertWeights
 
 
 def selected_experts(
-    x_ND: jax.Array,
-    mask_NE: jax.Array,
-    weights_NE: jax.Array,
+    x_MD: jax.Array,
+    mask_ME: jax.Array,
+    weights_ME: jax.Array,
     weights: ExpertWeights,
     max_used: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """(y_ND, u): the sum over each token's selected experts of weight * SwiGLU, and the number
-    of experts computed. ``weights`` hold the experts of ``mask_NE``'s columns; ``max_used``
+    """(y_MD, u): the sum over each token's selected experts of weight * SwiGLU, and the number
+    of experts computed. ``weights`` hold the experts of ``mask_ME``'s columns; ``max_used``
     bounds how many of them one call selects (the loop's length)."""
-    num_experts = mask_NE.shape[1]
-    used_E = jnp.any(mask_NE, axis=0)
+    num_experts = mask_ME.shape[1]
+    used_E = jnp.any(mask_ME, axis=0)
     used = jnp.sum(used_E, dtype=jnp.int32)
 
-    def weighted(e, out_ND):
+    def weighted(e, out_MD):
         # `where`: a token that did not select e adds nothing, whatever e computes for it.
-        took_N1 = jax.lax.dynamic_index_in_dim(mask_NE, e, axis=1)
-        w_N1 = jax.lax.dynamic_index_in_dim(weights_NE, e, axis=1).astype(out_ND.dtype)
-        return jnp.where(took_N1, w_N1 * out_ND, 0)
+        took_M1 = jax.lax.dynamic_index_in_dim(mask_ME, e, axis=1)
+        w_M1 = jax.lax.dynamic_index_in_dim(weights_ME, e, axis=1).astype(out_MD.dtype)
+        return jnp.where(took_M1, w_M1 * out_MD, 0)
 
     def some():
-        ids_U = jnp.nonzero(used_E, size=max_used, fill_value=0)[0].astype(jnp.int32)
+        ids_W = jnp.nonzero(used_E, size=max_used, fill_value=0)[0].astype(jnp.int32)
         run = _expert_fn(weights)
 
-        def step(i, y_ND):
-            add = lambda y_ND: y_ND + weighted(ids_U[i], run(ids_U[i], x_ND))  # noqa: E731
-            return jax.lax.cond(i < used, add, lambda y_ND: y_ND, y_ND)
+        def step(i, y_MD):
+            add = lambda y_MD: y_MD + weighted(ids_W[i], run(ids_W[i], x_MD))  # noqa: E731
+            return jax.lax.cond(i < used, add, lambda y_MD: y_MD, y_MD)
 
-        return jax.lax.fori_loop(0, max_used, step, jnp.zeros_like(x_ND))
+        return jax.lax.fori_loop(0, max_used, step, jnp.zeros_like(x_MD))
 
     def every():
         # Every expert in use: no loop and no branch, so XLA may run the experts side by side.
-        each = [experts.expert_swiglu(x_ND, weights, e) for e in range(num_experts)]
-        return sum(weighted(e, out_ND) for e, out_ND in enumerate(each))
+        each = [experts.expert_swiglu(x_MD, weights, e) for e in range(num_experts)]
+        return sum(weighted(e, out_MD) for e, out_MD in enumerate(each))
 
     if max_used < num_experts:  # the call cannot select every expert
         return some(), used
@@ -69,11 +70,11 @@ def selected_experts(
 
 
 def _expert_fn(weights: ExpertWeights):
-    """(e, x_ND) -> expert e's SwiGLU of x, for either layout."""
+    """(e, x_MD) -> expert e's SwiGLU of x, for either layout."""
     if experts.is_split(weights[0]):
         branches = [
             functools.partial(experts.expert_swiglu, weights=weights, e=j)
             for j in range(len(weights[0]))
         ]
-        return lambda e, x_ND: jax.lax.switch(e, branches, x_ND)
-    return lambda e, x_ND: experts.expert_swiglu(x_ND, weights, e)
+        return lambda e, x_MD: jax.lax.switch(e, branches, x_MD)
+    return lambda e, x_MD: experts.expert_swiglu(x_MD, weights, e)

@@ -80,22 +80,22 @@ def _local(x_gSD, sel_g, weights, *, group_axes, **kwargs):
 
 
 def selected_experts(
-    mesh, x_ND: jax.Array, mask_NE: jax.Array, weights_NE: jax.Array, weights, max_used: int
+    mesh, x_MD: jax.Array, mask_ME: jax.Array, weights_ME: jax.Array, weights, max_used: int
 ) -> tuple[jax.Array, jax.Array]:
     """``decode_experts.selected_experts`` over the mesh: every device takes every token of
     the call and its own E / ep experts, and the outputs are summed over ``expert``. The same
     result as one device; u counts the experts computed on all devices."""
     replicated, spec_w = PartitionSpec(), PartitionSpec(EXPERT_AXIS)
 
-    def local(x_ND, mask_NE, weights_NE, weights):
+    def local(x_MD, mask_ME, weights_ME, weights):
         num_local = weights[0].shape[0]
         offset = jax.lax.axis_index(EXPERT_AXIS) * num_local
         mine = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=offset,
                                  slice_size=num_local, axis=1)  # fmt: skip
-        y_ND, used = decode_experts.selected_experts(
-            x_ND, mine(mask_NE), mine(weights_NE), weights, min(max_used, num_local)
+        y_MD, used = decode_experts.selected_experts(
+            x_MD, mine(mask_ME), mine(weights_ME), weights, min(max_used, num_local)
         )
-        return jax.lax.psum(y_ND, EXPERT_AXIS), jax.lax.psum(used, EXPERT_AXIS)
+        return jax.lax.psum(y_MD, EXPERT_AXIS), jax.lax.psum(used, EXPERT_AXIS)
 
     return jax.shard_map(
         local,
@@ -103,4 +103,4 @@ def selected_experts(
         in_specs=(replicated, replicated, replicated, (spec_w, spec_w, spec_w)),
         out_specs=(replicated, replicated),
         check_vma=False,
-    )(x_ND, mask_NE, weights_NE, weights)
+    )(x_MD, mask_ME, weights_ME, weights)
