@@ -3,7 +3,8 @@
 Pure functions with static shapes; they work under ``jit``, ``vmap`` and ``grad``. Leading
 dimensions are arbitrary (written ``...`` below); the last axis is always the expert axis E.
 
-Axis letters: S tokens, E experts, K choices (rank of an expert in a token's sorted order).
+Axis letters (the package's glossary): M tokens (the leading axes flattened), E experts, K ranks
+(an expert's place in a token's sorted order), A any axes.
 
 Definitions follow Huang et al., "Harder Tasks Need More Experts: Dynamic Routing in MoE
 Models" (ACL 2024):
@@ -86,11 +87,11 @@ def _rank_by_counting(probs: jax.Array) -> jax.Array:
 def _inverse_permutation(rank: jax.Array) -> jax.Array:
     """order[..., rank[..., e]] = e, as one scatter."""
     num_experts = rank.shape[-1]
-    rank_NE = rank.reshape(-1, num_experts)
-    row_N1 = jnp.arange(rank_NE.shape[0])[:, None]
+    rank_ME = rank.reshape(-1, num_experts)
+    row_M1 = jnp.arange(rank_ME.shape[0])[:, None]
     expert_E = jnp.arange(num_experts, dtype=jnp.int32)
-    order_NE = jnp.zeros_like(rank_NE).at[row_N1, rank_NE].set(expert_E, unique_indices=True)
-    return order_NE.reshape(rank.shape)
+    order_ME = jnp.zeros_like(rank_ME).at[row_M1, rank_ME].set(expert_E, unique_indices=True)
+    return order_ME.reshape(rank.shape)
 
 
 def _top_p_by_rank(
@@ -177,13 +178,13 @@ def route(
 
 
 def token_mean(x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
-    """Mean over the tokens (every axis but the last) of x [..., X], over the tokens where
+    """Mean over the tokens (every axis but the last) of x [..., A], over the tokens where
     ``valid`` [...] holds when given (padding left out); 0 when no token is valid."""
-    x_NX = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    x_MA = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
     if valid is None:
-        return jnp.mean(x_NX, axis=0)
-    w_N1 = valid.reshape(-1, 1).astype(jnp.float32)
-    return jnp.sum(x_NX * w_N1, axis=0) / jnp.maximum(jnp.sum(w_N1), 1.0)
+        return jnp.mean(x_MA, axis=0)
+    w_M1 = valid.reshape(-1, 1).astype(jnp.float32)
+    return jnp.sum(x_MA * w_M1, axis=0) / jnp.maximum(jnp.sum(w_M1), 1.0)
 
 
 def load_balance_loss(
