@@ -52,10 +52,11 @@ def threshold_step(
     return jax.nn.sigmoid(logit + KP * error + KI * integral), integral
 
 
-def bias_step(bias_XE: jax.Array, load_XE: jax.Array, rate: float) -> jax.Array:
-    """One bias update from each expert's share of the selections (last axis E)."""
-    num_experts = load_XE.shape[-1]
-    return bias_XE + rate * jnp.sign(1.0 / num_experts - load_XE)
+def bias_step(bias_AE: jax.Array, load_AE: jax.Array, rate: float) -> jax.Array:
+    """One bias update from each expert's share of the selections (last axis E; A: none, or a
+    scanned model's layers)."""
+    num_experts = load_AE.shape[-1]
+    return bias_AE + rate * jnp.sign(1.0 / num_experts - load_AE)
 
 
 def initial(name: str, moe, shape: tuple[int, ...]) -> jax.Array:
