@@ -1,8 +1,8 @@
 """MoELayer: a router and E SwiGLU experts, with per-expert capacity or a group budget, in NNX.
 
 Axis letters: B batch, T sequence, D model width, F expert hidden width, E experts, G groups,
-S tokens per group, C capacity (slots per expert per group), R rows of the grouped buffer,
-P priority-list entries of a group.
+S tokens per group, M all tokens of the call, C capacity (slots per expert per group), R rows
+of the grouped buffer, P priority-list entries of a group, A any axes.
 
 Data flow (capacity modes): x_BTD -> x_GSD -> router logits_GSE (float32) -> Routing (mask,
 rank, weights) -> slots per group -> x_EGCD -> SwiGLU experts -> y_EGCD -> y_GSD -> y_BTD.
@@ -103,8 +103,8 @@ class MoELayer(nnx.Module):
 
     def router_logits(self, x_GSD: jax.Array) -> jax.Array:
         """Router logits in float32 whatever the activation dtype."""
-        x_TD = x_GSD.reshape(-1, x_GSD.shape[-1]).astype(jnp.float32)  # 2-D: see experts()
-        return (x_TD @ self.router_DE[...]).reshape(x_GSD.shape[:-1] + (-1,))
+        x_MD = x_GSD.reshape(-1, x_GSD.shape[-1]).astype(jnp.float32)  # 2-D: see experts()
+        return (x_MD @ self.router_DE[...]).reshape(x_GSD.shape[:-1] + (-1,))
 
     def expert_weights(self) -> experts.ExpertWeights:
         """(gate, up, down) in either layout (``experts.py``), unconverted."""
@@ -117,14 +117,14 @@ class MoELayer(nnx.Module):
         for name, weight in zip(experts.NAMES, split, strict=True):
             getattr(self, name).set_value(weight)
 
-    def experts(self, x_EXD: jax.Array) -> jax.Array:
+    def experts(self, x_EAD: jax.Array) -> jax.Array:
         """SwiGLU of every expert on its own rows: x [E, ..., D] -> [E, ..., D]."""
         dt = self.config.dtype
-        # One row axis N: XLA on CPU ran [E, G, C, D] x [E, D, F] (and [B, T, D] x [D, F])
-        # slower than the same matmul written [E, N, D] x [E, D, F] ([T, D] x [D, F]).
-        x_END = x_EXD.reshape(x_EXD.shape[0], -1, x_EXD.shape[-1]).astype(dt)
+        # One row axis: XLA on CPU ran [E, G, C, D] x [E, D, F] (and [B, T, D] x [D, F])
+        # slower than the same matmul written [E, G*C, D] x [E, D, F] ([M, D] x [D, F]).
+        rows_EAD = x_EAD.reshape(x_EAD.shape[0], -1, x_EAD.shape[-1]).astype(dt)
         weights = experts.cast(self.expert_weights(), dt)
-        return experts.per_expert_swiglu(x_END, weights).reshape(x_EXD.shape)
+        return experts.per_expert_swiglu(rows_EAD, weights).reshape(x_EAD.shape)
 
     def __call__(
         self, x_BTD: jax.Array, valid_BT: jax.Array | None = None
@@ -198,8 +198,8 @@ class MoELayer(nnx.Module):
         cfg = self.config
         g, s, d = x_GSD.shape
         n, e = g * s, cfg.num_experts
-        x_ND = x_GSD.reshape(n, d)
-        mask_NE, weights_NE = r.mask.reshape(n, e), r.weights.reshape(n, e)
+        x_MD = x_GSD.reshape(n, d)
+        mask_ME, weights_ME = r.mask.reshape(n, e), r.weights.reshape(n, e)
         weights = experts.cast(self.expert_weights(), cfg.dtype)
         max_used = min(e, n * cfg.max_selections)
         mesh = jax.sharding.get_abstract_mesh()
@@ -207,9 +207,9 @@ class MoELayer(nnx.Module):
             fn = functools.partial(expert_parallel.selected_experts, mesh)
         else:
             fn = decode.selected_experts
-        y_ND, used = fn(x_ND, mask_NE, weights_NE, weights, max_used)
+        y_MD, used = fn(x_MD, mask_ME, weights_ME, weights, max_used)
         kept = jnp.sum(r.mask, dtype=jnp.float32)
-        return y_ND.reshape(g, s, d), kept, used.astype(jnp.float32)
+        return y_MD.reshape(g, s, d), kept, used.astype(jnp.float32)
 
     def _grouped(self, x_GSD: jax.Array, r: routing.Routing) -> tuple:
         """One budget per group, every group's kept selections in one block-padded buffer
