@@ -18,7 +18,8 @@ An MoE layer's three weights come in one of two layouts (``ExpertWeights``):
   (experiments/RESULTS.md, "Batched decoding"). The layer's paths take either layout, forward
   only for the per-expert one.
 
-Axis letters: E experts, N rows (tokens), D model width, F hidden width.
+Axis letters (the package's glossary): E experts, A the rows' axes (whatever the caller's
+layout), D model width, F hidden width, X and Y a product's input and output widths.
 """
 
 from __future__ import annotations
@@ -34,17 +35,17 @@ ExpertWeights = tuple[Any, Any, Any]
 NAMES = ("w_gate_EDF", "w_up_EDF", "w_down_EFD")  # the MoE layer's parameters, in that order
 
 
-def swiglu(x_ND: jax.Array, w_gate, w_up, w_down, split: bool = False) -> jax.Array:
+def swiglu(x_AD: jax.Array, w_gate, w_up, w_down, split: bool = False) -> jax.Array:
     """SwiGLU of rows x [..., D] through one expert's (or a dense layer's) weights, stored
     [in, out] (gate and up [D, F], down [F, D]), or [out, in] when ``split`` (the per-expert
     layout)."""
-    return swiglu_parts(x_ND, w_gate, w_up, w_down, split)[0]
+    return swiglu_parts(x_AD, w_gate, w_up, w_down, split)[0]
 
 
-def swiglu_parts(x_ND: jax.Array, w_gate, w_up, w_down, split: bool = False):
-    """(y_ND, gate pre-activation g_NF, up u_NF): ``swiglu`` with what its backward reuses."""
-    g_NF, u_NF = times(x_ND, w_gate, split), times(x_ND, w_up, split)
-    return times(jax.nn.silu(g_NF) * u_NF, w_down, split), g_NF, u_NF
+def swiglu_parts(x_AD: jax.Array, w_gate, w_up, w_down, split: bool = False):
+    """(y_AD, gate pre-activation g_AF, up u_AF): ``swiglu`` with what its backward reuses."""
+    g_AF, u_AF = times(x_AD, w_gate, split), times(x_AD, w_up, split)
+    return times(jax.nn.silu(g_AF) * u_AF, w_down, split), g_AF, u_AF
 
 
 # Up to this many rows, a float32 product with a weight stored [out, in] is written as a
@@ -54,13 +55,13 @@ def swiglu_parts(x_ND: jax.Array, w_gate, w_up, w_down, split: bool = False):
 REDUCE_ROWS = 32
 
 
-def times(x_NI: jax.Array, w: jax.Array, split: bool) -> jax.Array:
+def times(x_AX: jax.Array, w: jax.Array, split: bool) -> jax.Array:
     """x @ W for one expert's weight: stored [in, out] when stacked, [out, in] per expert."""
-    return times_out_in(x_NI, w) if split else x_NI @ w
+    return times_out_in(x_AX, w) if split else x_AX @ w
 
 
-def times_out_in(x_NI: jax.Array, w_OI: jax.Array) -> jax.Array:
-    """x @ w.T for rows x [..., I] and a weight stored [O, I], in x's dtype.
+def times_out_in(x_AX: jax.Array, w_YX: jax.Array) -> jax.Array:
+    """x @ w.T for rows x [..., X] and a weight stored [Y, X], in x's dtype.
 
     On XLA's CPU backend the form is chosen by rows and dtype, each the fastest measured at
     decode sizes: one row, a matrix-vector product (float32), or a float32 multiply-reduce
@@ -69,24 +70,24 @@ def times_out_in(x_NI: jax.Array, w_OI: jax.Array) -> jax.Array:
     always take the matmul. The reduce sums in float32 whatever the dtype, as the matmul
     accumulates.
     """
-    rows = math.prod(x_NI.shape[:-1])
-    half = w_OI.dtype != jnp.float32
+    rows = math.prod(x_AX.shape[:-1])
+    half = w_YX.dtype != jnp.float32
     reduce = (rows == 1 and half) or (1 < rows <= REDUCE_ROWS and not half)
     if reduce and jax.default_backend() == "cpu":
         # The barrier keeps x's broadcast apart per weight: XLA would otherwise merge the
         # identical broadcasts of two products of the same x (gate and up, or two experts)
-        # and write the [N, O, I] broadcast out whole before either reduce reads it.
-        x_NI, w_OI = jax.lax.optimization_barrier((x_NI, w_OI))
-        x_N1I = x_NI[..., None, :].astype(jnp.float32)
-        w_1OI = w_OI.astype(jnp.float32).reshape((1,) * (x_NI.ndim - 1) + w_OI.shape)
-        y_NO = jnp.sum(w_1OI * x_N1I, axis=-1)
-        return y_NO.astype(x_NI.dtype)
-    return jax.lax.dot_general(x_NI, w_OI, (((x_NI.ndim - 1,), (1,)), ((), ())))
+        # and write the [A, Y, X] broadcast out whole before either reduce reads it.
+        x_AX, w_YX = jax.lax.optimization_barrier((x_AX, w_YX))
+        x_A1X = x_AX[..., None, :].astype(jnp.float32)
+        w_1YX = w_YX.astype(jnp.float32).reshape((1,) * (x_AX.ndim - 1) + w_YX.shape)
+        y_AY = jnp.sum(w_1YX * x_A1X, axis=-1)
+        return y_AY.astype(x_AX.dtype)
+    return jax.lax.dot_general(x_AX, w_YX, (((x_AX.ndim - 1,), (1,)), ((), ())))
 
 
-def expert_swiglu(x_ND: jax.Array, weights: ExpertWeights, e) -> jax.Array:
+def expert_swiglu(x_AD: jax.Array, weights: ExpertWeights, e) -> jax.Array:
     """Expert e's SwiGLU of rows x, either layout (``e`` a Python int for the per-expert one)."""
-    return swiglu(x_ND, *(w[e] for w in weights), split=is_split(weights[0]))
+    return swiglu(x_AD, *(w[e] for w in weights), split=is_split(weights[0]))
 
 
 def is_split(w: Any) -> bool:
@@ -123,11 +124,11 @@ def stacked_weights(weights: ExpertWeights) -> ExpertWeights:
     """The stacked layout of (gate, up, down) (a copy when they are per expert)."""
     if not is_split(weights[0]):
         return weights
-    return tuple(jnp.stack([w_OI.T for w_OI in w]) for w in weights)
+    return tuple(jnp.stack([w_YX.T for w_YX in w]) for w in weights)
 
 
-def per_expert_swiglu(x_END: jax.Array, weights: ExpertWeights) -> jax.Array:
-    """Every expert's SwiGLU on its own rows: x [E, N, D] -> [E, N, D] (capacity modes)."""
+def per_expert_swiglu(x_EAD: jax.Array, weights: ExpertWeights) -> jax.Array:
+    """Every expert's SwiGLU on its own rows: x [E, A, D] -> [E, A, D] (capacity modes)."""
     if is_split(weights[0]):
-        return jnp.stack([expert_swiglu(x_END[e], weights, e) for e in range(len(x_END))])
-    return jax.vmap(swiglu)(x_END, *weights)
+        return jnp.stack([expert_swiglu(x_EAD[e], weights, e) for e in range(len(x_EAD))])
+    return jax.vmap(swiglu)(x_EAD, *weights)
