@@ -4,10 +4,10 @@
    selections; a group keeps at most ``budget`` of them, any expert taking any share. When the
    group selects more, the lowest-priority ones are dropped (``DropOrder``).
 2. ``layout`` (all groups at once, never vmapped): the kept selections of every group sorted by
-   expert into one buffer of R rows, each expert's rows padded to a multiple of the block size B
-   so that a block of rows belongs to one expert. R is static:
-   ``R = B * ceil((G * budget + E * (B - 1)) / B)`` bounds the rows in use, because padding
-   adds at most B - 1 rows per expert.
+   expert into one buffer of R rows, each expert's rows padded to a multiple of the block size b
+   (``block_size``) so that a block of rows belongs to one expert. R is static:
+   ``R = b * ceil((G * budget + E * (b - 1)) / b)`` bounds the rows in use, because padding
+   adds at most b - 1 rows per expert.
 3. ``rows.gather`` gathers each row's token; ``rows.scatter_add`` adds each row's output,
    weighted, back to its token. Padding rows read token 0 and are masked out of the combine.
 
@@ -20,8 +20,9 @@ output. The default is ``rank``: it needs no sort, matches the capacity modes, a
 budget factors worth running it drops nothing either way; ``weight`` is the better choice
 under a budget that binds.
 
-Axis letters: G groups, S tokens per group, E experts, K ranks, P = S * K priority entries of
-one group, Q = G * P entries of every group, R rows of the buffer, D model width.
+Axis letters (the package's glossary): G groups, S tokens per group, E experts, K ranks, P =
+S * K priority entries of one group, Q = G * P entries of every group, R rows of the buffer, D
+model width.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ class Layout(NamedTuple):
     token_R: int32[R], the token (over all groups, ``g * S + s``) whose selection fills the row.
     weight_R: the row's combine weight, 0 on padding rows.
     valid_R: bool[R], rows holding a kept selection.
-    group_sizes_E: int32[E], rows per expert including block padding (multiples of B).
+    group_sizes_E: int32[E], rows per expert including block padding (multiples of b).
     """
 
     token_R: jax.Array

@@ -24,7 +24,8 @@ Both matmul backends zero the rows past the groups themselves: tokamax's Pallas-
 stores only the rows of some group, so the rest of its output is whatever the buffer held.
 Masking the input too keeps those rows out of dX in the backward.
 
-Axis letters: R rows (sorted by expert), E experts, X input width, Y output width.
+Axis letters (the package's glossary): R rows (sorted by expert), E experts, X input width, Y
+output width.
 """
 
 from __future__ import annotations

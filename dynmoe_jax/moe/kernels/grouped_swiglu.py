@@ -8,11 +8,11 @@ loop instead, because on CPU XLA's ragged dot runs every expert on every row:
 * **One pass per chunk of rows.** For each expert (a scan, which slices its three weights once)
   a chunk of rows goes through gate, up, silu * up and down before the next chunk starts: one
   loop instead of three, and h = silu(gate) * up never exists as an [R, F] array.
-* **Chunks as big as the expert's rows allow.** Rows stay padded to the block size B (so the
+* **Chunks as big as the expert's rows allow.** Rows stay padded to the block size b (so the
   padding stays small), but an expert's n blocks are walked as big chunks first: as many chunks
-  of ``max_chunk_rows`` as fit, then at most one each of the halved sizes down to B (the binary
+  of ``max_chunk_rows`` as fit, then at most one each of the halved sizes down to b (the binary
   digits of the remainder), so an expert costs at most ``n // max_blocks + log2(max_blocks) + 1``
-  loop steps (``max_blocks = max_chunk_rows / B``) instead of n. Every step pays fixed costs
+  loop steps (``max_blocks = max_chunk_rows / b``) instead of n. Every step pays fixed costs
   besides its matmuls (the three [D, F] weight-gradient accumulators read and written, the loop
   itself), and a matmul of a few dozen rows runs below the rate of a big one.
 * **Backward.** A ``custom_vjp`` (a while loop cannot be reverse-differentiated). The forward
@@ -21,8 +21,8 @@ loop instead, because on CPU XLA's ragged dot runs every expert on every row:
   float32 [D, F] carries. The three dW are the scan's per-expert outputs: each [E, D, F]
   gradient is written slice by slice, once per expert, and no step of a chunk touches it.
 
-Axis letters: R rows (sorted by expert), E experts, D model width, F expert hidden width; Z the
-rows of one chunk (this module's letter: the package's table has no letter for a chunk).
+Axis letters (the package's glossary): R rows (sorted by expert), E experts, D model width, F
+expert hidden width, Z the rows of one chunk.
 """
 
 from __future__ import annotations
