@@ -12,8 +12,9 @@ command line's ``--config.FIELD=VALUE`` sets), by section, and the frozen config
 Derived here: ``defaults()`` (the ConfigDict every config file starts from), ``set_fields``
 (the command line's overrides, ``None`` included), ``resolve`` (ConfigDict -> the typed,
 frozen ``RunConfig`` that the library takes, every check run), ``check_config`` (the one entry
-point for every data-free check, the mesh included), ``routing_overrides`` (what replaces an
-imported checkpoint's router) and ``configuration_table`` (docs/configuration.md, tested).
+point for every data-free check, the mesh included), ``import_overrides`` (what replaces an
+imported checkpoint's router, dtype and remat) and ``configuration_table``
+(docs/configuration.md, tested).
 """
 
 from __future__ import annotations
@@ -38,20 +39,18 @@ from dynmoe_jax.moe.config import MoEConfig
 from dynmoe_jax.pretrained.hf_config import CONFIG_FILE, hf_model_config
 from dynmoe_jax.pretrained.load import check_folder
 from dynmoe_jax.train.config import LossConfig, TrainConfig
-from dynmoe_jax.validation import ConfigError, enum_value, invalid
+from dynmoe_jax.validation import ConfigError, Constraint, Site, field_path, invalid
 
-SECTIONS: tuple[tuple[str, type], ...] = (
-    ("", DataConfig),
-    ("", TrainConfig),
-    ("model", ModelConfig),
-    ("moe", MoEConfig),
-    ("loss", LossConfig),
-)
+# The frozen configs, in the order of the docs; each names its section (``SECTION``).
+SECTIONS: tuple[type, ...] = (DataConfig, TrainConfig, ModelConfig, MoEConfig, LossConfig)
 # Names a newcomer may type for a field of another name.
 ALIASES = {"moe.top_p": "moe.threshold", "moe.p": "moe.threshold", "moe.k": "moe.top_k",
            "moe.experts": "moe.num_experts", "lr": "learning_rate"}  # fmt: skip
-# Routing fields whose None means "as the imported checkpoint has it".
-CHECKPOINT_DEFAULTS = ("top_k", "renormalize")
+
+
+def section(owner: type) -> str:
+    """The ConfigDict node of a frozen config's fields ('' for the top level)."""
+    return getattr(owner, "SECTION", "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,18 +75,18 @@ class Declaration:
         return value.value if isinstance(value, enum.Enum) else value
 
     @property
+    def overrides_import(self) -> bool:
+        """Whether the config's value replaces an imported checkpoint's."""
+        return self.field.metadata["override"]
+
+    @property
+    def allows(self) -> Constraint:
+        return dict(validation.constraints(self.owner))[self.name]
+
+    @property
     def allowed(self) -> str:
-        """The allowed range as the docs state it (a string enum's values when undeclared)."""
-        allowed = self.field.metadata["allowed"]
-        if callable(allowed):
-            return allowed(_Placeholder())
-        if (
-            not allowed
-            and isinstance(self.value_type, type)
-            and issubclass(self.value_type, enum.Enum)
-        ):
-            return " | ".join(repr(m.value) for m in self.value_type)
-        return allowed
+        """The allowed range as the docs state it (a bound naming another field by its name)."""
+        return self.allows.text(Site(self.owner, self.name))
 
     @property
     def value_type(self) -> type:
@@ -102,11 +101,10 @@ class Declaration:
 def declarations() -> tuple[Declaration, ...]:
     """Every field the training config exposes, in section and field order."""
     out = []
-    for section, owner in SECTIONS:
+    for owner in SECTIONS:
         for field in dataclasses.fields(owner):
             if field.metadata.get("cli", False):
-                path = f"{section}.{field.name}" if section else field.name
-                out.append(Declaration(path, owner, field))
+                out.append(Declaration(field_path(owner, field.name), owner, field))
     return tuple(out)
 
 
@@ -116,7 +114,7 @@ def by_path() -> dict[str, Declaration]:
 
 def defaults() -> ConfigDict:
     """The config with every field at its declared default (``make train``'s run)."""
-    config = ConfigDict({s: {} for s, _ in SECTIONS if s}, type_safe=False)
+    config = ConfigDict({section(s): {} for s in SECTIONS if section(s)}, type_safe=False)
     for d in declarations():
         _put(config, d.path, d.default)
     return config
@@ -157,9 +155,6 @@ def unknown_field(path: str, value: str) -> None:
     invalid(path, value, f"a field of the config{hint}")
 
 
-_KINDS = {bool: "True | False", int: "an integer", float: "a number"}
-
-
 def parse_value(d: Declaration, text: str) -> Any:
     """A command-line value as the field's type; ``None`` for 'None' (the field's check then
     says whether None is allowed)."""
@@ -174,8 +169,7 @@ def parse_value(d: Declaration, text: str) -> Any:
         if kind is float:
             return float(text)
     except (KeyError, ValueError):
-        static = not callable(d.field.metadata["allowed"])
-        invalid(d.path, text, _KINDS[kind] + (f" ({d.allowed})" if static else ""))
+        invalid(d.path, text, d.allowed)
     return text  # str and the string enums: the configs check their values
 
 
@@ -197,8 +191,7 @@ def set_fields(config: ConfigDict, overrides: Mapping[str, str]) -> ConfigDict:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """A training run's typed, frozen config. The top-level fields (``batch_size``,
-    ``learning_rate``, ...) read through to ``data`` and ``train``; ``moe`` is the model's."""
+    """A training run's typed, frozen config, by section; ``moe`` is the model's."""
 
     data: DataConfig
     train: TrainConfig
@@ -206,27 +199,18 @@ class RunConfig:
     loss: LossConfig
 
     def __post_init__(self):
-        accum, batch = self.train.grad_accum_steps, self.data.batch_size
-        validation.check(
-            batch % accum == 0, "grad_accum_steps", accum, f"a divisor of batch_size={batch}"
-        )
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        for section in (self.data, self.train):
-            if hasattr(section, name):
-                return getattr(section, name)
-        raise AttributeError(f"RunConfig has no field {name!r}")
+        batch = Site(DataConfig, "", self.data).show("batch_size")
+        divides = self.data.batch_size % self.train.grad_accum_steps == 0
+        validation.check_field(self.train, "grad_accum_steps", divides, f"a divisor of {batch}")
 
     @property
     def moe(self) -> MoEConfig | None:
         return self.model.moe
 
 
-def _section(config: ConfigDict, section: str, owner: type) -> dict[str, Any]:
+def _section(config: ConfigDict, owner: type) -> dict[str, Any]:
     """The config's values of ``owner``'s exposed fields (absent ones keep their defaults)."""
-    node = config[section] if section else config
+    node = config[section(owner)] if section(owner) else config
     return {d.name: node[d.name] for d in declarations() if d.owner is owner and d.name in node}
 
 
@@ -239,9 +223,9 @@ def resolve(config: ConfigDict) -> RunConfig:
             unknown_field(path, _get(config, path))
     folder = check_init_from(config.get("init_from", ""))  # absolute, or ''
     try:
-        data = DataConfig(**{**_section(config, "", DataConfig), "init_from": folder})
-        train = TrainConfig(**_section(config, "", TrainConfig))
-        loss = LossConfig(**_section(config, "loss", LossConfig))
+        data = DataConfig(**{**_section(config, DataConfig), "init_from": folder})
+        train = TrainConfig(**_section(config, TrainConfig))
+        loss = LossConfig(**_section(config, LossConfig))
         model = _model_config(config, data)
     except TypeError as e:  # a comparison of a value of the wrong type
         raise ConfigError(f"a config value has the wrong type: {e}") from None
@@ -270,32 +254,29 @@ def check_init_from(value: Any) -> str:
     return str(folder.resolve())
 
 
-def routing_overrides(config: ConfigDict) -> dict[str, Any]:
-    """The ``moe`` fields that replace an imported checkpoint's (None in
-    ``CHECKPOINT_DEFAULTS``: keep the checkpoint's)."""
-    moe = config.moe
+def import_overrides(config: ConfigDict) -> dict[str, Any]:
+    """The fields (declared ``override``: the routing, the model's dtype and remat) whose
+    config values replace an imported checkpoint's; one set to None keeps the checkpoint's
+    (its top_k, its renormalize)."""
     out = {}
     for d in declarations():
-        routing = d.owner is MoEConfig and d.field.metadata["override"] and d.name in moe
-        keep_checkpoints = d.name in CHECKPOINT_DEFAULTS and moe.get(d.name) is None
-        if routing and not keep_checkpoints:
-            out[d.name] = moe[d.name]
-    return out
+        if d.overrides_import:
+            out[d.name] = _section(config, d.owner).get(d.name)
+    return {name: value for name, value in out.items() if value is not None}
 
 
 def _model_config(config: ConfigDict, data: DataConfig) -> ModelConfig:
     """The model: the config's own, or an imported checkpoint's with the config's routing."""
-    model = _section(config, "model", ModelConfig)
     if data.init_from:
-        extras = {"dtype": model.get("dtype", "float32"), "remat": model.get("remat", "none")}
-        return hf_model_config(data.init_from, **{**routing_overrides(config), **extras})
-    # The model's own fields first, so that an error names model.d_model, not moe.d_model.
-    ffn = enum_value(FFN, "model.ffn", model.pop("ffn", FFN.MOE))
-    shape = ModelConfig(vocab_size=data.vocab_size, ffn=FFN.DENSE, **model)
-    if ffn is FFN.DENSE:
+        return hf_model_config(data.init_from, **import_overrides(config))
+    # The model's own fields first (moe=None), so that an error names model.d_model, not
+    # moe.d_model; its ffn is checked there too.
+    model = _section(config, ModelConfig)
+    shape = ModelConfig(vocab_size=data.vocab_size, **model)
+    if FFN(model.get("ffn", FFN.MOE)) is FFN.DENSE:
         return shape
-    moe = MoEConfig(d_model=shape.d_model, dtype=shape.dtype, **_section(config, "moe", MoEConfig))
-    return dataclasses.replace(shape, ffn=ffn, moe=moe)
+    moe = MoEConfig(d_model=shape.d_model, dtype=shape.dtype, **_section(config, MoEConfig))
+    return dataclasses.replace(shape, ffn=FFN.MOE, moe=moe)
 
 
 def as_dict(run: RunConfig) -> ConfigDict:
@@ -319,11 +300,11 @@ def mesh_for(run: RunConfig, devices=None) -> Mesh:
     """The configured mesh, checked against the devices present and the model's sizes."""
     moe, model = run.moe, run.model
     try:
-        mesh = sharding.make_mesh(run.mesh_shape, devices)
+        mesh = sharding.make_mesh(run.train.mesh_shape, devices)
         sharding.check_fits(
             mesh,
-            batch_size=run.batch_size,
-            grad_accum_steps=run.grad_accum_steps,
+            batch_size=run.data.batch_size,
+            grad_accum_steps=run.train.grad_accum_steps,
             num_experts=moe.num_experts if moe else None,
             num_heads=model.num_heads,
             num_kv_heads=model.num_kv_heads,
@@ -342,8 +323,8 @@ def check_config(config: ConfigDict | RunConfig, devices=None) -> RunConfig:
     of this process's runtime)."""
     run = config if isinstance(config, RunConfig) else resolve(config)
     mesh_for(run, devices)
-    if run.init_from:  # its tensors and tokenizer, from headers: nothing read or made yet
-        check_folder(run.init_from, run.model)
+    if run.data.init_from:  # its tensors and tokenizer, from headers: nothing read or made yet
+        check_folder(run.data.init_from, run.model)
     return run
 
 
@@ -372,13 +353,6 @@ def configuration_table() -> str:
         cells = [f"`{d.path}`", _cell(_get(defaults_, d.path)), d.allowed, d.doc]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-class _Placeholder:
-    """Stands for the config in an allowed range that names another field's value."""
-
-    def __getattr__(self, name: str) -> str:
-        return f"<{name}>"
 
 
 if __name__ == "__main__":

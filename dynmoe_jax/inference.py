@@ -67,27 +67,31 @@ class Restored:
 
 
 def restore(config: RunConfig, workdir: str | Path) -> Restored:
-    """The newest checkpoint of ``workdir``, trained with ``config``. A workdir without
-    checkpoints is a FileNotFoundError, and nothing is created in it, unless the config has
-    ``init_from``: then the checkpoint's imported weights stand in (step 0)."""
-    config = run_record.with_recorded_corpus(check_config(config), workdir)
+    """The newest checkpoint of ``workdir``, trained with ``config`` (a workdir's record,
+    its routing and its corpus, is applied once, by ``run_record.config_for``; a config that
+    reads another corpus is a one-line error). A workdir without checkpoints is a
+    FileNotFoundError, and nothing is created in it, unless the config has ``init_from``:
+    then the checkpoint's imported weights stand in (step 0)."""
+    config = check_config(config)
     data = data_lib.from_config(config.data)
     dataset = data.config.dataset
     task = train_lib.build_task(config, data.vocab_size)
+    run_record.check_corpus(workdir, dataset)
     try:
         step, params = _latest_params(task, workdir)
     except FileNotFoundError:
-        if not config.init_from:
+        if not config.data.init_from:
             raise
         params = imported_params(task)
-        return Restored(data, dataset, task, 0, params, config.init_from)
+        return Restored(data, dataset, task, 0, params, config.data.init_from)
     return Restored(data, dataset, task, step, params)
 
 
 def _latest_params(task: train_lib.Task, workdir: str | Path) -> tuple[int, Any]:
     """(step, params) of the newest checkpoint, the parameters alone read (not the optimizer's
     moments); FileNotFoundError when there is none."""
-    checkpointer = ckpt_lib.Checkpointer(workdir, keep=task.config.keep_checkpoints, create=False)
+    keep = task.config.train.keep_checkpoints
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=keep, create=False)
     try:
         restored = restore_params(task, checkpointer)
     finally:
@@ -109,9 +113,9 @@ def evaluate_workdir(config: RunConfig, workdir: str | Path) -> dict:
     eval_step = train_lib.make_eval_step(run.task)
     with jax.set_mesh(run.task.mesh):
         result = train_lib.evaluate(
-            eval_step, run.params, run.data.eval_batches(config.eval_batches)
+            eval_step, run.params, run.data.eval_batches(config.data.eval_batches)
         )
-    unigram = run.data.unigram_cross_entropy(config.eval_batches)
+    unigram = run.data.unigram_cross_entropy(config.data.eval_batches)
     print(f"{run.source} on {run.dataset}: "
           f"{train_lib.describe_validation(result, unigram)}")  # fmt: skip
     if "experts_per_layer" in result:
@@ -199,7 +203,7 @@ def sampler(config: RunConfig, workdir: str | Path) -> Sampler:
     run = restore(config, workdir)
     graphdef, params = decode_layout(run.task.config.model, run.params)
     return Sampler(run.data.tokenizer, graphdef, params, run.task.mesh,
-                   run.task.config.model.moe is not None, config.seq_len)  # fmt: skip
+                   run.task.config.model.moe is not None, config.data.seq_len)  # fmt: skip
 
 
 def sample_batch(s: Sampler, prompts: list[str], max_new_tokens: int, temperature: float = 0.0,

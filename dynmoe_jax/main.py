@@ -107,22 +107,19 @@ def load_config_file(path: str) -> ConfigDict:
     return module.get_config()
 
 
-def run_config(
-    argv: Sequence[str], mode: str, workdir: str | None, notes: bool = True
-) -> RunConfig:
+def run_config(argv: Sequence[str], mode: str, workdir: str | None) -> RunConfig:
     """The typed config of a command line: the ``--config`` file with its ``--config.FIELD``
     values set, every field checked. In eval and sample modes, the run the workdir records
-    (its routing, its corpus), with only the fields set on this command line changed.
-    ``notes``: say (standard error) which recorded fields win; off for the up-front check, so
-    that each note is printed once. In train mode, a change that resuming the workdir's run
-    refuses (``run_record.changes_on_resume``)."""
+    (its routing, its corpus), with only the fields set on this command line changed, and a
+    note (standard error) naming the recorded fields that win. In train mode, a change that
+    resuming the workdir's run refuses (``run_record.changes_on_resume``)."""
     from dynmoe_jax import config as config_lib
     from dynmoe_jax.train import run_record
 
     overrides, _ = split_config_args(argv)
     config = config_lib.set_fields(load_config_file(FLAGS.config), overrides)
     if mode in READS_RUN and workdir:
-        config = run_record.config_for(workdir, config, overrides, notes)
+        config = run_record.config_for(workdir, config, overrides)
     run = config_lib.resolve(config)
     if mode == "train" and workdir:  # a change a resume refuses: one line, before any data
         run_record.changes_on_resume(workdir, run)
@@ -176,24 +173,24 @@ def _exit(message: str, code: int = USAGE_ERROR) -> None:
     sys.exit(code)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str]) -> RunConfig:
     """absl's flag parsing and the config's, with every mistake reported in one line and exit
-    code 2, before any data is read or anything is compiled."""
+    code 2, before any data is read or anything is compiled. Returns the command line's typed
+    config, resolved here once; absl hands it to ``main``."""
     _, rest = split_config_args(argv[1:])
     try:
-        rest = FLAGS([argv[0], *rest])
+        FLAGS([argv[0], *rest])
         check_sample_flags(FLAGS.prompt, FLAGS.max_new_tokens, FLAGS.temperature)
         if FLAGS.prompts_file is not None:
             read_prompts(FLAGS.prompts_file)
         batch = FLAGS.sample_batch_size
         check(batch >= 1, "--sample_batch_size", batch, "an integer >= 1")
         check_mode_flags(FLAGS.mode, FLAGS.workdir, FLAGS.device_memory_bytes)
-        run_config(argv[1:], FLAGS.mode, FLAGS.workdir, notes=False)
+        return run_config(argv[1:], FLAGS.mode, FLAGS.workdir)
     except ConfigError as e:
         _exit(str(e))
     except flags.Error as e:  # a value of the wrong type, a missing required flag, ...
         _exit(" ".join(str(e).split()))
-    return rest
 
 
 def init_distributed() -> None:
@@ -249,9 +246,10 @@ def disk_full_message(error: OSError, workdir: str) -> str:
     return f"{error.strerror} writing {where}; free some space: {rerun}"
 
 
-def run_mode() -> None:
-    """Runs ``--mode`` with the parsed flags; every expected failure ends in one line, exit 2,
-    and Ctrl-C in one line saying where a rerun resumes."""
+def run_mode(run: RunConfig) -> None:
+    """Runs ``--mode`` on ``run`` (the command line's config) with the parsed flags; every
+    expected failure ends in one line, exit 2, and Ctrl-C in one line saying where a rerun
+    resumes."""
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     init_distributed()
     from dynmoe_jax import inference, plan, train
@@ -264,7 +262,7 @@ def run_mode() -> None:
         "plan": lambda run: plan.print_plan(run, FLAGS.device_memory_bytes),
     }
     try:
-        modes[FLAGS.mode](run_config(sys.argv[1:], FLAGS.mode, FLAGS.workdir))
+        modes[FLAGS.mode](run)
     except (
         ConfigError,
         FileNotFoundError,
@@ -296,9 +294,9 @@ def _exit_now(message: str, code: int) -> None:
     os._exit(code)
 
 
-def main(argv):
-    del argv
-    run_mode()
+def main(run: RunConfig) -> None:
+    """absl's entry point: ``run`` is what ``parse_flags`` returns."""
+    run_mode(run)
 
 
 if __name__ == "__main__":

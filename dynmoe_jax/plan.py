@@ -78,7 +78,7 @@ def analytic_flops(model_cfg: model_lib.ModelConfig, matmul_params: float, token
 
 
 def _batch_structs(task: train_lib.Task) -> dict[str, jax.ShapeDtypeStruct]:
-    shape = (task.config.batch_size, task.config.seq_len)
+    shape = (task.config.data.batch_size, task.config.data.seq_len)
     dtypes = {"inputs": jnp.int32, "targets": jnp.int32, "weights": jnp.float32}
     return {
         k: jax.ShapeDtypeStruct(shape, dt, sharding=task.batch_sharding) for k, dt in dtypes.items()
@@ -148,9 +148,9 @@ def plan(config: RunConfig, device_memory_bytes: float = DEVICE_MEMORY_BYTES, de
     temp_bytes = int(compiled.memory_analysis().temp_size_in_bytes)
     # The input lookup is a gather, not a matmul; a tied table is also the output head.
     embed = 0 if model_cfg.tie_embeddings else math.prod(abstract.embed_VD.shape)
-    tokens = config.batch_size * config.seq_len
-    analytic = analytic_flops(model_cfg, active - embed, tokens, config.seq_len)
-    has_loops = config.grad_accum_steps > 1 or model_cfg.scan_layers
+    tokens = config.data.batch_size * config.data.seq_len
+    analytic = analytic_flops(model_cfg, active - embed, tokens, config.data.seq_len)
+    has_loops = config.train.grad_accum_steps > 1 or model_cfg.scan_layers
     flops, source = _flops(compiled, analytic, task.mesh.size, has_loops)
     parts = {"params": params_bytes, "optimizer": opt_bytes, "temporaries": temp_bytes}
     check_fits_memory(sum(parts.values()), parts, device_memory_bytes)

@@ -38,7 +38,7 @@ def tiny_config(**overrides: Any) -> ConfigDict:
 
 def placed(task: train.Task, batch: dict) -> dict:
     """``batch`` on ``task``'s mesh, as the training loop places it."""
-    return train.put_batch(task.batch_sharding, task.config.batch_size, batch)
+    return train.put_batch(task.batch_sharding, task.config.data.batch_size, batch)
 
 
 def records(workdir: str | Path, *, timing: bool = True) -> list[dict]:

@@ -26,7 +26,7 @@ def tiny_config(mesh_shape: str, data_dir: str, **overrides):
 def task_and_data(mesh_shape: str, data_dir: str, devices=None, **overrides):
     """The task of the tiny config on a mesh (``overrides`` by dotted path) and its data."""
     config = tiny_config(mesh_shape, data_dir, **overrides)
-    data = data_lib.from_config(config)
+    data = data_lib.from_config(config.data)
     return train.build_task(config, data.vocab_size, devices), data
 
 
@@ -37,11 +37,11 @@ def run_steps(
     training loop does. ``reads``, if given, receives those rows and the windows (rows of the
     host batches) this process produced."""
     config = tiny_config(mesh_shape, data_dir)
-    data = data_lib.from_config(config)
+    data = data_lib.from_config(config.data)
     task = train.build_task(config, data.vocab_size, devices)
     state = train.init_state(task)
     step = train.make_train_step(task)
-    rows = train.process_rows(task.batch_sharding, (config.batch_size, config.seq_len))
+    rows = train.process_rows(task.batch_sharding, (config.data.batch_size, config.data.seq_len))
     losses, windows = [], 0
     with jax.set_mesh(task.mesh):
         for i in range(num_steps):

@@ -45,7 +45,8 @@ FIXTURES = ROOT / "tests" / "fixtures" / "hf"
         ("model.remat", True, "model.remat=True is invalid: allowed 'none' | 'full' | 'dots'"),
         ("moe.router", "top_q", "moe.router='top_q' is invalid: allowed 'top_p' | 'top_k'"),
         ("moe.threshold", 1.5, "moe.threshold=1.5 is invalid: allowed 0 < threshold <= 1"),
-        ("moe.top_k", 5, "moe.top_k=5 is invalid: allowed 1..moe.num_experts=4"),
+        ("moe.top_k", 5, "moe.top_k=5 is invalid: allowed None (not with moe.router='top_k') or "
+         "1..moe.num_experts=4"),
         ("moe.capacity_factor", 0.0, "moe.capacity_factor=0.0 is invalid: allowed None (no "
          "dropping) or a number > 0"),
         ("loss.dynamic_weight", -1.0,
@@ -60,6 +61,16 @@ def test_each_rule_reports_one_line_in_the_one_format(key, value, message):
     assert str(err.value) == message
 
 
+def test_top_k_may_be_none_except_where_top_k_routing_reads_it():
+    assert config_lib.resolve(tiny_config(**{"moe.top_k": None})).moe.top_k is None  # top-p
+    with pytest.raises(ConfigError) as err:
+        config_lib.resolve(tiny_config(**{"moe.top_k": None, "moe.router": "top_k"}))
+    assert str(err.value) == (
+        "moe.top_k=None is invalid: allowed None (not with moe.router='top_k') or "
+        "1..moe.num_experts=4"
+    )
+
+
 def test_every_field_is_declared_once_with_a_doc_and_passes_its_own_check():
     declarations = config_lib.declarations()
     paths = [d.path for d in declarations]
@@ -72,20 +83,19 @@ def test_every_field_is_declared_once_with_a_doc_and_passes_its_own_check():
                  "moe.dispatch"):  # fmt: skip
         assert name in paths, name
     run = config_lib.resolve(config_lib.defaults())  # every default passes its check
-    assert run.moe.threshold == 0.4 and run.model.d_ff == 1024 and run.batch_size == 16
+    assert run.moe.threshold == 0.4 and run.model.d_ff == 1024 and run.data.batch_size == 16
     assert sorted(config_lib.field_paths(default.get_config())) == sorted(paths)
 
 
 def test_the_typed_config_is_frozen_and_reads_through_its_sections():
     run = config_lib.resolve(tiny.get_config())
-    assert (run.batch_size, run.learning_rate, run.mesh_shape) == (8, 1e-2, "")
-    assert run.data.batch_size == 8 and run.train.learning_rate == 1e-2
+    assert (run.data.batch_size, run.train.learning_rate, run.train.mesh_shape) == (8, 1e-2, "")
     assert run.moe is run.model.moe and run.moe.d_model == run.model.d_model == 32
     assert run.model.remat is Remat.NONE and run.model.dtype == "float32"
     with pytest.raises(dataclasses.FrozenInstanceError):
         run.data = None
-    with pytest.raises(AttributeError, match="has no field 'nope'"):
-        _ = run.nope
+    with pytest.raises(AttributeError):
+        _ = run.batch_size  # one name per field: run.data.batch_size
     dense = config_lib.resolve(tiny_config(**{"model.ffn": "dense"}))
     assert dense.moe is None and dense.model.ffn is FFN.DENSE
     # The record of a run (as_dict) resolves to the same typed config.
@@ -131,11 +141,12 @@ def test_the_command_line_sets_every_field_none_included(path, text, want):
         ({"zzz": "1"},
          "zzz='1' is invalid: allowed a field of the config (see docs/configuration.md for them "
          "all)"),
-        ({"moe.max_k": "x"}, "moe.max_k='x' is invalid: allowed an integer"),
+        ({"moe.max_k": "x"}, "moe.max_k='x' is invalid: allowed None or 1..moe.num_experts"),
         ({"moe.threshold": "high"},
-         "moe.threshold='high' is invalid: allowed a number (0 < threshold <= 1)"),
+         "moe.threshold='high' is invalid: allowed 0 < threshold <= 1"),
         ({"model.scan_layers": "maybe"},
-         "model.scan_layers='maybe' is invalid: allowed True | False (True | False)"),
+         "model.scan_layers='maybe' is invalid: allowed True | False"),
+        ({"seq_len": "1.5"}, "seq_len='1.5' is invalid: allowed an integer >= 1"),
     ],
 )  # fmt: skip
 def test_a_bad_name_or_value_on_the_command_line_is_one_line(overrides, message):
@@ -144,15 +155,20 @@ def test_a_bad_name_or_value_on_the_command_line_is_one_line(overrides, message)
     assert str(err.value) == message
 
 
-def test_routing_overrides_come_from_the_declarations():
+def test_import_overrides_come_from_the_declarations():
     declared = {f.name for f in dataclasses.fields(MoEConfig) if f.metadata.get("override")}
     assert declared >= {"router", "threshold", "top_k", "max_k", "capacity_factor", "dispatch"}
     assert not declared & {"num_experts", "d_model", "d_ff", "dtype"}  # the checkpoint's
     assert set(allowed_overrides()) == declared | {"dtype", "remat"}
     config = pretrained.get_config()
-    overrides = config_lib.routing_overrides(config)
-    assert "top_k" not in overrides and "renormalize" not in overrides  # None: the checkpoint's
-    assert overrides["threshold"] == 0.5 and overrides["capacity_factor"] is None
+    overrides = config_lib.import_overrides(config)
+    assert (overrides["dtype"], overrides["remat"], overrides["threshold"]) == (
+        "bfloat16",
+        "full",
+        0.5,
+    )
+    # None keeps the checkpoint's value: its top_k, its renormalize (and no capacity).
+    assert not {"top_k", "renormalize", "capacity_factor"} & set(overrides)
 
 
 def test_a_config_that_needs_a_checkpoint_says_so_and_an_imported_one_keeps_its_shape():
@@ -162,9 +178,10 @@ def test_a_config_that_needs_a_checkpoint_says_so_and_an_imported_one_keeps_its_
     config = set_fields(pretrained.get_config(), init_from=str(FIXTURES / "olmoe"),
                         **{"model.d_model": 12345})  # fmt: skip
     run = config_lib.resolve(config)
-    assert run.init_from == str(FIXTURES / "olmoe") and run.model.d_model != 12345
+    assert run.data.init_from == str(FIXTURES / "olmoe") and run.model.d_model != 12345
     own_k = json.loads((FIXTURES / "olmoe" / "config.json").read_text())["num_experts_per_tok"]
     assert run.moe.router.value == "top_p" and run.moe.top_k == own_k  # the checkpoint's k
+    assert run.moe.renormalize is False and run.moe.capacity_factor is None  # OLMoE's own
     assert run.model.remat is Remat.FULL
 
 

@@ -68,7 +68,7 @@ def test_eval_of_an_empty_workdir_creates_nothing(tiny_run, tmp_path):
 
 
 def test_sampled_text_keeps_the_space_after_the_prompt(tiny_run):
-    data = data_lib.from_config(tiny_run())  # the tiny config's SentencePiece model
+    data = data_lib.from_config(tiny_run().data)  # the tiny config's SentencePiece model
     tokenizer = data.tokenizer
     prompt, full = "And God said", "And God said unto him"
     prompt_ids, full_ids = tokenizer.encode(prompt), tokenizer.encode(full)

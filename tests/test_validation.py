@@ -1,13 +1,16 @@
-"""The one error helper: the message's one format, the errors that carry it, enum values,
-counts, kinds of number, and declared fields checked in order."""
+"""The one error helper: the message's one format, the errors that carry it, counts, kinds of
+number, and declared fields: each constraint one object giving its check and its text, enums
+coerced from the annotations, checked in order and named with their section."""
 
 import dataclasses
 import enum
+import math
+from typing import ClassVar
 
 import pytest
 
 from dynmoe_jax import validation
-from dynmoe_jax.validation import ConfigError
+from dynmoe_jax.validation import BOOL, Choice, ConfigError, Given, OrNone, Range, Site, Text
 
 
 class _Color(str, enum.Enum):
@@ -17,16 +20,16 @@ class _Color(str, enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class _Section:
-    size: int = validation.declared(2, "a size", "an integer >= 1", validation.int_at_least(1))
+    SECTION: ClassVar[str] = "section"
+    size: int = validation.declared(2, "a size", Range(1))
     share: float | None = validation.declared(
-        None,
-        "a share of the size",
-        lambda c: f"None or a number below size={c.size}",
-        validation.optional(lambda v, c: validation.number(v) and v < c.size),
+        None, "a share of the size", OrNone(Range(0, "size", integer=False, open_high=True))
     )
+    color: _Color = validation.declared(_Color.RED, "a color")
+    tint: _Color | None = validation.declared(None, "a tint")
 
     def __post_init__(self):
-        validation.check_declared(self, "section.")
+        validation.check_declared(self)
 
 
 def test_the_one_message_and_the_errors_that_carry_it():
@@ -46,11 +49,7 @@ def test_the_one_message_and_the_errors_that_carry_it():
         validation.check(False, "f", 1, "2")
 
 
-def test_enum_values_counts_and_kinds_of_number():
-    assert validation.enum_value(_Color, "color", "blue") is _Color.BLUE
-    with pytest.raises(ConfigError) as err:
-        validation.enum_value(_Color, "color", "green")
-    assert str(err.value) == "color='green' is invalid: allowed 'red' | 'blue'"
+def test_counts_and_kinds_of_number():
     counts = [validation.counted(n, "batch", "batches") for n in (0, 1, 2)]
     assert counts == ["0 batches", "1 batch", "2 batches"]
     assert validation.is_int(3) and not validation.is_int(True) and not validation.is_int(3.0)
@@ -64,8 +63,59 @@ def test_declared_fields_are_checked_in_order_naming_their_section():
         _Section(size=0, share=5.0)  # both are wrong: the first field is named
     assert str(err.value) == "section.size=0 is invalid: allowed an integer >= 1"
     with pytest.raises(ConfigError) as err:
-        _Section(size=3, share=3.5)
-    assert str(err.value) == "section.share=3.5 is invalid: allowed None or a number below size=3"
+        _Section(size=3, share=3.0)
+    assert str(err.value) == "section.share=3.0 is invalid: allowed None or 0 <= share < " \
+        "section.size=3"  # fmt: skip
     share = dataclasses.fields(_Section)[1]
     assert share.metadata["doc"] == "a share of the size"
-    assert validation.allowed_text(share, _Section(size=4)) == "None or a number below size=4"
+    # The docs' text names the bound's field without a value.
+    assert share.metadata["allows"].text(Site(_Section, "share")) == (
+        "None or 0 <= share < section.size"
+    )
+
+
+def test_enums_are_coerced_from_the_annotations():
+    assert (_Section(color="blue").color, _Section(tint="red").tint) == (_Color.BLUE, _Color.RED)
+    assert _Section().tint is None
+    for field, text in [("color", "'red' | 'blue'"), ("tint", "None or 'red' | 'blue'")]:
+        with pytest.raises(ConfigError) as err:
+            _Section(**{field: "green"})
+        assert str(err.value) == f"section.{field}='green' is invalid: allowed {text}"
+
+
+@pytest.mark.parametrize(
+    "rule, good, bad, text",
+    [
+        (Range(1), [1, 10**9], [0, 1.0, True, "2", None], "an integer >= 1"),
+        (Range(16, 1_000_000), [16, 1_000_000], [15, 1_000_001], "16..1000000"),
+        (Range(0, integer=False, open_low=True), [1e-9, 3], [0, 0.0, -1.0, math.nan, False],
+         "a number > 0"),
+        (Range(0, 1, integer=False, open_high=True, note="1 excluded"), [0, 0.5],
+         [1, 1.0, -0.1, math.nan], "0 <= x < 1 (1 excluded)"),
+        (Range(2, even=True), [2, 4], [3, 0], "an even integer >= 2"),
+        (OrNone(Range(1), "all"), [None, 1], [0], "None (all) or an integer >= 1"),
+        (BOOL, [True, False], [1, 0, None, "True"], "True | False"),
+        (Choice(("a", "b")), ["a"], ["c", None], "'a' | 'b'"),
+        (Text("a folder", nonempty=True), ["x"], ["", 3, None], "a folder"),
+    ],
+)  # fmt: skip
+def test_each_constraint_gives_its_check_and_its_text(rule, good, bad, text):
+    assert all(rule.ok(v, None) for v in good)
+    assert not any(rule.ok(v, None) for v in bad)
+    assert rule.text(Site(_Section, "x")) == text
+
+
+def test_constraints_between_fields_show_the_other_field_s_value():
+    config = _Section(size=4, color="blue")
+    divides = Range(1, divides="size")
+    assert divides.ok(2, config) and not divides.ok(3, config)
+    assert divides.text(Site(_Section, "x", config)) == "an integer >= 1 dividing section.size=4"
+    given = OrNone(Given(Range(1), "color", _Color.RED))
+    assert given.ok(None, config) and not given.ok(2, config)
+    assert given.ok(2, _Section(size=4))
+    assert given.text(Site(_Section, "x")) == "None or an integer >= 1, with section.color='red'"
+    needed = OrNone(Range(1), unless=("color", _Color.BLUE))
+    assert not needed.ok(None, config) and needed.ok(None, _Section())
+    assert needed.text(Site(_Section, "x")) == (
+        "None (not with section.color='blue') or an integer >= 1"
+    )

@@ -35,27 +35,21 @@ from dynmoe_jax.data import builder as builder_lib
 from dynmoe_jax.data import corpora
 from dynmoe_jax.data import tokenizer as tokenizer_lib
 from dynmoe_jax.validation import (
+    Choice,
+    OrNone,
+    Range,
+    Text,
     check,
     check_declared,
     counted,
     declared,
-    int_at_least,
     invalid,
     is_int,
-    optional,
 )
 
 SPLITS = ("train", "validation")
 PADDING = -1  # a padded window position (no tokenizer produces a negative id)
 Batch = dict[str, np.ndarray]
-
-
-def _dataset_ok(v, _) -> bool:
-    return isinstance(v, str) and bool(v)
-
-
-def _string(v, _) -> bool:
-    return isinstance(v, str)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,50 +59,42 @@ class DataConfig:
 
     dataset: str = declared(
         corpora.KJV, "kjv (the Bible), pydoc, text_dir:PATH (your .txt files) or a TFDS text "
-        "dataset name (needs internet)", corpora.VALID_CHOICES, _dataset_ok,
+        "dataset name (needs internet)", Text(corpora.VALID_CHOICES, nonempty=True),
     )  # fmt: skip
     fallback_dataset: str = declared(
         corpora.PYDOC, "trained on instead when dataset is not installed, said at start-up "
         "and recorded ('' = a missing corpus is an error)",
-        "'' (none) or a corpus name such as 'pydoc'", _string,
+        Text("'' (none) or a corpus name such as 'pydoc'"),
     )  # fmt: skip
     data_dir: str = declared(
         "", "cache of corpora, tokenizers and tokens ('' = $DYNMOE_DATA_DIR or "
-        "~/.cache/dynmoe_jax)", "'' (the default cache) or a folder", _string,
+        "~/.cache/dynmoe_jax)", Text("'' (the default cache) or a folder"),
     )  # fmt: skip
-    seq_len: int = declared(128, "tokens per sequence", "an integer >= 1", int_at_least(1))
-    batch_size: int = declared(16, "sequences per step", "an integer >= 1", int_at_least(1))
-    seed: int = declared(0, "parameter initialisation and data order", "an integer >= 0",
-                         int_at_least(0))  # fmt: skip
+    seq_len: int = declared(128, "tokens per sequence", Range(1))
+    batch_size: int = declared(16, "sequences per step", Range(1))
+    seed: int = declared(0, "parameter initialisation and data order", Range(0))
     tokenizer: str = declared(
         "sentencepiece", "sentencepiece | bytes (not read with init_from: the checkpoint's "
-        "tokenizer.json)", " | ".join(map(repr, tokenizer_lib.TOKENIZERS)),
-        lambda v, _: v in tokenizer_lib.TOKENIZERS,
+        "tokenizer.json)", Choice(tokenizer_lib.TOKENIZERS),
     )  # fmt: skip
     vocab_size: int = declared(
-        2048,
-        "SentencePiece vocabulary (a tiny corpus may get fewer)",
-        "16..1000000",
-        lambda v, _: is_int(v) and 16 <= v <= 1_000_000,
+        2048, "SentencePiece vocabulary (a tiny corpus may get fewer)", Range(16, 1_000_000)
     )
     eval_batches: int | None = declared(
-        16,
-        "validation batches per evaluation (None: all)",
-        "None or an integer >= 1",
-        optional(int_at_least(1)),
+        16, "validation batches per evaluation (None: all)", OrNone(Range(1))
     )
     init_from: str = declared(
         "", "a Hugging Face MoE folder to start from; its tokenizer.json tokenizes the corpus "
         "('' = this config's own model)",
-        "'' (none) or a Hugging Face model folder holding config.json", _string,
+        Text("'' (none) or a Hugging Face model folder holding config.json"),
     )  # fmt: skip
     validation_percent: int = declared(
         builder_lib.DEFAULT_VALIDATION_PERCENT, "share of a local corpus held out",
-        "1..99 (both splits non-empty)", lambda v, _: is_int(v) and 1 <= v <= 99, cli=False,
+        Range(1, 99, note="both splits non-empty"), cli=False,
     )  # fmt: skip
     max_records: int | None = declared(
         None, "read at most this many records per split of a TFDS dataset (None: all)",
-        "None or an integer >= 1", optional(int_at_least(1)), cli=False,
+        OrNone(Range(1)), cli=False,
     )  # fmt: skip
 
     def __post_init__(self):
@@ -122,11 +108,10 @@ class DataConfig:
         """
         if isinstance(config, cls):
             return config
+        if not isinstance(config, Mapping):
+            config = config.to_dict()  # a ConfigDict; anything else fails here, not silently
         names = [field.name for field in dataclasses.fields(cls)]
-        if isinstance(config, Mapping):
-            values = {name: config[name] for name in names if name in config}
-        else:
-            values = {name: getattr(config, name) for name in names if hasattr(config, name)}
+        values = {name: config[name] for name in names if name in config}
         for name in ("data_dir", "init_from"):
             if isinstance(values.get(name), os.PathLike):
                 values[name] = os.fspath(values[name])

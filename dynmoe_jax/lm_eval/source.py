@@ -128,7 +128,7 @@ def check_plan(pretrained: str, routing: Mapping[str, Any], dtype: str | None = 
     kind = kind_of(path)
     if kind is Kind.WORKDIR:
         run = _workdir_config(path, routing, dtype)
-        model_cfg, default_length = run.model, run.seq_len
+        model_cfg, default_length = run.model, run.data.seq_len
     else:
         run = None
         overrides = {**routing, "capacity_factor": None, **({"dtype": dtype} if dtype else {})}

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
@@ -19,16 +18,7 @@ from dynmoe_jax.moe import grouped
 from dynmoe_jax.moe.grouped import DropOrder
 from dynmoe_jax.moe.kernels.grouped_matmul import Backend
 from dynmoe_jax.moe.routing import Router
-from dynmoe_jax.validation import (
-    check,
-    check_declared,
-    declared,
-    enum_value,
-    int_at_least,
-    is_int,
-    number,
-    optional,
-)
+from dynmoe_jax.validation import Choice, Given, OrNone, Range, check_declared, declared
 
 
 class Dispatch(str, enum.Enum):
@@ -40,23 +30,16 @@ class Dispatch(str, enum.Enum):
 DTYPES = ("float32", "bfloat16")  # compute dtypes: activations and matmuls
 
 
-def dtype_name(field: str, value: Any) -> str:
-    """A compute dtype's canonical name (``jnp.bfloat16`` or ``'bfloat16'`` -> 'bfloat16');
-    the one-line error for anything else."""
-    try:
-        name = jnp.dtype(value).name
-    except TypeError:
-        name = None
-    check(name in DTYPES, field, value, " | ".join(map(repr, DTYPES)))
-    return name
+def dtype_name(value: Any) -> str:
+    """A compute dtype's canonical name (``jnp.bfloat16`` or ``'bfloat16'`` -> 'bfloat16')."""
+    return jnp.dtype(value).name
 
 
-def _top_k_ok(v, c) -> bool:
-    return is_int(v) and 1 <= v <= c.num_experts
+DTYPE = Choice(DTYPES, canonical=dtype_name)  # a compute dtype, held by its name
 
 
-def _expert_count(v, c) -> bool:
-    return v is None or (is_int(v) and 1 <= v <= c.num_experts)
+_EXPERTS = Range(1, "num_experts")  # a count of this layer's experts
+_AT_LEAST_1 = Range(1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,52 +47,51 @@ class MoEConfig:
     """Hyper-parameters of one MoE layer; each field declared once (``validation.declared``),
     validated on construction, before any tracing."""
 
-    num_experts: int = declared(8, "experts per MoE layer", "an integer >= 1", int_at_least(1))
+    SECTION: ClassVar[str] = "moe"
+    num_experts: int = declared(8, "experts per MoE layer", _AT_LEAST_1)
     d_model: int = declared(256, "the layer's input and output width (from model.d_model)",
-                            "an integer >= 1", int_at_least(1), cli=False)  # fmt: skip
-    d_ff: int = declared(512, "hidden width of each expert", "an integer >= 1", int_at_least(1))
+                            _AT_LEAST_1, cli=False)  # fmt: skip
+    d_ff: int = declared(512, "hidden width of each expert", _AT_LEAST_1)
     router: Router = declared(
         Router.TOP_P, "top_p: each token takes experts until their probability reaches the "
         "threshold (the paper) | top_k: a fixed k", override=True,
     )  # fmt: skip
     threshold: float = declared(
         0.4, "top-p: the probability mass a token's experts must reach (the paper: 0.4)",
-        "0 < threshold <= 1", lambda v, _: number(v) and 0 < v <= 1, override=True,
+        Range(0, 1, integer=False, open_low=True), override=True,
     )  # fmt: skip
-    top_k: int = declared(
-        2, "top-k: experts per token", lambda c: f"1..moe.num_experts={c.num_experts}",
-        _top_k_ok, override=True,
+    top_k: int | None = declared(
+        2, "top-k: experts per token (None: an imported checkpoint's)",
+        OrNone(_EXPERTS, unless=("router", Router.TOP_K)), override=True,
     )  # fmt: skip
     max_k: int | None = declared(
         None, "top-p: at most this many experts per token (None: no cap, as in the paper)",
-        lambda c: f"None or 1..moe.num_experts={c.num_experts}", _expert_count, override=True,
+        OrNone(_EXPERTS), override=True,
     )  # fmt: skip
     capacity_factor: float | None = declared(
         1.25, "capacity (index, einsum) or budget (grouped) over k tokens' worth; None: nothing "
-        "is ever dropped", "None (no dropping) or a number > 0",
-        optional(lambda v, _: number(v) and v > 0), override=True,
+        "is ever dropped", OrNone(Range(0, integer=False, open_low=True), "no dropping"),
+        override=True,
     )  # fmt: skip
     expected_k: float | None = declared(
         None, "the experts per token that top-p's capacity or budget is sized for (None: "
         "target_k when set, else 2; top-k: k)",
-        lambda c: f"None or 0 < expected_k <= moe.num_experts={c.num_experts}",
-        lambda v, c: v is None or (number(v) and 0 < v <= c.num_experts), override=True,
+        OrNone(Range(0, "num_experts", integer=False, open_low=True)), override=True,
     )  # fmt: skip
     target_k: float | None = declared(
         None, "top-p: a target mean of experts per token; each layer's threshold is then "
         "state that a PI controller steers after every step (None: the fixed threshold)",
-        lambda c: f"None or 1 <= target_k <= moe.num_experts={c.num_experts}, with "
-        "moe.router='top_p'", lambda v, c: v is None or (number(v) and 1 <= v <= c.num_experts
-        and c.router is Router.TOP_P), override=True,
+        OrNone(Given(Range(1, "num_experts", integer=False), "router", Router.TOP_P)),
+        override=True,
     )  # fmt: skip
     bias_balance: float = declared(
         0.0, "aux-loss-free balancing: the step of a per-expert bias that moves experts in the "
-        "order of selection, never in the combine weights (0 = off)", "a number >= 0",
-        lambda v, _: number(v) and v >= 0, override=True,
+        "order of selection, never in the combine weights (0 = off)",
+        Range(0, integer=False), override=True,
     )  # fmt: skip
     group_size: int | None = declared(
         None, "tokens per routing group (None: one group per sequence)",
-        "None or an integer >= 1", optional(int_at_least(1)), override=True,
+        OrNone(_AT_LEAST_1), override=True,
     )  # fmt: skip
     dispatch: Dispatch = declared(
         Dispatch.GROUPED, "grouped: one budget per group, any expert any share | index, "
@@ -117,12 +99,12 @@ class MoEConfig:
     )  # fmt: skip
     renormalize: bool | None = declared(
         None, "combine weights renormalised over the chosen experts (None: the paper's "
-        "choice, top-k renormalises and top-p does not)", "None | True | False",
-        lambda v, _: v is None or isinstance(v, bool), override=True,
+        "choice, top-k renormalises and top-p does not)", OrNone(Choice((True, False))),
+        override=True,
     )  # fmt: skip
     block_size: int = declared(
         32, "grouped: rows per block of the grouped matmul (each expert's rows are padded to "
-        "a multiple)", "an integer >= 1", int_at_least(1), override=True,
+        "a multiple)", _AT_LEAST_1, override=True,
     )  # fmt: skip
     matmul_backend: Backend | None = declared(
         None, "grouped: None (by platform: tokamax on TPU and on GPUs of compute capability "
@@ -137,21 +119,13 @@ class MoEConfig:
     decode_tokens: int | None = declared(
         None, "calls of at most this many tokens take the decode path (only the experts some "
         "token selected); None: by the rule of auto_decode_tokens, 0: never",
-        "None (by the rule) or an integer >= 0 (0 = never)", optional(int_at_least(0)),
-        override=True,
+        OrNone(Range(0, note="0 = never"), "by the rule"), override=True,
     )  # fmt: skip
     dtype: str = declared("float32", "activations and expert matmuls (from model.dtype)",
-                          cli=False)  # fmt: skip
+                          DTYPE, cli=False)  # fmt: skip
 
     def __post_init__(self):
-        set_ = functools.partial(object.__setattr__, self)
-        set_("router", enum_value(Router, "moe.router", self.router))
-        set_("dispatch", enum_value(Dispatch, "moe.dispatch", self.dispatch))
-        set_("drop_order", enum_value(DropOrder, "moe.drop_order", self.drop_order))
-        if self.matmul_backend is not None:
-            set_("matmul_backend", enum_value(Backend, "moe.matmul_backend", self.matmul_backend))
-        set_("dtype", dtype_name("moe.dtype", self.dtype))
-        check_declared(self, "moe.")
+        check_declared(self)
 
     @property
     def capacity_k(self) -> float:

@@ -38,7 +38,7 @@ LAYER_METRICS: dict[str, Over] = {
     "dropped_fraction": Over.MEAN,
     "router_confidence": Over.MEAN,
     "max_load_ratio": Over.MEAN,
-    "expert_load": Over.LAYERS,
+    "expert_load": Over.NONE,  # the routing state's update reads it (train.loss.RoutingStats)
     "threshold": Over.LAYERS,
     "token_experts": Over.NONE,
 }

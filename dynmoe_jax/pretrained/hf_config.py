@@ -106,14 +106,15 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 
-_MODEL_OVERRIDES = {"dtype", "remat"}
+
+def _declared_overrides(owner: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(owner) if f.metadata.get("override")}
 
 
 def allowed_overrides() -> list[str]:
-    """The MoEConfig fields declared as routing overrides (the checkpoint fixes the rest:
-    experts and widths), and the model's dtype and remat."""
-    moe = [f.name for f in dataclasses.fields(MoEConfig) if f.metadata.get("override")]
-    return sorted({*moe, *_MODEL_OVERRIDES})
+    """The fields declared ``override``: MoEConfig's routing and ModelConfig's dtype and remat
+    (the checkpoint fixes the rest: experts and widths)."""
+    return sorted(_declared_overrides(MoEConfig) | _declared_overrides(ModelConfig))
 
 
 # ----------------------------------------------------------------------------- config
@@ -194,8 +195,9 @@ def _split_overrides(overrides: dict) -> tuple[dict, dict]:
     for name, value in overrides.items():
         if name not in allowed:
             invalid(name, value, f"an override among {', '.join(allowed)}", PretrainedError)
-    model = {k: v for k, v in overrides.items() if k in _MODEL_OVERRIDES}
-    moe = {k: v for k, v in overrides.items() if k not in _MODEL_OVERRIDES}
+    model_fields = _declared_overrides(ModelConfig)
+    model = {k: v for k, v in overrides.items() if k in model_fields}
+    moe = {k: v for k, v in overrides.items() if k not in model_fields}
     if "dtype" in model:
         moe["dtype"] = model["dtype"]  # the configs name the dtype's field in their error
     return model, moe

@@ -11,7 +11,7 @@ Every failure is a one-line ``PretrainedError`` naming the file and the field or
 
 Runs that start from a checkpoint (``--config.init_from=PATH``) take the architecture
 (widths, layers, experts, vocabulary) and the weights from it, and the training, the data and
-the routing from the config (``config.routing_overrides``). ``check_folder`` checks such a
+the routing from the config (``config.import_overrides``). ``check_folder`` checks such a
 folder before any corpus is read; ``train.task`` imports its weights when the workdir holds no
 checkpoint.
 """

@@ -58,7 +58,7 @@ def train_with_data(
     records the run once its state is restored or made (a refused run writes nothing)."""
     workdir = Path(workdir)
     task = build_task(config, data.vocab_size)
-    checkpointer = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
+    checkpointer = ckpt_lib.Checkpointer(workdir, config.train.keep_checkpoints)
     state = restore_or_init(task, checkpointer)
     run_record.save(config, workdir, dataset)
     start = int(state.step)
@@ -73,7 +73,7 @@ def train_with_data(
         writer.close()
     if lead:
         plot = metrics_lib.plot_experts_per_layer(workdir)
-        unigram = data.unigram_cross_entropy(config.eval_batches)
+        unigram = data.unigram_cross_entropy(config.data.eval_batches)
         _print_summary(workdir, dataset, final, unigram, plot)
     return final
 
@@ -87,8 +87,8 @@ class _Loop:
         self.validation_extras = validation_extras
         self.train_step = make_train_step(task)
         self.eval_step = make_eval_step(task)
-        self.tokens_per_step = task.config.batch_size * task.config.seq_len
-        shape = (task.config.batch_size, task.config.seq_len)
+        self.tokens_per_step = task.config.data.batch_size * task.config.data.seq_len
+        shape = (task.config.data.batch_size, task.config.data.seq_len)
         self.rows = process_rows(task.batch_sharding, shape)  # the rows this process reads
         self.bar = None
         self.compiled = False  # whether a step of this process has finished (compiling it)
@@ -96,7 +96,7 @@ class _Loop:
     def run(self, state: TrainState, start: int) -> tuple[TrainState, dict]:
         from tqdm.auto import tqdm
 
-        total = self.task.config.num_train_steps
+        total = self.task.config.train.num_train_steps
         lead = jax.process_index() == 0
         self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True,
                         mininterval=1.0, disable=not lead)  # fmt: skip
@@ -110,29 +110,29 @@ class _Loop:
 
     def _steps(self, state: TrainState, start: int) -> tuple[TrainState, dict]:
         cfg, final = self.task.config, {}
-        total = cfg.num_train_steps
+        total = cfg.train.num_train_steps
         window_start, window_steps = time.perf_counter(), 0
         previous = None  # metrics of the step dispatched before this one
         for step in range(start + 1, total + 1):
             host = self.data.train_batch(step - 1, self.rows)
-            batch = put_batch(self.task.batch_sharding, cfg.batch_size, host)
+            batch = put_batch(self.task.batch_sharding, cfg.data.batch_size, host)
             state, metrics = self.train_step(state, batch)
             window_steps += 1
             if previous is not None:
                 self._advance(previous)
             previous = metrics
-            if step % cfg.log_every_steps == 0 or step == total:
+            if step % cfg.train.log_every_steps == 0 or step == total:
                 self._check_finite(state)
                 host = _host_metrics(metrics)  # waits for the step, so the timing is real
                 elapsed = time.perf_counter() - window_start
                 host["tokens_per_sec"] = window_steps * self.tokens_per_step / elapsed
                 self.writer.write({"step": step, "split": "train", **host})
                 window_start, window_steps = time.perf_counter(), 0
-            if step % cfg.eval_every_steps == 0 or step == total:
+            if step % cfg.train.eval_every_steps == 0 or step == total:
                 self._advance(previous)
                 previous = None
                 final = self.validate(state, step)
-            if step % cfg.checkpoint_every_steps == 0 or step == total:
+            if step % cfg.train.checkpoint_every_steps == 0 or step == total:
                 self._check_finite(state)  # never save past a non-finite step in stop mode
                 save_state(self.checkpointer, step, state)
         if previous is not None:
@@ -154,7 +154,7 @@ class _Loop:
             count_untimed_step(self.bar)
 
     def _check_finite(self, state: TrainState) -> None:
-        if self.task.config.nonfinite == "stop" and int(state.nonfinite_steps) > 0:
+        if self.task.config.train.nonfinite == "stop" and int(state.nonfinite_steps) > 0:
             first = int(state.first_nonfinite_step)
             raise NonFiniteError(
                 f"non-finite loss or gradients at step {first} (nonfinite=stop); the last "
@@ -163,7 +163,7 @@ class _Loop:
             )
 
     def _eval_batches(self):
-        return self.data.eval_batches(self.task.config.eval_batches, self.rows)
+        return self.data.eval_batches(self.task.config.data.eval_batches, self.rows)
 
     def validate(self, state: TrainState, step: int) -> dict:
         result = evaluate(self.eval_step, state.params, self._eval_batches())

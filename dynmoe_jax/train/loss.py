@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,9 +20,21 @@ def cross_entropy(logits_BTV, targets_BT, weights_BT) -> tuple[jax.Array, jax.Ar
     return jnp.sum(nll_BT * weights_BT), jnp.sum(weights_BT)
 
 
-def forward(task: Task, params, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Loss and metrics of one batch: lm loss plus the weighted aux losses, each averaged over
-    the MoE layers (the paper leaves the reduction open; a mean keeps weights depth-free)."""
+class RoutingStats(NamedTuple):
+    """What the update of the routing state (``step.update_routing``) reads from a batch: per
+    MoE layer, the mean experts per token [L] and each expert's share of the selections
+    [L, E]."""
+
+    k_L: jax.Array
+    load_LE: jax.Array
+
+
+def forward(
+    task: Task, params, batch: Batch
+) -> tuple[jax.Array, tuple[dict[str, jax.Array], RoutingStats | None]]:
+    """Loss, and (the logged metrics, the routing statistics; None without MoE layers) of one
+    batch: lm loss plus the weighted aux losses, each averaged over the MoE layers (the paper
+    leaves the reduction open; a mean keeps weights depth-free)."""
     model = nnx.merge(task.graphdef, params)
     logits, layer = model(batch["inputs"], batch.get("valid"))
     nll, count = cross_entropy(logits, batch["targets"], batch["weights"])
@@ -36,4 +50,5 @@ def forward(task: Task, params, batch: Batch) -> tuple[jax.Array, dict[str, jax.
     for name, weight in weights.items():
         loss = loss + weight * metrics[name]
     metrics |= {"lm_loss": lm_loss, "loss": loss}
-    return loss, metrics
+    routing = RoutingStats(layer["experts_per_token"], layer["expert_load"]) if layer else None
+    return loss, (metrics, routing)

@@ -26,6 +26,7 @@ import jax
 from ml_collections import ConfigDict
 
 from dynmoe_jax import config as config_lib
+from dynmoe_jax.model.config import ModelConfig
 from dynmoe_jax.validation import invalid
 
 RUN_CONFIG_FILE = "config.json"
@@ -113,8 +114,8 @@ def changes_on_resume(
     record, path = load(workdir), Path(workdir) / RUN_CONFIG_FILE
     if record is None or resume_step(workdir) is None:
         return []
-    if corpus is None and record.corpus not in (run.dataset, run.fallback_dataset):
-        invalid("dataset", run.dataset, f"{record.corpus!r}, the corpus {path} records for "
+    if corpus is None and record.corpus not in (run.data.dataset, run.data.fallback_dataset):
+        invalid("dataset", run.data.dataset, f"{record.corpus!r}, the corpus {path} records for "
                 "this run (a new --workdir starts a run on another)")  # fmt: skip
     old, new = _plain(record.config), _plain(config_lib.as_dict(run))
     out = []
@@ -142,24 +143,21 @@ def _recorded_changes(path: Path) -> list[dict]:
 
 
 def config_for(
-    workdir: str | os.PathLike,
-    config: ConfigDict,
-    overrides: Mapping[str, str] = {},
-    notes: bool = True,
+    workdir: str | os.PathLike, config: ConfigDict, overrides: Mapping[str, str] = {}
 ) -> ConfigDict:
-    """The config to evaluate or sample ``workdir`` with: the run's recorded one, its corpus
-    and no fallback, with ``overrides`` (the command line's ``--config.FIELD=VALUE``) set;
-    ``config`` itself when the workdir records no run. ``notes``: say on standard error, in
-    one line each, which recorded values win over ``config`` and which corpus is read."""
+    """The config to evaluate or sample ``workdir`` with (the one place a run's record is
+    applied): the run's recorded one, its corpus and no fallback, with ``overrides`` (the
+    command line's ``--config.FIELD=VALUE``) set; ``config`` itself when the workdir records
+    no run. Says on standard error, in one line each, which recorded values win over
+    ``config`` and which corpus is read."""
     record = load(workdir)
     if record is None:
         return config
     recorded = config_lib.set_fields(record.config, overrides)
-    if notes:
-        _note_recorded(workdir, config, recorded, overrides)
-        if record.corpus != config.dataset:
-            print(f"note: using corpus={record.corpus}, the one this run trained on "
-                  f"({RUN_CONFIG_FILE})", file=sys.stderr)  # fmt: skip
+    _note_recorded(workdir, config, recorded, overrides)
+    if record.corpus != config.dataset:
+        print(f"note: using corpus={record.corpus}, the one this run trained on "
+              f"({RUN_CONFIG_FILE})", file=sys.stderr)  # fmt: skip
     recorded.dataset, recorded.fallback_dataset = record.corpus, ""
     return recorded
 
@@ -176,7 +174,7 @@ def _note_recorded(workdir, config: ConfigDict, recorded: ConfigDict, overrides)
         if d.path in overrides or d.path in CORPUS_FIELDS:
             continue
         ours, theirs = _value(recorded, d.path), _value(config, d.path)
-        if imported and _from_checkpoint(d.path, theirs):
+        if imported and _from_checkpoint(d, theirs):
             continue  # never read from a config file: no file's value loses to the record
         if not _same(d.path, ours, theirs):
             wins.append(f"{d.path}={ours!r} (--config: {theirs!r})")
@@ -185,19 +183,15 @@ def _note_recorded(workdir, config: ConfigDict, recorded: ConfigDict, overrides)
               f"for {', '.join(wins)}; --config.FIELD=VALUE sets one", file=sys.stderr)  # fmt: skip
 
 
-# What a run with init_from takes from its checkpoint (its moe.top_k and moe.renormalize too,
-# where the config leaves them at None): the record holds the checkpoint's values.
+# What a run with init_from takes from its checkpoint, besides the model's fields that do not
+# override it and the ones the config leaves at None: the record holds the checkpoint's values.
 FROM_CHECKPOINT = ("vocab_size", "tokenizer", "moe.num_experts", "moe.d_ff")
 
 
-def _from_checkpoint(path: str, config_value) -> bool:
-    if path in CHANGEABLE_MODEL:
-        return False
-    if path.startswith("model.") or path in FROM_CHECKPOINT:
-        return True
-    return (
-        path in tuple(f"moe.{n}" for n in config_lib.CHECKPOINT_DEFAULTS) and config_value is None
-    )
+def _from_checkpoint(d: config_lib.Declaration, config_value) -> bool:
+    if d.overrides_import:
+        return config_value is None  # None keeps the checkpoint's (config.import_overrides)
+    return d.owner is ModelConfig or d.path in FROM_CHECKPOINT
 
 
 def _same(path: str, a, b) -> bool:
@@ -214,14 +208,3 @@ def _value(config: ConfigDict, path: str):
             return None
         node = node[part]
     return node
-
-
-def with_recorded_corpus(run: config_lib.RunConfig, workdir: str | os.PathLike):
-    """``run`` reading the corpus the run in ``workdir`` trained on, and no fallback, so that
-    evaluating or sampling it reads that corpus and its tokenizer (or fails saying how to
-    install it); ``run`` itself when the workdir records no run."""
-    record = load(workdir)
-    if record is None or record.corpus == run.dataset and not run.fallback_dataset:
-        return run
-    data = dataclasses.replace(run.data, dataset=record.corpus, fallback_dataset="")
-    return dataclasses.replace(run, data=data)

@@ -11,29 +11,30 @@ import optax
 from flax import nnx
 
 from dynmoe_jax.train.batches import Batch, put_batch
-from dynmoe_jax.train.loss import cross_entropy, forward
+from dynmoe_jax.train.loss import RoutingStats, cross_entropy, forward
 from dynmoe_jax.train.task import Task, TrainState
 
 
 def _accumulated_grads(task: Task, params, batch: Batch):
-    """Gradients of the mean loss over ``grad_accum_steps`` micro-batches (a scan)."""
+    """(gradients, metrics, routing statistics) of the mean loss over ``grad_accum_steps``
+    micro-batches (a scan); metrics and statistics are means over the micro-batches."""
     grad_fn = jax.value_and_grad(lambda p, b: forward(task, p, b), has_aux=True)
-    n = task.config.grad_accum_steps
+    n = task.config.train.grad_accum_steps
     if n == 1:
-        (_, metrics), grads = grad_fn(params, batch)
-        return grads, metrics
+        (_, (metrics, routing)), grads = grad_fn(params, batch)
+        return grads, metrics, routing
     micro = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
 
     def body(acc, mb):
-        (_, m), g = grad_fn(params, mb)
-        return jax.tree.map(jnp.add, acc, (g, m)), None
+        (_, aux), g = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, acc, (g, *aux)), None
 
-    (_, metrics_shape), grads_shape = jax.eval_shape(
+    (_, aux_shape), grads_shape = jax.eval_shape(
         grad_fn, params, jax.tree.map(lambda x: x[0], micro)
     )
-    zeros = jax.tree.map(jnp.zeros_like, (grads_shape, metrics_shape))
-    (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
-    return jax.tree.map(lambda x: x / n, (grads, metrics))
+    zeros = jax.tree.map(jnp.zeros_like, (grads_shape, *aux_shape))
+    sums, _ = jax.lax.scan(body, zeros, micro)
+    return jax.tree.map(lambda x: x / n, sums)
 
 
 TrainStep = Callable[[TrainState, Batch], tuple[TrainState, dict]]
@@ -44,12 +45,11 @@ def make_train_step(task: Task) -> TrainStep:
     were and is counted in the state (``nonfinite_steps``, ``first_nonfinite_step``)."""
 
     def train_step(state: TrainState, batch: Batch):
-        grads, metrics = _accumulated_grads(task, state.params, batch)
+        grads, metrics, routing = _accumulated_grads(task, state.params, batch)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, opt_state = task.optimizer.update(grads, state.opt_state, state.params)
-        params = update_routing(task, optax.apply_updates(state.params, updates), metrics)
-        metrics.pop("expert_load_per_layer", None)  # read by the update; [L, E] stays out of logs
+        params = update_routing(task, optax.apply_updates(state.params, updates), routing)
         keep_if_bad = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
         first_bad = (state.first_nonfinite_step < 0) & ~finite
         new_state = TrainState(
@@ -73,15 +73,16 @@ def make_train_step(task: Task) -> TrainStep:
     )
 
 
-def update_routing(task: Task, params: Any, metrics: dict) -> Any:
+def update_routing(task: Task, params: Any, routing: RoutingStats | None) -> Any:
     """``params`` with each MoE layer's routing state moved by the rules of ``moe/balance.py``
-    from this step's metrics (means over the global batch, and over its micro-batches)."""
+    from this step's routing statistics (means over the global batch, and over its
+    micro-batches)."""
     model_cfg = task.config.model
     moe = model_cfg.moe
-    if moe is None or (moe.target_k is None and not moe.bias_balance):
+    if routing is None or (moe.target_k is None and not moe.bias_balance):
         return params
     model = nnx.merge(task.graphdef, params)
-    k_L, load_LE = metrics["experts_per_layer"], metrics["expert_load_per_layer"]
+    k_L, load_LE = routing
     first = 0
     for layer in model.moe_layers():
         count = model_cfg.num_moe_layers if model_cfg.scan_layers else 1
@@ -106,5 +107,5 @@ def make_eval_step(task: Task) -> Callable[[Any, Batch], dict]:
         return out
 
     jitted = jax.jit(eval_step, in_shardings=(task.state_shardings.params, task.batch_sharding))
-    size = task.config.batch_size
+    size = task.config.data.batch_size
     return lambda params, batch: jitted(params, put_batch(task.batch_sharding, size, batch))

@@ -54,10 +54,10 @@ def learning_rate_schedule(config: RunConfig) -> optax.Schedule:
     """Linear warm-up, then cosine decay to ``min_learning_rate_ratio`` of the peak."""
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
-        peak_value=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        decay_steps=max(config.num_train_steps, config.warmup_steps + 1),
-        end_value=config.learning_rate * config.min_learning_rate_ratio,
+        peak_value=config.train.learning_rate,
+        warmup_steps=config.train.warmup_steps,
+        decay_steps=max(config.train.num_train_steps, config.train.warmup_steps + 1),
+        end_value=config.train.learning_rate * config.train.min_learning_rate_ratio,
     )
 
 
@@ -73,13 +73,13 @@ def make_optimizer(config: RunConfig, schedule: optax.Schedule) -> optax.Gradien
 
     adamw = optax.adamw(
         schedule,
-        b1=config.adam_b1,
-        b2=config.adam_b2,
-        weight_decay=config.weight_decay,
+        b1=config.train.adam_b1,
+        b2=config.train.adam_b2,
+        weight_decay=config.train.weight_decay,
         mask=decay_mask,
     )
-    if config.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+    if config.train.grad_clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(config.train.grad_clip_norm), adamw)
     return adamw
 
 
@@ -88,11 +88,11 @@ def build_task(config: RunConfig, vocab_size: int | None, devices=None) -> Task:
     ``vocab_size``: the data's (None: the configured one). With ``init_from`` the model is the
     checkpoint's, with the config's routing."""
     mesh = mesh_for(config, devices)
-    if config.init_from:  # the checkpoint's vocabulary: its embedding's rows
+    if config.data.init_from:  # the checkpoint's vocabulary: its embedding's rows
         if vocab_size is not None:
-            check_vocabulary(config.init_from, config.model, vocab_size)
+            check_vocabulary(config.data.init_from, config.model, vocab_size)
     else:
-        vocab = config.vocab_size if vocab_size is None else vocab_size
+        vocab = config.data.vocab_size if vocab_size is None else vocab_size
         model = dataclasses.replace(config.model, vocab_size=vocab)
         config = dataclasses.replace(config, model=model)
     abstract_model = abstract_decoder(config.model)
@@ -139,7 +139,7 @@ def _step_zero(task: Task, params) -> TrainState:
 
 def _init_fn(task: Task) -> Callable[[], TrainState]:
     def init():
-        model = Decoder(task.config.model, rngs=nnx.Rngs(task.config.seed))
+        model = Decoder(task.config.model, rngs=nnx.Rngs(task.config.data.seed))
         return _step_zero(task, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
     return init
@@ -148,7 +148,7 @@ def _init_fn(task: Task) -> Callable[[], TrainState]:
 def init_state(task: Task) -> TrainState:
     """A fresh state, created directly in its sharded layout: random weights, or those of
     the config's ``init_from`` checkpoint."""
-    if task.config.init_from:
+    if task.config.data.init_from:
         return _imported_state(task)
     with jax.set_mesh(task.mesh):
         return jax.jit(_init_fn(task), out_shardings=task.state_shardings)()
@@ -157,7 +157,7 @@ def init_state(task: Task) -> TrainState:
 def imported_params(task: Task) -> Any:
     """The weights of the config's ``init_from`` checkpoint as the pure dict of ``task``'s
     params, each on its sharding."""
-    folder = task.config.init_from
+    folder = task.config.data.init_from
     model = from_hf(folder, task.config.model, mesh=task.mesh)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     wanted = task.state_shardings.params

@@ -119,7 +119,7 @@ def test_tokenizer_trains_on_every_kth_record_of_a_large_split(pydoc_dir):
 
 def test_missing_bible_falls_back_to_pydoc(tiny_run, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))  # no `bible` command on it
-    data = data_lib.from_config(tiny_run(dataset="kjv", fallback_dataset="pydoc"))
+    data = data_lib.from_config(tiny_run(dataset="kjv", fallback_dataset="pydoc").data)
     dataset = data.config.dataset
     assert dataset == "pydoc" and data.num_train_tokens > 0
     assert "apt-get install -y bible-kjv" in capsys.readouterr().out

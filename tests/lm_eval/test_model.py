@@ -135,10 +135,10 @@ def test_a_rolling_loglikelihood_is_eval_modes_loss_on_the_same_text(trained, ti
     config = config_lib.check_config(config)
     restored = restore(config, run.workdir)
     ids = lm.tok.encode(text)
-    assert len(ids) < config.seq_len
-    width = config.seq_len
-    batch = {k: np.zeros((config.batch_size, width), np.int32) for k in ("inputs", "targets")}
-    weights = np.zeros((config.batch_size, width), np.float32)
+    assert len(ids) < config.data.seq_len
+    width = config.data.seq_len
+    batch = {k: np.zeros((config.data.batch_size, width), np.int32) for k in ("inputs", "targets")}
+    weights = np.zeros((config.data.batch_size, width), np.float32)
     batch["inputs"][0, : len(ids)] = [lm.tok.eos_id, *ids[:-1]]
     batch["targets"][0, : len(ids)] = ids
     weights[0, : len(ids)] = 1

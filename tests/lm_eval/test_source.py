@@ -41,7 +41,7 @@ def test_a_plan_refuses_what_does_not_fit(trained):
         source.check_plan(str(MIXTRAL), {}, max_length=1)
     run = trained("grouped")
     plan = source.check_plan(str(run.workdir), {"threshold": 0.3})
-    assert plan.kind is source.Kind.WORKDIR and plan.max_length == run.config.seq_len
+    assert plan.kind is source.Kind.WORKDIR and plan.max_length == run.config.data.seq_len
     assert plan.routing["threshold"] == 0.3
 
 

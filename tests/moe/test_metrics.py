@@ -26,6 +26,5 @@ def test_summaries_over_layers_follow_the_table():
     assert float(got["experts_per_token_min"]) == 1.0
     assert float(got["z_loss"]) == 2.5
     np.testing.assert_array_equal(got["experts_per_layer"], [1.0, 4.0, 2.5])
-    np.testing.assert_array_equal(got["expert_load_per_layer"], layers["expert_load"])
     np.testing.assert_array_equal(got["threshold_per_layer"], [1.0, 4.0, 2.5])
-    assert "token_experts" not in got and "expert_load" not in got
+    assert not {"token_experts", "expert_load", "expert_load_per_layer"} & set(got)

@@ -9,9 +9,9 @@ from tests.sharding_steps import task_and_data
 
 def test_one_process_reads_every_row(data_dir):
     task, _ = task_and_data("data=2,expert=4", data_dir)
-    shape = (task.config.batch_size, task.config.seq_len)
+    shape = (task.config.data.batch_size, task.config.data.seq_len)
     rows = train.process_rows(task.batch_sharding, shape)
-    np.testing.assert_array_equal(rows, np.arange(task.config.batch_size))
+    np.testing.assert_array_equal(rows, np.arange(task.config.data.batch_size))
 
 
 def test_put_batch_gives_each_device_its_rows_and_leaves_labels_on_the_host(data_dir):

@@ -19,9 +19,9 @@ def test_defaults_and_the_edges_of_each_range_pass():
 @pytest.mark.parametrize(
     "owner, field, value, message",
     [
-        (TrainConfig, "adam_b1", 1.0, "adam_b1=1.0 is invalid: allowed 0 <= b1 < 1"),
+        (TrainConfig, "adam_b1", 1.0, "adam_b1=1.0 is invalid: allowed 0 <= adam_b1 < 1"),
         (TrainConfig, "min_learning_rate_ratio", 1.5,
-         "min_learning_rate_ratio=1.5 is invalid: allowed 0 <= ratio <= 1"),
+         "min_learning_rate_ratio=1.5 is invalid: allowed 0 <= min_learning_rate_ratio <= 1"),
         (TrainConfig, "warmup_steps", -1, "warmup_steps=-1 is invalid: allowed an integer >= 0"),
         (TrainConfig, "keep_checkpoints", True,
          "keep_checkpoints=True is invalid: allowed an integer >= 1"),

@@ -34,7 +34,7 @@ def test_evaluate_weighs_every_batch_by_its_tokens_and_one_line_says_so():
 @pytest.mark.slow
 def test_padded_positions_are_not_counted_in_validation_experts(tiny_run):
     config = tiny_run()
-    data = data_lib.from_config(config)
+    data = data_lib.from_config(config.data)
     task = train.build_task(config, data.vocab_size)
     params = train.init_state(task).params
     batch = dict(data.train_batch(0))

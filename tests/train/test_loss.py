@@ -35,7 +35,7 @@ def test_forward_adds_the_weighted_aux_losses_to_the_lm_loss(tiny_run):
     task = train.build_task(config, V)
     params = train.init_state(task).params
     batch = counting_batch(0)
-    total, metrics = jax.jit(lambda p, b: loss.forward(task, p, b))(params, batch)
+    total, (metrics, _) = jax.jit(lambda p, b: loss.forward(task, p, b))(params, batch)
     w = config.loss
     want = (metrics["lm_loss"] + w.load_balance_weight * metrics["load_balance_loss"]
             + w.dynamic_weight * metrics["dynamic_loss"] + 0.5 * metrics["z_loss"])  # fmt: skip

@@ -46,7 +46,6 @@ def test_evaluating_reads_the_run_s_routing_with_only_the_command_line_s_changes
 def test_evaluation_reads_the_recorded_corpus_without_fallback(tmp_path, capsys):
     config = default.get_config()  # dataset=kjv, fallback_dataset=pydoc
     run = config_lib.resolve(config)
-    assert run_record.with_recorded_corpus(run, tmp_path) is run  # no record yet
     run_record.save(run, tmp_path, "pydoc")
     used = run_record.config_for(tmp_path, config)
     assert (used.dataset, used.fallback_dataset) == ("pydoc", "")
@@ -54,18 +53,20 @@ def test_evaluation_reads_the_recorded_corpus_without_fallback(tmp_path, capsys)
     assert capsys.readouterr().err == (
         "note: using corpus=pydoc, the one this run trained on (config.json)\n"
     )
-    typed = run_record.with_recorded_corpus(run, tmp_path)
+    typed = config_lib.resolve(used).data
     assert (typed.dataset, typed.fallback_dataset) == ("pydoc", "")
     run_record.save(run, tmp_path / "kjv_run", "kjv")
-    used = run_record.with_recorded_corpus(run, tmp_path / "kjv_run")
-    assert (used.dataset, used.fallback_dataset) == ("kjv", "")  # never a silent pydoc
+    used = config_lib.resolve(run_record.config_for(tmp_path / "kjv_run", config))
+    assert (used.data.dataset, used.data.fallback_dataset) == ("kjv", "")  # never a silent pydoc
     assert used == dataclasses.replace(run, data=dataclasses.replace(run.data, fallback_dataset=""))
+    with pytest.raises(ConfigError, match=r"^dataset='kjv' is invalid: allowed 'pydoc', the"):
+        run_record.check_corpus(tmp_path, "kjv")  # what restoring another corpus meets
 
 
 def test_the_recorded_fields_that_win_over_the_config_file_are_named(tiny_run, tmp_path, capsys):
     run_record.save(tiny_run(**{"moe.threshold": 0.5, "moe.max_k": 3}), tmp_path, "pydoc")
     config = tiny.get_config()
-    config.data_dir = tiny_run().data_dir
+    config.data_dir = tiny_run().data.data_dir
     run_record.config_for(tmp_path, config)
     assert capsys.readouterr().err == (
         f"note: {tmp_path / 'config.json'} (the run's record) wins over --config for "
@@ -73,7 +74,6 @@ def test_the_recorded_fields_that_win_over_the_config_file_are_named(tiny_run, t
         "--config.FIELD=VALUE sets one\n"
     )
     run_record.config_for(tmp_path, config, {"moe.threshold": "0.5", "moe.max_k": "3"})
-    run_record.config_for(tmp_path, tiny.get_config(), notes=False)
     assert capsys.readouterr().err == ""
 
 

@@ -57,7 +57,7 @@ def test_bf16_run_keeps_parameters_and_optimizer_state_in_float32(runs):
 
 def test_skipped_step_leaves_the_state_unchanged(tiny_run):
     task = train.build_task(tiny_run(), 512)
-    data = data_lib.from_config(tiny_run())
+    data = data_lib.from_config(tiny_run().data)
     batch = data.train_batch(0)
     poisoned = placed(task, dict(batch, weights=batch["weights"] * np.nan))
     with jax.set_mesh(task.mesh):
@@ -78,7 +78,7 @@ def test_gradient_accumulation_equals_full_batch(tiny_run):
     grads = []
     for accum in (1, 4):
         config = tiny_run(grad_accum_steps=accum, **{"loss.load_balance_weight": 0.0})
-        data = data_lib.from_config(config)
+        data = data_lib.from_config(config.data)
         task = train.build_task(config, data.vocab_size)
         state = train.init_state(task)
         g, metrics = jax.jit(lambda p, b, t=task: step_lib._accumulated_grads(t, p, b))(

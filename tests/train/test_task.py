@@ -145,9 +145,9 @@ def test_eval_of_imported_weights_matches_a_float64_reference(
     # The reference: the imported model called directly on the same batches, the loss and
     # the experts per layer summed in float64 over the weighted positions only.
     model = pretrained.from_hf(FIXTURES / family, router="top_k")
-    data = data_lib.from_config(config)
+    data = data_lib.from_config(config.data)
     nll, tokens, experts = 0.0, 0.0, 0.0
-    for batch in data.eval_batches(config.eval_batches):
+    for batch in data.eval_batches(config.data.eval_batches):
         logits, layer = model(batch["inputs"])
         logits = np.asarray(logits, np.float64)
         logp = logits - logits.max(-1, keepdims=True)
