@@ -23,6 +23,7 @@ from typing import Any, TextIO
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from dynmoe_jax import data as data_lib
@@ -127,8 +128,8 @@ def evaluate_workdir(config: RunConfig, workdir: str | Path) -> dict:
 @functools.partial(jax.jit, static_argnums=0)
 def _token_arrays(graphdef, params, inputs_BT, targets_BT, valid_BT):
     logits_BTV, layer = nnx.merge(graphdef, params)(inputs_BT, valid_BT)
+    loss_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
     logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-    loss_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
     entropy_BT = -jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1)
     correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
     experts_LBT = layer["token_experts"] if layer else jnp.zeros((0, *inputs_BT.shape), jnp.int32)

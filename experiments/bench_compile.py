@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 from ml_collections import ConfigDict
 
@@ -59,8 +60,7 @@ def _loss_fn(graphdef, config: ConfigDict):
 
     def loss(params, tokens_BT):
         logits_BTV, layer = nnx.merge(graphdef, params)(tokens_BT[:, :-1])
-        logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-        nll = -jnp.take_along_axis(logp_BTV, tokens_BT[:, 1:, None], axis=-1).mean()
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, tokens_BT[:, 1:]).mean()
         aux = sum(weight * jnp.mean(layer[name]) for name, weight in (
             ("load_balance_loss", w.load_balance_weight),
             ("dynamic_loss", w.dynamic_weight),

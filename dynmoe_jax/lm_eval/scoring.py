@@ -26,6 +26,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from dynmoe_jax.validation import check
@@ -71,8 +72,7 @@ def _row(context: Sequence[int], continuation: Sequence[int], max_length: int) -
 
 def _score_batch(graphdef, params, inputs_BT, targets_BT, valid_BT, scored_BT):
     logits_BTV, layers = nnx.merge(graphdef, params)(inputs_BT, valid_BT)
-    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-    target_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    target_BT = -optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
     logprob_B = jnp.sum(jnp.where(scored_BT, target_BT, 0.0), axis=-1)
     hit_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
     greedy_B = jnp.all(hit_BT | ~scored_BT, axis=-1)

@@ -40,12 +40,15 @@ def _matmul_2d(x_BTX: jax.Array, w_XY: jax.Array) -> jax.Array:
     return (x_BTX.reshape(b * t, width) @ w_XY).reshape(b, t, -1)
 
 
-def _param(rngs, shape, fan_in_axes, logical_axes, scale=1.0) -> nnx.Param:
-    fan_in = 1
-    for a in fan_in_axes:
-        fan_in *= shape[a]
-    w = jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape) * (scale / fan_in) ** 0.5
-    return nnx.Param(w, logical_axes=logical_axes)
+def _param(rngs, shape, fan_in_axes: tuple[int, ...], logical_axes) -> nnx.Param:
+    # The MoE layer's convention, so that one rule initialises the whole model: a truncated
+    # normal of variance 1 / fan_in (the axes the weight contracts with its input), the
+    # truncation corrected for so the variance is exact; every other axis is an output.
+    out_axes = tuple(a for a in range(len(shape)) if a not in fan_in_axes)
+    init = nnx.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=fan_in_axes, out_axis=out_axes
+    )
+    return nnx.Param(init(rngs.params(), shape, jnp.float32), logical_axes=logical_axes)
 
 
 class RMSNorm(nnx.Module):
@@ -242,9 +245,11 @@ class Decoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         v, d = cfg.vocab_size, cfg.d_model
-        self.embed_VD = nnx.Param(
-            jax.random.normal(rngs.params(), (v, d)), logical_axes=("vocab", "embed")
-        )
+        # Fan-in over D, the axis the table contracts with when it is the tied head: variance
+        # 1 / d_model, MaxText's embedding convention. Tied logits of the unit-RMS final
+        # activations then start at unit scale with no rescaling (Flax's lm1b example draws
+        # std 1 and divides tied logits by sqrt(d_model) instead).
+        self.embed_VD = _param(rngs, (v, d), (1,), ("vocab", "embed"))
         if cfg.scan_layers:
             m, supers = cfg.moe_every, cfg.num_layers // cfg.moe_every
             self.scan_blocks = layer_stack.stack_modules(

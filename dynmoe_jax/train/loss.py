@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from dynmoe_jax.moe import metrics as layer_metrics
@@ -15,8 +16,9 @@ from dynmoe_jax.train.task import Task
 
 def cross_entropy(logits_BTV, targets_BT, weights_BT) -> tuple[jax.Array, jax.Array]:
     """Sum of weighted token negative log-likelihoods (float32) and the weight sum."""
-    logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    nll_BT = -jnp.take_along_axis(logp, targets_BT[..., None], axis=-1)[..., 0]
+    nll_BT = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BTV.astype(jnp.float32), targets_BT
+    )
     return jnp.sum(nll_BT * weights_BT), jnp.sum(weights_BT)
 
 

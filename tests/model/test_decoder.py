@@ -104,6 +104,33 @@ def test_every_parameter_has_logical_axes(features):
             assert axes is not None and len(axes) == var[...].ndim, path
 
 
+# The axes each weight contracts with its input (the embedding's: D, as the tied head's).
+FAN_IN = {"embed_VD": (1,), "wq_DNH": (0,), "wk_DJH": (0,), "wv_DJH": (0,), "wo_NHD": (0, 1),
+          "w_gate_DF": (0,), "w_up_DF": (0,), "w_down_FD": (0,), "head_DV": (0,),
+          "shared_gate_D": (0,), "router_DE": (0,), "w_gate_EDF": (1,), "w_up_EDF": (1,),
+          "w_down_EFD": (1,)}  # fmt: skip
+
+
+@pytest.mark.parametrize("features", [{}, IMPORTED], ids=["plain", "imported"])
+def test_every_weight_is_a_truncated_normal_of_variance_one_over_its_fan_in(features):
+    model = Decoder(model_config(moe_every=2, **features), rngs=nnx.Rngs(0))
+    pooled = []
+    for path, var in nnx.iter_graph(model):
+        if not isinstance(var, nnx.Param):
+            continue
+        w, name = f64(var), path[-1]
+        if name not in FAN_IN:  # biases start at 0 and norm scales at 1
+            assert np.all(w == 0) or np.all(w == 1), path
+            continue
+        z = w * np.sqrt(np.prod([w.shape[a] for a in FAN_IN[name]]))
+        # A standard normal cut at +-2 standard deviations of its own, rescaled to std 1.
+        assert np.abs(z).max() <= 2 / 0.87962566 + 1e-5, path
+        if z.size >= 1024:  # the sample std within 4 of its standard errors
+            assert np.std(z) == pytest.approx(1.0, abs=4 / np.sqrt(2 * z.size)), path
+        pooled.append(z.ravel())
+    assert np.std(np.concatenate(pooled)) == pytest.approx(1.0, abs=0.01)
+
+
 @pytest.mark.parametrize("theta", [1e4, 1e6])
 def test_rope_matches_the_rotate_half_convention(theta):
     x = jax.random.normal(jax.random.key(0), (2, T, 3, 8))
