@@ -90,12 +90,12 @@ def test_bfloat16_decode_path_tracks_float32():
 
 
 def test_loop_runs_no_expert_past_the_selected():
-    x_ND = _x((2, D))
-    mask_NE = jnp.zeros((2, E), bool).at[0, 3].set(True).at[1, 3].set(True)
-    weights_NE = jnp.where(mask_NE, 0.5, 0.0)
+    x_MD = _x((2, D))
+    mask_ME = jnp.zeros((2, E), bool).at[0, 3].set(True).at[1, 3].set(True)
+    weights_ME = jnp.where(mask_ME, 0.5, 0.0)
     nan_weights = tuple(jnp.full(s, jnp.nan) for s in ((E, D, F), (E, D, F), (E, F, D)))
     nan_weights = tuple(w.at[3].set(1.0) for w in nan_weights)  # only expert 3 is finite
-    y_ND, used = decode_experts.selected_experts(x_ND, mask_NE, weights_NE, nan_weights, 4)
-    assert int(used) == 1 and bool(jnp.all(jnp.isfinite(y_ND)))
-    want = 0.5 * experts.swiglu(x_ND, *(w[3] for w in nan_weights))
-    np.testing.assert_allclose(y_ND, want, rtol=1e-6)
+    y_MD, used = decode_experts.selected_experts(x_MD, mask_ME, weights_ME, nan_weights, 4)
+    assert int(used) == 1 and bool(jnp.all(jnp.isfinite(y_MD)))
+    want = 0.5 * experts.swiglu(x_MD, *(w[3] for w in nan_weights))
+    np.testing.assert_allclose(y_MD, want, rtol=1e-6)

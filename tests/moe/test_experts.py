@@ -47,19 +47,19 @@ def _stacked_weights(seed=2):
 
 
 def test_swiglu_of_every_expert_matches_float64_in_both_layouts():
-    x_END = jax.random.normal(jax.random.key(1), (E, 5, D))
+    x_EAD = jax.random.normal(jax.random.key(1), (E, 5, D))
     stacked = _stacked_weights()
     w64 = [np.asarray(w, np.float64) for w in stacked]
-    x64 = np.asarray(x_END, np.float64)
-    want_END = np.stack([ref.swiglu(x64[e], w64[0][e], w64[1][e], w64[2][e]) for e in range(E)])
+    x64 = np.asarray(x_EAD, np.float64)
+    want_EAD = np.stack([ref.swiglu(x64[e], w64[0][e], w64[1][e], w64[2][e]) for e in range(E)])
     split = experts.split_weights(stacked)
     for weights in (stacked, split):
-        np.testing.assert_allclose(experts.per_expert_swiglu(x_END, weights), want_END,
+        np.testing.assert_allclose(experts.per_expert_swiglu(x_EAD, weights), want_EAD,
                                    rtol=1e-5, atol=1e-5)  # fmt: skip
     for e in (0, 5):
-        one = experts.swiglu(x_END[e], stacked[0][e], stacked[1][e], stacked[2][e])
-        np.testing.assert_allclose(one, want_END[e], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(experts.expert_swiglu(x_END[e], split, e), want_END[e],
+        one = experts.swiglu(x_EAD[e], stacked[0][e], stacked[1][e], stacked[2][e])
+        np.testing.assert_allclose(one, want_EAD[e], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(experts.expert_swiglu(x_EAD[e], split, e), want_EAD[e],
                                    rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
@@ -87,10 +87,10 @@ def test_split_and_stacked_layouts_round_trip_exactly():
 def test_times_out_in_equals_a_float64_product_in_each_form(shape, dtype):
     # Rows pick the form (matrix-vector, multiply-reduce, matmul): each against float64.
     k_x, k_w = jax.random.split(jax.random.key(5))
-    x_NI = jax.random.normal(k_x, shape).astype(dtype)
-    w_OI = jax.random.normal(k_w, (24, shape[-1])).astype(dtype)
-    want = np.asarray(x_NI, np.float64) @ np.asarray(w_OI, np.float64).T
-    got = experts.times_out_in(x_NI, w_OI)
+    x_AX = jax.random.normal(k_x, shape).astype(dtype)
+    w_YX = jax.random.normal(k_w, (24, shape[-1])).astype(dtype)
+    want = np.asarray(x_AX, np.float64) @ np.asarray(w_YX, np.float64).T
+    got = experts.times_out_in(x_AX, w_YX)
     assert got.dtype == dtype and got.shape == shape[:-1] + (24,)
     tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == jnp.float32 else {"rtol": 2e-2, "atol": 5e-2}
     np.testing.assert_allclose(np.asarray(got, np.float64), want, **tol)
