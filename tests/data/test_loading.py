@@ -140,7 +140,8 @@ def test_bad_text_dir_corpora(tiny_run, tmp_path, files, overrides, message):
         folder.mkdir()
         for name, content in files.items():
             (folder / name).write_bytes(content)
-    config = tiny_run(data_dir=str(tmp_path / "data"), dataset=f"text_dir:{folder}", **overrides)
+    run = tiny_run(data_dir=str(tmp_path / "data"), dataset=f"text_dir:{folder}", **overrides)
+    config = run.data
     if message is None:  # bytes that are not UTF-8 are replaced, not fatal
         data = data_lib.from_config(config)
         assert data.train_batch(0)["inputs"].shape == (8, 32)
