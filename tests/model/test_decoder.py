@@ -104,8 +104,9 @@ def test_every_parameter_has_logical_axes(features):
             assert axes is not None and len(axes) == var[...].ndim, path
 
 
-# The axes each weight contracts with its input (the embedding's: D, as the tied head's).
-FAN_IN = {"embed_VD": (1,), "wq_DNH": (0,), "wk_DJH": (0,), "wv_DJH": (0,), "wo_NHD": (0, 1),
+# The axes each weight contracts with its input (the embedding's: none, a one-hot lookup; D
+# when tied, as the head's).
+FAN_IN = {"wq_DNH": (0,), "wk_DJH": (0,), "wv_DJH": (0,), "wo_NHD": (0, 1),
           "w_gate_DF": (0,), "w_up_DF": (0,), "w_down_FD": (0,), "head_DV": (0,),
           "shared_gate_D": (0,), "router_DE": (0,), "w_gate_EDF": (1,), "w_up_EDF": (1,),
           "w_down_EFD": (1,)}  # fmt: skip
@@ -114,15 +115,16 @@ FAN_IN = {"embed_VD": (1,), "wq_DNH": (0,), "wk_DJH": (0,), "wv_DJH": (0,), "wo_
 @pytest.mark.parametrize("features", [{}, IMPORTED], ids=["plain", "imported"])
 def test_every_weight_is_a_truncated_normal_of_variance_one_over_its_fan_in(features):
     model = Decoder(model_config(moe_every=2, **features), rngs=nnx.Rngs(0))
+    fan_in = {**FAN_IN, "embed_VD": (1,) if features.get("tie_embeddings") else ()}
     pooled = []
     for path, var in nnx.iter_graph(model):
         if not isinstance(var, nnx.Param):
             continue
         w, name = f64(var), path[-1]
-        if name not in FAN_IN:  # biases start at 0 and norm scales at 1
+        if name not in fan_in:  # biases start at 0 and norm scales at 1
             assert np.all(w == 0) or np.all(w == 1), path
             continue
-        z = w * np.sqrt(np.prod([w.shape[a] for a in FAN_IN[name]]))
+        z = w * np.sqrt(np.prod([w.shape[a] for a in fan_in[name]]))
         # A standard normal cut at +-2 standard deviations of its own, rescaled to std 1.
         assert np.abs(z).max() <= 2 / 0.87962566 + 1e-5, path
         if z.size >= 1024:  # the sample std within 4 of its standard errors
