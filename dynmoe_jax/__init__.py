@@ -39,9 +39,9 @@ stacked gate and up projections of SwiGLU ([E, 2F, D] in an imported checkpoint)
 letter is one device's share of that axis under ``shard_map`` (``x_gSD``: this device's groups).
 """
 
-from dynmoe_jax.moe.config import Dispatch, MoEConfig
+from dynmoe_jax.moe.config import Dispatch, MoEConfig, Router
 from dynmoe_jax.moe.layer import MoELayer
-from dynmoe_jax.moe.routing import Router, top_k_mask, top_p_mask
+from dynmoe_jax.moe.routing import top_k_mask, top_p_mask
 
 __all__ = ["Dispatch", "MoEConfig", "MoELayer", "Router", "top_k_mask", "top_p_mask"]
 __version__ = "0.1.0"

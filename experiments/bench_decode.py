@@ -65,7 +65,7 @@ from dynmoe_jax import config as config_lib
 from dynmoe_jax import generate as generate_lib
 from dynmoe_jax import model as model_lib
 from dynmoe_jax import pretrained
-from dynmoe_jax.moe.routing import Router
+from dynmoe_jax.moe.config import Router
 from dynmoe_jax.validation import ConfigError
 from experiments import report
 from experiments.bench import flags, harness

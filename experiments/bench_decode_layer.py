@@ -132,7 +132,7 @@ def layouts(a: argparse.Namespace) -> tuple[MoEConfig, dict[str, dict]]:
     into the decode layout, and stacked as trained with --stacked."""
     cfg = MoEConfig(num_experts=a.experts, d_model=a.d_model, d_ff=a.d_ff, capacity_factor=None,
                     threshold=a.threshold, dtype=jnp.dtype(a.dtype))  # fmt: skip
-    layer = MoELayer(config=cfg, rngs=nnx.Rngs(SEED))
+    layer = MoELayer(cfg, rngs=nnx.Rngs(SEED))
     out = {"stacked": nnx.to_pure_dict(nnx.state(layer))} if a.stacked else {}
     layer.split_experts()
     return cfg, {"split": nnx.to_pure_dict(nnx.state(layer)), **out}
@@ -140,7 +140,7 @@ def layouts(a: argparse.Namespace) -> tuple[MoEConfig, dict[str, dict]]:
 
 def layer_fn(cfg: MoEConfig) -> Callable:
     """(params, x_BTD) -> (y_BTD, aux) of a layer with config ``cfg`` and the given weights."""
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: MoELayer(config=cfg, rngs=nnx.Rngs(SEED))))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: MoELayer(cfg, rngs=nnx.Rngs(SEED))))
     return lambda params, x_BTD: nnx.merge(graphdef, params)(x_BTD)
 
 

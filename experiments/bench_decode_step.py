@@ -50,7 +50,7 @@ from flax import nnx
 
 from dynmoe_jax import generate as generate_lib
 from dynmoe_jax.moe import experts as experts_lib
-from dynmoe_jax.moe.routing import Router
+from dynmoe_jax.moe.config import Router
 from experiments import bench_decode, report
 from experiments.bench import flags, harness
 from experiments.bench.decode_bytes import cache_bytes, weight_bytes

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the MaxText venv lacks ours
-from dynmoe_jax import MoELayer  # noqa: E402
+from dynmoe_jax import MoEConfig, MoELayer  # noqa: E402
 from experiments.bench.dense import dense_swiglu  # noqa: E402
 from experiments.bench.flags import positive  # noqa: E402
 from experiments.bench.harness import (  # noqa: E402
@@ -133,14 +133,16 @@ def maxtext_case(mt: SimpleNamespace, mode: dict, x_BSD: jax.Array, workdir: str
 def our_case(dispatch: str, x_BSD: jax.Array):
     """(fn, args) of our layer's fwd+bwd, top-2 at the same capacity factor."""
     layer = MoELayer(
+        MoEConfig(
+            num_experts=E,
+            d_model=D,
+            d_ff=F,
+            router="top_k",
+            top_k=K,
+            capacity_factor=CF,
+            dispatch=dispatch,
+        ),
         rngs=nnx.Rngs(0),
-        num_experts=E,
-        d_model=D,
-        d_ff=F,
-        router="top_k",
-        top_k=K,
-        capacity_factor=CF,
-        dispatch=dispatch,
     )
     graphdef, params = nnx.split(layer)
 

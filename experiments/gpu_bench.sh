@@ -72,7 +72,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from dynmoe_jax.moe.kernels.grouped_matmul import Backend, grouped_matmul, tokamax_available
+from dynmoe_jax.moe.config import Backend
+from dynmoe_jax.moe.kernels.grouped_matmul import grouped_matmul, tokamax_available
 
 args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
 rows, d, f, e = int(args["--tokens"]) * 2, int(args["--d-model"]), int(args["--d-ff"]), 16

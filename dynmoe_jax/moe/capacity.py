@@ -14,7 +14,6 @@ P = S * K entries of the priority list.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -38,24 +37,6 @@ class Slots(NamedTuple):
     valid_EC: jax.Array
     slot_SE: jax.Array
     kept_SE: jax.Array
-
-
-def selections(group_size: int, k: float, capacity_factor: float) -> int:
-    """The one sizing rule of both modes: a group of S tokens selecting k experts each is
-    sized for ``ceil(capacity_factor * k * S)`` selections, at least 1."""
-    return max(1, math.ceil(capacity_factor * k * group_size))
-
-
-def capacity(
-    group_size: int, num_experts: int, expected_k: float, capacity_factor: float | None
-) -> int:
-    """Slots per expert per group: the group's ``selections`` shared over the E experts,
-    rounded up (``ceil(ceil(a) / E) = ceil(a / E)``), at most S (a token visits an expert at
-    most once). ``None`` means no dropping."""
-    if capacity_factor is None:
-        return group_size
-    per_expert = -(-selections(group_size, expected_k, capacity_factor) // num_experts)
-    return min(group_size, per_expert)
 
 
 def _slot_per_selection(by: ByExpert, num_slots: int) -> jax.Array:

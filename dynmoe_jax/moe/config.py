@@ -13,18 +13,36 @@ from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
-from dynmoe_jax.moe import capacity as capacity_lib
-from dynmoe_jax.moe import grouped
-from dynmoe_jax.moe.grouped import DropOrder
-from dynmoe_jax.moe.kernels.grouped_matmul import Backend
-from dynmoe_jax.moe.routing import Router
 from dynmoe_jax.validation import Choice, Given, OrNone, Range, check_declared, declared
+
+
+class Router(str, enum.Enum):
+    """Routing rules (``routing.py``). The string values are what configs and constructors
+    accept."""
+
+    TOP_P = "top_p"
+    TOP_K = "top_k"
 
 
 class Dispatch(str, enum.Enum):
     EINSUM = "einsum"
     INDEX = "index"
     GROUPED = "grouped"
+
+
+class DropOrder(str, enum.Enum):
+    """Which of a group's selections the grouped mode drops first when they exceed its budget."""
+
+    RANK = "rank"  # the priority list's order: later ranks, then later tokens
+    WEIGHT = "weight"  # the smallest combine weights
+
+
+class Backend(str, enum.Enum):
+    """The grouped matmul's implementation (``kernels/grouped_matmul.py``)."""
+
+    BLOCKS = "blocks"
+    RAGGED_DOT = "ragged_dot"
+    TOKAMAX = "tokamax"
 
 
 DTYPES = ("float32", "bfloat16")  # compute dtypes: activations and matmuls
@@ -36,6 +54,33 @@ def dtype_name(value: Any) -> str:
 
 
 DTYPE = Choice(DTYPES, canonical=dtype_name)  # a compute dtype, held by its name
+
+
+def selections(group_size: int, k: float, capacity_factor: float) -> int:
+    """The one sizing rule of every dispatch: a group of S tokens selecting k experts each is
+    sized for ``ceil(capacity_factor * k * S)`` selections, at least 1."""
+    return max(1, math.ceil(capacity_factor * k * group_size))
+
+
+def capacity(
+    group_size: int, num_experts: int, expected_k: float, capacity_factor: float | None
+) -> int:
+    """Slots per expert per group (index, einsum): the group's ``selections`` shared over the E
+    experts, rounded up (``ceil(ceil(a) / E) = ceil(a / E)``), at most S (a token visits an
+    expert at most once). ``None`` means no dropping."""
+    if capacity_factor is None:
+        return group_size
+    per_expert = -(-selections(group_size, expected_k, capacity_factor) // num_experts)
+    return min(group_size, per_expert)
+
+
+def budget(group_size: int, k: float, capacity_factor: float | None, num_ranks: int) -> int:
+    """Selections a group may keep (grouped): its ``selections``, at most the S * K entries of
+    its priority list; ``None`` means S * K (nothing is ever dropped)."""
+    entries = group_size * num_ranks
+    if capacity_factor is None:
+        return entries
+    return min(entries, selections(group_size, k, capacity_factor))
 
 
 _EXPERTS = Range(1, "num_experts")  # a count of this layer's experts
@@ -95,7 +140,9 @@ class MoEConfig:
     )  # fmt: skip
     dispatch: Dispatch = declared(
         Dispatch.GROUPED, "grouped: one budget per group, any expert any share | index, "
-        "einsum: per-expert capacity (capacity.py, grouped.py)", override=True,
+        "einsum: per-expert capacity (capacity.py, grouped.py). A call with few tokens that "
+        "could drop nothing takes the decode path instead, whatever the dispatch (see "
+        "decode_tokens; 0 keeps this dispatch for every call)", override=True,
     )  # fmt: skip
     renormalize: bool | None = declared(
         None, "combine weights renormalised over the chosen experts (None: the paper's "
@@ -137,15 +184,11 @@ class MoEConfig:
         return 2.0 if self.target_k is None else float(self.target_k)
 
     def capacity(self, group_size: int) -> int:
-        return capacity_lib.capacity(
-            group_size, self.num_experts, self.capacity_k, self.capacity_factor
-        )
+        return capacity(group_size, self.num_experts, self.capacity_k, self.capacity_factor)
 
     def budget(self, group_size: int) -> int:
-        """Grouped mode: selections one group may keep (``grouped.budget``)."""
-        return grouped.budget(
-            group_size, self.capacity_k, self.capacity_factor, self.max_selections
-        )
+        """Grouped mode: selections one group may keep (``budget``)."""
+        return budget(group_size, self.capacity_k, self.capacity_factor, self.max_selections)
 
     def can_drop(self, group_size: int) -> bool:
         """Whether the configured dispatch could drop a selection in groups of this size."""

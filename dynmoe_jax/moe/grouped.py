@@ -27,7 +27,6 @@ model width.
 
 from __future__ import annotations
 
-import enum
 import functools
 import math
 from typing import NamedTuple
@@ -36,27 +35,9 @@ import jax
 import jax.numpy as jnp
 
 from dynmoe_jax.moe import experts, rows
-from dynmoe_jax.moe.capacity import selections
-from dynmoe_jax.moe.kernels.grouped_matmul import Backend
+from dynmoe_jax.moe.config import Backend, DropOrder
 from dynmoe_jax.moe.kernels.grouped_swiglu import grouped_swiglu
 from dynmoe_jax.moe.priority import priority_list, sort_by_expert
-
-
-class DropOrder(str, enum.Enum):
-    """Which of a group's selections the grouped mode drops first when they exceed its budget."""
-
-    RANK = "rank"  # the priority list's order: later ranks, then later tokens
-    WEIGHT = "weight"  # the smallest combine weights
-
-
-def budget(group_size: int, k: float, capacity_factor: float | None, num_ranks: int) -> int:
-    """Selections a group may keep: ``capacity_factor * k * S`` rounded up
-    (``capacity.selections``), at most the S * K entries of its priority list; ``None`` means
-    S * K (nothing is ever dropped)."""
-    entries = group_size * num_ranks
-    if capacity_factor is None:
-        return entries
-    return min(entries, selections(group_size, k, capacity_factor))
 
 
 def num_rows(num_kept: int, num_experts: int, block_size: int) -> int:

@@ -55,8 +55,11 @@ class MoELayer(nnx.Module):
     tokens, ``expert_load`` [E] and ``token_experts`` [B, T] (experts selected per token).
     """
 
-    def __init__(self, *, rngs: nnx.Rngs, **kwargs):
-        self.config = cfg = kwargs.pop("config", None) or MoEConfig(**kwargs)
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"MoELayer takes a MoEConfig; got {type(config).__name__} "
+                            "(write MoELayer(MoEConfig(d_model=..., ...), rngs=...))")  # fmt: skip
+        self.config = cfg = config
         e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
         router_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
         self.router_DE = _param(rngs, router_init, (d, e), ("embed", None))

@@ -21,18 +21,12 @@ Ties between equal probabilities always go to the lower expert index.
 
 from __future__ import annotations
 
-import enum
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-
-class Router(str, enum.Enum):
-    """Routing rules. The string values are what configs and constructors accept."""
-
-    TOP_P = "top_p"
-    TOP_K = "top_k"
+from dynmoe_jax.moe.config import Router
 
 
 class Routing(NamedTuple):

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dynmoe_jax.model.config import ModelConfig
-from dynmoe_jax.moe.config import MoEConfig
-from dynmoe_jax.moe.routing import Router
+from dynmoe_jax.moe.config import MoEConfig, Router
 from dynmoe_jax.validation import ConfigError, invalid
 
 __all__ = [

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dynmoe_jax import MoELayer
+from dynmoe_jax import MoEConfig, MoELayer
 from dynmoe_jax.moe import routing
 
 ROUTERS = {  # the benchmarks' router names, as MoEConfig fields
@@ -57,7 +57,8 @@ def make_layer(shape: LayerShape, num_experts: int, router: str, dispatch: str,
     fields = {"threshold": shape.threshold, "capacity_factor": shape.capacity_factor}
     fields.update({**ROUTERS[router], **changes})
     fields.update(num_experts=num_experts, d_model=shape.d_model, d_ff=shape.d_ff)
-    layer = MoELayer(rngs=nnx.Rngs(0), dispatch=dispatch, dtype=jnp.dtype(shape.dtype), **fields)
+    config = MoEConfig(dispatch=dispatch, dtype=jnp.dtype(shape.dtype), **fields)
+    layer = MoELayer(config, rngs=nnx.Rngs(0))
     layer.router_DE[...] = layer.router_DE[...] * scale
     return layer
 

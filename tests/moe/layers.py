@@ -5,14 +5,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dynmoe_jax import MoELayer
+from dynmoe_jax import MoEConfig, MoELayer
 
 E, D, F = 8, 16, 32
 
 
 def layer(**kw) -> MoELayer:
     kw = {"num_experts": E, "d_model": D, "d_ff": F, "capacity_factor": None, **kw}
-    return MoELayer(rngs=nnx.Rngs(0), **kw)
+    return MoELayer(MoEConfig(**kw), rngs=nnx.Rngs(0))
 
 
 def x(shape, seed=1) -> jax.Array:

@@ -9,14 +9,6 @@ import pytest
 from dynmoe_jax.moe import capacity, routing
 
 
-def test_capacity_formula_and_bounds():
-    assert capacity.capacity(64, 8, 2.0, 1.25) == 20  # ceil(1.25 * 64 * 2 / 8)
-    assert capacity.capacity(64, 8, 1.5, 1.0) == 12
-    assert capacity.capacity(4, 64, 1.0, 0.01) == 1  # never zero slots
-    assert capacity.capacity(8, 2, 2.0, 4.0) == 8  # never more than the group
-    assert capacity.capacity(8, 2, 2.0, None) == 8  # no dropping
-
-
 def test_priority_rank_before_token_order():
     # Expert 0 is wanted by tokens 0 and 3 as a second choice and by 1 and 2 as a first
     # choice. With two slots, the first choices win although token 0 comes first.

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from dynmoe_jax import MoEConfig
+from dynmoe_jax.moe import config as moe_config
 from dynmoe_jax.moe import routing
 
 E, D, F = 8, 16, 32
@@ -98,3 +99,16 @@ def test_a_target_needs_top_p_and_a_rate_is_not_negative(tiny_run):
     run = tiny_run(**{"moe.target_k": 1.5})
     assert run.moe.capacity_k == 1.5  # the budget is sized on the target
     assert dataclasses.replace(run.moe, expected_k=2.0).capacity_k == 2.0
+
+
+def test_capacity_and_budget_follow_one_sizing_rule():
+    assert moe_config.capacity(64, 8, 2.0, 1.25) == 20  # ceil(1.25 * 64 * 2 / 8)
+    assert moe_config.capacity(64, 8, 1.5, 1.0) == 12
+    assert moe_config.capacity(4, 64, 1.0, 0.01) == 1  # never zero slots
+    assert moe_config.capacity(8, 2, 2.0, 4.0) == 8  # never more than the group
+    assert moe_config.capacity(8, 2, 2.0, None) == 8  # no dropping
+    assert moe_config.capacity(10, 3, 1.1, 1.0) == 4  # ceil(1.1 * 10 / 3)
+    assert moe_config.budget(64, 2.0, 1.25, num_ranks=2) == 128  # ceil(1.25*2*64) = S*K
+    assert moe_config.budget(64, 1.75, 1.1, num_ranks=7) == 124  # ceil(123.2)
+    assert moe_config.budget(64, 2.0, None, num_ranks=7) == 448  # S * K: never drops
+    assert moe_config.budget(4, 1.0, 0.01, num_ranks=1) == 1

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dynmoe_jax import MoELayer, sharding, train
+from dynmoe_jax import MoEConfig, MoELayer, sharding, train
 from dynmoe_jax.moe import expert_parallel
 from tests import reference as ref
 from tests.moe.test_decode import ROUTERS, _forward, _layer, _x
@@ -69,7 +69,8 @@ def test_expert_parallel_step_collectives(data_dir, dispatch):
 
 def _layer_loss_and_grads(dispatch: str, mesh_shape: str | None):
     kw = {"threshold": 0.6, "capacity_factor": 1.1, "expected_k": 1.5, "block_size": 4}
-    layer = MoELayer(rngs=nnx.Rngs(0), num_experts=8, d_model=16, d_ff=32, dispatch=dispatch, **kw)
+    cfg = MoEConfig(num_experts=8, d_model=16, d_ff=32, dispatch=dispatch, **kw)
+    layer = MoELayer(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (8, 16, 16))
 
     def loss(m, v):
@@ -97,8 +98,9 @@ def test_layer_under_mesh_matches_one_device(dispatch, mesh_shape):
 
 
 def test_grouped_no_device_holds_every_token_for_every_expert():
-    layer = MoELayer(rngs=nnx.Rngs(0), num_experts=8, d_model=16, d_ff=32, dispatch="grouped",
-                     block_size=4, group_size=16)  # fmt: skip
+    cfg = MoEConfig(num_experts=8, d_model=16, d_ff=32, dispatch="grouped", block_size=4,
+                    group_size=16)  # fmt: skip
+    layer = MoELayer(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (8, 64, 16))  # 512 tokens
     mesh = sharding.make_mesh("data=2,expert=4")
     graphdef, params = nnx.split(layer)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dynmoe_jax import MoELayer
+from dynmoe_jax import MoEConfig, MoELayer
 from tests import reference as ref
 
 E, D, F = 8, 16, 32
@@ -16,7 +16,7 @@ E, D, F = 8, 16, 32
 
 def _layer(**kw) -> MoELayer:
     kw = {"num_experts": E, "d_model": D, "d_ff": F, **kw}
-    return MoELayer(rngs=nnx.Rngs(0), **kw)
+    return MoELayer(MoEConfig(**kw), rngs=nnx.Rngs(0))
 
 
 def _params(layer: MoELayer) -> dict:
@@ -300,9 +300,10 @@ def test_padding_routes_nowhere_and_leaves_the_aux_losses():
 def _backend_layer(backend: str) -> MoELayer:
     # A budget that binds (capacity_factor 0.6) and blocks of 4: the buffer has block padding
     # inside the groups, rows past them, and experts without rows in some groups.
-    return MoELayer(num_experts=8, d_model=16, d_ff=32, router="top_p", threshold=0.6,
+    cfg = MoEConfig(num_experts=8, d_model=16, d_ff=32, router="top_p", threshold=0.6,
                     capacity_factor=0.6, group_size=16, dispatch="grouped", block_size=4,
-                    matmul_backend=backend, rngs=nnx.Rngs(0))  # fmt: skip
+                    matmul_backend=backend)  # fmt: skip
+    return MoELayer(cfg, rngs=nnx.Rngs(0))
 
 
 def _backend_output_and_grads(backend: str):
@@ -329,3 +330,8 @@ def test_layer_matches_the_cpu_loop_on_each_backend(backend):
     for path, got in jax.tree_util.tree_leaves_with_path(grads):
         want = dict(jax.tree_util.tree_leaves_with_path(grads_cpu))[path]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=str(path))
+
+
+def test_the_layer_takes_one_config_object():
+    with pytest.raises(TypeError, match=r"MoELayer takes a MoEConfig; got dict"):
+        MoELayer({"d_model": 8}, rngs=nnx.Rngs(0))

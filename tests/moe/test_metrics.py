@@ -7,12 +7,13 @@ import numpy as np
 from flax import nnx
 
 from dynmoe_jax.moe import metrics
+from dynmoe_jax.moe.config import MoEConfig
 from dynmoe_jax.moe.layer import MoELayer
 
 
 def test_the_layer_returns_exactly_the_metrics_of_the_table():
-    layer = MoELayer(d_model=8, d_ff=16, num_experts=4, router="top_p", threshold=0.5,
-                     rngs=nnx.Rngs(0))  # fmt: skip
+    cfg = MoEConfig(d_model=8, d_ff=16, num_experts=4, router="top_p", threshold=0.5)
+    layer = MoELayer(cfg, rngs=nnx.Rngs(0))
     _, aux = layer(jax.random.normal(jax.random.key(1), (2, 3, 8)))
     assert set(aux) == set(metrics.LAYER_METRICS)
 

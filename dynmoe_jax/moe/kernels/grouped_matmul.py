@@ -30,12 +30,13 @@ output width.
 
 from __future__ import annotations
 
-import enum
 import functools
 import warnings
 
 import jax
 import jax.numpy as jnp
+
+from dynmoe_jax.moe.config import Backend
 
 # tokamax's kernels in the order tried; the first that does not raise NotImplementedError runs
 # (Mosaic TPU, for one, refuses widths below 128, and Mosaic GPU anything but sm90/sm100).
@@ -57,12 +58,6 @@ _DW_DIMS = jax.lax.RaggedDotDimensionNumbers(
     lhs_ragged_dimensions=[0],
     rhs_group_dimensions=[],
 )
-
-
-class Backend(str, enum.Enum):
-    BLOCKS = "blocks"
-    RAGGED_DOT = "ragged_dot"
-    TOKAMAX = "tokamax"
 
 
 def default_backend(platform: str | None = None) -> Backend:

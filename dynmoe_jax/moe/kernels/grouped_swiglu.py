@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from dynmoe_jax.moe import experts
-from dynmoe_jax.moe.kernels.grouped_matmul import Backend, default_backend, grouped_matmul
+from dynmoe_jax.moe.config import Backend
+from dynmoe_jax.moe.kernels.grouped_matmul import default_backend, grouped_matmul
 
 MAX_CHUNK_ROWS = 1024
 
