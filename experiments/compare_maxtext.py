@@ -132,18 +132,9 @@ def maxtext_case(mt: SimpleNamespace, mode: dict, x_BSD: jax.Array, workdir: str
 
 def our_case(dispatch: str, x_BSD: jax.Array):
     """(fn, args) of our layer's fwd+bwd, top-2 at the same capacity factor."""
-    layer = MoELayer(
-        MoEConfig(
-            num_experts=E,
-            d_model=D,
-            d_ff=F,
-            router="top_k",
-            top_k=K,
-            capacity_factor=CF,
-            dispatch=dispatch,
-        ),
-        rngs=nnx.Rngs(0),
-    )
+    cfg = MoEConfig(num_experts=E, d_model=D, d_ff=F, router="top_k", top_k=K,
+                    capacity_factor=CF, dispatch=dispatch)  # fmt: skip
+    layer = MoELayer(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer)
 
     def loss(p, x):
