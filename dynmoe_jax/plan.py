@@ -59,6 +59,22 @@ def active_params(model_cfg: model_lib.ModelConfig, total: int, experts: int) ->
     return total - experts + experts * moe.capacity_k / moe.num_experts
 
 
+def ffn_params_per_token(model_cfg: model_lib.ModelConfig, k: float | None = None) -> float:
+    """Feed-forward parameters one token passes through, summed over the layers: a dense
+    layer's whole SwiGLU; an MoE layer's k experts (default ``moe.capacity_k``; pass the
+    measured experts per token) and its shared expert. Routers are left out."""
+    swiglu = 3 * model_cfg.d_model  # gate, up and down, per unit of hidden width
+    total = 0.0
+    for layer in range(model_cfg.num_layers):
+        if not model_cfg.is_moe_layer(layer):
+            total += swiglu * model_cfg.d_ff
+            continue
+        moe = model_cfg.moe
+        total += swiglu * moe.d_ff * (moe.capacity_k if k is None else k)
+        total += swiglu * (model_cfg.shared_d_ff or 0)
+    return total
+
+
 def bytes_per_device(tree: Any) -> int:
     """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
     return sum(

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import flops, plots, report, run_cache, stats, variants
+from dynmoe_jax import config as config_lib
+from dynmoe_jax import plan
+from experiments import plots, report, run_cache, stats, variants
 
 MODULE = "experiments.compare_routers"
 Results = dict[str, list[run_cache.RunResult]]
@@ -91,7 +93,7 @@ def summarize(results: Results, threshold: float) -> tuple[dict, dict]:
         slots = [_last_train(r, "slots_per_token") for r in runs] if moe else None
         dropped = [r.final.get("dropped_fraction", 0.0) for r in runs] if moe else None
         kept = np.mean(experts) * (1 - np.mean(dropped)) if moe else None
-        ffn = flops.ffn_params_per_token(runs[0].config, kept if moe else 0.0)
+        ffn = plan.ffn_params_per_token(config_lib.resolve(runs[0].config).model, kept)
         rows.append(
             [
                 _label(variant, threshold),

@@ -63,6 +63,18 @@ def test_top_k_active_params_use_top_k():
     assert plan_lib.active_params(cfg, TOTAL, L * EXPERTS) == NON_EXPERT + L * EXPERTS / E
 
 
+def test_ffn_params_per_token_count_dense_layers_experts_and_the_shared_expert():
+    c = tiny.get_config()
+    c.model.num_layers, c.model.moe_every, c.model.d_ff = 4, 2, 48  # layers 1 and 3 are MoE
+    cfg = resolve(c).model
+    dense_layer, expert = 3 * D * 48, 3 * D * F
+    assert plan_lib.ffn_params_per_token(cfg, 1.5) == 2 * dense_layer + 2 * 1.5 * expert
+    assert plan_lib.ffn_params_per_token(cfg) == 2 * dense_layer + 2 * 2.0 * expert  # expected_k
+    with_shared = dataclasses.replace(cfg, shared_d_ff=16)
+    shared = 3 * D * 16
+    assert plan_lib.ffn_params_per_token(with_shared, 1.0) == 2 * (dense_layer + expert + shared)
+
+
 def test_one_device_holds_everything(one_device):
     assert one_device["params_bytes_per_device"] == 4 * TOTAL
     # Adam's two moments per parameter, plus two int32 step counters (Adam's, the schedule's).
