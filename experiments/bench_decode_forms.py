@@ -13,7 +13,13 @@ scaled to each weight's bytes. Weights, each a separate array (as in the decode 
 * gate: [D, F] = [in, out] (the decode layout's gate and up), and the same weight stored
   [F, D] = [out, in];
 * down: [D, F] = [out, in] (the decode layout's down projection);
-* gate and up fused: [D, 2F], one product for both.
+* gate and up fused: [D, 2F], one product for both;
+* gate and up [F, D] each, two products of the same rows: ``reduce`` (two plain
+  multiply-reduces, which share one broadcast of x) and ``times_out_in`` (the decode path's
+  form: each product behind an optimisation barrier; one float32 row keeps the
+  matrix-vector product);
+* gate [F, D] cut into two halves along F, two products (``times_out_in``): whether
+  smaller products let the cores share one weight's read.
 
 Forms: ``matmul`` (``dot_general`` on the stored layout, the contraction along the stored
 ``in`` axis), and ``reduce``: ``sum(W[out, in] * x[:, None, :], -1)``, a multiply-reduce over
@@ -31,10 +37,12 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from dynmoe_jax.moe import experts
 from experiments import report
 from experiments.bench import flags, harness
 from experiments.bench_decode_step import COPY_MIB, copy_program
@@ -66,8 +74,16 @@ def reduce_oi(x_NI, w_OI):
     return jnp.sum(w_OI.astype(jnp.float32)[None] * x_NI[:, None, :], axis=-1)
 
 
-def weights(dtype: str) -> dict[str, tuple[jax.Array, list[tuple[str, Callable]]]]:
-    """name -> (array, [(form, fn)]) of the weights the module docstring lists."""
+def reduce_pair(x_NI, ws_OI):
+    return [reduce_oi(x_NI, w_OI) for w_OI in ws_OI]
+
+
+def barrier_pair(x_NI, ws_OI):
+    return [experts.times_out_in(x_NI.astype(w_OI.dtype), w_OI) for w_OI in ws_OI]
+
+
+def weights(dtype: str) -> dict[str, tuple[Any, list[tuple[str, Callable]]]]:
+    """name -> (array or arrays, [(form, fn)]) of the weights the module docstring lists."""
     k_gate, k_up, k_down = jax.random.split(jax.random.key(0), 3)
     gate_DF = (jax.random.normal(k_gate, (D, F)) * 0.03).astype(dtype)
     up_DF = (jax.random.normal(k_up, (D, F)) * 0.03).astype(dtype)
@@ -77,7 +93,11 @@ def weights(dtype: str) -> dict[str, tuple[jax.Array, list[tuple[str, Callable]]
         "gate [F, D]": (gate_DF.T.copy(), [("matmul", matmul_oi), ("reduce", reduce_oi)]),
         "down [D, F]": (down_DF, [("matmul", matmul_oi), ("reduce", reduce_oi)]),
         "gate+up [D, 2F]": (jnp.concatenate([gate_DF, up_DF], 1), [("matmul", matmul_io)]),
-    }
+        "gate, up [F, D]": ((gate_DF.T.copy(), up_DF.T.copy()),
+                            [("reduce", reduce_pair), ("times_out_in", barrier_pair)]),
+        "gate [F, D] in halves": ((gate_DF[:, : F // 2].T.copy(), gate_DF[:, F // 2 :].T.copy()),
+                                  [("times_out_in", barrier_pair)]),
+    }  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -86,13 +106,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     programs, meta = {}, {}
     for dtype in args.dtypes:
         for name, (w, forms) in weights(dtype).items():
-            width = w.shape[0] if forms[0][1] is matmul_io else w.shape[1]
+            first = w[0] if isinstance(w, tuple) else w
+            width = first.shape[0] if forms[0][1] is matmul_io else first.shape[1]
+            nbytes = sum(a.nbytes for a in w) if isinstance(w, tuple) else w.nbytes
             for rows in args.rows:
                 x_NI = jax.random.normal(jax.random.key(rows), (rows, width))
                 for form, fn in forms:
                     key = f"{dtype} N={rows} {name} {form}"
                     programs[key] = bench.compile(fn, (x_NI, w))
-                    meta[key] = (dtype, rows, name, form, w.nbytes)
+                    meta[key] = (dtype, rows, name, form, nbytes)
     programs["copy"] = copy_program(COPY_MIB)
     timings = bench.time(programs)
     ms = timings.medians

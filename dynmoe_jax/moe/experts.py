@@ -67,8 +67,9 @@ def times_out_in(x_AX: jax.Array, w_YX: jax.Array) -> jax.Array:
     decode sizes: one row, a matrix-vector product (float32), or a float32 multiply-reduce
     (bfloat16, whose matrix-vector product XLA runs at a fraction of the bandwidth); 2 to
     ``REDUCE_ROWS`` float32 rows, the multiply-reduce; otherwise the matmul. Other backends
-    always take the matmul. The reduce sums in float32 whatever the dtype, as the matmul
-    accumulates.
+    always take the matmul. Both sum in float32 whatever the dtype: a half-width matmul
+    that also wrote half-width sums ran several times slower on XLA's CPU backend
+    (``experiments.bench_decode_forms``).
     """
     rows = math.prod(x_AX.shape[:-1])
     half = w_YX.dtype != jnp.float32
@@ -82,7 +83,9 @@ def times_out_in(x_AX: jax.Array, w_YX: jax.Array) -> jax.Array:
         w_1YX = w_YX.astype(jnp.float32).reshape((1,) * (x_AX.ndim - 1) + w_YX.shape)
         y_AY = jnp.sum(w_1YX * x_A1X, axis=-1)
         return y_AY.astype(x_AX.dtype)
-    return jax.lax.dot_general(x_AX, w_YX, (((x_AX.ndim - 1,), (1,)), ((), ())))
+    dims = (((x_AX.ndim - 1,), (1,)), ((), ()))
+    y_AY = jax.lax.dot_general(x_AX, w_YX, dims, preferred_element_type=jnp.float32)
+    return y_AY.astype(x_AX.dtype)
 
 
 def expert_swiglu(x_AD: jax.Array, weights: ExpertWeights, e) -> jax.Array:
