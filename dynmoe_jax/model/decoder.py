@@ -173,7 +173,7 @@ class Block(nnx.Module):
         self.has_shared = cfg.is_moe_layer(layer) and cfg.shared_d_ff is not None
         self.has_shared_gate = self.has_shared and cfg.shared_gate
         if cfg.is_moe_layer(layer):
-            self.ffn = MoELayer(config=cfg.moe, rngs=rngs)
+            self.ffn = MoELayer(cfg.moe, rngs=rngs)
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.dtype, rngs)
         if self.has_shared:
@@ -249,7 +249,7 @@ class Decoder(nnx.Module):
         # example. Tied, the table is also the head, whose fan-in is D (MaxText's embedding
         # convention): tied logits of the unit-RMS final activations then start at unit scale.
         # Untied, fan-in D would start the embeddings at RMS 1/sqrt(d_model), small beside the
-        # blocks' outputs: make train's loss at step 100 was 4.86 with it, 4.35 with fan-in 1.
+        # blocks' outputs, and make train's loss fell more slowly with it.
         fan_in = (1,) if cfg.tie_embeddings else ()
         self.embed_VD = _param(rngs, (v, d), fan_in, ("vocab", "embed"))
         if cfg.scan_layers:

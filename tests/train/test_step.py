@@ -81,7 +81,7 @@ def test_gradient_accumulation_equals_full_batch(tiny_run):
         data = data_lib.from_config(config.data)
         task = train.build_task(config, data.vocab_size)
         state = train.init_state(task)
-        g, metrics = jax.jit(lambda p, b, t=task: step_lib._accumulated_grads(t, p, b))(
+        g, metrics, _ = jax.jit(lambda p, b, t=task: step_lib._accumulated_grads(t, p, b))(
             state.params, data.train_batch(0)
         )
         grads.append((g, float(metrics["lm_loss"])))
