@@ -76,8 +76,8 @@ def restore(config: RunConfig, workdir: str | Path) -> Restored:
     config = check_config(config)
     data = data_lib.from_config(config.data)
     dataset = data.config.dataset
-    task = train_lib.build_task(config, data.vocab_size)
     run_record.check_corpus(workdir, dataset)
+    task = train_lib.build_task(config, data.vocab_size)
     try:
         step, params = _latest_params(task, workdir)
     except FileNotFoundError:
