@@ -23,8 +23,8 @@ router of one B shares one round, so cross-router ratios are as fair as those to
   onto the decode path (``decode_tokens = B``) is timed as well;
 * grouped, index: the forced buffer (``decode_tokens=0``) of either dispatch;
 * with --stacked: default, grouped and index again in the stacked (training) layout;
-* ideal, and one expert: expert 0's dense SwiGLU of the [B, D] input, also with its down
-  weight as trained ([F, D]; the decode layout holds it transposed, [D, F]).
+* ideal, and one expert: expert 0's dense SwiGLU of the [B, D] input, also with its weights
+  as trained ([in, out]; the decode layout holds them transposed, [out, in]).
 
 Routers: top-k for each of --ks, and top-p (--threshold) at each of --top-p-means. A fresh
 router's flat probabilities make top-p select many experts, so each top-p router's weights
@@ -179,9 +179,9 @@ def batch_cases(a, bench: Bench, cfg: MoEConfig, params: dict, rts: list[Router]
     x_ND = x_BTD.reshape(b, a.d_model)
     split = params["split"]
     one = expert_weights(split, [0])
-    as_trained = (one[0][0], one[1][0], one[2][0].T)  # the down weight [F, D], as stacked
+    as_trained = tuple(w[0].T for w in one)  # [in, out], the stacked layout's
     programs = {"one expert": (dense_sum, (x_ND, one)),
-                "one expert, down [F, D]": (experts.swiglu, (x_ND, *as_trained))}  # fmt: skip
+                "one expert, [in, out]": (experts.swiglu, (x_ND, *as_trained))}  # fmt: skip
     rows = []
     for rt in rts:
         rcfg = dataclasses.replace(cfg, **rt.changes)
@@ -227,10 +227,10 @@ def fill_row(row: dict, ms: dict[str, float], diffs: dict, expert_bytes: int) ->
     mine = {n.split("/", 1)[1]: v for n, v in ms.items() if n.startswith(row["router"] + "/")}
     mine.setdefault("decode", mine["default"])  # the default took the decode path
     mine["one expert"] = ms["one expert"]
-    mine["one expert, down [F, D]"] = ms["one expert, down [F, D]"]
+    mine["one expert, [in, out]"] = ms["one expert, [in, out]"]
     ideal = mine["ideal"]
     gbytes = row["union"] * expert_bytes / 1e9
-    ones = ["one expert", "one expert, down [F, D]"]
+    ones = ["one expert", "one expert, [in, out]"]
     row["ms"] = {n: round(mine[n], 4) for n in [*columns(mine), "ideal", *ones]}
     row["x_ideal"] = {n: round(mine[n] / ideal, 3) for n in columns(mine)}
     row["decode_gbps"] = float(f"{gbytes / (mine['decode'] * 1e-3):.3g}")
@@ -261,7 +261,7 @@ def scaling(rows: list[dict]) -> dict[str, float | None]:
     out = {key: (round(default[hi] / default[lo], 3) if hi in default and lo in default else None)
            for key, (hi, lo) in RATIOS.items()}  # fmt: skip
     one = rows[0]["ms"]["one expert"]
-    out["down_FD_over_DF"] = round(rows[0]["ms"]["one expert, down [F, D]"] / one, 3)
+    out["in_out_over_out_in"] = round(rows[0]["ms"]["one expert, [in, out]"] / one, 3)
     out["top1_over_one_expert"] = round(default["top-1"] / one, 3) if "top-1" in default else None
     return out
 
@@ -275,11 +275,11 @@ def tables(rows: list[dict], scale_by_b: dict[int, dict]) -> str:
              r["default_path"], f"{r['ms']['ideal']:.3f}", f"{r['ms']['one expert']:.3f}",
              *(f"{r['x_ideal'][n]:.2f}" for n in names),
              f"{r['decode_gbps']:.1f}", f"{r['ideal_gbps']:.1f}"] for r in rows]  # fmt: skip
-    keys = ["top8_over_top1", "top2_over_top1", "top1_over_one_expert", "down_FD_over_DF"]
+    keys = ["top8_over_top1", "top2_over_top1", "top1_over_one_expert", "in_out_over_out_in"]
     per_b = [[b, *("-" if s[k] is None else f"{s[k]:.2f}" for k in keys)]
              for b, s in scale_by_b.items()]  # fmt: skip
     head_b = ["B", "top-8 / top-1", "top-2 / top-1", "top-1 / one expert",
-              "one expert, down [F, D] / [D, F]"]  # fmt: skip
+              "one expert, [in, out] / [out, in]"]  # fmt: skip
     ratios = report.markdown_table(head_b, per_b)
     return report.markdown_table(header, body) + "\nThe default's times:\n\n" + ratios
 

@@ -135,9 +135,11 @@ def test_the_loop_ends_once_every_row_has_stopped():
     cfg = _cfg()
     graphdef, params = generate_lib.decode_layout(cfg, _params(cfg))
     greedy = generate_lib.generate(graphdef, params, PROMPTS[:1], NEW)
-    stop = greedy.tokens[0][1]
-    stopped = generate_lib.generate(graphdef, params, PROMPTS[:1], NEW, stop_id=stop)
-    assert stopped.tokens[0] == greedy.tokens[0][:1] and stopped.decode_steps == 1
+    # The first new token unlike every one before it (so its first occurrence): it stops the row.
+    tokens = greedy.tokens[0]
+    at = next(i for i in range(1, NEW) if tokens[i] not in tokens[:i])
+    stopped = generate_lib.generate(graphdef, params, PROMPTS[:1], NEW, stop_id=tokens[at])
+    assert stopped.tokens[0] == tokens[:at] and stopped.decode_steps == at
 
 
 def test_bfloat16_decoding_tracks_the_float32_full_window():

@@ -160,7 +160,7 @@ def test_two_processes_match_one(data_dir, tmp_path):
     outs = [json.loads((tmp_path / f"p{i}.json").read_text()) for i in range(2)]
     assert [(o["devices"], o["local_devices"]) for o in outs] == [(8, 4), (8, 4)]
     # Each process read only its half of every batch: 3 steps x batch_size / 2 windows.
-    batch_size = tiny_config("", data_dir).batch_size
+    batch_size = tiny_config("", data_dir).data.batch_size
     assert outs[0]["rows"] == list(range(batch_size // 2))
     assert outs[1]["rows"] == list(range(batch_size // 2, batch_size))
     assert [o["windows_read"] for o in outs] == [3 * batch_size // 2] * 2

@@ -254,7 +254,7 @@ def test_bench_decode_layer_reports_every_figure_and_matching_paths(tmp_path):
     assert got == [(b, r) for b in (1, 4) for r in routers]
     for row in out["rows"]:
         assert set(row["ms"]) == {"default", "decode", "grouped", "index", "ideal", "one expert",
-                                  "one expert, down [F, D]"}  # fmt: skip
+                                  "one expert, [in, out]"}  # fmt: skip
         assert set(row["x_ideal"]) == {"default", "decode", "grouped", "index"}
         assert all(v > 0 for v in [*row["ms"].values(), *row["x_ideal"].values()]), row
         assert row["decode_gbps"] > 0 and row["ideal_gbps"] > 0 and row["scale"] > 0
@@ -266,7 +266,7 @@ def test_bench_decode_layer_reports_every_figure_and_matching_paths(tmp_path):
     for ratios in out["scaling"].values():
         assert ratios["top8_over_top1"] is None  # top-8 not timed
         assert ratios["top2_over_top1"] > 0 and ratios["top1_over_one_expert"] > 0
-        assert ratios["down_FD_over_DF"] > 0
+        assert ratios["in_out_over_out_in"] > 0
 
 
 @pytest.mark.parametrize(
