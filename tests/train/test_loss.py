@@ -41,7 +41,7 @@ def test_forward_adds_the_weighted_aux_losses_to_the_lm_loss(tiny_run):
             + w.dynamic_weight * metrics["dynamic_loss"] + 0.5 * metrics["z_loss"])  # fmt: skip
     assert float(total) == pytest.approx(float(want), rel=1e-6)
     # The lm loss: the token mean of the float64 negative log-likelihoods of the model's logits.
-    logits, layer = nnx.merge(task.graphdef, params)(batch["inputs"])
+    logits, layer = jax.jit(lambda p, x: nnx.merge(task.graphdef, p)(x))(params, batch["inputs"])
     z = np.asarray(logits, np.float64)
     z -= z.max(-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
