@@ -154,9 +154,11 @@ def with_router(params: dict, scale: float) -> dict:
     return {**params, "router_DE": params["router_DE"] * scale}
 
 
-def dense_sum(x_ND: jax.Array, weights_U: tuple) -> jax.Array:
-    """The ideal: every token through each given expert (per-expert layout), outputs summed."""
-    return sum(experts.expert_swiglu(x_ND, weights_U, u) for u in range(len(weights_U[0])))
+def each_expert(x_ND: jax.Array, weights_U: tuple) -> list[jax.Array]:
+    """The ideal: every token through each given expert (per-expert layout). The outputs are
+    returned apart: XLA on CPU folds several products and a plain sum of their outputs into one
+    fusion that ran many times slower than the products alone (docs/decoding.md)."""
+    return [experts.expert_swiglu(x_ND, weights_U, u) for u in range(len(weights_U[0]))]
 
 
 def union(cfg: MoEConfig, params: dict, x_BTD: jax.Array) -> tuple[float, list[int]]:
@@ -180,7 +182,7 @@ def batch_cases(a, bench: Bench, cfg: MoEConfig, params: dict, rts: list[Router]
     split = params["split"]
     one = expert_weights(split, [0])
     as_trained = tuple(w[0].T for w in one)  # [in, out], the stacked layout's
-    programs = {"one expert": (dense_sum, (x_ND, one)),
+    programs = {"one expert": (each_expert, (x_ND, one)),
                 "one expert, [in, out]": (experts.swiglu, (x_ND, *as_trained))}  # fmt: skip
     rows = []
     for rt in rts:
@@ -196,7 +198,7 @@ def batch_cases(a, bench: Bench, cfg: MoEConfig, params: dict, rts: list[Router]
             fn = output_only(layer_fn(dataclasses.replace(rcfg, **changes)))
             programs[f"{rt.label}/{name}"] = (fn, (with_router(params[layout], rt.scale), x_BTD))
         weights_U = expert_weights(split, ids)
-        programs[f"{rt.label}/ideal"] = (dense_sum, (x_ND, weights_U))
+        programs[f"{rt.label}/ideal"] = (each_expert, (x_ND, weights_U))
         path = "decode" if on_decode else "grouped"
         rows.append({"batch": b, "router": rt.label, "scale": round(rt.scale, 4),
                      "k_calib": rt.calib_k, "k_mean": round(k, 4), "union": len(ids),
