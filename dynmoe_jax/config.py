@@ -89,6 +89,12 @@ class Declaration:
         return self.allows.text(Site(self.owner, self.name))
 
     @property
+    def per_layer(self) -> bool:
+        """Whether the field takes one value per layer as well (a ``tuple`` in its type)."""
+        hint = typing.get_type_hints(self.owner)[self.name]
+        return any(typing.get_origin(t) is tuple for t in typing.get_args(hint))
+
+    @property
     def value_type(self) -> type:
         """The field's type without None (``int | None`` -> int)."""
         hint = typing.get_type_hints(self.owner)[self.name]
@@ -160,6 +166,13 @@ def parse_value(d: Declaration, text: str) -> Any:
     says whether None is allowed)."""
     if text == "None":
         return None
+    if "," in text and d.per_layer:
+        return tuple(_parse_one(d, part.strip(), text) for part in text.split(","))
+    return _parse_one(d, text, text)
+
+
+def _parse_one(d: Declaration, text: str, typed: str) -> Any:
+    """One value of the field's type from ``text``, part of what the user ``typed``."""
     kind = d.value_type
     try:
         if kind is bool:
@@ -169,7 +182,7 @@ def parse_value(d: Declaration, text: str) -> Any:
         if kind is float:
             return float(text)
     except (KeyError, ValueError):
-        invalid(d.path, text, d.allowed)
+        invalid(d.path, typed, d.allowed)
     return text  # str and the string enums: the configs check their values
 
 

@@ -69,7 +69,7 @@ def ffn_params_per_token(model_cfg: model_lib.ModelConfig, k: float | None = Non
         if not model_cfg.is_moe_layer(layer):
             total += swiglu * model_cfg.d_ff
             continue
-        moe = model_cfg.moe
+        moe = model_cfg.moe_layer(layer)
         total += swiglu * moe.d_ff * (moe.capacity_k if k is None else k)
         total += swiglu * (model_cfg.shared_d_ff or 0)
     return total

@@ -5,7 +5,8 @@ types it (``moe.threshold``, ``mesh_shape``) and fits on one line. ``ConfigError
 ValueError, so callers that catch ValueError keep working.
 
 ``declared`` makes a frozen-config field that carries its doc and its constraint, one object
-(``Range``, ``OrNone``, ``Choice``, ...) that gives both the check and the allowed range's text;
+(``Range``, ``OrNone``, ``PerLayer``, ``Choice``, ...) that gives both the check and the allowed
+range's text;
 ``check_declared`` converts and checks every field (``dynmoe_jax.config`` derives the rest).
 """
 
@@ -159,6 +160,27 @@ class OrNone(Constraint):
 
     def convert(self, value: Any) -> Any:
         return None if value is None else self.inner.convert(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class PerLayer(Constraint):
+    """One value that ``inner`` allows, for every layer, or a tuple of them, one per layer
+    (typed as a comma-separated list); the config that holds the layers checks the count."""
+
+    inner: Constraint
+
+    def ok(self, value: Any, config: Any) -> bool:
+        if isinstance(value, tuple):
+            return bool(value) and all(self.inner.ok(v, config) for v in value)
+        return self.inner.ok(value, config)
+
+    def text(self, site: Site) -> str:
+        return f"{self.inner.text(site)}, or one such value per layer (comma-separated)"
+
+    def convert(self, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):  # a list: the form a JSON run record gives
+            return tuple(self.inner.convert(v) for v in value)
+        return self.inner.convert(value)
 
 
 @dataclasses.dataclass(frozen=True)

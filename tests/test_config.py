@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ml_collections import ConfigDict
 
 from dynmoe_jax import config as config_lib
 from dynmoe_jax.configs import default, paper, pretrained, tiny
@@ -46,7 +47,7 @@ FIXTURES = ROOT / "tests" / "fixtures" / "hf"
         ("moe.router", "top_q", "moe.router='top_q' is invalid: allowed 'top_p' | 'top_k'"),
         ("moe.threshold", 1.5, "moe.threshold=1.5 is invalid: allowed 0 < threshold <= 1"),
         ("moe.top_k", 5, "moe.top_k=5 is invalid: allowed None (not with moe.router='top_k') or "
-         "1..moe.num_experts=4"),
+         "1..moe.num_experts=4, or one such value per layer (comma-separated)"),
         ("moe.capacity_factor", 0.0, "moe.capacity_factor=0.0 is invalid: allowed None (no "
          "dropping) or a number > 0"),
         ("loss.dynamic_weight", -1.0,
@@ -67,8 +68,42 @@ def test_top_k_may_be_none_except_where_top_k_routing_reads_it():
         config_lib.resolve(tiny_config(**{"moe.top_k": None, "moe.router": "top_k"}))
     assert str(err.value) == (
         "moe.top_k=None is invalid: allowed None (not with moe.router='top_k') or "
-        "1..moe.num_experts=4"
+        "1..moe.num_experts=4, or one such value per layer (comma-separated)"
     )
+
+
+def test_top_k_takes_one_k_per_moe_layer_from_a_comma_separated_list():
+    config = config_lib.set_fields(tiny_config(**{"model.num_layers": 4, "model.moe_every": 2}),
+                                   {"moe.router": "top_k", "moe.top_k": "1, 3"})  # fmt: skip
+    run = config_lib.resolve(config)
+    assert run.moe.top_k == (1, 3) and run.moe.per_layer
+    assert [run.model.moe_layer(i).top_k for i in (1, 3)] == [1, 3]
+    assert run.moe.capacity_k == 2.0 and run.moe.max_selections == 3
+    recorded = json.loads(config_lib.as_dict(run).to_json())  # the run record's form: a list
+    assert recorded["moe"]["top_k"] == [1, 3]
+    assert config_lib.resolve(ConfigDict(recorded)).moe.top_k == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"moe.top_k": "1,2,2"}, "moe.top_k=(1, 2, 2) is invalid: allowed one k, or 2 (one per "
+         "MoE layer of model.num_layers=2 with model.moe_every=1)"),
+        ({"moe.top_k": "1,5"}, "moe.top_k=(1, 5) is invalid: allowed None (not with "
+         "moe.router='top_k') or 1..moe.num_experts=4, or one such value per layer "
+         "(comma-separated)"),
+        ({"moe.top_k": "1,two"}, "moe.top_k='1,two' is invalid: allowed None (not with "
+         "moe.router='top_k') or 1..moe.num_experts, or one such value per layer "
+         "(comma-separated)"),
+        ({"moe.top_k": "1,2", "model.scan_layers": "true"}, "model.scan_layers=True is invalid: "
+         "allowed False with one moe.top_k per layer (the scanned layers share one static k)"),
+    ],
+)  # fmt: skip
+def test_a_per_layer_top_k_is_refused_in_one_line(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        config = config_lib.set_fields(tiny_config(), {"moe.router": "top_k", **overrides})
+        config_lib.resolve(config)
+    assert str(err.value) == message
 
 
 def test_every_field_is_declared_once_with_a_doc_and_passes_its_own_check():

@@ -75,6 +75,14 @@ def test_ffn_params_per_token_count_dense_layers_experts_and_the_shared_expert()
     assert plan_lib.ffn_params_per_token(with_shared, 1.0) == 2 * (dense_layer + expert + shared)
 
 
+def test_ffn_params_per_token_count_each_layer_at_its_own_k():
+    c = tiny.get_config()
+    c.moe.router, c.moe.top_k = "top_k", (1, 3)
+    cfg = resolve(c).model
+    assert plan_lib.ffn_params_per_token(cfg) == (1 + 3) * 3 * D * F
+    assert plan_lib.active_params(cfg, TOTAL, L * EXPERTS) == NON_EXPERT + L * EXPERTS * 2 / E
+
+
 def test_one_device_holds_everything(one_device):
     assert one_device["params_bytes_per_device"] == 4 * TOTAL
     # Adam's two moments per parameter, plus two int32 step counters (Adam's, the schedule's).

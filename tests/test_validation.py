@@ -10,7 +10,17 @@ from typing import ClassVar
 import pytest
 
 from dynmoe_jax import validation
-from dynmoe_jax.validation import BOOL, Choice, ConfigError, Given, OrNone, Range, Site, Text
+from dynmoe_jax.validation import (
+    BOOL,
+    Choice,
+    ConfigError,
+    Given,
+    OrNone,
+    PerLayer,
+    Range,
+    Site,
+    Text,
+)
 
 
 class _Color(str, enum.Enum):
@@ -97,12 +107,20 @@ def test_enums_are_coerced_from_the_annotations():
         (BOOL, [True, False], [1, 0, None, "True"], "True | False"),
         (Choice(("a", "b")), ["a"], ["c", None], "'a' | 'b'"),
         (Text("a folder", nonempty=True), ["x"], ["", 3, None], "a folder"),
+        (PerLayer(Range(1, 4)), [2, (1, 4), (3,)], [(), (1, 5), 0, "2"],
+         "1..4, or one such value per layer (comma-separated)"),
     ],
 )  # fmt: skip
 def test_each_constraint_gives_its_check_and_its_text(rule, good, bad, text):
     assert all(rule.ok(v, None) for v in good)
     assert not any(rule.ok(v, None) for v in bad)
     assert rule.text(Site(_Section, "x")) == text
+
+
+def test_a_per_layer_value_converts_each_entry_and_a_list_to_a_tuple():
+    rule = PerLayer(Choice(_Color))
+    assert rule.convert(["red", "blue"]) == (_Color.RED, _Color.BLUE)
+    assert rule.convert("red") is _Color.RED
 
 
 def test_constraints_between_fields_show_the_other_field_s_value():

@@ -96,6 +96,20 @@ class ModelConfig:
         if self.moe is not None:
             same = self.moe.d_model == self.d_model
             check_field(self.moe, "d_model", same, Site(ModelConfig, "", self).show("d_model"))
+            self._check_per_layer()
+
+    def _check_per_layer(self) -> None:
+        """One k per MoE layer: as many as there are, and no scan (its layers share a k)."""
+        if not self.moe.per_layer:
+            return
+        n = self.num_moe_layers
+        layers = Site(ModelConfig, "", self)
+        check_field(self.moe, "top_k", len(self.moe.top_k) == n,
+                    f"one k, or {n} (one per MoE layer of {layers.show('num_layers')} with "
+                    f"{layers.show('moe_every')})")  # fmt: skip
+        check_field(self, "scan_layers", not self.scan_layers,
+                    f"False with one {field_path(self.moe, 'top_k')} per layer (the scanned "
+                    "layers share one static k)")  # fmt: skip
 
     def _cross_rules(self) -> list[tuple[bool, str, str]]:
         """(ok, field, allowed) between fields, checked in order."""
@@ -132,3 +146,8 @@ class ModelConfig:
     @property
     def num_moe_layers(self) -> int:
         return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+    def moe_layer(self, layer: int) -> MoEConfig:
+        """The config of the MoE layer at decoder layer ``layer`` (its own k where
+        ``moe.top_k`` holds one per MoE layer)."""
+        return self.moe.layer(layer // self.moe_every)

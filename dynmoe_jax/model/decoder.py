@@ -173,7 +173,7 @@ class Block(nnx.Module):
         self.has_shared = cfg.is_moe_layer(layer) and cfg.shared_d_ff is not None
         self.has_shared_gate = self.has_shared and cfg.shared_gate
         if cfg.is_moe_layer(layer):
-            self.ffn = MoELayer(cfg.moe, rngs=rngs)
+            self.ffn = MoELayer(cfg.moe_layer(layer), rngs=rngs)
         else:
             self.ffn = DenseFFN(cfg.d_model, cfg.d_ff, cfg.dtype, rngs)
         if self.has_shared:

@@ -13,7 +13,15 @@ from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
-from dynmoe_jax.validation import Choice, Given, OrNone, Range, check_declared, declared
+from dynmoe_jax.validation import (
+    Choice,
+    Given,
+    OrNone,
+    PerLayer,
+    Range,
+    check_declared,
+    declared,
+)
 
 
 class Router(str, enum.Enum):
@@ -105,9 +113,11 @@ class MoEConfig:
         0.4, "top-p: the probability mass a token's experts must reach (the paper: 0.4)",
         Range(0, 1, integer=False, open_low=True), override=True,
     )  # fmt: skip
-    top_k: int | None = declared(
-        2, "top-k: experts per token (None: an imported checkpoint's)",
-        OrNone(_EXPERTS, unless=("router", Router.TOP_K)), override=True,
+    top_k: int | tuple[int, ...] | None = declared(
+        2, "top-k: experts per token, one k or one per MoE layer, lowest first (a "
+        "heterogeneous model; not with model.scan_layers); None: an imported checkpoint's",
+        OrNone(PerLayer(_EXPERTS), unless=("router", Router.TOP_K)),
+        override=True,
     )  # fmt: skip
     max_k: int | None = declared(
         None, "top-p: at most this many experts per token (None: no cap, as in the paper)",
@@ -175,10 +185,23 @@ class MoEConfig:
         check_declared(self)
 
     @property
+    def per_layer(self) -> bool:
+        """Whether ``top_k`` holds one k per MoE layer (see ``layer``)."""
+        return isinstance(self.top_k, tuple)
+
+    def layer(self, index: int) -> MoEConfig:
+        """The config of MoE layer ``index`` (0 = lowest): its own k where ``top_k`` holds one
+        per layer, else this config."""
+        if not self.per_layer:
+            return self
+        return dataclasses.replace(self, top_k=self.top_k[index])
+
+    @property
     def capacity_k(self) -> float:
-        """The number of experts per token that capacity is sized for."""
+        """The number of experts per token that capacity is sized for (with one k per layer,
+        their mean: a model-wide figure; each layer's own config sizes that layer)."""
         if self.router is Router.TOP_K:
-            return float(self.top_k)
+            return sum(self.top_k) / len(self.top_k) if self.per_layer else float(self.top_k)
         if self.expected_k is not None:
             return self.expected_k
         return 2.0 if self.target_k is None else float(self.target_k)
@@ -230,7 +253,7 @@ class MoEConfig:
         or a biased order the bound is E (or max_k).
         """
         if self.router is Router.TOP_K:
-            return self.top_k
+            return max(self.top_k) if self.per_layer else self.top_k
         cap = self.max_k or self.num_experts
         if self.target_k is not None or self.bias_balance:
             return cap  # a steered threshold, or an order that is not by probability

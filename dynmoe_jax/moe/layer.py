@@ -59,6 +59,9 @@ class MoELayer(nnx.Module):
         if not isinstance(config, MoEConfig):
             raise TypeError(f"MoELayer takes a MoEConfig; got {type(config).__name__} "
                             "(write MoELayer(MoEConfig(d_model=..., ...), rngs=...))")  # fmt: skip
+        if config.per_layer:
+            raise TypeError(f"MoELayer takes one layer's config; moe.top_k={config.top_k} "
+                            "holds one k per layer (pass config.layer(i))")  # fmt: skip
         self.config = cfg = config
         e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff
         router_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")

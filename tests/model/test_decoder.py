@@ -12,6 +12,7 @@ from flax import nnx
 
 from dynmoe_jax import train
 from dynmoe_jax.model.decoder import Decoder, DenseFFN, abstract_decoder, rope
+from dynmoe_jax.moe.config import MoEConfig
 from dynmoe_jax.moe.layer import MoELayer
 from tests import reference as ref
 from tests.model.decoders import (
@@ -33,6 +34,22 @@ def test_shapes_and_per_layer_metrics():
     assert [type(b.ffn) for b in model.blocks] == [DenseFFN, MoELayer, DenseFFN, MoELayer]
     assert layer["experts_per_token"].shape == (2,)
     assert layer["token_experts"].shape == (2, 2, T)
+
+
+def test_a_heterogeneous_model_routes_each_layer_with_its_own_k():
+    moe = MoEConfig(num_experts=4, d_model=D, d_ff=32, capacity_factor=None, dispatch="index",
+                    router="top_k", top_k=(3, 1))  # fmt: skip
+    model = Decoder(model_config(moe_every=2, moe=moe), rngs=nnx.Rngs(0))
+    assert [b.ffn.config.top_k for b in model.blocks[1::2]] == [3, 1]
+    _, layer = model(token_ids())
+    np.testing.assert_array_equal(layer["experts_per_token"], [3.0, 1.0])
+    same = Decoder(model_config(moe_every=2, moe=dataclasses.replace(moe, top_k=2)),
+                   rngs=nnx.Rngs(0))  # fmt: skip
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
+                    jax.tree.leaves(nnx.state(same, nnx.Param)), strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)  # k changes no weight: the models pair seed by seed
+    with pytest.raises(TypeError, match=r"one layer's config; moe.top_k=\(3, 1\)"):
+        MoELayer(moe, rngs=nnx.Rngs(0))
 
 
 def test_dense_model_has_no_moe_metrics():
