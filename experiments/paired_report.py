@@ -52,6 +52,13 @@ def _after_warmup(run: run_cache.RunResult, key: str) -> float:
     return float(np.mean([r[key] for r in run.train if r["step"] > warmup]))
 
 
+def _kept_after_warmup(run: run_cache.RunResult) -> float:
+    """Selections computed per token (selected minus dropped), over training after warm-up."""
+    warmup = run.config.num_train_steps // 10
+    return float(np.mean([r["experts_per_token"] * (1 - r["dropped_fraction"])
+                          for r in run.train if r["step"] > warmup]))  # fmt: skip
+
+
 def per_seed(runs: list[run_cache.RunResult], runs_dir: Path) -> dict:
     """Every per-seed figure of one variant at one size."""
     return {
@@ -60,6 +67,7 @@ def per_seed(runs: list[run_cache.RunResult], runs_dir: Path) -> dict:
         "experts_per_token": [r.final["experts_per_token"] for r in runs],
         "experts_per_layer": [r.experts_per_layer.tolist() for r in runs],
         "top_k": [r.config.moe.top_k for r in runs],
+        "kept_per_token": [_kept_after_warmup(r) for r in runs],
         "rows_per_token": [_after_warmup(r, "slots_per_token") for r in runs],
         "dropped_fraction": [_after_warmup(r, "dropped_fraction") for r in runs],
         "step_ms": [r.step_ms for r in runs],
@@ -92,19 +100,21 @@ def _interval(p: dict, digits: int = 4) -> str:
 
 def loss_table(size: str, figures: dict) -> tuple[list, list]:
     header = ["variant", "against", "val loss (mean ± sd)", "paired difference [95% CI]",
-              "verdict", "experts / token", "rows / token (share of top-2)", "k by layer",
-              "seeds", "seeds for ±0.003"]  # fmt: skip
+              "verdict", "experts / token", "k by layer", "computed / token (share of top-2)",
+              "dropped", "rows with padding", "seeds", "seeds for ±0.003"]  # fmt: skip
     rows = []
-    top2_rows = np.mean(figures[pv.BASELINE]["rows_per_token"])
+    top2_kept = np.mean(figures[pv.BASELINE]["kept_per_token"])
     for name, f in figures.items():
         layers = np.mean(f["experts_per_layer"], axis=0)
         for ref, p in f["paired"].items():
             rows.append([pv.VARIANTS[name].label, pv.VARIANTS[ref].label,
                          stats.fmt_mean_sd(f["validation_loss"], 4), _interval(p),
                          verdict(p), stats.fmt_mean_sd(f["experts_per_token"], 3),
-                         f"{np.mean(f['rows_per_token']):.3f} "
-                         f"({np.mean(f['rows_per_token']) / top2_rows:.0%})",
-                         ", ".join(f"{k:.2f}" for k in layers), len(f["seeds"]),
+                         ", ".join(f"{k:.2f}" for k in layers),
+                         f"{np.mean(f['kept_per_token']):.3f} "
+                         f"({np.mean(f['kept_per_token']) / top2_kept:.0%})",
+                         f"{100 * np.mean(f['dropped_fraction']):.2f}%",
+                         f"{np.mean(f['rows_per_token']):.2f}", len(f["seeds"]),
                          p["seeds_for_tolerance"]])  # fmt: skip
     return header, rows
 

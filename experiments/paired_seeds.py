@@ -11,6 +11,8 @@ the mean paired difference and its 95% t-interval over seeds::
     .venv/bin/python -m experiments.paired_seeds --scale 4                    # wider, longer (GPU)
     # then the held-out multiple-choice and last-word accuracy of every run (lm-eval):
     .venv/bin/python -m experiments.paired_seeds --seeds 0 1 2 3 4 5 6 7 8 9 --accuracy 200
+    # retrain one run from its command line alone; compare the logs record by record:
+    .venv/bin/python -m experiments.paired_seeds --reproduce hetero small 0
 
 Each run trains through the library's own entry point, seed-major (an interruption leaves whole
 seeds), and is reused from ``runs/experiments/paired/`` when it has finished; the results JSON
@@ -47,6 +49,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--accuracy", type=int, default=0, metavar="N",
         help="also score each run on N held-out multiple-choice questions (lm-eval)",
     )  # fmt: skip
+    p.add_argument(
+        "--reproduce", nargs=3, metavar=("VARIANT", "SIZE", "SEED"),
+        help="retrain one finished run from its command alone and compare the logs",
+    )  # fmt: skip
+    p.add_argument("--reproduce-into", type=Path, default=Path("runs/reproduced"))
     p.add_argument("--runs-dir", type=Path, default=run_cache.RUNS_DIR / "paired")
     p.add_argument("--results-dir", type=Path, default=report.RESULTS_DIR)
     p.add_argument("--name", default="paired_seeds", help="stem of the result files")
@@ -113,8 +120,36 @@ class HeldOut:
         return rows
 
 
+def reproduce(args, name: str, size: str, seed: int, into: Path) -> str:
+    """Retrains one finished run of the set from its command line alone (a new process, in
+    ``into``) and compares the two logs record by record, timings left out."""
+    import shlex
+    import subprocess
+
+    workdir = args.runs_dir / pv.run_name(name, seed, size, args.scale)
+    recorded = json.loads((workdir / "config.json").read_text())
+    config = pv.lm_config(name, seed, size, args.scale, args.steps,
+                          per_layer_k=tuple(recorded["config"]["moe"]["top_k"])
+                          if name == "hetero" else None)  # fmt: skip
+    command = paired_report.cli_command(config, into / workdir.name)
+    print(command, flush=True)
+    subprocess.run(shlex.split(command), check=True)
+    logs = [_untimed(w / "metrics.jsonl") for w in (workdir, into / workdir.name)]
+    same = logs[0] == logs[1]
+    print(f"{'identical' if same else 'DIFFERENT'}: {len(logs[0])} records", flush=True)
+    return "identical" if same else "different"
+
+
+def _untimed(path: Path) -> list[dict]:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in records]
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.reproduce:
+        name, size, seed = args.reproduce
+        return {"reproduced": reproduce(args, name, size, int(seed), args.reproduce_into)}
     results: paired_report.Results = {}
     for seed in args.seeds:
         for size in args.sizes:
