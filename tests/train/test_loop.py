@@ -234,9 +234,10 @@ def _kill_when(proc, workdir: Path, mode: str, at_step: int) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dispatch", DISPATCHES)
-def test_sigkill_at_any_moment_resumes_exactly(tiny_run, dispatch, data_dir, tmp_path):
-    overrides = {**LONG, "moe.dispatch": dispatch}
+def test_sigkill_at_any_moment_resumes_exactly(tiny_run, data_dir, tmp_path):
+    # The shipped dispatch only: what a kill interrupts (checkpoint writes, the data position)
+    # does not depend on it, and test_resume_matches_uninterrupted_run resumes both exactly.
+    overrides = {**LONG, "moe.dispatch": "grouped"}
     reference = tmp_path / "reference"
     subprocess.run(_cli(reference, data_dir, overrides), check=True, capture_output=True,
                    cwd=ROOT)  # fmt: skip
