@@ -17,8 +17,8 @@ from experiments import plots, report, run_cache, stats
 Results = dict[str, dict[str, list[run_cache.RunResult]]]  # size -> variant -> runs by seed
 TOLERANCE = 0.003  # nats: the interval half-width the comparison aims at
 # The comparisons beside "against top-2": the heterogeneous model against the top-p model
-# whose profile sized it (the same rows).
-ALSO = {"hetero": pv.PROFILE_SOURCE}
+# whose profile sized it (the same rows), and bias balancing against the same target without.
+ALSO = {"hetero": pv.PROFILE_SOURCE, "top_p_t1.76_bias": "top_p_t1.76"}
 
 
 def _flag(value) -> str:
@@ -43,8 +43,20 @@ def cli_command(config: ConfigDict, workdir: Path) -> str:
     flags = [f"--config.{path}={_flag(_value(ours, path))}"
              for path in config_lib.field_paths(ours)
              if _value(ours, path) != _value(base, path)]  # fmt: skip
+    if workdir.is_relative_to(report.REPO_ROOT):  # the command runs from the repository root
+        workdir = workdir.relative_to(report.REPO_ROOT)
     return " ".join([".venv/bin/python -m dynmoe_jax.main --config=dynmoe_jax/configs/default.py",
                      f"--workdir={workdir}", *flags])  # fmt: skip
+
+
+def _sizes(run: run_cache.RunResult) -> dict[str, float]:
+    """The model's parameters, and the feed-forward parameters a token passes through."""
+    from dynmoe_jax import plan
+    from dynmoe_jax.model.decoder import abstract_decoder
+
+    model = config_lib.resolve(run.config).model
+    total, _ = plan.count_params(abstract_decoder(model))
+    return {"total": total, "ffn_per_token": plan.ffn_params_per_token(model)}
 
 
 def _after_warmup(run: run_cache.RunResult, key: str) -> float:
@@ -71,6 +83,7 @@ def per_seed(runs: list[run_cache.RunResult], runs_dir: Path) -> dict:
         "rows_per_token": [_after_warmup(r, "slots_per_token") for r in runs],
         "dropped_fraction": [_after_warmup(r, "dropped_fraction") for r in runs],
         "step_ms": [r.step_ms for r in runs],
+        "wall_s": [r.wall_s for r in runs],
         "command": [cli_command(r.config, runs_dir / r.name) for r in runs],
     }
 
@@ -138,8 +151,10 @@ def accuracy_table(figures: dict) -> tuple[list, list]:
     for size, by_variant in figures.items():
         for name, f in by_variant.items():
             for task, t in f.get("accuracy", {}).items():
+                base = name == pv.BASELINE  # no difference from itself to show
                 rows.append([size, pv.VARIANTS[name].label, task, stats.fmt_mean_sd(t["values"]),
-                             _interval(t["paired"], 3), verdict(t["paired"], "accuracy"),
+                             "—" if base else _interval(t["paired"], 3),
+                             "—" if base else verdict(t["paired"], "accuracy"),
                              stats.fmt_mean_sd(t["experts_per_token"], 2)])  # fmt: skip
     return header, rows
 
@@ -152,8 +167,9 @@ def plot(figures: dict, path: Path) -> Path:
         names = [n for n in by_variant if n != pv.BASELINE]
         for y, name in enumerate(names):
             p = by_variant[name]["paired"][pv.BASELINE]
+            color = f"C{list(pv.VARIANTS).index(name)}"  # one colour per variant, both sizes
             ax.errorbar(p["mean"], y, xerr=[[p["mean"] - p["low"]], [p["high"] - p["mean"]]],
-                        fmt="o", capsize=4)  # fmt: skip
+                        fmt="o", capsize=4, color=color)  # fmt: skip
             ax.plot(p["differences"], [y] * len(p["differences"]), "k.", ms=3, alpha=0.4)
         ax.axvline(0, color="k", lw=1)
         ax.set_yticks(range(len(names)), [pv.VARIANTS[n].label for n in names], fontsize=8)
@@ -173,7 +189,7 @@ def write(results: Results, accuracy: dict, args, module: str) -> dict:
             f["paired"] = {ref: paired(f["validation_loss"],
                                        figures[size][ref]["validation_loss"])
                            for ref in refs if ref in figures[size] and ref != name}  # fmt: skip
-            if accuracy:
+            if size in accuracy:
                 base = accuracy[size][pv.BASELINE]
                 f["accuracy"] = accuracy_figures(accuracy[size][name], base)
     tables = {f"Validation loss against top-2, {size}": loss_table(size, figures[size])
@@ -183,6 +199,7 @@ def write(results: Results, accuracy: dict, args, module: str) -> dict:
     stem = args.name if args.scale == 1 else f"{args.name}_x{args.scale}"
     figure = plot(figures, args.results_dir / f"{stem}_differences.png")
     data = {"results": figures, "fixed_p": pv.FIXED_P, "experts": pv.EXPERTS,
+            "parameters": {size: _sizes(results[size][pv.BASELINE][0]) for size in results},
             "plots": [figure.name]}  # fmt: skip
     title = "Paired seeds: top-p against top-2 at equal compute"
     command = report.command_line(module)

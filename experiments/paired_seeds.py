@@ -50,6 +50,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also score each run on N held-out multiple-choice questions (lm-eval)",
     )  # fmt: skip
     p.add_argument(
+        "--accuracy-sizes", nargs="+", choices=pv.SIZES, default=["small"],
+        help="the sizes --accuracy scores (scoring a top-p run with 96 experts sizes its "
+        "buffers for every expert a token may take: minutes of compile per run here)",
+    )  # fmt: skip
+    p.add_argument(
         "--reproduce", nargs=3, metavar=("VARIANT", "SIZE", "SEED"),
         help="retrain one finished run from its command alone and compare the logs",
     )  # fmt: skip
@@ -160,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         first = next(iter(next(iter(results.values())).values()))[0]
         score = HeldOut(args.runs_dir / first.name, args.accuracy)
         for size, by_variant in results.items():
+            if size not in args.accuracy_sizes:
+                continue
             for name, runs in by_variant.items():
                 accuracy.setdefault(size, {})[name] = [
                     score(args.runs_dir / r.name) for r in runs]  # fmt: skip
