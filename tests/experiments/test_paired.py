@@ -63,6 +63,18 @@ def test_variant_configs_keep_their_budget_and_routing():
         pv.lm_config("top2", 0, "huge")
 
 
+def test_every_variant_resolves_at_a_gpu_scale():
+    for size in pv.SIZES:
+        for name in pv.VARIANTS:
+            k = (2, 2, 2, 1) if name == "hetero" else None
+            run = config_lib.resolve(pv.lm_config(name, 0, size, scale=4, per_layer_k=k))
+            assert (run.model.d_model, run.moe.d_ff, run.moe.num_experts) == (
+                256,
+                512,
+                pv.EXPERTS[size],
+            )
+
+
 def test_hetero_follows_its_profile_source_in_each_seed():
     assert paired_seeds.variants_at("large", None) == list(pv.LARGE_VARIANTS)
     assert paired_seeds.variants_at("small", ["top2", "hetero"]) == [
