@@ -156,8 +156,7 @@ def _windows(run: run_cache.RunResult, key: str, width: int = 50) -> np.ndarray:
 
 
 def _after_warmup(run: run_cache.RunResult, key: str) -> float:
-    warmup = run.config.num_train_steps // 10
-    return float(np.mean([r[key] for r in run.train if r["step"] > warmup]))
+    return run.after_warmup(lambda r: r[key])
 
 
 def _budget_table(results: Results, top2: list | None) -> tuple[tuple, dict]:

@@ -59,16 +59,9 @@ def _sizes(run: run_cache.RunResult) -> dict[str, float]:
     return {"total": total, "ffn_per_token": plan.ffn_params_per_token(model)}
 
 
-def _after_warmup(run: run_cache.RunResult, key: str) -> float:
-    warmup = run.config.num_train_steps // 10
-    return float(np.mean([r[key] for r in run.train if r["step"] > warmup]))
-
-
-def _kept_after_warmup(run: run_cache.RunResult) -> float:
-    """Selections computed per token (selected minus dropped), over training after warm-up."""
-    warmup = run.config.num_train_steps // 10
-    return float(np.mean([r["experts_per_token"] * (1 - r["dropped_fraction"])
-                          for r in run.train if r["step"] > warmup]))  # fmt: skip
+def _kept(record: dict) -> float:
+    """Selections computed per token: those selected, less those dropped."""
+    return record["experts_per_token"] * (1 - record["dropped_fraction"])
 
 
 def per_seed(runs: list[run_cache.RunResult], runs_dir: Path) -> dict:
@@ -79,9 +72,9 @@ def per_seed(runs: list[run_cache.RunResult], runs_dir: Path) -> dict:
         "experts_per_token": [r.final["experts_per_token"] for r in runs],
         "experts_per_layer": [r.experts_per_layer.tolist() for r in runs],
         "top_k": [r.config.moe.top_k for r in runs],
-        "kept_per_token": [_kept_after_warmup(r) for r in runs],
-        "rows_per_token": [_after_warmup(r, "slots_per_token") for r in runs],
-        "dropped_fraction": [_after_warmup(r, "dropped_fraction") for r in runs],
+        "kept_per_token": [r.after_warmup(_kept) for r in runs],
+        "rows_per_token": [r.after_warmup(lambda x: x["slots_per_token"]) for r in runs],
+        "dropped_fraction": [r.after_warmup(lambda x: x["dropped_fraction"]) for r in runs],
         "step_ms": [r.step_ms for r in runs],
         "wall_s": [r.wall_s for r in runs],
         "command": [cli_command(r.config, runs_dir / r.name) for r in runs],

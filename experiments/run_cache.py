@@ -52,6 +52,12 @@ class RunResult:
     def experts_per_layer(self) -> np.ndarray:
         return np.asarray(self.final.get("experts_per_layer", []), np.float64)
 
+    def after_warmup(self, figure: Callable[[dict], float]) -> float:
+        """The mean of ``figure`` (of one train record) over the records after warm-up, the
+        first 10% of the steps."""
+        warmup = self.config.num_train_steps // 10
+        return float(np.mean([figure(r) for r in self.train if r["step"] > warmup]))
+
 
 def steady_step_ms(train_records: Sequence[dict], tokens_per_step: int) -> float:
     """Median milliseconds per step over the logged windows, leaving out the first window
