@@ -9,7 +9,7 @@ the mean paired difference and its 95% t-interval over seeds::
     .venv/bin/python -m experiments.paired_seeds --seeds 0 1 2 3 4 5 6 7 8 9
     .venv/bin/python -m experiments.paired_seeds --sizes small --seeds 0 1 2   # a quick look
     .venv/bin/python -m experiments.paired_seeds --scale 4                    # wider, longer (GPU)
-    # then the held-out multiple-choice and last-word accuracy of every run (lm-eval):
+    # then the held-out multiple-choice accuracy of every run (lm-eval; small size by default):
     .venv/bin/python -m experiments.paired_seeds --seeds 0 1 2 3 4 5 6 7 8 9 --accuracy 200
     # retrain one run from its command line alone; compare the logs record by record:
     .venv/bin/python -m experiments.paired_seeds --reproduce hetero small 0
@@ -108,8 +108,9 @@ class HeldOut:
 
     def __call__(self, workdir: Path) -> dict:
         path = workdir / ACCURACY_FILE
-        if path.exists() and json.loads(path.read_text())["limit"] == self.limit:
-            return json.loads(path.read_text())["tasks"]
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        if saved.get("limit") == self.limit:
+            return saved["tasks"]
         from lm_eval.evaluator import evaluate
 
         from dynmoe_jax.lm_eval import DynMoELM, with_task_figures
