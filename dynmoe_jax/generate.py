@@ -52,9 +52,14 @@ def decode_graphdef(model_cfg: model_lib.ModelConfig):
     return nnx.graphdef(model_lib.abstract_decoder(cfg))
 
 
-def decode_layout(model_cfg: model_lib.ModelConfig, params: Any) -> tuple[Any, nnx.State]:
+def decode_layout(
+    model_cfg: model_lib.ModelConfig, params: Any, expert_dtype: Any = None
+) -> tuple[Any, nnx.State]:
     """(graphdef, params) of the model in the layout decoding reads (the module docstring);
-    ``params`` as trained (a pure dict or a State), per layer or scanned."""
+    ``params`` as trained (a pure dict or a State), per layer or scanned. ``expert_dtype``:
+    the per-expert weights' dtype (default: the compute dtype), e.g. bfloat16 expert weights
+    in a float32 model, which the CPU kernel reads at half the bytes (``moe.decode_kernel``);
+    XLA's forms cast them back to the compute dtype at every step."""
     if isinstance(params, nnx.State):
         params = nnx.to_pure_dict(params)
     if model_cfg.scan_layers:
@@ -62,7 +67,7 @@ def decode_layout(model_cfg: model_lib.ModelConfig, params: Any) -> tuple[Any, n
     model = nnx.merge(decode_graphdef(model_cfg), params)
     for _, module in nnx.iter_graph(model):
         if isinstance(module, MoELayer) and _unsharded(module.w_gate_EDF.get_value()):
-            module.split_experts()
+            module.split_experts(expert_dtype)
     return nnx.split(model)
 
 

@@ -27,6 +27,11 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _cache = tempfile.mkdtemp(prefix="dynmoe_jax_tests_xla_cache_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+# The CPU decode kernel is built once per session too, into a folder removed at its end.
+if "DYNMOE_JAX_KERNEL_DIR" not in os.environ:
+    _kernels = tempfile.mkdtemp(prefix="dynmoe_jax_tests_kernels_")
+    os.environ["DYNMOE_JAX_KERNEL_DIR"] = _kernels
+    atexit.register(shutil.rmtree, _kernels, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 

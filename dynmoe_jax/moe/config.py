@@ -178,6 +178,12 @@ class MoEConfig:
         "token selected); None: by the rule of auto_decode_tokens, 0: never",
         OrNone(Range(0, note="0 = never"), "by the rule"), override=True,
     )  # fmt: skip
+    decode_kernel: bool = declared(
+        True, "on CPU, the decode path runs each expert of the decode layout through the "
+        "project's kernel, on only the tokens that selected it (built with the system C++ "
+        "compiler on first use; without one, or False: XLA's forms)", Choice((True, False)),
+        override=True,
+    )  # fmt: skip
     dtype: str = declared("float32", "activations and expert matmuls (from model.dtype)",
                           DTYPE, cli=False)  # fmt: skip
 

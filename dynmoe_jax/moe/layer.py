@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,7 @@ from dynmoe_jax.moe import balance, decode, expert_parallel, experts, grouped, m
 from dynmoe_jax.moe import capacity as capacity_lib
 from dynmoe_jax.moe.balance import RoutingState
 from dynmoe_jax.moe.config import Dispatch, MoEConfig
+from dynmoe_jax.moe.kernels import cpu_swiglu
 from dynmoe_jax.sharding import constrain
 from dynmoe_jax.validation import invalid
 
@@ -116,10 +118,10 @@ class MoELayer(nnx.Module):
         """(gate, up, down) in either layout (``experts.py``), unconverted."""
         return tuple(getattr(self, name).get_value() for name in experts.NAMES)
 
-    def split_experts(self) -> None:
-        """Puts the expert weights in the per-expert decode layout, in the compute dtype
-        (``experts.py``): for inference only, made once, outside ``jit``."""
-        split = experts.split_weights(self.expert_weights(), self.config.dtype)
+    def split_experts(self, dtype: Any = None) -> None:
+        """Puts the expert weights in the per-expert decode layout, in ``dtype`` (default: the
+        compute dtype; ``experts.py``): for inference only, made once, outside ``jit``."""
+        split = experts.split_weights(self.expert_weights(), dtype or self.config.dtype)
         for name, weight in zip(experts.NAMES, split, strict=True):
             getattr(self, name).set_value(weight)
 
@@ -206,13 +208,16 @@ class MoELayer(nnx.Module):
         n, e = g * s, cfg.num_experts
         x_MD = x_GSD.reshape(n, d)
         mask_ME, weights_ME = r.mask.reshape(n, e), r.weights.reshape(n, e)
-        weights = experts.cast(self.expert_weights(), cfg.dtype)
+        weights = self.expert_weights()
+        kernel = _takes_kernel(cfg, weights)
+        if not kernel:  # the kernel reads float32 and bfloat16 weights as they are
+            weights = experts.cast(weights, cfg.dtype)
         max_used = min(e, n * cfg.max_selections)
         mesh = jax.sharding.get_abstract_mesh()
         if expert_parallel.expert_axis_size(mesh) > 1 and not experts.is_split(weights[0]):
             fn = functools.partial(expert_parallel.selected_experts, mesh)
         else:
-            fn = decode.selected_experts
+            fn = functools.partial(decode.selected_experts, kernel=kernel)
         y_MD, used = fn(x_MD, mask_ME, weights_ME, weights, max_used)
         kept = jnp.sum(r.mask, dtype=jnp.float32)
         return y_MD.reshape(g, s, d), kept, used.astype(jnp.float32)
@@ -244,6 +249,17 @@ def _check_groups_fit(mesh, num_groups: int, group_size: int | None) -> None:
         invalid("moe.group_size", group_size,
                 f"a size giving a multiple of data x expert = {devices} routing groups "
                 f"(it gives {num_groups})")  # fmt: skip
+
+
+def _takes_kernel(cfg: MoEConfig, weights: experts.ExpertWeights) -> bool:
+    """Whether the decode path runs these weights through the CPU kernel: per-expert weights
+    of a kernel dtype, on CPU, with ``decode_kernel`` on and the kernel built."""
+    if not (cfg.decode_kernel and experts.is_split(weights[0])):
+        return False
+    if jax.default_backend() != "cpu":
+        return False
+    dtypes = {w[0].dtype for w in weights}
+    return len(dtypes) == 1 and dtypes <= set(cpu_swiglu.KERNEL_DTYPES) and cpu_swiglu.available()
 
 
 def _check_input(shape: tuple[int, ...], valid_BT: jax.Array | None, d_model: int) -> None:

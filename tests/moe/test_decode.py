@@ -82,11 +82,15 @@ def test_bfloat16_decode_path_tracks_float32():
     y16, aux = _forward(_layer(dtype=jnp.bfloat16), x.astype(jnp.bfloat16))
     assert y16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y16, np.float32), y32, rtol=0.05, atol=0.02)
-    layer = _layer(dtype=jnp.bfloat16)
-    layer.split_experts()
-    assert layer.w_up_EDF.get_value()[0].dtype == jnp.bfloat16  # stored in the compute dtype
-    y_split, _ = _forward(layer, x.astype(jnp.bfloat16))
-    np.testing.assert_array_equal(np.asarray(y_split, np.float32), np.asarray(y16, np.float32))
+    for kernel in (False, True):
+        layer = _layer(dtype=jnp.bfloat16, decode_kernel=kernel)
+        layer.split_experts()
+        assert layer.w_up_EDF.get_value()[0].dtype == jnp.bfloat16  # stored in the compute dtype
+        y_split = np.asarray(_forward(layer, x.astype(jnp.bfloat16))[0], np.float32)
+        if kernel:  # float32 between the products as well: as close to float32 or closer
+            np.testing.assert_allclose(y_split, y32, rtol=0.05, atol=0.02)
+        else:  # XLA's forms, per expert: the stacked layout's numbers
+            np.testing.assert_array_equal(y_split, np.asarray(y16, np.float32))
 
 
 def test_loop_runs_no_expert_past_the_selected():
