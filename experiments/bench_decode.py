@@ -4,7 +4,8 @@ Run from the repository root, in one of two modes:
 
     .venv/bin/python -m experiments.bench_decode --config default --new 100,400 [--full_window]
     .venv/bin/python -m experiments.bench_decode --checkpoint PATH [--thresholds 0.3 0.5 ...]
-        [--batch 1 8] [--new 64] [--repeats 3] [--dtype float32 bfloat16] [--json PATH]
+        [--batch 1 8] [--new 64] [--repeats 3] [--dtype float32 bfloat16 bfloat16-experts]
+        [--kernel on off] [--json PATH]
 
 **Config mode** (the default, ``--config default``): the config's model, freshly initialised
 (the rate does not depend on the weights), in the decode layout (``generate.decode_layout``),
@@ -12,15 +13,19 @@ decodes greedily after an 8-token prompt with no stop token, so every request ru
 length, at each of several numbers of new tokens. Each repeat runs every length once, in turn,
 so load drifting on a shared machine hits them alike; the median rate is printed, with each
 length's ratio to the first; ``--full_window`` also times recomputing the whole window for each
-token (``generate.generate_full_window``). ``--scan`` initialises the model with scanned layers;
+token (``generate.generate_full_window``); ``--kernel on off`` times every length with the CPU
+decode kernel on and off in the same repeats. ``--scan`` initialises the model with scanned layers;
 the decode layout unstacks them, so decoding runs the same graph. Measured figures:
 experiments/RESULTS.md.
 
 **Checkpoint mode** (``--checkpoint PATH``, a Hugging Face folder, e.g. one written by
 ``experiments.make_checkpoint``): the folder is loaded once (``pretrained.from_hf``) and put in
-the decode layout once per ``--dtype`` (several are timed in the same rounds); every routing
-setting (the checkpoint's own top-k, then top-p at each of ``--thresholds``) reuses those
-parameters with its own graph (``generate.decode_graphdef`` of the model's config with that
+the decode layout once per ``--dtype`` (several are timed in the same rounds;
+``bfloat16-experts`` is the float32 model with bfloat16 expert weights,
+``decode_layout(expert_dtype=bfloat16)``); every routing setting (the checkpoint's own top-k,
+then top-p at each of ``--thresholds``, each with the CPU decode kernel on and/or off as
+``--kernel`` says) reuses those parameters with its own graph (``generate.decode_graphdef`` of
+the model's config with that
 router). For each setting and each batch size in ``--batch``,
 ``generate`` decodes ``--new`` tokens greedily after fixed 8-token prompts (a different one per
 row, no stop token); one untimed round over every (setting, batch) compiles and warms up, then
@@ -74,6 +79,9 @@ from experiments.bench.decode_bytes import cache_bytes, copy_bandwidth, expected
 PROMPT = [11, 7, 300, 42, 5, 99, 1000, 3]
 DEFAULT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.8)
 CHECKPOINT_ONLY = ("thresholds", "batch", "copy_mib", "dtype")
+# --dtype: (the model's compute dtype, the expert weights' dtype in the decode layout)
+DTYPES = {"float32": ("float32", None), "bfloat16": ("bfloat16", None),
+          "bfloat16-experts": ("float32", "bfloat16")}  # fmt: skip
 CONFIG_ONLY = ("scan", "full_window")
 
 
@@ -118,9 +126,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="checkpoint mode: size of the bandwidth probe (default 256)",
     )
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], nargs="+", default=None,
+    p.add_argument("--dtype", choices=list(DTYPES), nargs="+", default=None,
                    help="checkpoint mode: compute dtypes, each its own decode layout, timed "
-                        "in the same rounds (default float32)")  # fmt: skip
+                        "in the same rounds (default float32); bfloat16-experts: float32 "
+                        "with bfloat16 expert weights")  # fmt: skip
+    p.add_argument(
+        "--kernel",
+        choices=["on", "off"],
+        nargs="+",
+        default=None,
+        help="moe.decode_kernel, each timed in the same rounds (default on)",
+    )
     args = p.parse_args(argv)
     if args.checkpoint is None:
         _check_config_mode(p, args)
@@ -142,6 +158,7 @@ def _check_config_mode(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         p.error(f"argument {_flag(name)}: only with --checkpoint")
     args.config = args.config or "default"
     args.new = args.new or [100, 400]
+    args.kernel = list(dict.fromkeys(args.kernel or ["on"]))
 
 
 def _check_checkpoint_mode(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -156,6 +173,7 @@ def _check_checkpoint_mode(p: argparse.ArgumentParser, args: argparse.Namespace)
     args.batch = sorted(set(args.batch or [1, 8]))
     args.copy_mib = args.copy_mib or 256
     args.dtype = list(dict.fromkeys(args.dtype or ["float32"]))
+    args.kernel = list(dict.fromkeys(args.kernel or ["on"]))
     try:
         pretrained.hf_model_config(args.checkpoint)
     except ConfigError as e:
@@ -171,31 +189,42 @@ def run_config(args: argparse.Namespace) -> dict:
     config.model.scan_layers = args.scan
     model_cfg = config_lib.resolve(config).model
     params = nnx.split(model_lib.Decoder(model_cfg, rngs=nnx.Rngs(0)))[1]
-    graphdef, params = generate_lib.decode_layout(model_cfg, params)
+    _, params = generate_lib.decode_layout(model_cfg, params)
+    graphdefs = {k: _with_kernel(model_cfg, k) for k in args.kernel}
     prompt = prompts(1, model_cfg.vocab_size)[0]
-    rates: dict[int, list[float]] = {n: [] for n in args.new}
-    full: dict[int, list[float]] = {n: [] for n in args.new}
+    cases = [(k, n) for k in args.kernel for n in args.new]
+    rates: dict[tuple, list[float]] = {case: [] for case in cases}
+    full: dict[tuple, list[float]] = {case: [] for case in cases}
     for _ in range(args.repeats):
-        for n in args.new:
-            gen = generate_lib.generate(graphdef, params, [prompt], n)
-            rates[n].append(gen.tokens_per_s)
+        for k, n in cases:
+            gen = generate_lib.generate(graphdefs[k], params, [prompt], n)
+            rates[k, n].append(gen.tokens_per_s)
             if args.full_window:
-                rate = generate_lib.generate_full_window(graphdef, params, prompt, n)[2]
-                full[n].append(rate)
-    first = statistics.median(rates[args.new[0]])
+                rate = generate_lib.generate_full_window(graphdefs[k], params, prompt, n)[2]
+                full[k, n].append(rate)
+    first = statistics.median(rates[cases[0]])
     rows = [
-        {"new_tokens": n, "tokens_per_s": statistics.median(rates[n]), "all_tokens_per_s": rates[n],
-         "ratio_to_first": statistics.median(rates[n]) / first,
-         "full_window_tokens_per_s": statistics.median(full[n]) if full[n] else None}
-        for n in args.new
+        {"kernel": k, "new_tokens": n, "tokens_per_s": statistics.median(rates[k, n]),
+         "all_tokens_per_s": rates[k, n], "ratio_to_first": statistics.median(rates[k, n]) / first,
+         "full_window_tokens_per_s": statistics.median(full[k, n]) if full[k, n] else None}
+        for k, n in cases
     ]  # fmt: skip
     return {"mode": "config", "config": args.config, "scan_layers": args.scan, "rows": rows}
 
 
+def _with_kernel(model_cfg: model_lib.ModelConfig, kernel: str):
+    """The decode graph with ``moe.decode_kernel`` on or off."""
+    if model_cfg.moe is None:
+        return generate_lib.decode_graphdef(model_cfg)
+    moe = dataclasses.replace(model_cfg.moe, decode_kernel=kernel == "on")
+    return generate_lib.decode_graphdef(dataclasses.replace(model_cfg, moe=moe))
+
+
 def config_table(out: dict) -> str:
-    header = ["new tokens", "tokens/s (median)", "ratio to first", "full-window tokens/s"]
+    header = ["kernel", "new tokens", "tokens/s (median)", "ratio to first",
+              "full-window tokens/s"]  # fmt: skip
     body = [
-        [r["new_tokens"], f"{r['tokens_per_s']:.1f}", f"{r['ratio_to_first']:.2f}",
+        [r["kernel"], r["new_tokens"], f"{r['tokens_per_s']:.1f}", f"{r['ratio_to_first']:.2f}",
          "-" if r["full_window_tokens_per_s"] is None else f"{r['full_window_tokens_per_s']:.1f}"]
         for r in out["rows"]
     ]  # fmt: skip
@@ -210,21 +239,32 @@ def prompts(batch: int, vocab: int) -> list[list[int]]:
     return [[(t + 31 * b) % vocab for t in PROMPT] for b in range(batch)]
 
 
-def routing_settings(moe: Any, thresholds: Sequence[float]) -> list[tuple[str, Any]]:
-    """(label, MoEConfig): the checkpoint's own router, then top-p at each threshold."""
+def routing_settings(
+    moe: Any, thresholds: Sequence[float], kernels: Sequence[str] = ("on",)
+) -> list[tuple[str, Any]]:
+    """(label, MoEConfig): the checkpoint's own router, then top-p at each threshold, each
+    with the CPU decode kernel on and/or off (labelled only when both are timed)."""
     own = f"top-{moe.top_k} (own)" if moe.router is Router.TOP_K else f"own ({moe.router.value})"
     out = [(own, moe)]
     for p in thresholds:
         variant = dataclasses.replace(moe, router=Router.TOP_P, threshold=p)
         out.append((f"top-p {p:g}", variant))
-    return out
+    name = (
+        (lambda label, k: f"{label}, kernel {k}") if len(kernels) > 1 else (lambda label, k: label)
+    )
+    return [
+        (name(label, k), dataclasses.replace(m, decode_kernel=k == "on"))
+        for label, m in out
+        for k in kernels
+    ]
 
 
 def load(path: Path, dtype: str) -> tuple[model_lib.ModelConfig, nnx.State]:
     """The checkpoint's config and its parameters in the decode layout; the imported layout
     is dropped once that is made."""
-    model = pretrained.from_hf(path, dtype=dtype)
-    _, params = generate_lib.decode_layout(model.cfg, nnx.split(model)[1])
+    compute, experts = DTYPES[dtype]
+    model = pretrained.from_hf(path, dtype=compute)
+    _, params = generate_lib.decode_layout(model.cfg, nnx.split(model)[1], expert_dtype=experts)
     return model.cfg, params
 
 
@@ -236,7 +276,7 @@ def run_checkpoint(args: argparse.Namespace) -> dict:
     cases = [
         (label, moe, generate_lib.decode_graphdef(dataclasses.replace(cfg, moe=moe)), b, dtype)
         for dtype, (cfg, _) in loaded.items()
-        for label, moe in routing_settings(cfg.moe, args.thresholds)
+        for label, moe in routing_settings(cfg.moe, args.thresholds, args.kernel)
         for b in args.batch
     ]
     rates: list[list[float]] = [[] for _ in cases]
@@ -260,7 +300,8 @@ def run_checkpoint(args: argparse.Namespace) -> dict:
         median = statistics.median(rate)
         rows.append({"setting": label, "router": moe.router.value, "top_k": moe.top_k,
                      "threshold": moe.threshold if moe.router is Router.TOP_P else None,
-                     "dtype": dtype, "batch": b, "tokens_per_s": median, "all_tokens_per_s": rate,
+                     "decode_kernel": moe.decode_kernel, "dtype": dtype, "batch": b,
+                     "tokens_per_s": median, "all_tokens_per_s": rate,
                      "experts_per_token": k, "union_experts": union, "step_mib": step / 2**20,
                      "bound_tokens_per_s": bound, "of_bound": median / bound})  # fmt: skip
     weights = weight_bytes(loaded[args.dtype[0]][1])

@@ -3,7 +3,7 @@
 Run from the repository root:
 
     .venv/bin/python -m experiments.bench_decode_layer
-    .venv/bin/python -m experiments.bench_decode_layer --dtype bfloat16 --stacked
+    .venv/bin/python -m experiments.bench_decode_layer --dtype bfloat16 --stacked [--kernel off]
 
 With one token per row a decode step is bound by reading expert weights, so its floor is the
 cost of reading exactly the experts the batch selected. The ideal here is that floor as XLA
@@ -87,6 +87,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--calib-tokens", type=positive_int, default=4096)
     p.add_argument("--reps", type=positive_int, default=20)
     p.add_argument("--stacked", action="store_true", help="also time the stacked layout")
+    p.add_argument(
+        "--kernel",
+        choices=["on", "off"],
+        default="on",
+        help="moe.decode_kernel (the CPU decode kernel) for the layer's programs",
+    )
     p.add_argument("--json", type=Path, default=report.RESULTS_DIR / "bench_decode_layer.json")
     a = p.parse_args(argv)
     e = a.experts
@@ -131,7 +137,8 @@ def layouts(a: argparse.Namespace) -> tuple[MoEConfig, dict[str, dict]]:
     """(the base config, pure-dict parameters per layout name): one layer's weights, split
     into the decode layout, and stacked as trained with --stacked."""
     cfg = MoEConfig(num_experts=a.experts, d_model=a.d_model, d_ff=a.d_ff, capacity_factor=None,
-                    threshold=a.threshold, dtype=jnp.dtype(a.dtype))  # fmt: skip
+                    threshold=a.threshold, dtype=jnp.dtype(a.dtype),
+                    decode_kernel=a.kernel == "on")  # fmt: skip
     layer = MoELayer(cfg, rngs=nnx.Rngs(SEED))
     out = {"stacked": nnx.to_pure_dict(nnx.state(layer))} if a.stacked else {}
     layer.split_experts()

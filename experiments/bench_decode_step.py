@@ -3,10 +3,11 @@
 Run from the repository root on a Hugging Face folder (``experiments.make_checkpoint``):
 
     .venv/bin/python -m experiments.bench_decode_step --checkpoint PATH [--batch 1 8]
-        [--threshold P] [--reps 20] [--json PATH]
+        [--threshold P] [--dtype float32] [--kernel on] [--reps 20] [--json PATH]
 
-The checkpoint is put in the decode layout once and its own router (or top-p at
-``--threshold``) routes. For each batch size B, B fixed 8-token prompts are run into the
+The checkpoint is put in the decode layout once (``--dtype``, as ``bench_decode``'s) and its
+own router (or top-p at ``--threshold``) routes; ``--kernel off`` turns the CPU decode kernel
+(``moe.decode_kernel``) off. For each batch size B, B fixed 8-token prompts are run into the
 key/value cache, and the next step's real inputs are captured: the tokens, every block's
 input, and every MoE layer's normed input and selected experts. Then these pieces of that one
 step are compiled ahead of time and timed in alternation (``bench.harness.Bench``), so load
@@ -65,7 +66,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=flags.positive(int), nargs="+", default=[1, 8])
     p.add_argument("--threshold", type=flags.unit_interval, default=None,
                    help="top-p at this threshold (default: the checkpoint's router)")  # fmt: skip
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--dtype", choices=list(bench_decode.DTYPES), default="float32")
+    p.add_argument("--kernel", choices=["on", "off"], default="on",
+                   help="moe.decode_kernel for the step, moe and loop pieces (the experts "
+                        "pieces always run XLA's forms)")  # fmt: skip
     p.add_argument("--reps", type=flags.positive(int), default=20)
     p.add_argument("--new", type=flags.positive(int), default=16,
                    help="new tokens (at least 2): the cache holds the prompt and these; the "
@@ -255,17 +259,19 @@ def table(rows: list[dict]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     model_cfg, params = bench_decode.load(args.checkpoint, args.dtype)
-    moe = model_cfg.moe
+    moe = dataclasses.replace(model_cfg.moe, decode_kernel=args.kernel == "on")
     if args.threshold is not None:
         moe = dataclasses.replace(moe, router=Router.TOP_P, threshold=args.threshold)
     model_cfg = dataclasses.replace(model_cfg, moe=moe)
     graphdef = generate_lib.decode_graphdef(model_cfg)
     load_before = harness.load_average()
     rows = [measure(model_cfg, params, graphdef, b, args) for b in args.batch]
-    out = {"checkpoint": str(args.checkpoint), "dtype": args.dtype, "router": moe.router.value,
+    out = {"checkpoint": str(args.checkpoint), "dtype": args.dtype, "kernel": args.kernel,
+           "router": moe.router.value,
            "threshold": args.threshold, "load_before": load_before, "rows": rows,
            "median_of": args.reps}  # fmt: skip
-    print(f"checkpoint={args.checkpoint} dtype={args.dtype} router={moe.router.value} "
+    print(f"checkpoint={args.checkpoint} dtype={args.dtype} kernel={args.kernel} "
+          f"router={moe.router.value} "
           f"threshold={args.threshold} load before {load_before}")  # fmt: skip
     print(table(rows))
     harness.write_json(args.json, report.jsonable(out))

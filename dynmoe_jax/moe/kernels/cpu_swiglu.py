@@ -1,10 +1,10 @@
 """One expert's SwiGLU at decode sizes on CPU: the project's own kernel, an XLA FFI custom call.
 
-At a few tokens per step, XLA's CPU backend runs every row of the call through each expert
-some row selected, and at 8 rows those products are bound by the cores' arithmetic rather than
-by reading the weights (docs/decoding.md, "The CPU's two roofs"). ``cpu/expert_swiglu.cc``
-multiplies only the rows that selected the expert, reads float32 or bfloat16 weights stored
-[out, in], sums in float32 and splits output rows over XLA's intra-op threads.
+At a few tokens per step, XLA's forms run every row of the call through each expert some row
+selected, and none of them reads bfloat16 weights faster than float32 (docs/decoding.md, "The
+CPU kernel"). ``cpu/expert_swiglu.cc`` multiplies only the rows that selected the expert,
+reads float32 or bfloat16 weights stored [out, in] as they lie, sums in float32 and splits
+output rows over XLA's intra-op threads.
 
 The source ships with the package and is compiled on first use with the system C++ compiler
 (``$CXX``, else ``c++``) for this machine's instruction set, into a cache folder

@@ -7,8 +7,8 @@
 // three the same), and every sum is float32. Only the rows that selected the expert are
 // multiplied: at a few rows per step the products of a CPU are bound by their arithmetic as
 // much as by reading the weight, so rows that did not select the expert are not computed. A
-// block of weight rows is read from memory once and then, from cache, for each further
-// selected row. Output rows are split across XLA's intra-op thread pool.
+// weight row is read from memory once and then, from cache, for each further selected row.
+// Output rows are split across XLA's intra-op thread pool.
 
 #include <algorithm>
 #include <atomic>
@@ -37,10 +37,17 @@ inline f32x16 load(const float* p) {
   return v;
 }
 
+// The sum of a vector's lanes, by halves (the halves are copied out, which compilers turn
+// into lane extracts, so any GCC or Clang with vector extensions builds it).
 inline float hsum(f32x16 v) {
-  f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-            __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  f32x8 lo8, hi8;
+  std::memcpy(&lo8, &v, sizeof lo8);
+  std::memcpy(&hi8, reinterpret_cast<const char*>(&v) + sizeof lo8, sizeof hi8);
+  const f32x8 a = lo8 + hi8;
+  f32x4 lo4, hi4;
+  std::memcpy(&lo4, &a, sizeof lo4);
+  std::memcpy(&hi4, reinterpret_cast<const char*>(&a) + sizeof lo4, sizeof hi4);
+  const f32x4 b = lo4 + hi4;
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
@@ -188,7 +195,7 @@ inline void tile(const W* w, int64_t in, const float* x, int64_t ld, int64_t o, 
     for (int j = 0; j < NB; ++j) out_fn(t + j, o + r, sums[r * NB + j]);
 }
 
-// OB weight rows from o with every row of x, four at a time.
+// OB weight rows from o with every row of x, up to four at a time.
 template <typename W, int OB, typename Out>
 inline void tiles(const W* w, int64_t in, const float* x, int64_t ld, int64_t rows, int64_t o,
                   Out& out_fn) {
@@ -203,17 +210,17 @@ inline void tiles(const W* w, int64_t in, const float* x, int64_t ld, int64_t ro
 }
 
 // Rows x [rows, stride(in)] (packed) times weight rows [o0, o1) of w [out, in]:
-// out_fn(row, o, value). Up to four rows of x read one weight row at a time, strictly in
-// order (interleaved weight rows read bfloat16 at about half the rate); more rows of x are
-// bound by arithmetic instead and take two weight rows at a time, so that each loaded vector
-// serves more sums.
+// out_fn(row, o, value). One row of x reads one weight row at a time, strictly in order
+// (interleaved weight rows read bfloat16 at about half the rate); several rows of x are bound
+// by loads and arithmetic rather than by memory, and take four weight rows at a time, so that
+// each loaded vector serves more sums.
 template <typename W, typename Out>
 void product(const W* w, int64_t in, const float* x, int64_t rows, int64_t o0, int64_t o1,
              Out out_fn) {
   const int64_t ld = stride(in);
   int64_t o = o0;
-  if (rows > 4)
-    for (; o + 2 <= o1; o += 2) tiles<W, 2>(w, in, x, ld, rows, o, out_fn);
+  if (rows >= 2)
+    for (; o + 4 <= o1; o += 4) tiles<W, 4>(w, in, x, ld, rows, o, out_fn);
   for (; o < o1; ++o) tiles<W, 1>(w, in, x, ld, rows, o, out_fn);
 }
 
@@ -260,8 +267,10 @@ void expert_swiglu(ffi::ThreadPool& pool, const float* x, const bool* take, cons
 
   parallel_chunks(pool, (f + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
     const int64_t o0 = c * kRowsPerChunk, o1 = std::min(f, o0 + kRowsPerChunk);
-    product(gate, d, xs.data(), n, o0, o1, [&](int64_t t, int64_t o, float v) { gs[t * f + o] = v; });
-    product(up, d, xs.data(), n, o0, o1, [&](int64_t t, int64_t o, float v) { us[t * f + o] = v; });
+    product(gate, d, xs.data(), n, o0, o1,
+            [&](int64_t t, int64_t o, float v) { gs[t * f + o] = v; });
+    product(up, d, xs.data(), n, o0, o1,
+            [&](int64_t t, int64_t o, float v) { us[t * f + o] = v; });
   });
   std::vector<float> h(f);
   for (int64_t t = 0; t < n; ++t) {
@@ -282,8 +291,10 @@ ffi::Error ExpertSwigluImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   if (x.dimensions().size() != 2 || gate_dims.size() != 2)
     return ffi::Error::InvalidArgument("expert_swiglu: x must be [M, D] and gate [F, D]");
   const int64_t m = x.dimensions()[0], d = x.dimensions()[1], f = gate_dims[0];
-  if (gate_dims[1] != d || up.dimensions()[0] != f || up.dimensions()[1] != d ||
-      down.dimensions()[0] != d || down.dimensions()[1] != f || static_cast<int64_t>(take.element_count()) != m)
+  const bool agree = gate_dims[1] == d && up.dimensions()[0] == f && up.dimensions()[1] == d &&
+                     down.dimensions()[0] == d && down.dimensions()[1] == f &&
+                     static_cast<int64_t>(take.element_count()) == m;
+  if (!agree)
     return ffi::Error::InvalidArgument("expert_swiglu: shapes disagree");
   const ffi::DataType type = gate.element_type();
   if (up.element_type() != type || down.element_type() != type)
