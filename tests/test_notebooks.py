@@ -146,7 +146,7 @@ def test_routing_analysis_trains_when_the_workdir_has_no_checkpoint(tmp_path):
     parameters = {
         "WORKDIR": str(tmp_path / "missing"),
         "FALLBACK_WORKDIR": str(tmp_path / "small"),
-        "FALLBACK_STEPS": 40,
+        "FALLBACK_STEPS": 16,
         "EVAL_BATCHES": 4,
     }
     nb = _execute("routing_analysis.ipynb", parameters, tmp_path)

@@ -2,11 +2,13 @@
 
 With a few tokens per call (decode steps, small batches) an MoE layer is bound by reading
 expert weights, not by arithmetic. This path lists the u experts that some token of the call
-selected and runs every token of the call through each of them, adding each output with the
-token's combine weight (zero where the token did not select that expert): u weight reads and
-u * M rows. u is a traced count, so one compiled program serves every k and every p; the loop
-has a static length W (at most every expert the call could select) and its steps past u do
-nothing. When every expert is in use the loop gives way to a plain sum over all of them.
+selected and runs each of them, adding each output with the token's combine weight (zero where
+the token did not select that expert): u weight reads. Through the CPU kernel
+(``kernels.cpu_swiglu``) an expert computes only the tokens that selected it; otherwise every
+token of the call runs through each of the u experts (u * M rows). u is a traced count, so one
+compiled program serves every k and every p; the loop has a static length W (at most every
+expert the call could select) and its steps past u do nothing. When every expert is in use
+the loop gives way to a plain sum over all of them.
 
 Weights in the per-expert layout (``experts.split_weights``) are reached through a switch over the E
 experts, each branch reading its own arrays where they lie. Stacked weights are indexed by
