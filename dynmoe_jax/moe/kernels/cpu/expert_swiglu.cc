@@ -58,57 +58,24 @@ inline float bf16_to_f32(uint16_t h) {
   return f;
 }
 
-// Per weight type: how a row of x is laid out, the product of one weight row with one row of
-// x (read strictly in order, four independent sums), and that of a tile of weight rows with a
-// tile of rows of x.
+// Per weight type: how a row of x is laid out, and how 32 columns of a weight row load as two
+// float32 vectors that multiply the two vectors of x at the same offsets.
 template <typename W>
-struct Dot;
+struct Weights;
 
 template <>
-struct Dot<float> {
+struct Weights<float> {
   // float32 rows are read as they are.
   static void pack(const float* x, float* out, int64_t in) { std::memcpy(out, x, in * 4); }
-
-  static float row(const float* w, const float* x, int64_t in) {
-    f32x16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-    int64_t i = 0;
-    for (; i + 64 <= in; i += 64) {
-      a0 += load(w + i) * load(x + i);
-      a1 += load(w + i + 16) * load(x + i + 16);
-      a2 += load(w + i + 32) * load(x + i + 32);
-      a3 += load(w + i + 48) * load(x + i + 48);
-    }
-    for (; i + 16 <= in; i += 16) a0 += load(w + i) * load(x + i);
-    float s = hsum((a0 + a1) + (a2 + a3));
-    for (; i < in; ++i) s += w[i] * x[i];
-    return s;
+  static void load32(const float* w, f32x16& first, f32x16& second) {
+    first = load(w);
+    second = load(w + 16);
   }
-
-  // OB weight rows (row stride in) with NB rows of x (row stride ld): every weight and every x
-  // vector is loaded once per step, for OB x NB independent sums.
-  template <int OB, int NB>
-  static void rows(const float* w, const float* x, int64_t ld, int64_t in, float* out) {
-    f32x16 acc[OB][NB] = {};
-    int64_t i = 0;
-    for (; i + 16 <= in; i += 16) {
-      f32x16 wv[OB];
-      for (int r = 0; r < OB; ++r) wv[r] = load(w + r * in + i);
-      for (int t = 0; t < NB; ++t) {
-        const f32x16 xv = load(x + t * ld + i);
-        for (int r = 0; r < OB; ++r) acc[r][t] += wv[r] * xv;
-      }
-    }
-    for (int r = 0; r < OB; ++r)
-      for (int t = 0; t < NB; ++t) {
-        float sum = hsum(acc[r][t]);
-        for (int64_t j = i; j < in; ++j) sum += w[r * in + j] * x[t * ld + j];
-        out[r * NB + t] = sum;
-      }
-  }
+  static float one(float w) { return w; }
 };
 
 template <>
-struct Dot<uint16_t> {
+struct Weights<uint16_t> {
   // 32 bfloat16 weights load as 16 words; a word's low half is the even column and its high
   // half the odd one, so widening is a shift and a mask, no shuffle. x is laid out to match:
   // per 32 columns, the 16 even ones, then the 16 odd ones; the tail stays in order.
@@ -121,59 +88,63 @@ struct Dot<uint16_t> {
       }
     std::memcpy(out + end, x + end, (in - end) * 4);
   }
-
-  static void widen(const uint16_t* w, f32x16& even, f32x16& odd) {
+  static void load32(const uint16_t* w, f32x16& even, f32x16& odd) {
     u32x16 words;
     std::memcpy(&words, w, sizeof words);
     const u32x16 lo = words << 16, hi = words & 0xFFFF0000u;
     std::memcpy(&even, &lo, sizeof lo);
     std::memcpy(&odd, &hi, sizeof hi);
   }
-
-  static float row(const uint16_t* w, const float* x, int64_t in) {
-    f32x16 a0 = {}, a1 = {}, a2 = {}, a3 = {}, e0, o0, e1, o1;
-    int64_t i = 0;
-    for (; i + 64 <= in; i += 64) {
-      widen(w + i, e0, o0);
-      widen(w + i + 32, e1, o1);
-      a0 += e0 * load(x + i);
-      a1 += o0 * load(x + i + 16);
-      a2 += e1 * load(x + i + 32);
-      a3 += o1 * load(x + i + 48);
-    }
-    for (; i + 32 <= in; i += 32) {
-      widen(w + i, e0, o0);
-      a0 += e0 * load(x + i);
-      a1 += o0 * load(x + i + 16);
-    }
-    float s = hsum((a0 + a1) + (a2 + a3));
-    for (; i < in; ++i) s += bf16_to_f32(w[i]) * x[i];
-    return s;
-  }
-
-  template <int OB, int NB>
-  static void rows(const uint16_t* w, const float* x, int64_t ld, int64_t in, float* out) {
-    f32x16 acc[OB][NB] = {};
-    int64_t i = 0;
-    for (; i + 32 <= in; i += 32) {
-      f32x16 even[OB], odd[OB];
-      for (int r = 0; r < OB; ++r) widen(w + r * in + i, even[r], odd[r]);
-      for (int t = 0; t < NB; ++t) {
-        const f32x16 xe = load(x + t * ld + i), xo = load(x + t * ld + i + 16);
-        for (int r = 0; r < OB; ++r) {
-          acc[r][t] += even[r] * xe;
-          acc[r][t] += odd[r] * xo;
-        }
-      }
-    }
-    for (int r = 0; r < OB; ++r)
-      for (int t = 0; t < NB; ++t) {
-        float sum = hsum(acc[r][t]);
-        for (int64_t j = i; j < in; ++j) sum += bf16_to_f32(w[r * in + j]) * x[t * ld + j];
-        out[r * NB + t] = sum;
-      }
-  }
+  static float one(uint16_t w) { return bf16_to_f32(w); }
 };
+
+// One weight row with one packed row of x, read strictly in order with four independent sums.
+template <typename W>
+float dot_row(const W* w, const float* x, int64_t in) {
+  f32x16 a0 = {}, a1 = {}, a2 = {}, a3 = {}, w0, w1, w2, w3;
+  int64_t i = 0;
+  for (; i + 64 <= in; i += 64) {
+    Weights<W>::load32(w + i, w0, w1);
+    Weights<W>::load32(w + i + 32, w2, w3);
+    a0 += w0 * load(x + i);
+    a1 += w1 * load(x + i + 16);
+    a2 += w2 * load(x + i + 32);
+    a3 += w3 * load(x + i + 48);
+  }
+  for (; i + 32 <= in; i += 32) {
+    Weights<W>::load32(w + i, w0, w1);
+    a0 += w0 * load(x + i);
+    a1 += w1 * load(x + i + 16);
+  }
+  float sum = hsum((a0 + a1) + (a2 + a3));
+  for (; i < in; ++i) sum += Weights<W>::one(w[i]) * x[i];
+  return sum;
+}
+
+// OB weight rows (row stride in) with NB packed rows of x (row stride ld): every weight and
+// every x vector is loaded once per step, for OB x NB independent sums.
+template <typename W, int OB, int NB>
+void dot_tile(const W* w, const float* x, int64_t ld, int64_t in, float* out) {
+  f32x16 acc[OB][NB] = {};
+  int64_t i = 0;
+  for (; i + 32 <= in; i += 32) {
+    f32x16 first[OB], second[OB];
+    for (int r = 0; r < OB; ++r) Weights<W>::load32(w + r * in + i, first[r], second[r]);
+    for (int t = 0; t < NB; ++t) {
+      const f32x16 x0 = load(x + t * ld + i), x1 = load(x + t * ld + i + 16);
+      for (int r = 0; r < OB; ++r) {
+        acc[r][t] += first[r] * x0;
+        acc[r][t] += second[r] * x1;
+      }
+    }
+  }
+  for (int r = 0; r < OB; ++r)
+    for (int t = 0; t < NB; ++t) {
+      float sum = hsum(acc[r][t]);
+      for (int64_t j = i; j < in; ++j) sum += Weights<W>::one(w[r * in + j]) * x[t * ld + j];
+      out[r * NB + t] = sum;
+    }
+}
 
 constexpr int64_t kRowsPerChunk = 64;  // weight rows per unit of work handed to a thread
 
@@ -187,9 +158,9 @@ inline void tile(const W* w, int64_t in, const float* x, int64_t ld, int64_t o, 
                  Out& out_fn) {
   float sums[OB * NB];
   if constexpr (OB == 1 && NB == 1) {
-    sums[0] = Dot<W>::row(w + o * in, x + t * ld, in);
+    sums[0] = dot_row(w + o * in, x + t * ld, in);
   } else {
-    Dot<W>::template rows<OB, NB>(w + o * in, x + t * ld, ld, in, sums);
+    dot_tile<W, OB, NB>(w + o * in, x + t * ld, ld, in, sums);
   }
   for (int r = 0; r < OB; ++r)
     for (int j = 0; j < NB; ++j) out_fn(t + j, o + r, sums[r * NB + j]);
@@ -263,7 +234,7 @@ void expert_swiglu(ffi::ThreadPool& pool, const float* x, const bool* take, cons
   const int64_t n = rows.size();
   if (n == 0) return;
   std::vector<float> xs(n * stride(d)), gs(n * f), us(n * f), hs(n * stride(f));
-  for (int64_t t = 0; t < n; ++t) Dot<W>::pack(x + rows[t] * d, xs.data() + t * stride(d), d);
+  for (int64_t t = 0; t < n; ++t) Weights<W>::pack(x + rows[t] * d, xs.data() + t * stride(d), d);
 
   parallel_chunks(pool, (f + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
     const int64_t o0 = c * kRowsPerChunk, o1 = std::min(f, o0 + kRowsPerChunk);
@@ -275,7 +246,7 @@ void expert_swiglu(ffi::ThreadPool& pool, const float* x, const bool* take, cons
   std::vector<float> h(f);
   for (int64_t t = 0; t < n; ++t) {
     for (int64_t o = 0; o < f; ++o) h[o] = silu(gs[t * f + o]) * us[t * f + o];
-    Dot<W>::pack(h.data(), hs.data() + t * stride(f), f);
+    Weights<W>::pack(h.data(), hs.data() + t * stride(f), f);
   }
   parallel_chunks(pool, (d + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
     const int64_t o0 = c * kRowsPerChunk, o1 = std::min(d, o0 + kRowsPerChunk);
