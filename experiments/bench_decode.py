@@ -14,8 +14,8 @@ length, at each of several numbers of new tokens. Each repeat runs every length 
 so load drifting on a shared machine hits them alike; the median rate is printed, with each
 length's ratio to the first; ``--full_window`` also times recomputing the whole window for each
 token (``generate.generate_full_window``); ``--kernel on off`` times every length with the CPU
-decode kernel on and off in the same repeats. ``--scan`` initialises the model with scanned layers;
-the decode layout unstacks them, so decoding runs the same graph. Measured figures:
+decode kernel on and off in the same repeats. ``--scan`` initialises the model with scanned
+layers; the decode layout unstacks them, so decoding runs the same graph. Measured figures:
 experiments/RESULTS.md.
 
 **Checkpoint mode** (``--checkpoint PATH``, a Hugging Face folder, e.g. one written by
@@ -25,8 +25,7 @@ the decode layout once per ``--dtype`` (several are timed in the same rounds;
 ``decode_layout(expert_dtype=bfloat16)``); every routing setting (the checkpoint's own top-k,
 then top-p at each of ``--thresholds``, each with the CPU decode kernel on and/or off as
 ``--kernel`` says) reuses those parameters with its own graph (``generate.decode_graphdef`` of
-the model's config with that
-router). For each setting and each batch size in ``--batch``,
+the model's config with that router). For each setting and each batch size in ``--batch``,
 ``generate`` decodes ``--new`` tokens greedily after fixed 8-token prompts (a different one per
 row, no stop token); one untimed round over every (setting, batch) compiles and warms up, then
 the ``--repeats`` timed rounds alternate over them likewise, so load drift hits all alike.
@@ -70,7 +69,7 @@ from dynmoe_jax import config as config_lib
 from dynmoe_jax import generate as generate_lib
 from dynmoe_jax import model as model_lib
 from dynmoe_jax import pretrained
-from dynmoe_jax.moe.config import Router
+from dynmoe_jax.moe.config import MoEConfig, Router
 from dynmoe_jax.validation import ConfigError
 from experiments import report
 from experiments.bench import flags, harness
@@ -138,6 +137,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="moe.decode_kernel, each timed in the same rounds (default on)",
     )
     args = p.parse_args(argv)
+    args.kernel = list(dict.fromkeys(args.kernel or ["on"]))
     if args.checkpoint is None:
         _check_config_mode(p, args)
     else:
@@ -158,7 +158,6 @@ def _check_config_mode(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
         p.error(f"argument {_flag(name)}: only with --checkpoint")
     args.config = args.config or "default"
     args.new = args.new or [100, 400]
-    args.kernel = list(dict.fromkeys(args.kernel or ["on"]))
 
 
 def _check_checkpoint_mode(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -173,7 +172,6 @@ def _check_checkpoint_mode(p: argparse.ArgumentParser, args: argparse.Namespace)
     args.batch = sorted(set(args.batch or [1, 8]))
     args.copy_mib = args.copy_mib or 256
     args.dtype = list(dict.fromkeys(args.dtype or ["float32"]))
-    args.kernel = list(dict.fromkeys(args.kernel or ["on"]))
     try:
         pretrained.hf_model_config(args.checkpoint)
     except ConfigError as e:
@@ -190,7 +188,12 @@ def run_config(args: argparse.Namespace) -> dict:
     model_cfg = config_lib.resolve(config).model
     params = nnx.split(model_lib.Decoder(model_cfg, rngs=nnx.Rngs(0)))[1]
     _, params = generate_lib.decode_layout(model_cfg, params)
-    graphdefs = {k: _with_kernel(model_cfg, k) for k in args.kernel}
+    graphdefs = {
+        k: generate_lib.decode_graphdef(
+            dataclasses.replace(model_cfg, moe=with_kernel(model_cfg.moe, k))
+        )
+        for k in args.kernel
+    }
     prompt = prompts(1, model_cfg.vocab_size)[0]
     cases = [(k, n) for k in args.kernel for n in args.new]
     rates: dict[tuple, list[float]] = {case: [] for case in cases}
@@ -212,12 +215,9 @@ def run_config(args: argparse.Namespace) -> dict:
     return {"mode": "config", "config": args.config, "scan_layers": args.scan, "rows": rows}
 
 
-def _with_kernel(model_cfg: model_lib.ModelConfig, kernel: str):
-    """The decode graph with ``moe.decode_kernel`` on or off."""
-    if model_cfg.moe is None:
-        return generate_lib.decode_graphdef(model_cfg)
-    moe = dataclasses.replace(model_cfg.moe, decode_kernel=kernel == "on")
-    return generate_lib.decode_graphdef(dataclasses.replace(model_cfg, moe=moe))
+def with_kernel(moe: MoEConfig | None, kernel: str) -> MoEConfig | None:
+    """``moe`` with the CPU decode kernel ``on`` or ``off`` (``moe.decode_kernel``)."""
+    return None if moe is None else dataclasses.replace(moe, decode_kernel=kernel == "on")
 
 
 def config_table(out: dict) -> str:
@@ -249,11 +249,8 @@ def routing_settings(
     for p in thresholds:
         variant = dataclasses.replace(moe, router=Router.TOP_P, threshold=p)
         out.append((f"top-p {p:g}", variant))
-    name = (
-        (lambda label, k: f"{label}, kernel {k}") if len(kernels) > 1 else (lambda label, k: label)
-    )
     return [
-        (name(label, k), dataclasses.replace(m, decode_kernel=k == "on"))
+        (label if len(kernels) == 1 else f"{label}, kernel {k}", with_kernel(m, k))
         for label, m in out
         for k in kernels
     ]

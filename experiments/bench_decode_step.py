@@ -259,7 +259,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     model_cfg, params = bench_decode.load(args.checkpoint, args.dtype)
-    moe = dataclasses.replace(model_cfg.moe, decode_kernel=args.kernel == "on")
+    moe = bench_decode.with_kernel(model_cfg.moe, args.kernel)
     if args.threshold is not None:
         moe = dataclasses.replace(moe, router=Router.TOP_P, threshold=args.threshold)
     model_cfg = dataclasses.replace(model_cfg, moe=moe)
@@ -267,12 +267,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     load_before = harness.load_average()
     rows = [measure(model_cfg, params, graphdef, b, args) for b in args.batch]
     out = {"checkpoint": str(args.checkpoint), "dtype": args.dtype, "kernel": args.kernel,
-           "router": moe.router.value,
-           "threshold": args.threshold, "load_before": load_before, "rows": rows,
-           "median_of": args.reps}  # fmt: skip
-    print(f"checkpoint={args.checkpoint} dtype={args.dtype} kernel={args.kernel} "
-          f"router={moe.router.value} "
-          f"threshold={args.threshold} load before {load_before}")  # fmt: skip
+           "router": moe.router.value, "threshold": args.threshold, "load_before": load_before,
+           "rows": rows, "median_of": args.reps}  # fmt: skip
+    print(
+        f"checkpoint={args.checkpoint} dtype={args.dtype} kernel={args.kernel} "
+        f"router={moe.router.value} threshold={args.threshold} load before {load_before}"
+    )
     print(table(rows))
     harness.write_json(args.json, report.jsonable(out))
     return out

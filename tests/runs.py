@@ -1,6 +1,6 @@
-"""The tiny config with dotted overrides, a batch placed as the loop places it, and the
-records of a run's log, shared by the tests (conftest.py builds its fixtures from them;
-subprocess helpers import them directly)."""
+"""The tiny config with dotted overrides, a batch placed as the loop places it, the records
+of a run's log and a random decoder whose every parameter counts, shared by the tests
+(conftest.py builds its fixtures from them; subprocess helpers import them directly)."""
 
 from __future__ import annotations
 
@@ -59,3 +59,18 @@ class Trained:
     workdir: Path
     final: dict  # train_and_evaluate's result
     printed: str  # what the run printed
+
+
+def perturbed_params(model_cfg: Any, init_seed: int = 3, noise_seed: int = 7) -> Any:
+    """A fresh decoder's parameters with noise on every one: biases and norm scales start at 0
+    and 1, so that each of them counts."""
+    import jax
+    from flax import nnx
+
+    from dynmoe_jax.model.decoder import Decoder
+
+    _, params = nnx.split(Decoder(model_cfg, rngs=nnx.Rngs(init_seed)))
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(noise_seed), len(leaves))
+    leaves = [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(treedef, leaves)

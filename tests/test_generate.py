@@ -7,7 +7,6 @@ fixtures. Then stopping, seeding, the dispatch modes and bfloat16."""
 import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,12 +16,11 @@ from dynmoe_jax import config as config_lib
 from dynmoe_jax import generate as generate_lib
 from dynmoe_jax import inference
 from dynmoe_jax.model.config import ModelConfig
-from dynmoe_jax.model.decoder import Decoder
 from dynmoe_jax.moe import experts
 from dynmoe_jax.moe.config import MoEConfig
 from dynmoe_jax.pretrained import from_hf
 from tests.pretrained.hf_fixtures import FIXTURES
-from tests.runs import DISPATCHES, tiny_config
+from tests.runs import DISPATCHES, perturbed_params, tiny_config
 
 V, D = 64, 32
 PROMPTS = [[5, 17, 3, 42, 8], [9, 1], [60, 2, 33, 33, 7, 12, 40, 1]]
@@ -49,16 +47,6 @@ CONFIGS = {
 }
 
 
-def _params(cfg: ModelConfig):
-    model = Decoder(cfg, rngs=nnx.Rngs(3))
-    # Biases and norm scales start at 0 and 1: perturb every parameter so that each counts.
-    _, params = nnx.split(model)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(7), len(leaves))
-    leaves = [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    return jax.tree.unflatten(treedef, leaves)
-
-
 def _check_rows_against_full_window(cfg, params, prompts=PROMPTS, atol=2e-5):
     graphdef, decode_params = generate_lib.decode_layout(cfg, params)
     gen = generate_lib.generate(graphdef, decode_params, prompts, NEW, keep_logits=True)
@@ -76,14 +64,14 @@ def _check_rows_against_full_window(cfg, params, prompts=PROMPTS, atol=2e-5):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_batched_greedy_decoding_equals_the_full_window_row_by_row(name):
     cfg = CONFIGS[name]()
-    gen = _check_rows_against_full_window(cfg, _params(cfg))
+    gen = _check_rows_against_full_window(cfg, perturbed_params(cfg))
     assert len({t for row in gen.tokens for t in row}) > 3  # rows do not collapse into one token
     assert all(1 <= e <= cfg.moe.num_experts for row in gen.experts for e in row)
 
 
 def test_decode_layout_is_per_layer_with_experts_apart():
     cfg = CONFIGS["scanned_moe_every_2"]()
-    graphdef, params = generate_lib.decode_layout(cfg, _params(cfg))
+    graphdef, params = generate_lib.decode_layout(cfg, perturbed_params(cfg))
     model = nnx.merge(graphdef, params)
     assert not model.cfg.scan_layers and len(model.blocks) == 5
     assert model.cfg.moe.capacity_factor is None
@@ -107,7 +95,7 @@ def test_greedy_tokens_are_the_same_in_every_dispatch_mode():
     tokens = {}
     for dispatch, decode_tokens in [("grouped", None), ("grouped", 0), ("index", 0)]:
         cfg = _cfg({"dispatch": dispatch, "decode_tokens": decode_tokens, "block_size": 4})
-        graphdef, params = generate_lib.decode_layout(cfg, _params(cfg))
+        graphdef, params = generate_lib.decode_layout(cfg, perturbed_params(cfg))
         tokens[dispatch, decode_tokens] = generate_lib.generate(
             graphdef, params, PROMPTS, NEW
         ).tokens
@@ -117,7 +105,7 @@ def test_greedy_tokens_are_the_same_in_every_dispatch_mode():
 
 def test_rows_stop_before_their_stop_token_and_sampling_is_seeded():
     cfg = _cfg()
-    graphdef, params = generate_lib.decode_layout(cfg, _params(cfg))
+    graphdef, params = generate_lib.decode_layout(cfg, perturbed_params(cfg))
     run = functools.partial(generate_lib.generate, graphdef, params, PROMPTS, NEW)
     greedy = run()
     stop = greedy.tokens[0][2]
@@ -133,7 +121,7 @@ def test_rows_stop_before_their_stop_token_and_sampling_is_seeded():
 
 def test_the_loop_ends_once_every_row_has_stopped():
     cfg = _cfg()
-    graphdef, params = generate_lib.decode_layout(cfg, _params(cfg))
+    graphdef, params = generate_lib.decode_layout(cfg, perturbed_params(cfg))
     greedy = generate_lib.generate(graphdef, params, PROMPTS[:1], NEW)
     # The first new token unlike every one before it (so its first occurrence): it stops the row.
     tokens = greedy.tokens[0]
@@ -144,7 +132,7 @@ def test_the_loop_ends_once_every_row_has_stopped():
 
 def test_bfloat16_decoding_tracks_the_float32_full_window():
     cfg = _cfg(dtype=jnp.bfloat16, moe_kw={"dtype": jnp.bfloat16})
-    params = _params(cfg)
+    params = perturbed_params(cfg)
     graphdef, decode_params = generate_lib.decode_layout(cfg, params)
     assert decode_params["blocks"][0]["ffn"]["w_gate_EDF"].get_value()[0].dtype == jnp.bfloat16
     gen = generate_lib.generate(graphdef, decode_params, PROMPTS[:1], 4, keep_logits=True)
@@ -156,6 +144,6 @@ def test_bfloat16_decoding_tracks_the_float32_full_window():
 
 def test_prompts_must_be_given():
     cfg = _cfg()
-    graphdef, params = generate_lib.decode_layout(cfg, _params(cfg))
+    graphdef, params = generate_lib.decode_layout(cfg, perturbed_params(cfg))
     with pytest.raises(ValueError, match="at least one prompt"):
         generate_lib.generate(graphdef, params, [[1], []], 3)

@@ -12,12 +12,13 @@ from flax import nnx
 
 from dynmoe_jax import generate
 from dynmoe_jax.model.config import ModelConfig
-from dynmoe_jax.model.decoder import Decoder
 from dynmoe_jax.moe import decode as decode_experts
 from dynmoe_jax.moe import experts
 from dynmoe_jax.moe import layer as layer_lib
 from dynmoe_jax.moe.config import MoEConfig
 from dynmoe_jax.moe.kernels import cpu_swiglu
+from tests import reference
+from tests.runs import perturbed_params
 
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != "cpu" or not cpu_swiglu.available(),
@@ -34,13 +35,11 @@ def _inputs(m, d, f, dtype, seed=0):
 
 
 def _reference(x, take, weights):
-    """Per row, float64: down @ (silu(gate @ x) * (up @ x)) where taken, else 0."""
-    gate, up, down = (np.asarray(w.astype(jnp.float32), np.float64) for w in weights)
+    """Per row, float64 (weights stored [out, in]): the SwiGLU where taken, else 0."""
+    gate, up, down = (np.asarray(w.astype(jnp.float32), np.float64).T for w in weights)
     y = np.zeros(x.shape)
     for m in np.flatnonzero(take):
-        xm = x[m].astype(np.float64)
-        g, u = gate @ xm, up @ xm
-        y[m] = down @ (g / (1 + np.exp(-g)) * u)
+        y[m] = reference.swiglu(x[m].astype(np.float64), gate, up, down)
     return y
 
 
@@ -104,15 +103,11 @@ def test_decode_path_with_the_kernel_equals_xla_forms():
         assert int(used) == int(used_xla) == 3
 
 
-def _model(seed=3):
+def _model():
     """A small random decoder (4 experts, top-2) and its parameters, every one perturbed."""
     moe = MoEConfig(num_experts=4, d_model=32, d_ff=40, capacity_factor=None)
     cfg = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, d_ff=48, moe=moe)
-    _, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(seed)))
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    leaves = [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    return cfg, jax.tree.unflatten(treedef, leaves)
+    return cfg, perturbed_params(cfg)
 
 
 def _generate(cfg, params, kernel, expert_dtype=None):
