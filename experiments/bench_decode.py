@@ -43,9 +43,14 @@ and the rate memory bandwidth allows:
   (the measured mean) of the E experts independently and uniformly: E * (1 - (1 - k/E)^B).
   Correlated routing (rows sharing experts) makes the true union smaller, so the bound at
   B > 1 is then a lower estimate of what memory allows;
-* the copy bandwidth, measured in the same process: bytes read plus written per second by a
-  jitted elementwise copy (``x + 1``, in place) of a ``--copy-mib`` MiB array;
-* the bound: B rows / (step bytes / bandwidth) tokens/s, and the fraction of it reached.
+* two bandwidths, measured in the same process after every timed round (the medians are
+  used): the copy bandwidth, bytes read plus written per second by a jitted elementwise copy
+  (``x + 1``, in place) of a ``--copy-mib`` MiB array; and the read bandwidth, bytes read per
+  second by a jitted matrix-vector product of a ``--copy-mib`` MiB matrix. A decode step only
+  reads, and where each core keeps only so many reads in flight (a few cores), reading alone
+  moves fewer bytes per second than a copy's reads and writes together;
+* the bounds: B rows / (step bytes / bandwidth) tokens/s over each bandwidth, and the
+  fraction of each reached.
 
 Writes the table to standard output and, with ``--json PATH``, every figure to PATH.
 """
@@ -73,7 +78,13 @@ from dynmoe_jax.moe.config import MoEConfig, Router
 from dynmoe_jax.validation import ConfigError
 from experiments import report
 from experiments.bench import flags, harness
-from experiments.bench.decode_bytes import cache_bytes, copy_bandwidth, expected_union, weight_bytes
+from experiments.bench.decode_bytes import (
+    cache_bytes,
+    copy_bandwidth,
+    expected_union,
+    read_bandwidth,
+    weight_bytes,
+)
 
 PROMPT = [11, 7, 300, 42, 5, 99, 1000, 3]
 DEFAULT_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.8)
@@ -269,7 +280,6 @@ def run_checkpoint(args: argparse.Namespace) -> dict:
     """Every (setting, batch) row of the checkpoint mode (the module docstring)."""
     loaded = {dtype: load(args.checkpoint, dtype) for dtype in args.dtype}
     model_cfg = loaded[args.dtype[0]][0]
-    bandwidth = copy_bandwidth(args.copy_mib)
     cases = [
         (label, moe, generate_lib.decode_graphdef(dataclasses.replace(cfg, moe=moe)), b, dtype)
         for dtype, (cfg, _) in loaded.items()
@@ -278,6 +288,7 @@ def run_checkpoint(args: argparse.Namespace) -> dict:
     ]
     rates: list[list[float]] = [[] for _ in cases]
     experts_per_token = [0.0] * len(cases)
+    copies, reads = [], []
     for repeat in range(args.repeats + 1):  # the first round compiles and warms up, untimed
         for i, (_, _, graphdef, b, dtype) in enumerate(cases):
             prompts_B = prompts(b, model_cfg.vocab_size)
@@ -286,6 +297,10 @@ def run_checkpoint(args: argparse.Namespace) -> dict:
                 rates[i].append(gen.tokens_per_s)
             # Each row's first new token came from the prefill: the steps made the rest.
             experts_per_token[i] = float(np.mean([row[1:] for row in gen.experts]))
+        if repeat:
+            copies.append(copy_bandwidth(args.copy_mib))
+            reads.append(read_bandwidth(args.copy_mib))
+    bandwidth, read = statistics.median(copies), statistics.median(reads)
     rows = []
     for (label, moe, _, b, dtype), rate, k in zip(cases, rates, experts_per_token, strict=True):
         cfg, params = loaded[dtype]
@@ -293,18 +308,23 @@ def run_checkpoint(args: argparse.Namespace) -> dict:
         union = expected_union(weights.num_experts, k, b)
         cache = cache_bytes(cfg, b, len(PROMPT) + args.new)
         step = weights.step(b, union, cache)
-        bound = b * bandwidth / step
+        bound, read_bound = b * bandwidth / step, b * read / step
         median = statistics.median(rate)
         rows.append({"setting": label, "router": moe.router.value, "top_k": moe.top_k,
                      "threshold": moe.threshold if moe.router is Router.TOP_P else None,
                      "decode_kernel": moe.decode_kernel, "dtype": dtype, "batch": b,
                      "tokens_per_s": median, "all_tokens_per_s": rate,
                      "experts_per_token": k, "union_experts": union, "step_mib": step / 2**20,
-                     "bound_tokens_per_s": bound, "of_bound": median / bound})  # fmt: skip
+                     "bound_tokens_per_s": bound, "of_bound": median / bound,
+                     "read_bound_tokens_per_s": read_bound,
+                     "of_read_bound": median / read_bound})  # fmt: skip
     weights = weight_bytes(loaded[args.dtype[0]][1])
     return {"mode": "checkpoint", "checkpoint": str(args.checkpoint), "dtype": " ".join(args.dtype),
             "new_tokens": args.new, "prompt_tokens": len(PROMPT), "repeats": args.repeats,
             "copy_gib_per_s": bandwidth / 2**30, "copy_mib": args.copy_mib,
+            "read_gib_per_s": read / 2**30,
+            "copy_gib_per_s_by_round": [c / 2**30 for c in copies],
+            "read_gib_per_s_by_round": [r / 2**30 for r in reads],
             "weights_mib": {f.name: getattr(weights, f.name) / 2**20
                             for f in dataclasses.fields(weights) if f.name != "num_experts"},
             "num_experts": weights.num_experts, "moe_layers": model_cfg.num_moe_layers,
@@ -313,11 +333,13 @@ def run_checkpoint(args: argparse.Namespace) -> dict:
 
 def checkpoint_table(out: dict) -> str:
     header = ["setting", "dtype", "B", "tokens/s (median)", "experts / token",
-              "experts read / layer", "MiB / step", "bound tokens/s", "of bound"]  # fmt: skip
+              "experts read / layer", "MiB / step", "bound tokens/s", "of bound",
+              "read bound tokens/s", "of read bound"]  # fmt: skip
     body = [
         [r["setting"], r["dtype"], r["batch"], f"{r['tokens_per_s']:.1f}",
          f"{r['experts_per_token']:.2f}", f"{r['union_experts']:.2f}", f"{r['step_mib']:.1f}",
-         f"{r['bound_tokens_per_s']:.1f}", f"{r['of_bound']:.0%}"]
+         f"{r['bound_tokens_per_s']:.1f}", f"{r['of_bound']:.0%}",
+         f"{r['read_bound_tokens_per_s']:.1f}", f"{r['of_read_bound']:.0%}"]
         for r in out["rows"]
     ]  # fmt: skip
     return report.markdown_table(header, body)
@@ -341,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(config_table(out))
     else:
         print(f"checkpoint={args.checkpoint} dtype={' '.join(args.dtype)} new={args.new} {where} "
-              f"copy bandwidth {out['copy_gib_per_s']:.1f} GiB/s")  # fmt: skip
+              f"copy bandwidth {out['copy_gib_per_s']:.1f} GiB/s, "
+              f"read bandwidth {out['read_gib_per_s']:.1f} GiB/s")  # fmt: skip
         print(checkpoint_table(out))
     harness.write_json(args.json, report.jsonable(out))
     return out

@@ -45,7 +45,8 @@ import jax.numpy as jnp
 from dynmoe_jax.moe import experts
 from experiments import report
 from experiments.bench import flags, harness
-from experiments.bench_decode_step import COPY_MIB, copy_program
+from experiments.bench.decode_bytes import copy_program
+from experiments.bench_decode_step import COPY_MIB
 
 D, F = 1024, 3584
 
@@ -115,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     key = f"{dtype} N={rows} {name} {form}"
                     programs[key] = bench.compile(fn, (x_NI, w))
                     meta[key] = (dtype, rows, name, form, nbytes)
-    programs["copy"] = copy_program(COPY_MIB)
+    programs["copy"] = copy_program(COPY_MIB)[0]
     timings = bench.time(programs)
     ms = timings.medians
     copy_bytes_per_ms = 2 * COPY_MIB * 2**20 / ms["copy"]

@@ -25,7 +25,11 @@ transformers, the time of generating ``--new`` tokens minus that of generating o
 prefill), over ``--new - 1`` steps; llama.cpp, its ``--new - 1`` batched steps after the
 prefill (every row its own sequence in one batch, greedy on the host from each row's
 logits); this project, ``Generation.tokens_per_s``. Rounds alternate them so load drift hits
-all alike; the 1-minute load average is noted per round.
+all alike; the 1-minute load average is noted per round. After each round the copy and the
+read bandwidth are measured as ``bench_decode`` measures them (256 MiB probes); over their
+medians, the bytes of a step (the weights, the key/value cache, and the experts the rows
+select, their union estimated as ``bench_decode`` does for top-k) give each batch size's
+bounds, and a second table gives every system's share of each.
 
 Axis letters: B rows.
 """
@@ -47,11 +51,19 @@ from pathlib import Path
 from dynmoe_jax import generate as generate_lib
 from experiments import bench_decode, report
 from experiments.bench import flags, harness
+from experiments.bench.decode_bytes import (
+    cache_bytes,
+    copy_bandwidth,
+    expected_union,
+    read_bandwidth,
+    weight_bytes,
+)
 
 PEER_PACKAGES = ["torch", "transformers", "safetensors", "numpy"]
 # torch first from the machine's find-links alone, without its dependencies (PyPI's default
 # torch pulls CUDA wheels); the second install then adds only what is missing.
 TORCH_FIRST = ["--no-index", "--no-deps", "torch"]
+PROBE_MIB = 256  # bench_decode's default bandwidth probes
 
 # Runs inside the peers' environment: argv = checkpoint, new, batches (JSON), prompts (JSON).
 TRANSFORMERS_WORKER = r"""
@@ -273,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         hf = outs["transformers"][args.torch_threads[0]]["tokens"]
         agree.append(agreement({b: g.tokens for b, g in runs.items()}, hf))
         rounds.append({"round": i, "dynmoe_jax": ours, "peers": theirs, "agreement": agree[-1],
-                       "load": harness.load_average()})  # fmt: skip
+                       "load": harness.load_average(), "copy": copy_bandwidth(PROBE_MIB),
+                       "read": read_bandwidth(PROBE_MIB)})  # fmt: skip
         harness.log(f"round {i}: {rounds[-1]}")
     rows = [_row(rounds, b, name, t) for b in args.batch for name in peers
             for t in args.torch_threads]  # fmt: skip
@@ -290,7 +303,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"B = {b}: greedy tokens equal to transformers' on {a['rows_equal']} of {a['rows']}"
             f" rows ({a['tokens_equal']} of {a['tokens']} tokens)"
         )
-    out = {"checkpoint": str(args.checkpoint), "new": args.new, "rounds": rounds, "rows": rows}
+    shares = bound_shares(rounds, rows, step_bytes(model_cfg, params, args.batch, args.new))
+    print(report.markdown_table(
+        ["B", "system", "threads", "tokens/s", "bound tokens/s (copy, read)", "of copy bound",
+         "of read bound"],
+        [[r["batch"], r["system"], r["threads"], f"{r['tokens_per_s']:.1f}",
+          f"{r['bound_copy']:.1f}, {r['bound_read']:.1f}", f"{r['of_copy_bound']:.0%}",
+          f"{r['of_read_bound']:.0%}"] for r in shares]))  # fmt: skip
+    out = {"checkpoint": str(args.checkpoint), "new": args.new, "rounds": rounds, "rows": rows,
+           "shares": shares}  # fmt: skip
     harness.write_json(args.json, report.jsonable(out))
     return out
 
@@ -303,6 +324,34 @@ def _row(rounds: list[dict], batch: int, peer: str, threads: int) -> dict:
     return {"batch": batch, "peer": peer, "threads": threads,
             "dynmoe_jax": statistics.median(mine), "peer_tokens_per_s": statistics.median(theirs),
             "ratio_by_round": ratios, "ratio_median": statistics.median(ratios)}  # fmt: skip
+
+
+def step_bytes(model_cfg, params, batches: list[int], new: int) -> dict[int, float]:
+    """Bytes of one decode step per batch size, as ``bench_decode`` counts them, with every
+    row selecting the checkpoint's top-k experts."""
+    weights = weight_bytes(params)
+    union = {b: expected_union(weights.num_experts, model_cfg.moe.top_k, b) for b in batches}
+    positions = len(bench_decode.PROMPT) + new
+    return {b: weights.step(b, union[b], cache_bytes(model_cfg, b, positions)) for b in batches}
+
+
+def bound_shares(rounds: list[dict], rows: list[dict], step: dict[int, float]) -> list[dict]:
+    """Per batch size and system: its median tokens/s and share of the bounds (B rows over a
+    step's bytes at the median copy and read bandwidth of the rounds)."""
+    copy = statistics.median(r["copy"] for r in rounds)
+    read = statistics.median(r["read"] for r in rounds)
+    out = []
+    for b, bytes_ in step.items():
+        bounds = {"bound_copy": b * copy / bytes_, "bound_read": b * read / bytes_}
+        ours = next(r["dynmoe_jax"] for r in rows if r["batch"] == b)
+        systems = [("dynmoe_jax", "-", ours)] + [
+            (r["peer"], r["threads"], r["peer_tokens_per_s"]) for r in rows if r["batch"] == b
+        ]
+        out += [{"batch": b, "system": name, "threads": t, "tokens_per_s": rate, **bounds,
+                 "of_copy_bound": rate / bounds["bound_copy"],
+                 "of_read_bound": rate / bounds["bound_read"]}
+                for name, t, rate in systems]  # fmt: skip
+    return out
 
 
 if __name__ == "__main__":

@@ -23,14 +23,16 @@ drift hits them alike:
 * experts (matmul): the same with every product a plain matmul, as before the decode forms
   of ``experts.times_out_in``;
 * head: final norm and logits; sampling: the greedy choice over the logits;
-* copy: a jitted in-place copy of 256 MiB (read plus write counted), ``bench_decode``'s
-  bandwidth probe, here timed with the pieces.
+* copy: a jitted in-place copy of 256 MiB (read plus write counted), and read: a jitted
+  matrix-vector product of a 256 MiB matrix (bytes read), ``bench_decode``'s two bandwidth
+  probes, here timed with the pieces.
 
 And the ideals: the step's bytes (``bench.decode_bytes``, the union of the rows' experts
-counted exactly from the captured selections) over the copy bandwidth, and likewise the
-experts' bytes alone. The loop, ``generate``'s compiled on-device loop of --new - 1 steps from
-the captured state, is timed in the same rounds: its time per step against the step piece's
-is the loop's own share (carry updates, the stop test, per-step writes; it runs no host work).
+counted exactly from the captured selections) over the copy bandwidth, likewise the experts'
+bytes alone, and the step's bytes over the read bandwidth. The loop, ``generate``'s compiled
+on-device loop of --new - 1 steps from the captured state, is timed in the same rounds: its
+time per step against the step piece's is the loop's own share (carry updates, the stop test,
+per-step writes; it runs no host work).
 
 Axis letters: B rows, D model width, L MoE layers, U experts some row selected, V vocabulary.
 """
@@ -54,7 +56,7 @@ from dynmoe_jax.moe import experts as experts_lib
 from dynmoe_jax.moe.config import Router
 from experiments import bench_decode, report
 from experiments.bench import flags, harness
-from experiments.bench.decode_bytes import cache_bytes, weight_bytes
+from experiments.bench.decode_bytes import cache_bytes, copy_program, read_program, weight_bytes
 
 PROMPT_TOKENS = 8
 COPY_MIB = 256  # bench_decode's default probe
@@ -204,19 +206,6 @@ def loop_program(graphdef, params, inputs: StepInputs, steps: int) -> Callable[[
     return lambda: jax.block_until_ready(loop(*args[1:]))
 
 
-def copy_program(mib: int) -> Callable[[], jax.Array]:
-    """An in-place ``x + 1`` over ``mib`` MiB (moves twice that: read and write), as
-    ``bench.decode_bytes.copy_bandwidth`` times it, here to be timed in alternation."""
-    step = jax.jit(lambda a: a + 1, donate_argnums=0)
-    state = [jax.block_until_ready(step(jnp.ones((mib * 2**20 // 4,), jnp.float32)))]
-
-    def call() -> jax.Array:
-        state[0] = jax.block_until_ready(step(state[0]))  # the donated buffer, threaded on
-        return state[0]
-
-    return call
-
-
 def measure(model_cfg, params, graphdef, batch: int, args) -> dict:
     model = nnx.merge(graphdef, params)
     positions = PROMPT_TOKENS + args.new
@@ -227,16 +216,19 @@ def measure(model_cfg, params, graphdef, batch: int, args) -> dict:
     weights = weight_bytes(params)
     union = float(np.mean([len(u) for u in inputs.used]))
     expert_bytes = union * weights.expert
-    programs["copy"] = copy_program(COPY_MIB)
+    (copy_call, copied), (read_call, read) = copy_program(COPY_MIB), read_program(COPY_MIB)
+    programs |= {"copy": copy_call, "read": read_call}
     timings = bench.time(programs)
     ms = timings.medians
     loop_ms = ms["loop"] / (args.new - 1)
-    bandwidth = 2 * COPY_MIB * 2**20 / (ms["copy"] / 1e3)
+    bandwidth, read_bandwidth = copied / (ms["copy"] / 1e3), read / (ms["read"] / 1e3)
     step_bytes = weights.step(batch, union, cache_bytes(model_cfg, batch, positions))
     return {"batch": batch, "union_per_layer": union, "ms": ms, "all_ms": timings.all_ms,
             "loop_ms_per_step": loop_ms, "copy_gb_per_s": bandwidth / 1e9,
+            "read_gb_per_s": read_bandwidth / 1e9,
             "ideal_step_ms": step_bytes / bandwidth * 1e3,
             "ideal_experts_ms": expert_bytes / bandwidth * 1e3,
+            "read_ideal_step_ms": step_bytes / read_bandwidth * 1e3,
             "load": timings.load}  # fmt: skip
 
 
@@ -244,7 +236,8 @@ def table(rows: list[dict]) -> str:
     names = ["step", "step (matmul)", "attention", "moe", "experts", "experts (matmul)", "head",
              "sampling"]  # fmt: skip
     header = ["B", "U / layer", *[f"{n} ms" for n in names], "loop ms / step", "ideal step ms",
-              "ideal experts ms", "experts x ideal", "step x ideal", "load"]  # fmt: skip
+              "ideal experts ms", "experts x ideal", "step x ideal", "read ideal step ms",
+              "step x read ideal", "load"]  # fmt: skip
     body = []
     for r in rows:
         ms = r["ms"]
@@ -252,7 +245,9 @@ def table(rows: list[dict]) -> str:
                      *[f"{ms[n]:.2f}" for n in names], f"{r['loop_ms_per_step']:.2f}",
                      f"{r['ideal_step_ms']:.2f}", f"{r['ideal_experts_ms']:.2f}",
                      f"{ms['experts'] / r['ideal_experts_ms']:.2f}",
-                     f"{ms['step'] / r['ideal_step_ms']:.2f}", r["load"]])  # fmt: skip
+                     f"{ms['step'] / r['ideal_step_ms']:.2f}",
+                     f"{r['read_ideal_step_ms']:.2f}",
+                     f"{ms['step'] / r['read_ideal_step_ms']:.2f}", r["load"]])  # fmt: skip
     return report.markdown_table(header, body)
 
 

@@ -1,5 +1,6 @@
 """What one decode step reads from memory, and how fast this machine moves memory: the two
-halves of ``bench_decode``'s bandwidth bound (tokens/s = rows / (step bytes / bandwidth)).
+halves of ``bench_decode``'s bandwidth bounds (tokens/s = rows / (step bytes / bandwidth)),
+one over the copy bandwidth and one over the read bandwidth.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import dataclasses
 import math
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -68,15 +70,54 @@ def expected_union(num_experts: int, k: float, batch: int) -> float:
     return num_experts * (1 - (1 - min(k, num_experts) / num_experts) ** batch)
 
 
-def copy_bandwidth(mib: int, reps: int = 10) -> float:
-    """Bytes read plus written per second by a jitted elementwise copy of ``mib`` MiB (STREAM's
-    convention), in place: the input is donated, so no call writes into freshly mapped pages
+READ_COLUMNS = 4096  # the read probe's matrix width
+
+
+def copy_program(mib: int) -> tuple[Callable[[], jax.Array], int]:
+    """An in-place ``x + 1`` over ``mib`` MiB, and the bytes it moves (read plus written,
+    STREAM's convention). The input is donated, so no call writes into freshly mapped pages
     (a new output buffer per call measured page faults, not memory)."""
     step = jax.jit(lambda a: a + 1, donate_argnums=0)
-    x = jax.block_until_ready(step(jnp.ones((mib * 2**20 // 4,), jnp.float32)))
+    state = [jax.block_until_ready(step(jnp.ones((mib * 2**20 // 4,), jnp.float32)))]
+
+    def call() -> jax.Array:
+        state[0] = jax.block_until_ready(step(state[0]))  # the donated buffer, threaded on
+        return state[0]
+
+    return call, 2 * mib * 2**20
+
+
+def read_program(mib: int) -> tuple[Callable[[], jax.Array], int]:
+    """A matrix-vector product of a ``mib`` MiB float32 matrix [rows, 4096], and the bytes it
+    reads: a program that only reads, as a decode step reads its weights, with XLA's
+    matrix-vector product splitting the rows over its threads. Where each core keeps only so
+    many reads in flight, reading alone moves fewer bytes per second than a copy's reads and
+    writes together: the copy's rate then overstates what a step that only reads can reach."""
+    step = jax.jit(lambda a, v: a @ v)
+    a = jnp.ones((mib * 2**20 // (4 * READ_COLUMNS), READ_COLUMNS), jnp.float32)
+    v = jnp.ones((READ_COLUMNS,), jnp.float32)
+    jax.block_until_ready(step(a, v))
+    return lambda: jax.block_until_ready(step(a, v)), a.nbytes
+
+
+def rate(program: tuple[Callable[[], Any], int], reps: int = 10) -> float:
+    """Bytes per second of ``program`` (``copy_program`` or ``read_program``): the median
+    of ``reps`` calls after one untimed call."""
+    call, moved = program
+    call()
     times = []
     for _ in range(reps):
         began = time.perf_counter()
-        x = jax.block_until_ready(step(x))
+        call()
         times.append(time.perf_counter() - began)
-    return 2 * x.nbytes / statistics.median(times)
+    return moved / statistics.median(times)
+
+
+def copy_bandwidth(mib: int, reps: int = 10) -> float:
+    """Bytes read plus written per second by ``copy_program(mib)``."""
+    return rate(copy_program(mib), reps)
+
+
+def read_bandwidth(mib: int, reps: int = 10) -> float:
+    """Bytes read per second by ``read_program(mib)``."""
+    return rate(read_program(mib), reps)

@@ -396,14 +396,22 @@ def test_bench_decode_reports_positive_figures(tiny_checkpoint, tmp_path):
     out = bench_decode.main(argv)
     assert json.loads(path.read_text())["rows"] == out["rows"]
     assert out["copy_gib_per_s"] > 0 and out["num_experts"] == 4 and out["moe_layers"] == 2
+    # both probes ran after each timed round; the bounds are over their medians
+    assert len(out["copy_gib_per_s_by_round"]) == len(out["read_gib_per_s_by_round"]) == 2
+    assert out["read_gib_per_s"] == pytest.approx(np.median(out["read_gib_per_s_by_round"]))
     assert all(v > 0 for v in out["weights_mib"].values())
     rows = {(r["setting"], r["batch"]): r for r in out["rows"]}
     assert list(rows) == [("top-2 (own)", 1), ("top-2 (own)", 2), ("top-p 0.5", 1),
                           ("top-p 0.5", 2)]  # fmt: skip
     for row in out["rows"]:
         for field in ("tokens_per_s", "experts_per_token", "union_experts", "step_mib",
-                      "bound_tokens_per_s", "of_bound"):  # fmt: skip
+                      "bound_tokens_per_s", "of_bound", "read_bound_tokens_per_s",
+                      "of_read_bound"):  # fmt: skip
             assert row[field] > 0, (field, row)
+        step_bytes = row["step_mib"] * 2**20
+        read_bound = row["batch"] * out["read_gib_per_s"] * 2**30 / step_bytes
+        assert row["read_bound_tokens_per_s"] == pytest.approx(read_bound)
+        assert row["of_read_bound"] == pytest.approx(row["tokens_per_s"] / read_bound)
         assert len(row["all_tokens_per_s"]) == 2
         assert 1 <= row["experts_per_token"] <= row["union_experts"] <= 4
     assert rows[("top-2 (own)", 1)]["experts_per_token"] == 2.0
@@ -448,6 +456,9 @@ def test_bench_decode_pairs_dtypes_and_step_pieces_are_positive(tiny_checkpoint)
     (row,) = steps["rows"]
     assert 1 <= row["union_per_layer"] <= 4 and row["loop_ms_per_step"] > 0
     assert all(ms > 0 for ms in row["ms"].values()) and row["ideal_step_ms"] > 0
+    assert {"copy", "read"} <= set(row["ms"])
+    read_ideal = row["ideal_step_ms"] * row["copy_gb_per_s"] / row["read_gb_per_s"]
+    assert row["read_ideal_step_ms"] == pytest.approx(read_ideal)
 
 
 @pytest.mark.parametrize(
@@ -477,3 +488,32 @@ def test_peer_agreement_counts_equal_rows_and_tokens():
     got = bench_decode_peers.agreement(ours, theirs)
     assert got[1] == {"rows_equal": 1, "rows": 1, "tokens_equal": 3, "tokens": 3}
     assert got[2] == {"rows_equal": 1, "rows": 2, "tokens_equal": 5, "tokens": 6}
+
+
+def test_peer_bound_shares_by_hand():
+    """Bounds over the rounds' median bandwidths: B rows / (step bytes / bandwidth)."""
+    rounds = [{"copy": 2e9, "read": 1e9}, {"copy": 4e9, "read": 3e9}, {"copy": 3e9, "read": 2e9}]
+    rows = [{"batch": 1, "dynmoe_jax": 15.0, "peer": "llama.cpp", "threads": 1,
+             "peer_tokens_per_s": 10.0},
+            {"batch": 8, "dynmoe_jax": 40.0, "peer": "llama.cpp", "threads": 1,
+             "peer_tokens_per_s": 30.0}]  # fmt: skip
+    got = bench_decode_peers.bound_shares(rounds, rows, {1: 1e8, 8: 4e8})
+    assert [(r["batch"], r["system"]) for r in got] == [
+        (1, "dynmoe_jax"), (1, "llama.cpp"), (8, "dynmoe_jax"), (8, "llama.cpp")]  # fmt: skip
+    # B = 1: 3e9 / 1e8 = 30 (copy) and 2e9 / 1e8 = 20 (read) tokens/s; B = 8: 60 and 40
+    assert [(r["bound_copy"], r["bound_read"]) for r in got] == [(30, 20)] * 2 + [(60, 40)] * 2
+    assert [r["of_copy_bound"] for r in got] == pytest.approx([0.5, 1 / 3, 2 / 3, 0.5])
+    assert [r["of_read_bound"] for r in got] == pytest.approx([0.75, 0.5, 1.0, 0.75])
+
+
+def test_read_probe_reads_the_whole_matrix_and_rates_by_the_median(monkeypatch):
+    from experiments.bench import decode_bytes
+
+    call, moved = decode_bytes.read_program(4)
+    assert moved == 4 * 2**20
+    # 4 MiB of float32 ones in rows of 4096: 256 rows, each summing to 4096
+    np.testing.assert_array_equal(np.asarray(call()), np.full(256, 4096.0, np.float32))
+    # a clock that advances 1, 3, 2 seconds over three timed calls: median 2 s
+    ticks = iter([0.0, 1.0, 10.0, 13.0, 20.0, 22.0])
+    monkeypatch.setattr(decode_bytes.time, "perf_counter", lambda: next(ticks))
+    assert decode_bytes.rate((lambda: None, 1000), reps=3) == 500.0

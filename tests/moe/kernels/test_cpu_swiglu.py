@@ -44,7 +44,7 @@ def _reference(x, take, weights):
 
 
 # Widths off the kernel's steps (16 float32, 32 bfloat16 columns) take its scalar tails; 1 to
-# 9 rows take every tile of rows, one weight row or two at a time.
+# 9 rows take every tile of rows, one weight row or eight at a time.
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize(("m", "d", "f"), [(1, 64, 96), (3, 33, 70), (9, 128, 200), (6, 5, 7)])
 def test_kernel_equals_a_float64_loop(dtype, m, d, f):

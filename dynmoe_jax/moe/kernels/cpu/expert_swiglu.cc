@@ -72,6 +72,7 @@ struct Weights<float> {
     second = load(w + 16);
   }
   static float one(float w) { return w; }
+  static int64_t at(int64_t column, int64_t /*in*/) { return column; }
 };
 
 template <>
@@ -96,6 +97,12 @@ struct Weights<uint16_t> {
     std::memcpy(&odd, &hi, sizeof hi);
   }
   static float one(uint16_t w) { return bf16_to_f32(w); }
+  // Where `pack` puts a row's column.
+  static int64_t at(int64_t column, int64_t in) {
+    const int64_t j = column % 32, group = column - j;
+    if (group + 32 > in) return column;
+    return group + (j % 2) * 16 + j / 2;
+  }
 };
 
 // One weight row with one packed row of x, read strictly in order with four independent sums.
@@ -182,16 +189,18 @@ inline void tiles(const W* w, int64_t in, const float* x, int64_t ld, int64_t ro
 
 // Rows x [rows, stride(in)] (packed) times weight rows [o0, o1) of w [out, in]:
 // out_fn(row, o, value). One row of x reads one weight row at a time, strictly in order
-// (interleaved weight rows read bfloat16 at about half the rate); several rows of x are bound
-// by loads and arithmetic rather than by memory, and take four weight rows at a time, so that
-// each loaded vector serves more sums.
+// (interleaved weight rows read bfloat16 at about half the rate). Several rows of x are bound
+// by loads and arithmetic as much as by memory, and take eight weight rows at a time: each
+// loaded vector of x serves eight sums, and the eight independent sums per row of x keep the
+// multiply-adds from waiting on each other (four weight rows left the products of two to four
+// rows of x short of the read rate that one row reaches; experiments/RESULTS.md).
 template <typename W, typename Out>
 void product(const W* w, int64_t in, const float* x, int64_t rows, int64_t o0, int64_t o1,
              Out out_fn) {
   const int64_t ld = stride(in);
   int64_t o = o0;
   if (rows >= 2)
-    for (; o + 4 <= o1; o += 4) tiles<W, 4>(w, in, x, ld, rows, o, out_fn);
+    for (; o + 8 <= o1; o += 8) tiles<W, 8>(w, in, x, ld, rows, o, out_fn);
   for (; o < o1; ++o) tiles<W, 1>(w, in, x, ld, rows, o, out_fn);
 }
 
@@ -236,18 +245,18 @@ void expert_swiglu(ffi::ThreadPool& pool, const float* x, const bool* take, cons
   std::vector<float> xs(n * stride(d)), gs(n * f), us(n * f), hs(n * stride(f));
   for (int64_t t = 0; t < n; ++t) Weights<W>::pack(x + rows[t] * d, xs.data() + t * stride(d), d);
 
+  // Each chunk also computes the SwiGLU of its own rows, straight into the packed layout the
+  // down product reads, so no thread waits on the caller doing it for all rows.
   parallel_chunks(pool, (f + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
     const int64_t o0 = c * kRowsPerChunk, o1 = std::min(f, o0 + kRowsPerChunk);
     product(gate, d, xs.data(), n, o0, o1,
             [&](int64_t t, int64_t o, float v) { gs[t * f + o] = v; });
     product(up, d, xs.data(), n, o0, o1,
             [&](int64_t t, int64_t o, float v) { us[t * f + o] = v; });
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t o = o0; o < o1; ++o)
+        hs[t * stride(f) + Weights<W>::at(o, f)] = silu(gs[t * f + o]) * us[t * f + o];
   });
-  std::vector<float> h(f);
-  for (int64_t t = 0; t < n; ++t) {
-    for (int64_t o = 0; o < f; ++o) h[o] = silu(gs[t * f + o]) * us[t * f + o];
-    Weights<W>::pack(h.data(), hs.data() + t * stride(f), f);
-  }
   parallel_chunks(pool, (d + kRowsPerChunk - 1) / kRowsPerChunk, [&](int64_t c) {
     const int64_t o0 = c * kRowsPerChunk, o1 = std::min(d, o0 + kRowsPerChunk);
     product(down, f, hs.data(), n, o0, o1,
