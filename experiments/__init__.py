@@ -4,7 +4,8 @@ Every script runs from the repository root as ``python -m experiments.<name>`` a
 figures in ``experiments/RESULTS.md`` and ``experiments/results/``.
 
 Benchmarks (thin scripts over the harness in ``experiments/bench/``): ``bench_moe``,
-``grouped_breakdown``, ``bench_decode_layer``, ``bench_decode``, ``bench_compile``,
+``grouped_breakdown``, ``bench_decode_layer``, ``bench_decode``, ``bench_decode_step``,
+``bench_decode_forms``, ``bench_decode_kernel``, ``bench_decode_peers``, ``bench_compile``,
 ``compare_maxtext``; ``make_checkpoint`` writes the Mixtral-shaped checkpoint ``bench_decode``
 reads; ``gpu_bench.sh`` and ``gpu_train.sh`` are the prepared runs for one GPU.
 

@@ -8,5 +8,6 @@
 * ``layer_bench``: MoE-layer cases at one shape beside their dense ideal;
 * ``flags``: command-line types and flags the scripts share;
 * ``moe_sweeps``, ``moe_probes``: the sections of ``bench_moe``;
-* ``decode_bytes``: what a decode step reads, and the copy bandwidth (``bench_decode``).
+* ``decode_bytes``: what a decode step reads, and the copy and read bandwidths
+  (``bench_decode`` and the other decode benchmarks).
 """

@@ -517,3 +517,25 @@ def test_read_probe_reads_the_whole_matrix_and_rates_by_the_median(monkeypatch):
     ticks = iter([0.0, 1.0, 10.0, 13.0, 20.0, 22.0])
     monkeypatch.setattr(decode_bytes.time, "perf_counter", lambda: next(ticks))
     assert decode_bytes.rate((lambda: None, 1000), reps=3) == 500.0
+
+
+def test_bench_decode_kernel_rates_weights_against_both_probes(tmp_path):
+    import json
+
+    from experiments import bench_decode_kernel
+
+    path = tmp_path / "kernel.json"
+    argv = ["--d-model", "64", "--d-ff", "96", "--experts", "2", "--tokens", "1", "3",
+            "--reps", "2", "--json", str(path)]  # fmt: skip
+    out = bench_decode_kernel.main(argv)
+    assert json.loads(path.read_text())["rows"] == out["rows"]
+    # per dtype: 2 experts x 3 weights of 64 x 96
+    assert out["weights_mib"] == {"float32": 6 * 64 * 96 * 4 / 2**20,
+                                  "bfloat16": 6 * 64 * 96 * 2 / 2**20}  # fmt: skip
+    assert [(r["dtype"], r["tokens_per_expert"]) for r in out["rows"]] == [
+        ("float32", 1), ("float32", 3), ("bfloat16", 1), ("bfloat16", 3)]  # fmt: skip
+    for r in out["rows"]:
+        rate = out["weights_mib"][r["dtype"]] * 2**20 / (r["ms"] / 1e3)
+        assert r["weights_gib_per_s"] == pytest.approx(rate / 2**30)
+        assert r["of_read"] == pytest.approx(rate / 2**30 / out["read_gib_per_s"])
+        assert r["of_copy"] == pytest.approx(rate / 2**30 / out["copy_gib_per_s"])

@@ -192,8 +192,8 @@ inline void tiles(const W* w, int64_t in, const float* x, int64_t ld, int64_t ro
 // (interleaved weight rows read bfloat16 at about half the rate). Several rows of x are bound
 // by loads and arithmetic as much as by memory, and take eight weight rows at a time: each
 // loaded vector of x serves eight sums, and the eight independent sums per row of x keep the
-// multiply-adds from waiting on each other (four weight rows left the products of two to four
-// rows of x short of the read rate that one row reaches; experiments/RESULTS.md).
+// multiply-adds from waiting on each other (with four weight rows, two to four rows of x read
+// the weights more slowly than one row does).
 template <typename W, typename Out>
 void product(const W* w, int64_t in, const float* x, int64_t rows, int64_t o0, int64_t o1,
              Out out_fn) {
