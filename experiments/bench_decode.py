@@ -79,9 +79,9 @@ from dynmoe_jax.validation import ConfigError
 from experiments import report
 from experiments.bench import flags, harness
 from experiments.bench.decode_bytes import (
-    cache_bytes,
+    PROBE_MIB,
     copy_bandwidth,
-    expected_union,
+    expected_step,
     read_bandwidth,
     weight_bytes,
 )
@@ -134,7 +134,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--copy-mib",
         type=flags.positive(int),
         default=None,
-        help="checkpoint mode: size of the bandwidth probe (default 256)",
+        help=f"checkpoint mode: size of the bandwidth probes (default {PROBE_MIB})",
     )
     p.add_argument("--dtype", choices=list(DTYPES), nargs="+", default=None,
                    help="checkpoint mode: compute dtypes, each its own decode layout, timed "
@@ -181,7 +181,7 @@ def _check_checkpoint_mode(p: argparse.ArgumentParser, args: argparse.Namespace)
     args.new = args.new[0]
     args.thresholds = sorted(set(args.thresholds or DEFAULT_THRESHOLDS))
     args.batch = sorted(set(args.batch or [1, 8]))
-    args.copy_mib = args.copy_mib or 256
+    args.copy_mib = args.copy_mib or PROBE_MIB
     args.dtype = list(dict.fromkeys(args.dtype or ["float32"]))
     try:
         pretrained.hf_model_config(args.checkpoint)
@@ -304,10 +304,7 @@ def run_checkpoint(args: argparse.Namespace) -> dict:
     rows = []
     for (label, moe, _, b, dtype), rate, k in zip(cases, rates, experts_per_token, strict=True):
         cfg, params = loaded[dtype]
-        weights = weight_bytes(params)
-        union = expected_union(weights.num_experts, k, b)
-        cache = cache_bytes(cfg, b, len(PROMPT) + args.new)
-        step = weights.step(b, union, cache)
+        union, step = expected_step(cfg, params, b, k, len(PROMPT) + args.new)
         bound, read_bound = b * bandwidth / step, b * read / step
         median = statistics.median(rate)
         rows.append({"setting": label, "router": moe.router.value, "top_k": moe.top_k,

@@ -45,8 +45,7 @@ import jax.numpy as jnp
 from dynmoe_jax.moe import experts
 from experiments import report
 from experiments.bench import flags, harness
-from experiments.bench.decode_bytes import copy_program
-from experiments.bench_decode_step import COPY_MIB
+from experiments.bench.decode_bytes import PROBE_MIB, copy_program
 
 D, F = 1024, 3584
 
@@ -116,10 +115,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     key = f"{dtype} N={rows} {name} {form}"
                     programs[key] = bench.compile(fn, (x_NI, w))
                     meta[key] = (dtype, rows, name, form, nbytes)
-    programs["copy"] = copy_program(COPY_MIB)[0]
+    programs["copy"], copied = copy_program(PROBE_MIB)
     timings = bench.time(programs)
     ms = timings.medians
-    copy_bytes_per_ms = 2 * COPY_MIB * 2**20 / ms["copy"]
+    copy_bytes_per_ms = copied / ms["copy"]
     rows = []
     for key, (dtype, n, name, form, nbytes) in meta.items():
         rows.append({"dtype": dtype, "rows": n, "weight": name, "form": form, "ms": ms[key],

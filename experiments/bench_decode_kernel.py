@@ -35,9 +35,8 @@ import numpy as np
 from dynmoe_jax.moe.kernels import cpu_swiglu
 from experiments import report
 from experiments.bench import flags, harness
-from experiments.bench.decode_bytes import copy_program, read_program
+from experiments.bench.decode_bytes import PROBE_MIB, copy_program, read_program
 
-PROBE_MIB = 256  # bench_decode's default probes
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 

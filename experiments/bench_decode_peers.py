@@ -51,19 +51,12 @@ from pathlib import Path
 from dynmoe_jax import generate as generate_lib
 from experiments import bench_decode, report
 from experiments.bench import flags, harness
-from experiments.bench.decode_bytes import (
-    cache_bytes,
-    copy_bandwidth,
-    expected_union,
-    read_bandwidth,
-    weight_bytes,
-)
+from experiments.bench.decode_bytes import PROBE_MIB, copy_bandwidth, expected_step, read_bandwidth
 
 PEER_PACKAGES = ["torch", "transformers", "safetensors", "numpy"]
 # torch first from the machine's find-links alone, without its dependencies (PyPI's default
 # torch pulls CUDA wheels); the second install then adds only what is missing.
 TORCH_FIRST = ["--no-index", "--no-deps", "torch"]
-PROBE_MIB = 256  # bench_decode's default bandwidth probes
 
 # Runs inside the peers' environment: argv = checkpoint, new, batches (JSON), prompts (JSON).
 TRANSFORMERS_WORKER = r"""
@@ -329,10 +322,9 @@ def _row(rounds: list[dict], batch: int, peer: str, threads: int) -> dict:
 def step_bytes(model_cfg, params, batches: list[int], new: int) -> dict[int, float]:
     """Bytes of one decode step per batch size, as ``bench_decode`` counts them, with every
     row selecting the checkpoint's top-k experts."""
-    weights = weight_bytes(params)
-    union = {b: expected_union(weights.num_experts, model_cfg.moe.top_k, b) for b in batches}
     positions = len(bench_decode.PROMPT) + new
-    return {b: weights.step(b, union[b], cache_bytes(model_cfg, b, positions)) for b in batches}
+    k = model_cfg.moe.top_k
+    return {b: expected_step(model_cfg, params, b, k, positions)[1] for b in batches}
 
 
 def bound_shares(rounds: list[dict], rows: list[dict], step: dict[int, float]) -> list[dict]:

@@ -56,10 +56,15 @@ from dynmoe_jax.moe import experts as experts_lib
 from dynmoe_jax.moe.config import Router
 from experiments import bench_decode, report
 from experiments.bench import flags, harness
-from experiments.bench.decode_bytes import cache_bytes, copy_program, read_program, weight_bytes
+from experiments.bench.decode_bytes import (
+    PROBE_MIB,
+    cache_bytes,
+    copy_program,
+    read_program,
+    weight_bytes,
+)
 
 PROMPT_TOKENS = 8
-COPY_MIB = 256  # bench_decode's default probe
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -216,7 +221,7 @@ def measure(model_cfg, params, graphdef, batch: int, args) -> dict:
     weights = weight_bytes(params)
     union = float(np.mean([len(u) for u in inputs.used]))
     expert_bytes = union * weights.expert
-    (copy_call, copied), (read_call, read) = copy_program(COPY_MIB), read_program(COPY_MIB)
+    (copy_call, copied), (read_call, read) = copy_program(PROBE_MIB), read_program(PROBE_MIB)
     programs |= {"copy": copy_call, "read": read_call}
     timings = bench.time(programs)
     ms = timings.medians

@@ -51,6 +51,15 @@ def weight_bytes(params: nnx.State) -> WeightBytes:
     return WeightBytes(whole, embed_row, expert, num_experts)
 
 
+def expected_step(model_cfg: model_lib.ModelConfig, params: nnx.State, batch: int, k: float,
+                  positions: int) -> tuple[float, float]:  # fmt: skip
+    """(experts read per MoE layer, bytes) of a step of ``batch`` rows that each select ``k``
+    experts, with a key/value cache of ``positions``: the union as ``expected_union``."""
+    weights = weight_bytes(params)
+    union = expected_union(weights.num_experts, k, batch)
+    return union, weights.step(batch, union, cache_bytes(model_cfg, batch, positions))
+
+
 def _itemsize(w: Any) -> int:
     return (w[0] if experts_lib.is_split(w) else w).dtype.itemsize
 
@@ -70,6 +79,7 @@ def expected_union(num_experts: int, k: float, batch: int) -> float:
     return num_experts * (1 - (1 - min(k, num_experts) / num_experts) ** batch)
 
 
+PROBE_MIB = 256  # the probes' default size, far beyond the caches
 READ_COLUMNS = 4096  # the read probe's matrix width
 
 

@@ -418,6 +418,11 @@ def test_bench_decode_reports_positive_figures(tiny_checkpoint, tmp_path):
     assert rows[("top-2 (own)", 1)]["union_experts"] == 2.0
     assert rows[("top-2 (own)", 2)]["union_experts"] == 3.0  # 4 * (1 - (1 - 2/4)^2)
     assert rows[("top-p 0.5", 1)]["step_mib"] < rows[("top-2 (own)", 1)]["step_mib"]
+    # the peers benchmark counts a top-2 step's bytes as this one does
+    model_cfg, params = bench_decode.load(tiny_checkpoint, "float32")
+    steps = bench_decode_peers.step_bytes(model_cfg, params, [1, 2], 6)
+    for b in (1, 2):
+        assert steps[b] == pytest.approx(rows[("top-2 (own)", b)]["step_mib"] * 2**20)
 
 
 @pytest.mark.slow
