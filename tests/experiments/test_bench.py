@@ -544,3 +544,19 @@ def test_bench_decode_kernel_rates_weights_against_both_probes(tmp_path):
         assert r["weights_gib_per_s"] == pytest.approx(rate / 2**30)
         assert r["of_read"] == pytest.approx(rate / 2**30 / out["read_gib_per_s"])
         assert r["of_copy"] == pytest.approx(rate / 2**30 / out["copy_gib_per_s"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--tokens", "0"], "argument --tokens: 0 is not > 0"),
+     (["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+     (["--experts", "-1"], "argument --experts: -1")],
+)  # fmt: skip
+def test_bench_decode_kernel_refuses_bad_flags_in_one_line(argv, message, capsys):
+    from experiments import bench_decode_kernel
+
+    with pytest.raises(SystemExit) as exit_:
+        bench_decode_kernel.parse_args(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err, err
