@@ -194,16 +194,22 @@ def test_grouped_breakdown_rebuilds_the_layers_rows(tmp_path):
     assert out["fresh_write"]["ms"] > 0
 
 
+def _refusal(entry, argv, capsys) -> str:
+    """The one stderr line with which ``entry(argv)`` (a script's parse_args or main) refuses
+    bad input, after checking that it exits 2."""
+    with pytest.raises(SystemExit) as exit_:
+        entry(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize(
     "flag, value",
     [("--reps", "0"), ("--fresh-mib", "-8"), ("--experts", "x"), ("--threshold", "1.5"),
      ("--d-model", "0"), ("--tokens", "100"), ("--matmul-size", "128")],
 )  # fmt: skip
 def test_grouped_breakdown_refuses_bad_flags_in_one_line(flag, value, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        grouped_breakdown.parse_args([flag, value])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = _refusal(grouped_breakdown.parse_args, [flag, value], capsys)
     assert (f"argument {flag}" in err or "unrecognized arguments" in err) and value in err, err
 
 
@@ -215,10 +221,7 @@ def test_grouped_breakdown_refuses_bad_flags_in_one_line(flag, value, capsys):
      (["--block-sizes", "8", "-1"], "argument --block-sizes: -1 is not > 0")],
 )  # fmt: skip
 def test_bench_moe_refuses_bad_flags_in_one_line(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        bench_moe.parse_args(argv)
-    assert exit_.value.code == 2
-    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in _refusal(bench_moe.parse_args, argv, capsys)
 
 
 @pytest.mark.parametrize(
@@ -230,10 +233,7 @@ def test_bench_moe_refuses_bad_flags_in_one_line(argv, message, capsys):
 def test_bench_compile_refuses_bad_flags_in_one_line(argv, message, capsys):
     from experiments import bench_compile
 
-    with pytest.raises(SystemExit) as exit_:
-        bench_compile.parse_args(argv)
-    assert exit_.value.code == 2
-    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in _refusal(bench_compile.parse_args, argv, capsys)
 
 
 DECODE_TINY = [
@@ -281,10 +281,7 @@ def test_bench_decode_layer_reports_every_figure_and_matching_paths(tmp_path):
 def test_bench_decode_layer_refuses_bad_flags_in_one_line(flags, flag, value, capsys):
     from experiments import bench_decode_layer
 
-    with pytest.raises(SystemExit) as exit_:
-        bench_decode_layer.parse_args(flags)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = _refusal(bench_decode_layer.parse_args, flags, capsys)
     assert f"argument {flag}" in err and value in err, err
 
 
@@ -376,10 +373,7 @@ def test_a_tokenizer_fits_any_vocabulary_exactly(tmp_path):
 def test_make_checkpoint_refuses_bad_values_in_one_line(argv, flag, tmp_path, capsys):
     from experiments import make_checkpoint
 
-    with pytest.raises(SystemExit) as exit_:
-        make_checkpoint.main([str(tmp_path / "out"), *argv])
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = _refusal(make_checkpoint.main, [str(tmp_path / "out"), *argv], capsys)
     assert f"argument {flag}" in err and argv[1] in err, err
     assert not (tmp_path / "out").exists()
 
@@ -480,10 +474,7 @@ def test_bench_decode_refuses_bad_flags_in_one_line(argv, message, tiny_checkpoi
     from experiments import bench_decode
 
     argv = [str(tiny_checkpoint) if a == "CKPT" else a for a in argv]
-    with pytest.raises(SystemExit) as exit_:
-        bench_decode.parse_args(argv)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = _refusal(bench_decode.parse_args, argv, capsys)
     assert message in err, err
 
 
@@ -555,8 +546,5 @@ def test_bench_decode_kernel_rates_weights_against_both_probes(tmp_path):
 def test_bench_decode_kernel_refuses_bad_flags_in_one_line(argv, message, capsys):
     from experiments import bench_decode_kernel
 
-    with pytest.raises(SystemExit) as exit_:
-        bench_decode_kernel.parse_args(argv)
-    assert exit_.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
+    err = _refusal(bench_decode_kernel.parse_args, argv, capsys)
     assert message in err, err
